@@ -1,0 +1,302 @@
+// Package chain opens a VHD and its ancestors and composes them into one disk:
+// reads resolve top first, run by run; writes land in the top image.
+package chain
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"path/filepath"
+	"sync"
+
+	"github.com/vhdfs/vhdfs/vhd"
+)
+
+// MaxDepth bounds the number of images in a chain; deeper is taken as a loop or a
+// hostile file rather than a real snapshot history.
+const MaxDepth = 128
+
+var (
+	ErrCycle    = errors.New("parent chain has a cycle")
+	ErrTooDeep  = errors.New("parent chain too deep")
+	ErrNoSpace  = errors.New("write past the end of the disk")
+	ErrReadOnly = errors.New("chain is read-only")
+)
+
+// Layer is one image of a chain.
+type Layer struct {
+	Image   *vhd.Image
+	Path    string // as found: the top as given, parents through their locators
+	FoundBy string // which locator found it ("W2ru", "W2ku", "MacX", "name"), "" for the top
+}
+
+// Chain is an open chain, top (depth 0) to base. Reads may run concurrently with each
+// other and with one write; writes and merges serialise on WriteLock.
+type Chain struct {
+	// wmu serialises writes, syncs of metadata and merges. Held across a whole
+	// read-modify-write so edges of concurrent unaligned writes do not interleave.
+	wmu sync.Mutex
+	// mu guards layers: readers and writers hold it for reading, a merge takes it for
+	// writing only to swap in the new chain.
+	mu     sync.RWMutex
+	layers []*Layer
+}
+
+// Open opens the image at path and every ancestor. The top is opened for writing if
+// writable; ancestors are always opened read-only.
+func Open(path string, writable bool) (*Chain, error) {
+	top, err := vhd.Open(path, writable)
+	if err != nil {
+		return nil, err
+	}
+	layers, err := OpenParents(&Layer{Image: top, Path: path})
+	if err != nil {
+		top.Close()
+		return nil, err
+	}
+	return &Chain{layers: layers}, nil
+}
+
+// OpenParents returns the chain that starts at top, opening each ancestor read-only.
+// On error everything it opened is closed (but not top).
+func OpenParents(top *Layer) ([]*Layer, error) {
+	layers := []*Layer{top}
+	seen := map[vhd.UUID]string{top.Image.Footer().UniqueID: top.Path}
+	cleanup := func() {
+		for _, l := range layers[1:] {
+			l.Image.Close()
+		}
+	}
+	for cur := top; cur.Image.Type() == vhd.TypeDifferencing; {
+		if len(layers) >= MaxDepth {
+			cleanup()
+			return nil, fmt.Errorf("%s: more than %d images below it: %w", top.Path, MaxDepth, ErrTooDeep)
+		}
+		parent, err := FindParent(cur.Image, cur.Path)
+		if err != nil {
+			cleanup()
+			return nil, err
+		}
+		id := parent.Image.Footer().UniqueID
+		if prev, ok := seen[id]; ok {
+			parent.Image.Close()
+			cleanup()
+			return nil, fmt.Errorf("%s: parent %s has unique ID %s, already in the chain as %s: %w", cur.Path, parent.Path, id, prev, ErrCycle)
+		}
+		seen[id] = parent.Path
+		layers = append(layers, parent)
+		cur = parent
+	}
+	return layers, nil
+}
+
+// Layers returns the layers, top first. The slice is a copy; the layers are shared.
+func (c *Chain) Layers() []*Layer {
+	c.mu.RLock()
+	defer c.mu.RUnlock()
+	return append([]*Layer(nil), c.layers...)
+}
+
+// Len is the number of images in the chain.
+func (c *Chain) Len() int {
+	c.mu.RLock()
+	defer c.mu.RUnlock()
+	return len(c.layers)
+}
+
+// Size is the virtual size of the top image, the size of the disk.
+func (c *Chain) Size() int64 {
+	c.mu.RLock()
+	defer c.mu.RUnlock()
+	return c.layers[0].Image.Size()
+}
+
+// SizeAt is the virtual size of the view from depth down.
+func (c *Chain) SizeAt(depth int) int64 {
+	c.mu.RLock()
+	defer c.mu.RUnlock()
+	return c.layers[depth].Image.Size()
+}
+
+// ReadAt reads the composed disk. Reads past Size return io.EOF.
+func (c *Chain) ReadAt(p []byte, off int64) (int, error) {
+	return c.ReadAtDepth(p, off, 0)
+}
+
+// ReadAtDepth reads the view of the chain from layer depth down (0 is the whole
+// chain). Past the view's size it returns io.EOF.
+func (c *Chain) ReadAtDepth(p []byte, off int64, depth int) (int, error) {
+	c.mu.RLock()
+	defer c.mu.RUnlock()
+	if depth < 0 || depth >= len(c.layers) {
+		return 0, fmt.Errorf("read at depth %d of a chain of %d: %w", depth, len(c.layers), vhd.ErrInvalidArg)
+	}
+	return readLayers(c.layers[depth:], p, off)
+}
+
+// readLayers reads [off, off+len(p)) of the view of layers (top first), resolving
+// runs: each maximal run of bytes stored in one layer is read with one call.
+func readLayers(layers []*Layer, p []byte, off int64) (int, error) {
+	size := layers[0].Image.Size()
+	if off >= size {
+		return 0, io.EOF
+	}
+	want := len(p)
+	if rem := size - off; int64(len(p)) > rem {
+		p = p[:rem]
+	}
+	if err := readFrom(layers, p, off); err != nil {
+		return 0, err
+	}
+	if len(p) < want {
+		return len(p), io.EOF
+	}
+	return len(p), nil
+}
+
+func readFrom(layers []*Layer, p []byte, off int64) error {
+	img := layers[0].Image
+	if end := img.Size(); off+int64(len(p)) > end {
+		// A child may be larger than its parent: past the parent's end are zeros.
+		split := max(end-off, 0)
+		clear(p[split:])
+		p = p[:split]
+	}
+	for len(p) > 0 {
+		n, present, err := img.Run(off, int64(len(p)))
+		if err != nil {
+			return err
+		}
+		switch {
+		case present:
+			if _, err := img.ReadAt(p[:n], off); err != nil {
+				return err
+			}
+		case len(layers) > 1:
+			if err := readFrom(layers[1:], p[:n], off); err != nil {
+				return err
+			}
+		default:
+			clear(p[:n])
+		}
+		p, off = p[n:], off+n
+	}
+	return nil
+}
+
+// Run reports whether the byte at off of the view from depth down is stored in any
+// layer (as opposed to reading as zeros because no layer holds it), and how many
+// bytes from off, at most n, share that answer.
+func (c *Chain) Run(depth int, off, n int64) (int64, bool, error) {
+	c.mu.RLock()
+	defer c.mu.RUnlock()
+	return runFrom(c.layers[depth:], off, n)
+}
+
+func runFrom(layers []*Layer, off, n int64) (int64, bool, error) {
+	img := layers[0].Image
+	if off >= img.Size() {
+		return n, false, nil
+	}
+	n = min(n, img.Size()-off)
+	k, present, err := img.Run(off, n)
+	if err != nil || present || len(layers) == 1 {
+		return k, present, err
+	}
+	return runFrom(layers[1:], off, k)
+}
+
+// WriteAt writes p at off into the top image. Whole sectors are written as they are;
+// a partial sector at either edge is first read through the chain so the rest of it
+// keeps its bytes. A write that starts at or past Size fails with ErrNoSpace; one that
+// runs past it writes what fits and returns ErrNoSpace with the count.
+func (c *Chain) WriteAt(p []byte, off int64) (int, error) {
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	c.mu.RLock()
+	defer c.mu.RUnlock()
+	top := c.layers[0]
+	if !top.Image.Writable() {
+		return 0, fmt.Errorf("%s: %w", top.Path, ErrReadOnly)
+	}
+	size := top.Image.Size()
+	if off < 0 || off >= size {
+		return 0, fmt.Errorf("%s: write at %d, disk size %d: %w", top.Path, off, size, ErrNoSpace)
+	}
+	var short error
+	if rem := size - off; int64(len(p)) > rem {
+		p, short = p[:rem], fmt.Errorf("%s: write past the end at %d: %w", top.Path, size, ErrNoSpace)
+	}
+	if len(p) == 0 {
+		return 0, short
+	}
+	start := off / vhd.SectorSize * vhd.SectorSize
+	end := (off + int64(len(p)) + vhd.SectorSize - 1) / vhd.SectorSize * vhd.SectorSize
+	buf := p
+	if start != off || end != off+int64(len(p)) {
+		buf = make([]byte, end-start)
+		headPartial, tailPartial := start != off, end != off+int64(len(p))
+		if headPartial {
+			if err := readFrom(c.layers, buf[:vhd.SectorSize], start); err != nil {
+				return 0, err
+			}
+		}
+		if last := end - vhd.SectorSize; tailPartial && !(headPartial && last == start) {
+			if err := readFrom(c.layers, buf[last-start:], last); err != nil {
+				return 0, err
+			}
+		}
+		copy(buf[off-start:], p)
+	}
+	if _, err := top.Image.WriteAt(buf, start); err != nil {
+		return 0, err
+	}
+	return len(p), short
+}
+
+// Sync makes every write before it durable.
+func (c *Chain) Sync() error {
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	c.mu.RLock()
+	defer c.mu.RUnlock()
+	return c.layers[0].Image.Sync()
+}
+
+// WriteLock holds off writes (for a merge); it returns the unlock function.
+func (c *Chain) WriteLock() func() {
+	c.wmu.Lock()
+	return c.wmu.Unlock
+}
+
+// Replace swaps in a new list of layers; the caller holds the write lock and closes
+// what it no longer needs.
+func (c *Chain) Replace(layers []*Layer) {
+	c.mu.Lock()
+	c.layers = layers
+	c.mu.Unlock()
+}
+
+// Close syncs the top and closes every image.
+func (c *Chain) Close() error {
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	var first error
+	for _, l := range c.layers {
+		if err := l.Image.Close(); err != nil && first == nil {
+			first = err
+		}
+	}
+	c.layers = nil
+	return first
+}
+
+// Abs returns an absolute, cleaned path for display and comparison.
+func Abs(p string) string {
+	if a, err := filepath.Abs(p); err == nil {
+		return a
+	}
+	return p
+}

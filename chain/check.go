@@ -1,0 +1,59 @@
+package chain
+
+import (
+	"fmt"
+	"os"
+
+	"github.com/vhdfs/vhdfs/vhd"
+)
+
+// Check opens the chain at path image by image and returns every problem found, top
+// first. It writes nothing. An image that cannot be opened is one error and ends the
+// walk (its parents cannot be found without it).
+func Check(path string) []vhd.Problem {
+	var out []vhd.Problem
+	img, err := vhd.Open(path, false)
+	if err != nil {
+		return append(out, vhd.Problem{Severity: vhd.Error, File: path, Message: err.Error()})
+	}
+	cur := &Layer{Image: img, Path: path}
+	opened := []*Layer{cur}
+	defer func() {
+		for _, l := range opened {
+			l.Image.Close()
+		}
+	}()
+	seen := map[vhd.UUID]string{img.Footer().UniqueID: path}
+	for {
+		out = append(out, cur.Image.Check()...)
+		if cur.Image.Type() != vhd.TypeDifferencing {
+			break
+		}
+		if len(opened) >= MaxDepth {
+			return append(out, vhd.Problem{Severity: vhd.Error, File: path, Message: fmt.Sprintf("more than %d images in the chain", MaxDepth)})
+		}
+		parent, err := FindParent(cur.Image, cur.Path)
+		if err != nil {
+			return append(out, vhd.Problem{Severity: vhd.Error, File: cur.Path, Message: err.Error()})
+		}
+		opened = append(opened, parent)
+		id := parent.Image.Footer().UniqueID
+		if prev, ok := seen[id]; ok {
+			return append(out, vhd.Problem{Severity: vhd.Error, File: cur.Path, Message: fmt.Sprintf("parent %s is already in the chain as %s: cycle", parent.Path, prev)})
+		}
+		seen[id] = parent.Path
+		h, _ := cur.Image.Header()
+		if st, err := os.Stat(parent.Path); err == nil && h.ParentTimestamp != 0 && h.ParentTimestamp != vhd.Timestamp(st.ModTime()) {
+			out = append(out, vhd.Problem{Severity: vhd.Note, File: cur.Path, Message: fmt.Sprintf("parent time stamp %s differs from the parent's modification time %s (reported, not enforced)",
+				vhd.Time(h.ParentTimestamp).Format("2006-01-02 15:04:05"), st.ModTime().UTC().Format("2006-01-02 15:04:05"))})
+		}
+		if bs := parent.Image.BlockSize(); bs != 0 && bs != cur.Image.BlockSize() {
+			out = append(out, vhd.Problem{Severity: vhd.Note, File: cur.Path, Message: fmt.Sprintf("block size %d differs from its parent's %d", cur.Image.BlockSize(), bs)})
+		}
+		if cur.Image.Size() < parent.Image.Size() {
+			out = append(out, vhd.Problem{Severity: vhd.Warning, File: cur.Path, Message: fmt.Sprintf("virtual size %d is smaller than its parent's %d", cur.Image.Size(), parent.Image.Size())})
+		}
+		cur = parent
+	}
+	return out
+}

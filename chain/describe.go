@@ -1,0 +1,65 @@
+package chain
+
+import (
+	"fmt"
+	"strings"
+
+	"github.com/vhdfs/vhdfs/vhd"
+)
+
+// LayerInfo describes one image of a chain for people and for JSON.
+type LayerInfo struct {
+	Depth           int    `json:"depth"`
+	Path            string `json:"path"`
+	Type            string `json:"type"`
+	VirtualSize     int64  `json:"virtual_size"`
+	BlockSize       int64  `json:"block_size,omitempty"`
+	AllocatedBytes  int64  `json:"allocated_bytes"`
+	Creator         string `json:"creator"`
+	UniqueID        string `json:"unique_id"`
+	ParentUniqueID  string `json:"parent_unique_id,omitempty"`
+	ParentTimestamp string `json:"parent_timestamp,omitempty"`
+	ParentName      string `json:"parent_name,omitempty"`
+	FoundBy         string `json:"found_by,omitempty"`
+}
+
+// Info describes a chain.
+type Info struct {
+	VirtualSize int64       `json:"virtual_size"`
+	Layers      []LayerInfo `json:"layers"`
+}
+
+// Describe returns the description of every layer, top first.
+func Describe(c *Chain) Info {
+	layers := c.Layers()
+	info := Info{VirtualSize: layers[0].Image.Size()}
+	for i, l := range layers {
+		info.Layers = append(info.Layers, DescribeLayer(i, l))
+	}
+	return info
+}
+
+// DescribeLayer describes one layer at depth.
+func DescribeLayer(depth int, l *Layer) LayerInfo {
+	img := l.Image
+	f := img.Footer()
+	li := LayerInfo{
+		Depth:          depth,
+		Path:           l.Path,
+		Type:           img.Type().String(),
+		VirtualSize:    img.Size(),
+		BlockSize:      img.BlockSize(),
+		AllocatedBytes: img.AllocatedBytes(),
+		Creator:        fmt.Sprintf("%s %d.%d", strings.TrimRight(string(f.CreatorApp[:]), "\x00 "), f.CreatorVersion>>16, f.CreatorVersion&0xffff),
+		UniqueID:       f.UniqueID.String(),
+		FoundBy:        l.FoundBy,
+	}
+	if h, ok := img.Header(); ok && img.Type() == vhd.TypeDifferencing {
+		li.ParentUniqueID = h.ParentUniqueID.String()
+		li.ParentName = h.ParentName()
+		if h.ParentTimestamp != 0 {
+			li.ParentTimestamp = vhd.Time(h.ParentTimestamp).Format("2006-01-02T15:04:05Z")
+		}
+	}
+	return li
+}

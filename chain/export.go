@@ -1,0 +1,98 @@
+package chain
+
+import (
+	"encoding/binary"
+	"fmt"
+	"os"
+	"runtime"
+	"sync"
+	"sync/atomic"
+)
+
+// exportChunk is the unit of work of Export.
+const exportChunk = 4 << 20
+
+// Export writes the flattened chain to out as a sparse raw image: only the ranges some
+// layer stores and that are not all zeros are written; the rest stay holes. Chunks go
+// to several workers. progress, if not nil, is called with the bytes done so far.
+func Export(c *Chain, out *os.File, progress func(done int64)) error {
+	size := c.Size()
+	if err := out.Truncate(size); err != nil {
+		return fmt.Errorf("%s: truncate to %d: %w", out.Name(), size, err)
+	}
+	chunks := (size + exportChunk - 1) / exportChunk
+	var next, done atomic.Int64
+	var firstErr error
+	var errOnce sync.Once
+	var failed atomic.Bool
+	var wg sync.WaitGroup
+	workers := min(runtime.GOMAXPROCS(0)*2, 8)
+	for w := 0; w < workers; w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			buf := make([]byte, exportChunk)
+			for {
+				i := next.Add(1) - 1
+				if i >= chunks || failed.Load() {
+					return
+				}
+				if err := exportChunkAt(c, out, buf, i*exportChunk, size); err != nil {
+					errOnce.Do(func() { firstErr = err })
+					failed.Store(true)
+					return
+				}
+				d := done.Add(min(exportChunk, size-i*exportChunk))
+				if progress != nil {
+					progress(d)
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	if firstErr != nil {
+		return firstErr
+	}
+	if err := out.Sync(); err != nil {
+		return fmt.Errorf("%s: fsync: %w", out.Name(), err)
+	}
+	return nil
+}
+
+func exportChunkAt(c *Chain, out *os.File, buf []byte, off, size int64) error {
+	end := min(off+exportChunk, size)
+	for pos := off; pos < end; {
+		n, present, err := c.Run(0, pos, end-pos)
+		if err != nil {
+			return err
+		}
+		if present {
+			p := buf[:n]
+			if _, err := c.ReadAt(p, pos); err != nil {
+				return err
+			}
+			if !isZero(p) {
+				if _, err := out.WriteAt(p, pos); err != nil {
+					return fmt.Errorf("%s: write at %d: %w", out.Name(), pos, err)
+				}
+			}
+		}
+		pos += n
+	}
+	return nil
+}
+
+func isZero(p []byte) bool {
+	for len(p) >= 8 {
+		if binary.LittleEndian.Uint64(p) != 0 {
+			return false
+		}
+		p = p[8:]
+	}
+	for _, b := range p {
+		if b != 0 {
+			return false
+		}
+	}
+	return true
+}

@@ -1,0 +1,103 @@
+package chain
+
+import (
+	"fmt"
+	"os"
+	"path"
+	"path/filepath"
+	"strings"
+
+	"github.com/vhdfs/vhdfs/vhd"
+)
+
+// candidate is one path a locator suggests for the parent.
+type candidate struct {
+	path, source string
+}
+
+// candidates lists where to look for child's parent, in the order of the spec:
+// W2ru relative to the child, W2ku as an absolute path and then its file name beside
+// the child, MacX, then the file name of the header's parent name beside the child.
+func candidates(child *vhd.Image, childPath string) ([]candidate, error) {
+	locs, err := child.ParentLocations()
+	if err != nil {
+		return nil, err
+	}
+	dir := filepath.Dir(childPath)
+	var out []candidate
+	add := func(p, src string) {
+		if p == "" || p == "." || p == "/" {
+			return
+		}
+		if !filepath.IsAbs(p) {
+			p = filepath.Join(dir, p)
+		}
+		out = append(out, candidate{filepath.Clean(p), src})
+	}
+	for _, l := range locs {
+		switch l.Source {
+		case "W2ru":
+			add(vhd.WindowsToSlash(l.Path), l.Source)
+		case "W2ku":
+			p := vhd.WindowsToSlash(l.Path)
+			if strings.HasPrefix(p, "/") {
+				add(p, l.Source)
+			}
+			add(path.Base(p), l.Source)
+		case "MacX":
+			add(vhd.MacXToPath(l.Path), l.Source)
+		case "name":
+			p := vhd.WindowsToSlash(l.Path)
+			add(path.Base(p), l.Source)
+		}
+	}
+	return out, nil
+}
+
+// FindParent finds and opens (read-only) the parent of a differencing image. A
+// candidate counts only if its unique ID is the one the child records; if files were
+// found but none matched, the error wraps vhd.ErrParentMismatch, and if none was
+// found, vhd.ErrParentMissing.
+func FindParent(child *vhd.Image, childPath string) (*Layer, error) {
+	h, _ := child.Header()
+	want := h.ParentUniqueID
+	cands, err := candidates(child, childPath)
+	if err != nil {
+		return nil, err
+	}
+	var mismatches, tried []string
+	var openErr error
+	done := map[string]bool{}
+	for _, c := range cands {
+		if done[c.path] {
+			continue
+		}
+		done[c.path] = true
+		tried = append(tried, c.path)
+		if _, err := os.Stat(c.path); err != nil {
+			continue
+		}
+		img, err := vhd.Open(c.path, false)
+		if err != nil {
+			if openErr == nil {
+				openErr = err
+			}
+			continue
+		}
+		if got := img.Footer().UniqueID; got != want {
+			img.Close()
+			mismatches = append(mismatches, fmt.Sprintf("%s has %s", c.path, got))
+			continue
+		}
+		return &Layer{Image: img, Path: c.path, FoundBy: c.source}, nil
+	}
+	switch {
+	case openErr != nil && len(mismatches) == 0:
+		return nil, fmt.Errorf("%s: parent: %w", childPath, openErr)
+	case len(mismatches) > 0:
+		return nil, fmt.Errorf("%s: parent unique ID %s not found: %s: %w", childPath, want, strings.Join(mismatches, ", "), vhd.ErrParentMismatch)
+	case len(tried) == 0:
+		return nil, fmt.Errorf("%s: no parent locator or parent name to find parent %s by: %w", childPath, want, vhd.ErrParentMissing)
+	}
+	return nil, fmt.Errorf("%s: parent %s not found (tried %s): %w", childPath, want, strings.Join(tried, ", "), vhd.ErrParentMissing)
+}

@@ -1,0 +1,72 @@
+package main
+
+import (
+	"fmt"
+	"os"
+
+	"github.com/vhdfs/vhdfs/chain"
+	"github.com/vhdfs/vhdfs/vhd"
+)
+
+// checkFailed is returned when check found errors; they were already printed.
+type checkFailed struct{}
+
+func (checkFailed) Error() string { return "check found errors" }
+
+func cmdCheck(args []string) error {
+	fs := newFlags("check")
+	repair := fs.Bool("repair", false, "restore a damaged end footer from the copy at offset 0")
+	pos, err := parse(fs, args, "IMAGE")
+	if err != nil {
+		return err
+	}
+	problems := chain.Check(pos[0])
+	if *repair {
+		repaired := false
+		done := map[string]bool{}
+		for _, p := range problems {
+			if done[p.File] {
+				continue
+			}
+			done[p.File] = true
+			if st, err := vhdFooterState(p.File); err != nil || st != vhd.FooterCopyOnly {
+				continue
+			}
+			fixed, err := vhd.RepairFooter(p.File)
+			if err != nil {
+				return err
+			}
+			if fixed {
+				fmt.Printf("%s: repaired: footer at the end restored from the copy at offset 0\n", p.File)
+				repaired = true
+			}
+		}
+		if repaired {
+			problems = chain.Check(pos[0])
+		}
+	}
+	errs := 0
+	for _, p := range problems {
+		if p.Severity == vhd.Error {
+			errs++
+			fmt.Fprintln(os.Stderr, p)
+		} else {
+			fmt.Println(p)
+		}
+	}
+	if errs > 0 {
+		return checkFailed{}
+	}
+	fmt.Printf("%s: chain is consistent\n", pos[0])
+	return nil
+}
+
+func vhdFooterState(path string) (vhd.FooterState, error) {
+	img, err := vhd.Open(path, false)
+	if err != nil {
+		return 0, err
+	}
+	defer img.Close()
+	st, _ := img.FooterState()
+	return st, nil
+}

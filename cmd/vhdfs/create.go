@@ -1,0 +1,59 @@
+package main
+
+import (
+	"github.com/vhdfs/vhdfs/chain"
+	"github.com/vhdfs/vhdfs/vhd"
+)
+
+func cmdCreate(args []string) error {
+	fs := newFlags("create")
+	sizeStr := fs.String("size", "", "virtual size (512M, 10G, 2T or bytes)")
+	typ := fs.String("type", "dynamic", "dynamic or fixed")
+	blockStr := fs.String("block-size", "", "block size of a dynamic image (default 2M)")
+	exact := fs.Bool("exact-size", false, "keep the size exact instead of rounding up to a CHS geometry")
+	parent := fs.String("parent", "", "create a differencing image (snapshot) of PARENT")
+	pos, err := parse(fs, args, "IMAGE")
+	if err != nil {
+		return err
+	}
+	opts := vhd.CreateOptions{ExactSize: *exact}
+	if *blockStr != "" {
+		if opts.BlockSize, err = parseSize(*blockStr); err != nil {
+			return usagef("--block-size: %v", err)
+		}
+	}
+	if *parent != "" {
+		if *sizeStr != "" || fs.Changed("type") || *exact {
+			return usagef("--parent takes the size and type from the parent: drop --size, --type and --exact-size")
+		}
+		// Opening the whole chain proves the parent is usable before we link to it.
+		c, err := chain.Open(*parent, false)
+		if err != nil {
+			return err
+		}
+		defer c.Close()
+		opts.Type, opts.Parent, opts.ParentPath = vhd.TypeDifferencing, c.Layers()[0].Image, *parent
+		return vhd.Create(pos[0], opts)
+	}
+	if *sizeStr == "" {
+		return usagef("--size or --parent is required")
+	}
+	if opts.Size, err = parseSize(*sizeStr); err != nil {
+		return usagef("--size: %v", err)
+	}
+	switch *typ {
+	case "dynamic":
+		opts.Type = vhd.TypeDynamic
+	case "fixed":
+		opts.Type = vhd.TypeFixed
+		if *blockStr != "" {
+			return usagef("--block-size applies to dynamic images only")
+		}
+	default:
+		return usagef("--type %q: want dynamic or fixed", *typ)
+	}
+	if err := vhd.Create(pos[0], opts); err != nil {
+		return err
+	}
+	return nil
+}

@@ -1,0 +1,39 @@
+package main
+
+import (
+	"fmt"
+	"os"
+
+	"github.com/vhdfs/vhdfs/chain"
+)
+
+func cmdExport(args []string) error {
+	fs := newFlags("export")
+	pos, err := parse(fs, args, "IMAGE", "OUT.raw")
+	if err != nil {
+		return err
+	}
+	c, err := chain.Open(pos[0], false)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	if st, err := os.Stat(pos[1]); err == nil {
+		for _, l := range c.Layers() {
+			if lst, err := os.Stat(l.Path); err == nil && os.SameFile(st, lst) {
+				return fmt.Errorf("%s: is an image of the chain; refusing to overwrite it", pos[1])
+			}
+		}
+	}
+	out, err := os.OpenFile(pos[1], os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o644)
+	if err != nil {
+		return err
+	}
+	bar := newProgress("export", c.Size())
+	err = chain.Export(c, out, bar.update)
+	bar.finish()
+	if cerr := out.Close(); err == nil && cerr != nil {
+		err = fmt.Errorf("%s: %w", pos[1], cerr)
+	}
+	return err
+}

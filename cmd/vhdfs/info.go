@@ -1,0 +1,47 @@
+package main
+
+import (
+	"encoding/json"
+	"fmt"
+	"os"
+	"strings"
+	"text/tabwriter"
+
+	"github.com/vhdfs/vhdfs/chain"
+)
+
+func cmdInfo(args []string) error {
+	fs := newFlags("info")
+	asJSON := fs.Bool("json", false, "print JSON")
+	pos, err := parse(fs, args, "IMAGE")
+	if err != nil {
+		return err
+	}
+	c, err := chain.Open(pos[0], false)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	info := chain.Describe(c)
+	if *asJSON {
+		enc := json.NewEncoder(os.Stdout)
+		enc.SetIndent("", "  ")
+		return enc.Encode(info)
+	}
+	fmt.Printf("chain of %d image(s), virtual size %s (%d bytes)\n", len(info.Layers), human(info.VirtualSize), info.VirtualSize)
+	w := tabwriter.NewWriter(os.Stdout, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(w, "DEPTH\tPATH\tTYPE\tSIZE\tBLOCK\tALLOCATED\tCREATOR\tUNIQUE ID\tFOUND BY")
+	for _, l := range info.Layers {
+		block := "-"
+		if l.BlockSize > 0 {
+			block = human(l.BlockSize)
+		}
+		found := l.FoundBy
+		if found == "" {
+			found = "(given)"
+		}
+		fmt.Fprintf(w, "%d\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", l.Depth, l.Path, l.Type, human(l.VirtualSize), block,
+			human(l.AllocatedBytes), strings.TrimSpace(l.Creator), l.UniqueID, found)
+	}
+	return w.Flush()
+}

@@ -1,0 +1,119 @@
+// Command vhdfs mounts a chain of VHD images as one raw disk and works on such chains
+// offline: create, info, check, merge, export.
+package main
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"strings"
+
+	"github.com/spf13/pflag"
+)
+
+// Exit codes.
+const (
+	exitOK    = 0
+	exitError = 1 // the operation failed; the message says why
+	exitUsage = 2 // the command line was wrong
+	exitCheck = 3 // check found errors
+)
+
+// Version is set at build time with -ldflags "-X main.Version=…".
+var Version = "dev"
+
+const usage = `usage:
+  vhdfs mount [-r|--read-only] [-f|--foreground] [--allow-other] [--debug] IMAGE MOUNTPOINT
+  vhdfs umount MOUNTPOINT
+  vhdfs info [--json] IMAGE
+  vhdfs create --size SIZE [--type dynamic|fixed] [--block-size SIZE] [--exact-size] IMAGE
+  vhdfs create --parent PARENT IMAGE
+  vhdfs merge [--depth N] IMAGE
+  vhdfs check [--repair] IMAGE
+  vhdfs export IMAGE OUT.raw
+  vhdfs version
+`
+
+// usageError is a mistake on the command line.
+type usageError struct{ msg string }
+
+func (e usageError) Error() string { return e.msg }
+
+func usagef(format string, args ...any) error {
+	return usageError{fmt.Sprintf(format, args...)}
+}
+
+var commands = map[string]func(args []string) error{
+	"mount":  cmdMount,
+	"umount": cmdUmount,
+	"info":   cmdInfo,
+	"create": cmdCreate,
+	"merge":  cmdMerge,
+	"check":  cmdCheck,
+	"export": cmdExport,
+	"version": func(args []string) error {
+		fmt.Println("vhdfs", Version)
+		return nil
+	},
+}
+
+func main() {
+	os.Exit(run(os.Args[1:]))
+}
+
+func run(args []string) int {
+	if len(args) == 0 || args[0] == "-h" || args[0] == "--help" || args[0] == "help" {
+		fmt.Fprint(os.Stderr, usage)
+		if len(args) == 0 {
+			return exitUsage
+		}
+		return exitOK
+	}
+	cmd, ok := commands[args[0]]
+	if !ok {
+		fmt.Fprintf(os.Stderr, "vhdfs: unknown command %q\n%s", args[0], usage)
+		return exitUsage
+	}
+	err := cmd(args[1:])
+	var ue usageError
+	var ce checkFailed
+	switch {
+	case err == nil:
+		return exitOK
+	case errors.Is(err, pflag.ErrHelp):
+		return exitOK
+	case errors.As(err, &ue):
+		fmt.Fprintf(os.Stderr, "vhdfs %s: %s\n%s", args[0], ue.msg, usage)
+		return exitUsage
+	case errors.As(err, &ce):
+		return exitCheck
+	}
+	fmt.Fprintf(os.Stderr, "vhdfs %s: %s\n", args[0], oneLine(err.Error()))
+	return exitError
+}
+
+func oneLine(s string) string { return strings.ReplaceAll(s, "\n", "; ") }
+
+// newFlags returns a flag set for a subcommand whose errors come back as usage errors.
+func newFlags(name string) *pflag.FlagSet {
+	fs := pflag.NewFlagSet(name, pflag.ContinueOnError)
+	fs.SortFlags = false
+	fs.SetOutput(os.Stderr)
+	fs.Usage = func() {}
+	return fs
+}
+
+// parse parses args and checks the number of positional arguments.
+func parse(fs *pflag.FlagSet, args []string, names ...string) ([]string, error) {
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, pflag.ErrHelp) {
+			fmt.Fprint(os.Stderr, usage)
+			return nil, err
+		}
+		return nil, usagef("%v", err)
+	}
+	if fs.NArg() != len(names) {
+		return nil, usagef("want %s, got %d arguments", strings.Join(names, " "), fs.NArg())
+	}
+	return fs.Args(), nil
+}

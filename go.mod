@@ -1,0 +1,8 @@
+module github.com/vhdfs/vhdfs
+
+go 1.26.8
+
+require (
+	github.com/hanwen/go-fuse/v2 v2.12.1 // indirect
+	github.com/spf13/pflag v1.1.0 // indirect
+)

@@ -1,0 +1,178 @@
+package vhd
+
+import (
+	"bytes"
+	"fmt"
+	"os"
+)
+
+// Severity of a problem found by Check.
+type Severity int
+
+const (
+	Note Severity = iota
+	Warning
+	Error
+)
+
+func (s Severity) String() string {
+	return [...]string{"note", "warning", "error"}[s]
+}
+
+// Problem is one finding of Check.
+type Problem struct {
+	Severity Severity
+	File     string
+	Message  string
+}
+
+func (p Problem) String() string { return fmt.Sprintf("%s: %s: %s", p.File, p.Severity, p.Message) }
+
+// Check verifies the invariants of an open image beyond those Open enforces (Open
+// already refuses bad cookies and checksums, a truncated file, a bad block size, a
+// table too small for the size, BAT entries past the end or overlapping metadata or
+// each other, and bad parent locators).
+func (img *Image) Check() []Problem {
+	var out []Problem
+	add := func(s Severity, format string, args ...any) {
+		out = append(out, Problem{s, img.name, fmt.Sprintf(format, args...)})
+	}
+	f := &img.footer
+	switch img.footerState {
+	case FooterCopyOnly:
+		add(Error, "footer at the end is damaged (%v); the copy at offset 0 is good: run 'vhdfs check --repair'", img.footerErr)
+	case FooterShort:
+		add(Note, "511-byte footer, as images made before Virtual PC 2004 have")
+	}
+	if f.Features&featureReserved == 0 {
+		add(Warning, "footer features %#08x lacks the reserved bit 0x2 the specification requires", f.Features)
+	}
+	if f.Features&^uint32(0x3) != 0 {
+		add(Warning, "footer features %#08x has unknown bits", f.Features)
+	}
+	if f.SavedState > 1 {
+		add(Error, "footer saved state is %d, want 0 or 1", f.SavedState)
+	} else if f.SavedState == 1 {
+		add(Warning, "footer saved state is set: the disk belongs to a saved virtual machine")
+	}
+	if f.UniqueID.IsZero() {
+		add(Warning, "footer unique ID is zero")
+	}
+	if g := CHS(img.size); f.Geometry != g && f.Geometry != (Geometry{65535, 16, 255}) {
+		add(Note, "footer geometry %d/%d/%d differs from the %d/%d/%d computed for the size", f.Geometry.Cylinders, f.Geometry.Heads, f.Geometry.Sectors, g.Cylinders, g.Heads, g.Sectors)
+	}
+	if f.Geometry.Bytes() != img.size && f.Geometry != (Geometry{65535, 16, 255}) {
+		add(Note, "geometry describes %d bytes but the current size is %d: tools that size disks by geometry (Virtual PC, older qemu) see a different disk", f.Geometry.Bytes(), img.size)
+	}
+	if img.header == nil {
+		return out
+	}
+	if img.copyFooter == nil {
+		add(Error, "footer copy at offset 0 is missing or damaged")
+	} else if img.footerState != FooterCopyOnly && !bytes.Equal(img.copyFooter.Marshal(), f.Marshal()) {
+		add(Error, "footer copy at offset 0 differs from the footer at the end")
+	}
+	h := img.header
+	if h.DataOffset != noDataOffset {
+		add(Warning, "dynamic header data offset is %#x, want all ones", h.DataOffset)
+	}
+	if h.Reserved1 != 0 || !allZero(h.Reserved2[:]) {
+		add(Warning, "dynamic header reserved fields are not zero")
+	}
+	need := (img.size + img.blockSize - 1) / img.blockSize
+	if int64(h.MaxTableEntries) != need {
+		add(Note, "BAT has %d entries, the size needs %d", h.MaxTableEntries, need)
+	}
+	if img.blockSize != DefaultBlockSize && img.blockSize != 512<<10 {
+		add(Note, "block size %d: Microsoft's tools use only 2 MiB and 512 KiB", img.blockSize)
+	}
+	img.mu.RLock()
+	dataEnd := img.metaEnd
+	for i, e := range img.bat {
+		if e == unallocated {
+			continue
+		}
+		if int64(i) >= need {
+			add(Warning, "BAT entry %d is allocated but lies past the disk size", i)
+		}
+		dataEnd = max(dataEnd, int64(e)*SectorSize+img.bitmapSize+img.blockSize)
+	}
+	footerOff := img.footerOff
+	img.mu.RUnlock()
+	batBytes := int64(h.MaxTableEntries) * 4
+	if pad := roundUp(batBytes, SectorSize) - batBytes; pad > 0 {
+		buf := make([]byte, pad)
+		if _, err := img.f.ReadAt(buf, int64(h.TableOffset)+batBytes); err == nil && !bytes.Equal(buf, bytes.Repeat([]byte{0xff}, int(pad))) {
+			add(Note, "BAT padding after entry %d is not 0xFFFFFFFF", h.MaxTableEntries)
+		}
+	}
+	if img.footerState == FooterAtEnd && footerOff > roundUp(dataEnd, SectorSize)+dataAlign {
+		add(Note, "%d bytes between the last block and the footer belong to no block (left by an interrupted allocation)", footerOff-dataEnd)
+	}
+	if img.footer.DiskType == TypeDifferencing {
+		seen := map[uint32]bool{}
+		for i, l := range h.ParentLocators {
+			if l.PlatformCode == PlatformNone {
+				if l != (Locator{}) {
+					add(Warning, "parent locator %d has no platform code but other fields set", i)
+				}
+				continue
+			}
+			if seen[l.PlatformCode] {
+				add(Warning, "parent locator %d repeats platform code %s", i, PlatformName(l.PlatformCode))
+			}
+			seen[l.PlatformCode] = true
+			if sp, ok := l.SpaceBytes(); !ok || int64(l.PlatformDataLength) > sp {
+				add(Warning, "parent locator %d (%s) data length %d exceeds its data space %d", i, PlatformName(l.PlatformCode), l.PlatformDataLength, l.PlatformDataSpace)
+			}
+		}
+		if !seen[PlatformW2ru] && !seen[PlatformW2ku] && !seen[PlatformMacX] {
+			add(Warning, "no W2ru, W2ku or MacX parent locator: only the parent name can find the parent")
+		}
+	} else if !h.ParentUniqueID.IsZero() || h.ParentTimestamp != 0 {
+		add(Note, "dynamic image has parent fields set")
+	}
+	return out
+}
+
+// RepairFooter restores a damaged footer at the end of a dynamic or differencing image
+// from the copy at offset 0, and changes nothing else. The footer goes right after the
+// last block or metadata; a damaged tail past it is cut off. It reports whether it
+// wrote anything. The image must not be open elsewhere.
+func RepairFooter(name string) (bool, error) {
+	img, err := Open(name, false)
+	if err != nil {
+		return false, err
+	}
+	state := img.footerState
+	dataEnd := img.metaEnd
+	for _, e := range img.bat {
+		if e != unallocated {
+			dataEnd = max(dataEnd, int64(e)*SectorSize+img.bitmapSize+img.blockSize)
+		}
+	}
+	foot := img.footer
+	img.Close()
+	if state != FooterCopyOnly {
+		return false, nil
+	}
+	f, err := os.OpenFile(name, os.O_RDWR, 0)
+	if err != nil {
+		return false, err
+	}
+	defer f.Close()
+	end := roundUp(dataEnd, SectorSize)
+	if _, err := f.WriteAt(foot.Marshal(), end); err != nil {
+		return false, fmt.Errorf("%s: write footer at %d: %w", name, end, err)
+	}
+	if err := f.Sync(); err != nil {
+		return false, fmt.Errorf("%s: fsync: %w", name, err)
+	}
+	if err := f.Truncate(end + FooterSize); err != nil {
+		return false, fmt.Errorf("%s: truncate to %d: %w", name, end+FooterSize, err)
+	}
+	if err := f.Sync(); err != nil {
+		return false, fmt.Errorf("%s: fsync: %w", name, err)
+	}
+	return true, nil
+}

@@ -1,0 +1,224 @@
+package vhd
+
+import (
+	"encoding/binary"
+	"fmt"
+	"math/bits"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+)
+
+// CreatorApp is what vhdfs writes into the footer's Creator Application field.
+var CreatorApp = [4]byte{'v', 'h', 'd', 'f'}
+
+const (
+	creatorVersion = 0x00010000
+	hostOSWindows  = 0x5769326B // "Wi2k", what qemu and Windows write
+)
+
+// CreateOptions describe a new image.
+type CreateOptions struct {
+	// Type is TypeFixed, TypeDynamic or TypeDifferencing.
+	Type DiskType
+	// Size is the requested virtual size; rounded up to a whole CHS geometry unless
+	// ExactSize. Ignored for differencing images, which take the parent's size.
+	Size      int64
+	ExactSize bool
+	// BlockSize of dynamic and differencing images; 0 means 2 MiB (differencing:
+	// the parent's block size if it has one).
+	BlockSize int64
+	// Parent of a differencing image, open, and the path it was found at.
+	Parent     *Image
+	ParentPath string
+	// LocatorPath is the path the locators are computed from when the image is
+	// written somewhere else first (a temporary file renamed into place); default name.
+	LocatorPath string
+}
+
+// Create writes a new image at name, which must not exist, and syncs it.
+func Create(name string, opts CreateOptions) error {
+	b, err := build(opts)
+	if err != nil {
+		return fmt.Errorf("create %s: %w", name, err)
+	}
+	if opts.LocatorPath == "" {
+		opts.LocatorPath = name
+	}
+	if opts.Type == TypeDifferencing {
+		if err := b.addLocators(opts); err != nil {
+			return fmt.Errorf("create %s: %w", name, err)
+		}
+	}
+	f, err := os.OpenFile(name, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o644)
+	if err != nil {
+		return fmt.Errorf("create %s: %w", name, err)
+	}
+	err = b.write(f)
+	if err == nil {
+		err = f.Sync()
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		os.Remove(name)
+		return fmt.Errorf("create %s: %w", name, err)
+	}
+	return nil
+}
+
+type builder struct {
+	footer  Footer
+	header  *Header
+	locData map[int][]byte // locator slot → data
+	end     int64          // where the end footer goes
+}
+
+func build(opts CreateOptions) (*builder, error) {
+	b := &builder{}
+	f := &b.footer
+	f.Cookie = footerCookie
+	f.Features = featureReserved
+	f.FormatVersion = formatVersion
+	f.Timestamp = Timestamp(time.Now())
+	f.CreatorApp = CreatorApp
+	f.CreatorVersion = creatorVersion
+	f.CreatorHostOS = hostOSWindows
+	f.DiskType = opts.Type
+	f.UniqueID = NewUUID()
+
+	size := opts.Size
+	blockSize := opts.BlockSize
+	switch opts.Type {
+	case TypeDifferencing:
+		if opts.Parent == nil {
+			return nil, fmt.Errorf("differencing image needs a parent: %w", ErrInvalidArg)
+		}
+		size = opts.Parent.Size()
+		if blockSize == 0 {
+			blockSize = opts.Parent.BlockSize()
+		}
+		f.Geometry = opts.Parent.footer.Geometry
+	case TypeFixed, TypeDynamic:
+		if size <= 0 {
+			return nil, fmt.Errorf("size %d must be positive: %w", size, ErrInvalidArg)
+		}
+		if !opts.ExactSize {
+			size = RoundUpCHS(size)
+		} else if size%SectorSize != 0 {
+			return nil, fmt.Errorf("exact size %d is not a multiple of 512: %w", size, ErrInvalidArg)
+		}
+		f.Geometry = CHS(size)
+	default:
+		return nil, fmt.Errorf("disk type %v: %w", opts.Type, ErrInvalidArg)
+	}
+	f.OriginalSize, f.CurrentSize = uint64(size), uint64(size)
+	if opts.Type == TypeFixed {
+		f.DataOffset = noDataOffset
+		b.end = size
+		return b, nil
+	}
+	if size > maxDynamicSize {
+		return nil, fmt.Errorf("size %d exceeds the %d bytes a dynamic image can hold: %w", size, int64(maxDynamicSize), ErrInvalidArg)
+	}
+	if blockSize == 0 {
+		blockSize = DefaultBlockSize
+	}
+	if blockSize < SectorSize || blockSize > MaxBlockSize || bits.OnesCount64(uint64(blockSize)) != 1 {
+		return nil, fmt.Errorf("block size %d is not a power of two from 512 to %d: %w", blockSize, MaxBlockSize, ErrInvalidArg)
+	}
+	entries := (size + blockSize - 1) / blockSize
+	f.DataOffset = FooterSize
+	h := &Header{
+		Cookie:          headerCookie,
+		DataOffset:      noDataOffset,
+		TableOffset:     FooterSize + HeaderSize,
+		HeaderVersion:   formatVersion,
+		MaxTableEntries: uint32(entries),
+		BlockSize:       uint32(blockSize),
+	}
+	b.header = h
+	b.end = int64(h.TableOffset) + roundUp(entries*4, SectorSize)
+	return b, nil
+}
+
+// addLocators fills in the parent fields: unique ID, time stamp (the parent file's
+// modification time, as blktap does), name, and W2ru and W2ku locators.
+func (b *builder) addLocators(opts CreateOptions) error {
+	h := b.header
+	h.ParentUniqueID = opts.Parent.footer.UniqueID
+	if st, err := os.Stat(opts.ParentPath); err == nil {
+		h.ParentTimestamp = Timestamp(st.ModTime())
+	}
+	parentAbs, err := filepath.Abs(opts.ParentPath)
+	if err != nil {
+		return err
+	}
+	childAbs, err := filepath.Abs(opts.LocatorPath)
+	if err != nil {
+		return err
+	}
+	rel, err := filepath.Rel(filepath.Dir(childAbs), parentAbs)
+	if err != nil {
+		return err
+	}
+	relWin := strings.ReplaceAll(rel, "/", `\`)
+	if !strings.HasPrefix(relWin, `..\`) {
+		relWin = `.\` + relWin
+	}
+	absWin := strings.ReplaceAll(parentAbs, "/", `\`)
+	name := encodeUTF16(absWin, binary.BigEndian)
+	if len(name) > len(h.ParentUnicodeName) {
+		name = encodeUTF16(filepath.Base(parentAbs), binary.BigEndian)
+		if len(name) > len(h.ParentUnicodeName) {
+			return fmt.Errorf("parent file name %q is too long for the header: %w", filepath.Base(parentAbs), ErrInvalidArg)
+		}
+	}
+	copy(h.ParentUnicodeName[:], name)
+	b.locData = map[int][]byte{}
+	for slot, l := range []struct {
+		code uint32
+		path string
+	}{{PlatformW2ku, absWin}, {PlatformW2ru, relWin}} {
+		data := encodeUTF16(l.path, binary.LittleEndian)
+		if len(data) > maxLocatorBytes {
+			return fmt.Errorf("parent path %q is too long for a locator: %w", l.path, ErrInvalidArg)
+		}
+		space := roundUp(int64(len(data)), SectorSize)
+		h.ParentLocators[slot] = Locator{
+			PlatformCode:       l.code,
+			PlatformDataSpace:  uint32(space), // in bytes, as Windows writes it
+			PlatformDataLength: uint32(len(data)),
+			PlatformDataOffset: uint64(b.end),
+		}
+		b.locData[slot] = data
+		b.end += space
+	}
+	return nil
+}
+
+func (b *builder) write(f *os.File) error {
+	foot := b.footer.Marshal()
+	if b.header == nil {
+		if err := f.Truncate(b.end); err != nil {
+			return err
+		}
+		_, err := f.WriteAt(foot, b.end)
+		return err
+	}
+	buf := make([]byte, b.end+FooterSize)
+	copy(buf, foot)
+	copy(buf[FooterSize:], b.header.Marshal())
+	bat := buf[b.header.TableOffset : b.header.TableOffset+uint64(roundUp(int64(b.header.MaxTableEntries)*4, SectorSize))]
+	for i := range bat {
+		bat[i] = 0xff
+	}
+	for slot, data := range b.locData {
+		copy(buf[b.header.ParentLocators[slot].PlatformDataOffset:], data)
+	}
+	copy(buf[b.end:], foot)
+	_, err := f.WriteAt(buf, 0)
+	return err
+}

@@ -1,0 +1,22 @@
+// Package vhd reads, writes and creates one Microsoft VHD (version 1) image file:
+// fixed, dynamic or differencing. It knows nothing of parents beyond what the
+// differencing header records; package chain composes images into one view.
+package vhd
+
+import "errors"
+
+// Sentinel errors; every error this package returns wraps one of these or an I/O error,
+// and names the file and the field.
+var (
+	ErrNotVHD         = errors.New("not a VHD image")
+	ErrChecksum       = errors.New("checksum mismatch")
+	ErrTruncated      = errors.New("file truncated")
+	ErrCorrupt        = errors.New("corrupt image")
+	ErrUnsupported    = errors.New("unsupported image")
+	ErrReadOnly       = errors.New("image is read-only")
+	ErrOutOfRange     = errors.New("offset past the end of the disk")
+	ErrUnaligned      = errors.New("offset or length not a multiple of 512")
+	ErrParentMismatch = errors.New("parent unique ID does not match")
+	ErrParentMissing  = errors.New("parent not found")
+	ErrInvalidArg     = errors.New("invalid argument")
+)

@@ -1,0 +1,175 @@
+package vhd
+
+import (
+	"bytes"
+	"encoding/binary"
+	"fmt"
+	"time"
+)
+
+// Sizes of the on-disk structures, in bytes.
+const (
+	SectorSize = 512
+	FooterSize = 512
+	HeaderSize = 1024
+)
+
+// DiskType is the footer's Disk Type field.
+type DiskType uint32
+
+// Disk types from the specification; the others are deprecated or reserved.
+const (
+	TypeFixed        DiskType = 2
+	TypeDynamic      DiskType = 3
+	TypeDifferencing DiskType = 4
+)
+
+func (t DiskType) String() string {
+	switch t {
+	case TypeFixed:
+		return "fixed"
+	case TypeDynamic:
+		return "dynamic"
+	case TypeDifferencing:
+		return "differencing"
+	}
+	return fmt.Sprintf("type %d", uint32(t))
+}
+
+var (
+	footerCookie = [8]byte{'c', 'o', 'n', 'e', 'c', 't', 'i', 'x'}
+	headerCookie = [8]byte{'c', 'x', 's', 'p', 'a', 'r', 's', 'e'}
+)
+
+const (
+	featureReserved = 0x2 // "must be set to 1" by the specification
+	formatVersion   = 0x00010000
+	noDataOffset    = ^uint64(0)
+	// maxDynamicSize is qemu's VHD_MAX_SECTORS: 32-bit sector offsets in the BAT.
+	maxDynamicSize = 0xff000000 * SectorSize
+)
+
+// vhdEpoch is the zero of VHD time stamps: 2000-01-01 00:00:00 UTC.
+var vhdEpoch = time.Date(2000, 1, 1, 0, 0, 0, 0, time.UTC)
+
+// Geometry is the CHS geometry of the footer (offset 56).
+type Geometry struct {
+	Cylinders uint16
+	Heads     uint8
+	Sectors   uint8
+}
+
+// Bytes is the size the geometry describes.
+func (g Geometry) Bytes() int64 {
+	return int64(g.Cylinders) * int64(g.Heads) * int64(g.Sectors) * SectorSize
+}
+
+// Footer is the hard disk footer (specification: "Hard Disk Footer Format").
+type Footer struct {
+	Cookie         [8]byte  // 0
+	Features       uint32   // 8
+	FormatVersion  uint32   // 12
+	DataOffset     uint64   // 16: dynamic header offset; all ones for fixed disks
+	Timestamp      uint32   // 24: seconds since 2000-01-01 UTC
+	CreatorApp     [4]byte  // 28
+	CreatorVersion uint32   // 32
+	CreatorHostOS  uint32   // 36
+	OriginalSize   uint64   // 40
+	CurrentSize    uint64   // 48: the disk size
+	Geometry       Geometry // 56
+	DiskType       DiskType // 60
+	Checksum       uint32   // 64
+	UniqueID       UUID     // 68
+	SavedState     uint8    // 84
+	Reserved       [427]byte
+}
+
+// checksum is the ones' complement of the byte sum with the checksum field
+// (at checksumOff, 4 bytes) taken as zero.
+func checksum(b []byte, checksumOff int) uint32 {
+	var sum uint32
+	for i, c := range b {
+		if i >= checksumOff && i < checksumOff+4 {
+			continue
+		}
+		sum += uint32(c)
+	}
+	return ^sum
+}
+
+const footerChecksumOff = 64
+
+// Marshal encodes the footer with a fresh checksum.
+func (f *Footer) Marshal() []byte {
+	var buf bytes.Buffer
+	buf.Grow(FooterSize)
+	f.Checksum = 0
+	_ = binary.Write(&buf, binary.BigEndian, f)
+	b := buf.Bytes()
+	f.Checksum = checksum(b, footerChecksumOff)
+	binary.BigEndian.PutUint32(b[footerChecksumOff:], f.Checksum)
+	return b
+}
+
+// parseFooter decodes 512 bytes (a 511-byte footer is passed zero-padded) and checks
+// the cookie and the checksum. what names the place for errors ("footer at 1024").
+func parseFooter(b []byte, name, what string) (*Footer, error) {
+	var f Footer
+	if err := binary.Read(bytes.NewReader(b[:FooterSize]), binary.BigEndian, &f); err != nil {
+		return nil, fmt.Errorf("%s: %s: %w", name, what, err)
+	}
+	if f.Cookie != footerCookie {
+		return nil, fmt.Errorf("%s: %s: cookie is %q, want \"conectix\": %w", name, what, printable(f.Cookie[:]), ErrNotVHD)
+	}
+	if sum := checksum(b[:FooterSize], footerChecksumOff); sum != f.Checksum {
+		return nil, fmt.Errorf("%s: %s: checksum field is %#08x, computed %#08x: %w", name, what, f.Checksum, sum, ErrChecksum)
+	}
+	return &f, nil
+}
+
+// validate checks the fields every image type shares; fileSize is the file's length.
+func (f *Footer) validate(name string) error {
+	if f.FormatVersion>>16 != formatVersion>>16 {
+		return fmt.Errorf("%s: footer file format version %#08x, want 0x00010000: %w", name, f.FormatVersion, ErrUnsupported)
+	}
+	switch f.DiskType {
+	case TypeFixed, TypeDynamic, TypeDifferencing:
+	default:
+		return fmt.Errorf("%s: footer disk type %d is not fixed (2), dynamic (3) or differencing (4): %w", name, f.DiskType, ErrUnsupported)
+	}
+	if f.CurrentSize == 0 || f.CurrentSize%SectorSize != 0 {
+		return fmt.Errorf("%s: footer current size %d is not a positive multiple of 512: %w", name, f.CurrentSize, ErrCorrupt)
+	}
+	if f.DiskType != TypeFixed {
+		if f.CurrentSize > maxDynamicSize {
+			return fmt.Errorf("%s: footer current size %d exceeds the %d bytes a BAT can address: %w", name, f.CurrentSize, uint64(maxDynamicSize), ErrCorrupt)
+		}
+		if f.DataOffset == noDataOffset || f.DataOffset%SectorSize != 0 || f.DataOffset < FooterSize {
+			return fmt.Errorf("%s: footer data offset %#x is not a sector-aligned header offset: %w", name, f.DataOffset, ErrCorrupt)
+		}
+	}
+	return nil
+}
+
+// Time converts a VHD time stamp to a time.
+func Time(ts uint32) time.Time { return vhdEpoch.Add(time.Duration(ts) * time.Second) }
+
+// Timestamp converts a time to a VHD time stamp (clamped to the epoch).
+func Timestamp(t time.Time) uint32 {
+	d := t.Sub(vhdEpoch)
+	if d < 0 {
+		return 0
+	}
+	return uint32(d / time.Second)
+}
+
+func printable(b []byte) string {
+	out := make([]byte, len(b))
+	for i, c := range b {
+		if c < 0x20 || c > 0x7e {
+			c = '.'
+		}
+		out[i] = c
+	}
+	return string(out)
+}

@@ -1,0 +1,320 @@
+package vhd
+
+import (
+	"encoding/binary"
+
+	"fmt"
+	"io"
+	"os"
+	"sort"
+	"sync"
+)
+
+// File is what an Image needs of its backing file; *os.File implements it. Tests pass
+// a File that fails after a number of writes to prove the write order crash-safe.
+type File interface {
+	io.ReaderAt
+	io.WriterAt
+	io.Closer
+	Sync() error
+	Stat() (os.FileInfo, error)
+	Truncate(size int64) error
+}
+
+// FooterState says where the footer an image was opened with came from.
+type FooterState int
+
+const (
+	FooterAtEnd    FooterState = iota // the last 512 bytes
+	FooterShort                       // the last 511 bytes (before Virtual PC 2004)
+	FooterCopyOnly                    // only the copy at offset 0 is valid
+)
+
+const unallocated = ^uint32(0)
+
+// Image is one open VHD file. ReadAt and Run may be called concurrently with each
+// other and with WriteAt; WriteAt and Sync serialise on the image's lock.
+type Image struct {
+	f        File
+	name     string
+	writable bool
+
+	footer      Footer
+	footerState FooterState
+	footerErr   error // why the end footer was not used, when it was not
+	copyFooter  *Footer
+	header      *Header // nil for fixed images
+
+	size       int64
+	blockSize  int64
+	bitmapSize int64
+	metaEnd    int64 // end of header, BAT and locators
+
+	mu          sync.RWMutex
+	bat         []uint32          // guarded by mu
+	bitmaps     map[uint32][]byte // guarded by mu: cache of on-disk plus pending bits
+	dirtyBAT    map[uint32]bool   // guarded by mu: entries not yet written to disk
+	dirtyBitmap map[uint32]bool   // guarded by mu: bitmaps not yet written to disk
+	footerOff   int64             // guarded by mu: where the end footer is; new blocks go here
+}
+
+// maxDirtyBlocks bounds the metadata kept in memory between syncs.
+const maxDirtyBlocks = 4096
+
+// Open opens the image at name, read-only unless writable.
+func Open(name string, writable bool) (*Image, error) {
+	flag := os.O_RDONLY
+	if writable {
+		flag = os.O_RDWR
+	}
+	f, err := os.OpenFile(name, flag, 0)
+	if err != nil {
+		return nil, err
+	}
+	img, err := OpenFile(f, name, writable)
+	if err != nil {
+		f.Close()
+		return nil, err
+	}
+	return img, nil
+}
+
+// OpenFile opens an image on f. It reads and validates the footer, the dynamic header
+// and the BAT, and writes nothing. The image takes ownership of f.
+func OpenFile(f File, name string, writable bool) (*Image, error) {
+	st, err := f.Stat()
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", name, err)
+	}
+	img := &Image{f: f, name: name, writable: writable}
+	if err := img.readFooter(st.Size()); err != nil {
+		return nil, err
+	}
+	img.size = int64(img.footer.CurrentSize)
+	if img.footer.DiskType == TypeFixed {
+		if img.footerOff < img.size {
+			return nil, fmt.Errorf("%s: fixed image holds %d data bytes but its footer says %d: %w", name, img.footerOff, img.size, ErrTruncated)
+		}
+		return img, nil
+	}
+	if writable && img.footerState == FooterCopyOnly {
+		return nil, fmt.Errorf("%s: footer at the end is damaged (%v); open read-only or run 'vhdfs check --repair': %w", name, img.footerErr, ErrReadOnly)
+	}
+	if err := img.readHeader(); err != nil {
+		return nil, err
+	}
+	if err := img.readBAT(); err != nil {
+		return nil, err
+	}
+	img.bitmaps = map[uint32][]byte{}
+	img.dirtyBAT = map[uint32]bool{}
+	img.dirtyBitmap = map[uint32]bool{}
+	return img, nil
+}
+
+func (img *Image) readFooter(fileSize int64) error {
+	name := img.name
+	if fileSize < FooterSize-1 {
+		return fmt.Errorf("%s: file is %d bytes, shorter than a VHD footer: %w", name, fileSize, ErrTruncated)
+	}
+	buf := make([]byte, FooterSize)
+	var endErr error
+	if fileSize >= FooterSize {
+		if _, err := img.f.ReadAt(buf, fileSize-FooterSize); err != nil {
+			return fmt.Errorf("%s: read footer at %d: %w", name, fileSize-FooterSize, err)
+		}
+		f, err := parseFooter(buf, name, fmt.Sprintf("footer at %d", fileSize-FooterSize))
+		if err == nil {
+			img.footer, img.footerOff, img.footerState = *f, fileSize-FooterSize, FooterAtEnd
+		}
+		endErr = err
+	}
+	if endErr != nil && fileSize%SectorSize == SectorSize-1 {
+		short := make([]byte, FooterSize)
+		if _, err := img.f.ReadAt(short[:FooterSize-1], fileSize-(FooterSize-1)); err != nil {
+			return fmt.Errorf("%s: read footer at %d: %w", name, fileSize-(FooterSize-1), err)
+		}
+		if f, err := parseFooter(short, name, "511-byte footer"); err == nil {
+			img.footer, img.footerOff, img.footerState, endErr = *f, fileSize-(FooterSize-1), FooterShort, nil
+		}
+	}
+	// The copy at offset 0 of dynamic and differencing images.
+	if fileSize >= FooterSize+HeaderSize {
+		cb := make([]byte, FooterSize)
+		if _, err := img.f.ReadAt(cb, 0); err == nil {
+			if f, err := parseFooter(cb, name, "footer copy at 0"); err == nil && f.DiskType != TypeFixed {
+				img.copyFooter = f
+			}
+		}
+	}
+	if endErr != nil {
+		if img.copyFooter == nil {
+			return endErr
+		}
+		img.footer, img.footerState, img.footerErr = *img.copyFooter, FooterCopyOnly, endErr
+		img.footerOff = fileSize
+	}
+	return img.footer.validate(name)
+}
+
+func (img *Image) readHeader() error {
+	name, off := img.name, int64(img.footer.DataOffset)
+	if off+HeaderSize > img.footerOff {
+		return fmt.Errorf("%s: dynamic header at %d runs past the footer at %d: %w", name, off, img.footerOff, ErrTruncated)
+	}
+	buf := make([]byte, HeaderSize)
+	if _, err := img.f.ReadAt(buf, off); err != nil {
+		return fmt.Errorf("%s: read dynamic header at %d: %w", name, off, err)
+	}
+	h, err := parseHeader(buf, name, off)
+	if err != nil {
+		return err
+	}
+	img.header = h
+	img.blockSize = int64(h.BlockSize)
+	img.bitmapSize = bitmapBytes(h.BlockSize)
+
+	need := (img.size + img.blockSize - 1) / img.blockSize
+	if int64(h.MaxTableEntries) < need {
+		return fmt.Errorf("%s: dynamic header max table entries %d cannot cover %d bytes in %d-byte blocks (need %d): %w", name, h.MaxTableEntries, img.size, img.blockSize, need, ErrCorrupt)
+	}
+	batOff, batLen := int64(h.TableOffset), roundUp(int64(h.MaxTableEntries)*4, SectorSize)
+	if h.TableOffset%SectorSize != 0 {
+		return fmt.Errorf("%s: BAT offset %d is not sector-aligned: %w", name, batOff, ErrCorrupt)
+	}
+	if batOff+int64(h.MaxTableEntries)*4 > img.footerOff {
+		return fmt.Errorf("%s: BAT at %d with %d entries runs past the footer at %d: %w", name, batOff, h.MaxTableEntries, img.footerOff, ErrTruncated)
+	}
+	if overlaps(batOff, batLen, 0, FooterSize) || overlaps(batOff, batLen, off, HeaderSize) {
+		return fmt.Errorf("%s: BAT at %d overlaps the footer copy or the dynamic header: %w", name, batOff, ErrCorrupt)
+	}
+	img.metaEnd = max(off+HeaderSize, batOff+batLen)
+	if img.footer.DiskType != TypeDifferencing {
+		return nil
+	}
+	if h.ParentUniqueID.IsZero() {
+		return fmt.Errorf("%s: differencing header has a zero parent unique ID: %w", name, ErrCorrupt)
+	}
+	for i, l := range h.ParentLocators {
+		if !knownPlatform(l.PlatformCode) {
+			return fmt.Errorf("%s: parent locator %d has unknown platform code %#08x: %w", name, i, l.PlatformCode, ErrCorrupt)
+		}
+		if l.PlatformCode == PlatformNone || l.PlatformDataLength == 0 {
+			continue
+		}
+		lo, ln := int64(l.PlatformDataOffset), int64(l.PlatformDataLength)
+		if ln > maxLocatorBytes {
+			return fmt.Errorf("%s: parent locator %d (%s) data length %d exceeds %d: %w", name, i, PlatformName(l.PlatformCode), ln, maxLocatorBytes, ErrCorrupt)
+		}
+		if lo < FooterSize || lo+ln > img.footerOff {
+			return fmt.Errorf("%s: parent locator %d (%s) data at %d+%d lies outside the file: %w", name, i, PlatformName(l.PlatformCode), lo, ln, ErrCorrupt)
+		}
+		if overlaps(lo, ln, off, HeaderSize) || overlaps(lo, ln, batOff, batLen) {
+			return fmt.Errorf("%s: parent locator %d (%s) data at %d overlaps the header or the BAT: %w", name, i, PlatformName(l.PlatformCode), lo, ErrCorrupt)
+		}
+		end := lo + ln
+		if sp, ok := l.SpaceBytes(); ok && lo+sp > end && lo+sp <= img.footerOff {
+			end = lo + sp
+		}
+		img.metaEnd = max(img.metaEnd, end)
+	}
+	return nil
+}
+
+func (img *Image) readBAT() error {
+	h := img.header
+	buf := make([]byte, int64(h.MaxTableEntries)*4)
+	if _, err := img.f.ReadAt(buf, int64(h.TableOffset)); err != nil {
+		return fmt.Errorf("%s: read BAT at %d: %w", img.name, h.TableOffset, err)
+	}
+	img.bat = make([]uint32, h.MaxTableEntries)
+	type extent struct {
+		start int64
+		idx   int
+	}
+	var used []extent
+	blockLen := img.bitmapSize + img.blockSize
+	for i := range img.bat {
+		e := binary.BigEndian.Uint32(buf[4*i:])
+		img.bat[i] = e
+		if e == unallocated {
+			continue
+		}
+		start := int64(e) * SectorSize
+		if start+blockLen > img.footerOff {
+			return fmt.Errorf("%s: BAT entry %d points to %d, past the end of the data at %d: %w", img.name, i, start, img.footerOff, ErrCorrupt)
+		}
+		if start < img.metaEnd {
+			return fmt.Errorf("%s: BAT entry %d points to %d, inside the metadata that ends at %d: %w", img.name, i, start, img.metaEnd, ErrCorrupt)
+		}
+		used = append(used, extent{start, i})
+	}
+	sort.Slice(used, func(a, b int) bool { return used[a].start < used[b].start })
+	for k := 1; k < len(used); k++ {
+		if used[k].start < used[k-1].start+blockLen {
+			return fmt.Errorf("%s: BAT entries %d and %d overlap at %d: %w", img.name, used[k-1].idx, used[k].idx, used[k].start, ErrCorrupt)
+		}
+	}
+	return nil
+}
+
+func overlaps(a, alen, b, blen int64) bool { return a < b+blen && b < a+alen }
+
+func roundUp(n, m int64) int64 { return (n + m - 1) / m * m }
+
+// Name is the path the image was opened with.
+func (img *Image) Name() string { return img.name }
+
+// Size is the virtual disk size in bytes (the footer's Current Size).
+func (img *Image) Size() int64 { return img.size }
+
+// Type is the disk type.
+func (img *Image) Type() DiskType { return img.footer.DiskType }
+
+// Footer returns a copy of the footer in use.
+func (img *Image) Footer() Footer { return img.footer }
+
+// Header returns a copy of the dynamic header; ok is false for fixed images.
+func (img *Image) Header() (h Header, ok bool) {
+	if img.header == nil {
+		return Header{}, false
+	}
+	return *img.header, true
+}
+
+// FooterState says where the footer came from; FooterErr why the end one was not used.
+func (img *Image) FooterState() (FooterState, error) { return img.footerState, img.footerErr }
+
+// BlockSize is the block size of a dynamic or differencing image, 0 for fixed.
+func (img *Image) BlockSize() int64 { return img.blockSize }
+
+// Writable reports whether the image was opened for writing.
+func (img *Image) Writable() bool { return img.writable }
+
+// AllocatedBytes is the data space of the allocated blocks (the size for fixed images).
+func (img *Image) AllocatedBytes() int64 {
+	if img.header == nil {
+		return img.size
+	}
+	img.mu.RLock()
+	defer img.mu.RUnlock()
+	var n int64
+	for _, e := range img.bat {
+		if e != unallocated {
+			n++
+		}
+	}
+	return n * img.blockSize
+}
+
+// Close writes pending metadata of a writable image and closes the file.
+func (img *Image) Close() error {
+	var err error
+	if img.writable {
+		err = img.Sync()
+	}
+	if cerr := img.f.Close(); err == nil && cerr != nil {
+		err = fmt.Errorf("%s: close: %w", img.name, cerr)
+	}
+	return err
+}

@@ -1,0 +1,336 @@
+package vhd
+
+import (
+	"encoding/binary"
+	"fmt"
+	"io"
+)
+
+// dataAlign is the alignment of a new block's data region, as Windows and tapdisk do,
+// so that guest 4 KiB I/O maps to host 4 KiB I/O. The bitmap sits just before it.
+const dataAlign = 4096
+
+// ReadAt reads what this file stores for [off, off+len(p)): the data of allocated
+// blocks (whatever their bitmap says) and zeros for unallocated ones. Package chain
+// uses Run to decide which layer a byte comes from. Reads past Size return io.EOF.
+func (img *Image) ReadAt(p []byte, off int64) (int, error) {
+	if off < 0 {
+		return 0, fmt.Errorf("%s: read at %d: %w", img.name, off, ErrOutOfRange)
+	}
+	if off >= img.size {
+		return 0, io.EOF
+	}
+	want := len(p)
+	if rem := img.size - off; int64(len(p)) > rem {
+		p = p[:rem]
+	}
+	if img.header == nil {
+		n, err := img.f.ReadAt(p, off)
+		if err != nil {
+			return n, fmt.Errorf("%s: read at %d: %w", img.name, off, err)
+		}
+	} else {
+		for done := 0; done < len(p); {
+			o := off + int64(done)
+			blk, in := o/img.blockSize, o%img.blockSize
+			n := int(min(int64(len(p)-done), img.blockSize-in))
+			img.mu.RLock()
+			e := img.bat[blk]
+			img.mu.RUnlock()
+			if e == unallocated {
+				clear(p[done : done+n])
+			} else if _, err := img.f.ReadAt(p[done:done+n], int64(e)*SectorSize+img.bitmapSize+in); err != nil {
+				return done, fmt.Errorf("%s: read block %d at %d: %w", img.name, blk, int64(e)*SectorSize, err)
+			}
+			done += n
+		}
+	}
+	if len(p) < want {
+		return len(p), io.EOF
+	}
+	return len(p), nil
+}
+
+// Run reports whether the byte at off is stored in this file, and how many bytes from
+// off, at most n, share that answer. Runs end on sector boundaries (or at off+n).
+// Fixed images store everything; dynamic images store their allocated blocks;
+// differencing images store the sectors whose bitmap bit is set. Nothing is stored
+// at or past Size. n must be positive.
+func (img *Image) Run(off, n int64) (int64, bool, error) {
+	if off >= img.size || off < 0 {
+		return n, false, nil
+	}
+	n = min(n, img.size-off)
+	if img.header == nil {
+		return n, true, nil
+	}
+	img.mu.RLock()
+	defer img.mu.RUnlock()
+	var run int64
+	var present bool
+	for run < n {
+		o := off + run
+		blk, in := o/img.blockSize, o%img.blockSize
+		avail := min(n-run, img.blockSize-in)
+		var k int64
+		var p bool
+		switch e := img.bat[blk]; {
+		case e == unallocated:
+			k, p = avail, false
+		case img.footer.DiskType != TypeDifferencing:
+			k, p = avail, true
+		default:
+			bm, err := img.bitmapRLocked(uint32(blk), e)
+			if err != nil {
+				return 0, false, err
+			}
+			k, p = bitRun(bm, in, avail)
+		}
+		if run > 0 && p != present {
+			break
+		}
+		present = p
+		run += k
+		if k < avail {
+			break
+		}
+	}
+	return run, present, nil
+}
+
+// bitRun returns the length in bytes of the run starting at byte in of a block whose
+// sectors have the state of in's sector, capped at avail, and that state.
+func bitRun(bm []byte, in, avail int64) (int64, bool) {
+	s := in / SectorSize
+	set := bm[s/8]&(0x80>>(s%8)) != 0
+	end := in + avail
+	// First the rest of in's sector, then whole sectors.
+	pos := (s + 1) * SectorSize
+	for pos < end {
+		s = pos / SectorSize
+		if s%8 == 0 && pos+8*SectorSize <= end {
+			b := bm[s/8]
+			if (set && b == 0xff) || (!set && b == 0) {
+				pos += 8 * SectorSize
+				continue
+			}
+		}
+		if (bm[s/8]&(0x80>>(s%8)) != 0) != set {
+			break
+		}
+		pos += SectorSize
+	}
+	return min(pos, end) - in, set
+}
+
+// bitmapRLocked returns the bitmap of block blk (BAT entry e), reading it into the
+// cache on first use. The caller holds mu for reading; the cache fill takes it over
+// briefly through a separate path that re-checks.
+func (img *Image) bitmapRLocked(blk, e uint32) ([]byte, error) {
+	if bm, ok := img.bitmaps[blk]; ok {
+		return bm, nil
+	}
+	bm := make([]byte, img.bitmapSize)
+	if _, err := img.f.ReadAt(bm, int64(e)*SectorSize); err != nil {
+		return nil, fmt.Errorf("%s: read bitmap of block %d at %d: %w", img.name, blk, int64(e)*SectorSize, err)
+	}
+	img.mu.RUnlock()
+	img.mu.Lock()
+	if cached, ok := img.bitmaps[blk]; ok {
+		bm = cached
+	} else {
+		img.bitmaps[blk] = bm
+	}
+	img.mu.Unlock()
+	img.mu.RLock()
+	return bm, nil
+}
+
+// WriteAt writes whole sectors: off and len(p) must be multiples of 512 and the range
+// must lie inside Size. A write into an unallocated block allocates it (see allocate
+// for the order of writes), except all-zero data bound for an unallocated block of a
+// dynamic image, which reads as zeros anyway. In a differencing image the written
+// sectors' bitmap bits are set, zeros included, so the parent no longer shows through.
+// New bitmap bits and BAT entries reach the disk at the next Sync, after the data.
+func (img *Image) WriteAt(p []byte, off int64) (int, error) {
+	if !img.writable {
+		return 0, fmt.Errorf("%s: write at %d: %w", img.name, off, ErrReadOnly)
+	}
+	if off%SectorSize != 0 || len(p)%SectorSize != 0 {
+		return 0, fmt.Errorf("%s: write of %d bytes at %d: %w", img.name, len(p), off, ErrUnaligned)
+	}
+	if off < 0 || off+int64(len(p)) > img.size {
+		return 0, fmt.Errorf("%s: write of %d bytes at %d past the size %d: %w", img.name, len(p), off, img.size, ErrOutOfRange)
+	}
+	if img.header == nil {
+		if _, err := img.f.WriteAt(p, off); err != nil {
+			return 0, fmt.Errorf("%s: write at %d: %w", img.name, off, err)
+		}
+		return len(p), nil
+	}
+	img.mu.Lock()
+	defer img.mu.Unlock()
+	for done := 0; done < len(p); {
+		o := off + int64(done)
+		blk, in := o/img.blockSize, o%img.blockSize
+		n := int(min(int64(len(p)-done), img.blockSize-in))
+		if err := img.writeBlockLocked(uint32(blk), in, p[done:done+n]); err != nil {
+			return done, err
+		}
+		done += n
+	}
+	if len(img.dirtyBAT)+len(img.dirtyBitmap) > maxDirtyBlocks {
+		if err := img.syncLocked(); err != nil {
+			return len(p), err
+		}
+	}
+	return len(p), nil
+}
+
+func (img *Image) writeBlockLocked(blk uint32, in int64, p []byte) error {
+	e := img.bat[blk]
+	if e == unallocated {
+		if img.footer.DiskType == TypeDynamic && allZero(p) {
+			return nil
+		}
+		var err error
+		if e, err = img.allocateLocked(blk); err != nil {
+			return err
+		}
+	}
+	blockOff := int64(e) * SectorSize
+	if _, err := img.f.WriteAt(p, blockOff+img.bitmapSize+in); err != nil {
+		return fmt.Errorf("%s: write block %d at %d: %w", img.name, blk, blockOff+img.bitmapSize+in, err)
+	}
+	bm, ok := img.bitmaps[blk]
+	if !ok {
+		bm = make([]byte, img.bitmapSize)
+		if _, err := img.f.ReadAt(bm, blockOff); err != nil {
+			return fmt.Errorf("%s: read bitmap of block %d at %d: %w", img.name, blk, blockOff, err)
+		}
+		img.bitmaps[blk] = bm
+	}
+	if setBits(bm, in/SectorSize, int64(len(p))/SectorSize) {
+		img.dirtyBitmap[blk] = true
+	}
+	return nil
+}
+
+// setBits sets count bits from sector s and reports whether any changed.
+func setBits(bm []byte, s, count int64) bool {
+	changed := false
+	for ; count > 0; s, count = s+1, count-1 {
+		if s%8 == 0 && count >= 8 {
+			if bm[s/8] != 0xff {
+				bm[s/8], changed = 0xff, true
+			}
+			s, count = s+7, count-7
+			continue
+		}
+		m := byte(0x80 >> (s % 8))
+		if bm[s/8]&m == 0 {
+			bm[s/8] |= m
+			changed = true
+		}
+	}
+	return changed
+}
+
+func allZero(p []byte) bool {
+	for len(p) >= 8 {
+		if binary.LittleEndian.Uint64(p) != 0 {
+			return false
+		}
+		p = p[8:]
+	}
+	for _, c := range p {
+		if c != 0 {
+			return false
+		}
+	}
+	return true
+}
+
+// allocateLocked places block blk at the end of the data, where the footer is now.
+// The order of writes keeps the file valid if the process dies between any two:
+//
+//  1. the footer at its new place past the block: the file now ends in a valid footer
+//     and the old one lies in space no BAT entry references;
+//  2. zeros over the old footer, the alignment gap and the block's bitmap;
+//  3. (the caller) the data, into the new, still unreferenced block;
+//  4. at Sync: fsync, then the bitmap with the written sectors' bits, then the BAT
+//     entry, then fsync again.
+//
+// A death before 4 leaves an unreferenced tail that reads as before; after it, the
+// block is complete. The footer copy at offset 0 never changes: its fields do not.
+func (img *Image) allocateLocked(blk uint32) (uint32, error) {
+	end := img.footerOff
+	start := roundUp(end+img.bitmapSize, dataAlign) - img.bitmapSize
+	if start/SectorSize >= int64(unallocated) {
+		return 0, fmt.Errorf("%s: allocate block %d: file would exceed the 2 TiB a BAT can address: %w", img.name, blk, ErrOutOfRange)
+	}
+	newFooterOff := start + img.bitmapSize + img.blockSize
+	if _, err := img.f.WriteAt(img.footer.Marshal(), newFooterOff); err != nil {
+		return 0, fmt.Errorf("%s: write footer at %d: %w", img.name, newFooterOff, err)
+	}
+	if _, err := img.f.WriteAt(make([]byte, start+img.bitmapSize-end), end); err != nil {
+		return 0, fmt.Errorf("%s: clear new block %d at %d: %w", img.name, blk, end, err)
+	}
+	img.footerOff = newFooterOff
+	img.footerState = FooterAtEnd
+	e := uint32(start / SectorSize)
+	img.bat[blk] = e
+	img.dirtyBAT[blk] = true
+	img.bitmaps[blk] = make([]byte, img.bitmapSize)
+	return e, nil
+}
+
+// Sync makes every write before it durable: data first, then bitmaps, then BAT
+// entries, each step behind an fsync so metadata never points at missing data.
+func (img *Image) Sync() error {
+	if !img.writable {
+		return nil
+	}
+	img.mu.Lock()
+	defer img.mu.Unlock()
+	return img.syncLocked()
+}
+
+func (img *Image) syncLocked() error {
+	if err := img.f.Sync(); err != nil {
+		return fmt.Errorf("%s: fsync: %w", img.name, err)
+	}
+	if len(img.dirtyBAT) == 0 && len(img.dirtyBitmap) == 0 {
+		return nil
+	}
+	for blk := range img.dirtyBitmap {
+		off := int64(img.bat[blk]) * SectorSize
+		if _, err := img.f.WriteAt(img.bitmaps[blk], off); err != nil {
+			return fmt.Errorf("%s: write bitmap of block %d at %d: %w", img.name, blk, off, err)
+		}
+		delete(img.dirtyBitmap, blk)
+	}
+	// BAT entries go out a sector at a time: a sector write is atomic on disk.
+	sectors := map[int64]bool{}
+	for blk := range img.dirtyBAT {
+		sectors[int64(blk)*4/SectorSize] = true
+	}
+	buf := make([]byte, SectorSize)
+	for s := range sectors {
+		first := s * SectorSize / 4
+		k := 0
+		for i := first; i < first+SectorSize/4 && i < int64(len(img.bat)); i++ {
+			binary.BigEndian.PutUint32(buf[4*k:], img.bat[i])
+			k++
+		}
+		off := int64(img.header.TableOffset) + s*SectorSize
+		if _, err := img.f.WriteAt(buf[:4*k], off); err != nil {
+			return fmt.Errorf("%s: write BAT at %d: %w", img.name, off, err)
+		}
+	}
+	clear(img.dirtyBAT)
+	if err := img.f.Sync(); err != nil {
+		return fmt.Errorf("%s: fsync: %w", img.name, err)
+	}
+	return nil
+}

@@ -300,3 +300,29 @@ func Abs(p string) string {
 	}
 	return p
 }
+
+// Source reports which layer of [from, to) stores the byte at off, the one nearest
+// the top winning, as an index into the chain (-1 if none of them does), and how many
+// bytes from off, at most n, share that answer.
+func (c *Chain) Source(from, to int, off, n int64) (int64, int, error) {
+	c.mu.RLock()
+	defer c.mu.RUnlock()
+	for i := from; i < to; i++ {
+		k, present, err := c.layers[i].Image.Run(off, n)
+		if err != nil {
+			return 0, -1, err
+		}
+		if present {
+			return k, i, nil
+		}
+		n = k
+	}
+	return n, -1, nil
+}
+
+// SyncLocked is Sync for a caller that holds the write lock.
+func (c *Chain) SyncLocked() error {
+	c.mu.RLock()
+	defer c.mu.RUnlock()
+	return c.layers[0].Image.Sync()
+}

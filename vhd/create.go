@@ -47,7 +47,7 @@ func Create(name string, opts CreateOptions) error {
 		opts.LocatorPath = name
 	}
 	if opts.Type == TypeDifferencing {
-		if err := b.addLocators(opts); err != nil {
+		if b.locData, b.end, err = setParentFields(b.header, b.end, opts.Parent, opts.ParentPath, opts.LocatorPath); err != nil {
 			return fmt.Errorf("create %s: %w", name, err)
 		}
 	}
@@ -144,59 +144,64 @@ func build(opts CreateOptions) (*builder, error) {
 	return b, nil
 }
 
-// addLocators fills in the parent fields: unique ID, time stamp (the parent file's
-// modification time, as blktap does), name, and W2ru and W2ku locators.
-func (b *builder) addLocators(opts CreateOptions) error {
-	h := b.header
-	h.ParentUniqueID = opts.Parent.footer.UniqueID
-	if st, err := os.Stat(opts.ParentPath); err == nil {
+// setParentFields points h at parent: unique ID, time stamp (the parent file's
+// modification time, as blktap does), name, and W2ku and W2ru locators whose data is
+// to be placed from offset end. childPath is where the child lives (locators are
+// relative to it). It returns the data by locator slot and the new end.
+func setParentFields(h *Header, end int64, parent *Image, parentPath, childPath string) (map[int][]byte, int64, error) {
+	h.ParentUniqueID = parent.footer.UniqueID
+	h.ParentTimestamp = 0
+	if st, err := os.Stat(parentPath); err == nil {
 		h.ParentTimestamp = Timestamp(st.ModTime())
 	}
-	parentAbs, err := filepath.Abs(opts.ParentPath)
+	parentAbs, err := filepath.Abs(parentPath)
 	if err != nil {
-		return err
+		return nil, 0, err
 	}
-	childAbs, err := filepath.Abs(opts.LocatorPath)
+	childAbs, err := filepath.Abs(childPath)
 	if err != nil {
-		return err
+		return nil, 0, err
 	}
 	rel, err := filepath.Rel(filepath.Dir(childAbs), parentAbs)
 	if err != nil {
-		return err
+		return nil, 0, err
 	}
 	relWin := strings.ReplaceAll(rel, "/", `\`)
 	if !strings.HasPrefix(relWin, `..\`) {
 		relWin = `.\` + relWin
 	}
 	absWin := strings.ReplaceAll(parentAbs, "/", `\`)
+	// Windows stores the full path as the name; readers use what follows the last '\'.
 	name := encodeUTF16(absWin, binary.BigEndian)
 	if len(name) > len(h.ParentUnicodeName) {
 		name = encodeUTF16(filepath.Base(parentAbs), binary.BigEndian)
 		if len(name) > len(h.ParentUnicodeName) {
-			return fmt.Errorf("parent file name %q is too long for the header: %w", filepath.Base(parentAbs), ErrInvalidArg)
+			return nil, 0, fmt.Errorf("parent file name %q is too long for the header: %w", filepath.Base(parentAbs), ErrInvalidArg)
 		}
 	}
+	h.ParentUnicodeName = [512]byte{}
 	copy(h.ParentUnicodeName[:], name)
-	b.locData = map[int][]byte{}
+	h.ParentLocators = [8]Locator{}
+	data := map[int][]byte{}
 	for slot, l := range []struct {
 		code uint32
 		path string
 	}{{PlatformW2ku, absWin}, {PlatformW2ru, relWin}} {
-		data := encodeUTF16(l.path, binary.LittleEndian)
-		if len(data) > maxLocatorBytes {
-			return fmt.Errorf("parent path %q is too long for a locator: %w", l.path, ErrInvalidArg)
+		d := encodeUTF16(l.path, binary.LittleEndian)
+		if len(d) > maxLocatorBytes {
+			return nil, 0, fmt.Errorf("parent path %q is too long for a locator: %w", l.path, ErrInvalidArg)
 		}
-		space := roundUp(int64(len(data)), SectorSize)
+		space := roundUp(int64(len(d)), SectorSize)
 		h.ParentLocators[slot] = Locator{
 			PlatformCode:       l.code,
 			PlatformDataSpace:  uint32(space), // in bytes, as Windows writes it
-			PlatformDataLength: uint32(len(data)),
-			PlatformDataOffset: uint64(b.end),
+			PlatformDataLength: uint32(len(d)),
+			PlatformDataOffset: uint64(end),
 		}
-		b.locData[slot] = data
-		b.end += space
+		data[slot] = d
+		end += space
 	}
-	return nil
+	return data, end, nil
 }
 
 func (b *builder) write(f *os.File) error {

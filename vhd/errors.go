@@ -19,4 +19,5 @@ var (
 	ErrParentMismatch = errors.New("parent unique ID does not match")
 	ErrParentMissing  = errors.New("parent not found")
 	ErrInvalidArg     = errors.New("invalid argument")
+	ErrLocked         = errors.New("image is open for writing by another process (mounted or merging?)")
 )

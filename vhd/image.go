@@ -2,6 +2,8 @@ package vhd
 
 import (
 	"encoding/binary"
+	"errors"
+	"syscall"
 
 	"fmt"
 	"io"
@@ -48,7 +50,8 @@ type Image struct {
 	size       int64
 	blockSize  int64
 	bitmapSize int64
-	metaEnd    int64 // end of header, BAT and locators
+	metaEnd    int64    // end of header, BAT and locators
+	meta       []region // footer copy, header, BAT and locator data
 
 	mu          sync.RWMutex
 	bat         []uint32          // guarded by mu
@@ -70,6 +73,17 @@ func Open(name string, writable bool) (*Image, error) {
 	f, err := os.OpenFile(name, flag, 0)
 	if err != nil {
 		return nil, err
+	}
+	if writable {
+		// One writer per image: a second mount or an offline merge of a mounted
+		// chain fails here instead of corrupting it. The lock goes with the file.
+		if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
+			f.Close()
+			if errors.Is(err, syscall.EWOULDBLOCK) {
+				return nil, fmt.Errorf("%s: %w", name, ErrLocked)
+			}
+			return nil, fmt.Errorf("%s: lock: %w", name, err)
+		}
 	}
 	img, err := OpenFile(f, name, writable)
 	if err != nil {
@@ -189,6 +203,7 @@ func (img *Image) readHeader() error {
 		return fmt.Errorf("%s: BAT at %d overlaps the footer copy or the dynamic header: %w", name, batOff, ErrCorrupt)
 	}
 	img.metaEnd = max(off+HeaderSize, batOff+batLen)
+	img.meta = []region{{0, FooterSize, "the footer copy"}, {off, HeaderSize, "the dynamic header"}, {batOff, batLen, "the BAT"}}
 	if img.footer.DiskType != TypeDifferencing {
 		return nil
 	}
@@ -217,6 +232,7 @@ func (img *Image) readHeader() error {
 			end = lo + sp
 		}
 		img.metaEnd = max(img.metaEnd, end)
+		img.meta = append(img.meta, region{lo, ln, fmt.Sprintf("parent locator %d", i)})
 	}
 	return nil
 }
@@ -244,8 +260,10 @@ func (img *Image) readBAT() error {
 		if start+blockLen > img.footerOff {
 			return fmt.Errorf("%s: BAT entry %d points to %d, past the end of the data at %d: %w", img.name, i, start, img.footerOff, ErrCorrupt)
 		}
-		if start < img.metaEnd {
-			return fmt.Errorf("%s: BAT entry %d points to %d, inside the metadata that ends at %d: %w", img.name, i, start, img.metaEnd, ErrCorrupt)
+		for _, m := range img.meta {
+			if overlaps(start, blockLen, m.off, m.len) {
+				return fmt.Errorf("%s: BAT entry %d points to %d, overlapping %s at %d: %w", img.name, i, start, m.name, m.off, ErrCorrupt)
+			}
 		}
 		used = append(used, extent{start, i})
 	}
@@ -256,6 +274,12 @@ func (img *Image) readBAT() error {
 		}
 	}
 	return nil
+}
+
+// region is a range of the file that holds metadata.
+type region struct {
+	off, len int64
+	name     string
 }
 
 func overlaps(a, alen, b, blen int64) bool { return a < b+blen && b < a+alen }

@@ -1,0 +1,48 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"os/signal"
+	"syscall"
+
+	"github.com/vhdfs/vhdfs/chain"
+	"github.com/vhdfs/vhdfs/merge"
+)
+
+func cmdMerge(args []string) error {
+	fl := newFlags("merge")
+	depth := fl.Int("depth", 1, "merge the top and the N-1 images below it into the image N levels down")
+	from := fl.Int("from", 0, "merge a middle range starting at this depth (the top stays)")
+	pos, err := parse(fl, args, "IMAGE")
+	if err != nil {
+		return err
+	}
+	c, err := chain.Open(pos[0], true)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	opts := merge.Options{From: *from, Depth: *depth}
+	if err := opts.Validate(c.Len()); err != nil {
+		return usagef("%v", err)
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	bar := newProgress("merge", 0)
+	opts.Progress = func(done, total int64) {
+		bar.total = total
+		bar.update(done)
+	}
+	res, err := merge.Merge(ctx, c, opts)
+	bar.finish()
+	if err != nil {
+		if ctx.Err() != nil {
+			return fmt.Errorf("%s: merge interrupted; the chain is as it was and the same merge can be run again", pos[0])
+		}
+		return err
+	}
+	fmt.Println(res.Message())
+	return nil
+}

@@ -1,0 +1,311 @@
+package fs
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/hanwen/go-fuse/v2/fs"
+	"github.com/hanwen/go-fuse/v2/fuse"
+
+	"github.com/vhdfs/vhdfs/chain"
+	"github.com/vhdfs/vhdfs/merge"
+)
+
+// maxCommand bounds one write to control.
+const maxCommand = 256
+
+// control is the state behind the control file: one merge at a time, its progress,
+// and the result of the last command.
+type control struct {
+	root *Root
+
+	mu       sync.Mutex
+	state    string        // guarded by mu: "idle" or "merging"
+	running  string        // guarded by mu: the merge command running
+	cancel   func()        // guarded by mu: aborts the running merge
+	finished chan struct{} // guarded by mu: closed when the running merge ends
+	last     *lastResult   // guarded by mu
+	detached []string      // guarded by mu: images merged away, no longer in the chain
+
+	done, total atomic.Int64 // progress of the running merge
+}
+
+type lastResult struct {
+	Command string `json:"command"`
+	Errno   int    `json:"errno"`
+	Error   string `json:"error,omitempty"`
+	Message string `json:"message"`
+	Time    string `json:"time"`
+}
+
+func newControl(r *Root) *control { return &control{root: r, state: "idle"} }
+
+// Status is what reading control returns.
+type Status struct {
+	PID      int               `json:"pid"`
+	ReadOnly bool              `json:"read_only"`
+	State    string            `json:"state"`
+	Running  string            `json:"running,omitempty"`
+	Progress *Progress         `json:"progress,omitempty"`
+	Chain    []chain.LayerInfo `json:"chain"`
+	Detached []string          `json:"detached,omitempty"`
+	Last     *lastResult       `json:"last,omitempty"`
+}
+
+// Progress of a running merge in bytes.
+type Progress struct {
+	Done  int64 `json:"done"`
+	Total int64 `json:"total"`
+}
+
+func (c *control) status() Status {
+	c.mu.Lock()
+	st := Status{PID: pid, ReadOnly: c.root.opts.ReadOnly, State: c.state, Running: c.running, Last: c.last,
+		Detached: append([]string(nil), c.detached...)}
+	if c.state == "merging" {
+		st.Progress = &Progress{Done: c.done.Load(), Total: c.total.Load()}
+	}
+	c.mu.Unlock()
+	for i, l := range c.root.chain.Layers() {
+		st.Chain = append(st.Chain, chain.DescribeLayer(i, l))
+	}
+	return st
+}
+
+// record keeps the result of a command for the status and returns its errno.
+func (c *control) record(cmd string, err error, msg string) syscall.Errno {
+	if err != nil && msg == "" {
+		msg = err.Error()
+	}
+	return c.recordErrno(cmd, errno("control "+cmd, err), msg)
+}
+
+func (c *control) recordErrno(cmd string, e syscall.Errno, msg string) syscall.Errno {
+	r := &lastResult{Command: cmd, Errno: int(e), Message: msg, Time: time.Now().UTC().Format(time.RFC3339)}
+	if e != 0 {
+		r.Error = e.Error()
+	}
+	c.mu.Lock()
+	c.last = r
+	c.mu.Unlock()
+	return e
+}
+
+var pid = os.Getpid()
+
+// command runs one line written to control. ctx is the writer's request: if it is
+// interrupted the writer gets EINTR, but a merge goes on until done or aborted.
+func (c *control) command(ctx context.Context, line string) syscall.Errno {
+	fields := strings.Fields(line)
+	if len(fields) == 0 {
+		return c.record(line, fmt.Errorf("empty command: %w", errInvalid), "")
+	}
+	switch fields[0] {
+	case "sync":
+		if len(fields) > 1 {
+			return c.record(line, fmt.Errorf("sync takes no arguments: %w", errInvalid), "")
+		}
+		if c.root.opts.ReadOnly {
+			return c.record(line, nil, "read-only mount: nothing to sync")
+		}
+		err := c.root.chain.Sync()
+		return c.record(line, err, "synced")
+	case "abort":
+		if len(fields) > 1 {
+			return c.record(line, fmt.Errorf("abort takes no arguments: %w", errInvalid), "")
+		}
+		c.mu.Lock()
+		cancel, finished := c.cancel, c.finished
+		c.mu.Unlock()
+		if cancel == nil {
+			return c.record(line, nil, "no merge running")
+		}
+		cancel()
+		<-finished
+		return c.record(line, nil, "merge aborted; the chain is as it was")
+	case "merge":
+		opts, err := parseMerge(fields[1:])
+		if err != nil {
+			return c.record(line, err, "")
+		}
+		return c.merge(ctx, line, opts)
+	}
+	return c.record(line, fmt.Errorf("unknown command %q (want merge, abort or sync): %w", fields[0], errInvalid), "")
+}
+
+func parseMerge(args []string) (merge.Options, error) {
+	opts := merge.Options{Depth: 1}
+	seen := map[string]bool{}
+	for _, a := range args {
+		k, v, ok := strings.Cut(a, "=")
+		if !ok || seen[k] {
+			return opts, fmt.Errorf("merge argument %q: want depth=N or from=S, once each: %w", a, errInvalid)
+		}
+		seen[k] = true
+		n, err := strconv.Atoi(v)
+		if err != nil || n < 0 || n > chain.MaxDepth {
+			return opts, fmt.Errorf("merge %s=%q is not a number from 0 to %d: %w", k, v, chain.MaxDepth, errInvalid)
+		}
+		switch k {
+		case "depth":
+			opts.Depth = n
+		case "from":
+			if n < 1 {
+				return opts, fmt.Errorf("merge from=%d: from must be at least 1 (from the top is plain merge depth=N): %w", n, errInvalid)
+			}
+			opts.From = n
+		default:
+			return opts, fmt.Errorf("merge argument %q: want depth=N or from=S: %w", k, errInvalid)
+		}
+	}
+	return opts, nil
+}
+
+func (c *control) merge(ctx context.Context, line string, opts merge.Options) syscall.Errno {
+	if c.root.opts.ReadOnly {
+		return c.record(line, fmt.Errorf("read-only mount: %w", chain.ErrReadOnly), "")
+	}
+	if err := opts.Validate(c.root.chain.Len()); err != nil {
+		return c.record(line, fmt.Errorf("%v: %w", err, errInvalid), "")
+	}
+	c.mu.Lock()
+	if c.state != "idle" {
+		c.mu.Unlock()
+		return c.record(line, fmt.Errorf("%s is running: %w", c.running, errBusy), "")
+	}
+	// The merge's own context: not the request's, which any signal interrupts.
+	mctx, cancel := context.WithCancel(context.Background())
+	finished := make(chan struct{})
+	c.state, c.running, c.cancel, c.finished = "merging", line, cancel, finished
+	c.done.Store(0)
+	c.total.Store(0)
+	c.mu.Unlock()
+
+	opts.Progress = func(done, total int64) {
+		c.done.Store(done)
+		c.total.Store(total)
+	}
+	opts.Logf = c.root.debugf
+	var res *merge.Result
+	var err error
+	go func() {
+		defer close(finished)
+		res, err = merge.Merge(mctx, c.root.chain, opts)
+		cancel()
+		switch {
+		case errors.Is(err, context.Canceled):
+			c.recordErrno(line, syscall.EINTR, "aborted; the chain is as it was")
+		case err != nil:
+			// Whatever stops a merge is EIO for the writer; the message says why.
+			c.recordErrno(line, syscall.EIO, "merge failed: "+err.Error())
+		default:
+			c.recordErrno(line, 0, res.Message())
+		}
+		c.mu.Lock()
+		if res != nil {
+			c.detached = append(c.detached, res.Detached...)
+		}
+		c.state, c.running, c.cancel, c.finished = "idle", "", nil, nil
+		c.mu.Unlock()
+	}()
+	select {
+	case <-finished:
+	case <-ctx.Done():
+		return syscall.EINTR
+	}
+	switch {
+	case errors.Is(err, context.Canceled):
+		return syscall.EINTR
+	case err != nil:
+		return syscall.EIO
+	}
+	return 0
+}
+
+// wait blocks until no merge runs.
+func (c *control) wait() {
+	c.mu.Lock()
+	f := c.finished
+	c.mu.Unlock()
+	if f != nil {
+		<-f
+	}
+}
+
+// controlNode is the control file: each open reads a fresh JSON snapshot; each
+// write is one command.
+type controlNode struct {
+	fs.Inode
+	root *Root
+}
+
+type controlHandle struct {
+	content []byte
+}
+
+var _ = (fs.NodeGetattrer)((*controlNode)(nil))
+
+func (n *controlNode) Getattr(ctx context.Context, fh fs.FileHandle, out *fuse.AttrOut) syscall.Errno {
+	n.root.fillAttr(&out.Attr, true)
+	out.Mode = syscall.S_IFREG | 0o644
+	if h, ok := fh.(*controlHandle); ok {
+		out.Size = uint64(len(h.content))
+	}
+	return 0
+}
+
+var _ = (fs.NodeOpener)((*controlNode)(nil))
+
+func (n *controlNode) Open(ctx context.Context, flags uint32) (fs.FileHandle, uint32, syscall.Errno) {
+	b, err := json.MarshalIndent(n.root.ctl.status(), "", "  ")
+	if err != nil {
+		return nil, 0, errno("control status", err)
+	}
+	return &controlHandle{content: append(b, '\n')}, fuse.FOPEN_DIRECT_IO, 0
+}
+
+var _ = (fs.NodeReader)((*controlNode)(nil))
+
+func (n *controlNode) Read(ctx context.Context, fh fs.FileHandle, dest []byte, off int64) (fuse.ReadResult, syscall.Errno) {
+	h, ok := fh.(*controlHandle)
+	if !ok {
+		return nil, syscall.EBADF
+	}
+	if off >= int64(len(h.content)) {
+		return fuse.ReadResultData(nil), 0
+	}
+	return fuse.ReadResultData(h.content[off:min(off+int64(len(dest)), int64(len(h.content)))]), 0
+}
+
+var _ = (fs.NodeWriter)((*controlNode)(nil))
+
+func (n *controlNode) Write(ctx context.Context, fh fs.FileHandle, data []byte, off int64) (uint32, syscall.Errno) {
+	if len(data) > maxCommand {
+		return 0, n.root.ctl.record(fmt.Sprintf("(%d bytes)", len(data)), fmt.Errorf("command of %d bytes exceeds %d: %w", len(data), maxCommand, errInvalid), "")
+	}
+	line := strings.TrimRight(string(data), "\n")
+	if strings.ContainsAny(line, "\n\x00") {
+		return 0, n.root.ctl.record(strconv.Quote(line), fmt.Errorf("one command per write: %w", errInvalid), "")
+	}
+	n.root.debugf("control: %q", line)
+	if e := n.root.ctl.command(ctx, line); e != 0 {
+		return 0, e
+	}
+	return uint32(len(data)), 0
+}
+
+var _ = (fs.NodeSetattrer)((*controlNode)(nil))
+
+// Setattr accepts the truncate of `echo cmd > control` and nothing changes.
+func (n *controlNode) Setattr(ctx context.Context, fh fs.FileHandle, in *fuse.SetAttrIn, out *fuse.AttrOut) syscall.Errno {
+	return n.Getattr(ctx, fh, out)
+}

@@ -1,0 +1,166 @@
+package fs
+
+import (
+	"context"
+	"io"
+	"syscall"
+
+	"github.com/hanwen/go-fuse/v2/fs"
+	"github.com/hanwen/go-fuse/v2/fuse"
+
+	"github.com/vhdfs/vhdfs/chain"
+)
+
+// diskNode is a raw view of the chain from depth down: disk.raw (depth 0, writable
+// unless the mount is read-only) and the files of layers/ (read-only).
+type diskNode struct {
+	fs.Inode
+	root     *Root
+	layer    *chain.Layer // the view's top layer; nil for disk.raw, which follows the chain's top
+	writable bool
+}
+
+// diskHandle exists so Setattr can tell ftruncate (which names a handle) from the
+// size change the kernel sends for open(O_TRUNC) (which does not).
+type diskHandle struct{}
+
+func (n *diskNode) chain() *chain.Chain { return n.root.chain }
+
+// depth of the view in the current chain, or -1 if its layer left the chain.
+func (n *diskNode) depth() int {
+	if n.layer == nil {
+		return 0
+	}
+	for i, l := range n.chain().Layers() {
+		if l == n.layer {
+			return i
+		}
+	}
+	return -1
+}
+
+// size of this view, or -1 if the layer left the chain (a merge shortened it).
+func (n *diskNode) size() int64 {
+	if n.layer != nil {
+		if n.depth() < 0 {
+			return -1
+		}
+		return n.layer.Image.Size()
+	}
+	return n.chain().Size()
+}
+
+var _ = (fs.NodeGetattrer)((*diskNode)(nil))
+
+func (n *diskNode) Getattr(ctx context.Context, fh fs.FileHandle, out *fuse.AttrOut) syscall.Errno {
+	n.root.fillAttr(&out.Attr, n.writable)
+	out.Size = uint64(max(n.size(), 0))
+	out.Blocks = (out.Size + 511) / 512
+	return 0
+}
+
+var _ = (fs.NodeOpener)((*diskNode)(nil))
+
+func (n *diskNode) Open(ctx context.Context, flags uint32) (fs.FileHandle, uint32, syscall.Errno) {
+	if flags&syscall.O_ACCMODE != syscall.O_RDONLY && !n.writable {
+		return nil, 0, syscall.EROFS
+	}
+	if n.size() < 0 {
+		return nil, 0, syscall.ENOENT
+	}
+	// The kernel may keep pages of disk.raw across opens: every change to it goes
+	// through this mount, and a merge leaves it byte-identical. A layer's view does
+	// change when a merge writes into it, so its cache goes at each open.
+	if n.layer != nil {
+		return &diskHandle{}, 0, 0
+	}
+	return &diskHandle{}, fuse.FOPEN_KEEP_CACHE, 0
+}
+
+var _ = (fs.NodeReader)((*diskNode)(nil))
+
+func (n *diskNode) Read(ctx context.Context, fh fs.FileHandle, dest []byte, off int64) (fuse.ReadResult, syscall.Errno) {
+	d := n.depth()
+	if d < 0 {
+		return nil, syscall.ESTALE
+	}
+	k, err := n.chain().ReadAtDepth(dest, off, d)
+	if err != nil && err != io.EOF {
+		return nil, errno("read", err)
+	}
+	return fuse.ReadResultData(dest[:k]), 0
+}
+
+var _ = (fs.NodeWriter)((*diskNode)(nil))
+
+func (n *diskNode) Write(ctx context.Context, fh fs.FileHandle, data []byte, off int64) (uint32, syscall.Errno) {
+	if !n.writable {
+		return 0, syscall.EROFS
+	}
+	k, err := n.root.write(data, off)
+	if k > 0 {
+		return uint32(k), 0
+	}
+	return 0, errno("write", err)
+}
+
+var _ = (fs.NodeSetattrer)((*diskNode)(nil))
+
+func (n *diskNode) Setattr(ctx context.Context, fh fs.FileHandle, in *fuse.SetAttrIn, out *fuse.AttrOut) syscall.Errno {
+	if sz, ok := in.GetSize(); ok && int64(sz) != n.size() {
+		// open(O_TRUNC) arrives as a size change with no handle: a block device
+		// ignores O_TRUNC, and so do we. ftruncate and truncate to a size fail.
+		if fh != nil || sz != 0 {
+			return syscall.EINVAL
+		}
+		if !n.writable {
+			return syscall.EROFS
+		}
+	}
+	return n.Getattr(ctx, fh, out)
+}
+
+var _ = (fs.NodeFsyncer)((*diskNode)(nil))
+
+func (n *diskNode) Fsync(ctx context.Context, fh fs.FileHandle, flags uint32) syscall.Errno {
+	if !n.writable {
+		return 0
+	}
+	return errno("fsync", n.chain().Sync())
+}
+
+var _ = (fs.NodeFlusher)((*diskNode)(nil))
+
+// Flush on close does nothing: durability is fsync's job, as for a block device.
+func (n *diskNode) Flush(ctx context.Context, fh fs.FileHandle) syscall.Errno { return 0 }
+
+var _ = (fs.NodeLseeker)((*diskNode)(nil))
+
+// Lseek answers SEEK_DATA and SEEK_HOLE from the chain's extents, so sparse-aware
+// tools (cp --sparse, qemu-img) skip what no layer stores.
+func (n *diskNode) Lseek(ctx context.Context, fh fs.FileHandle, off uint64, whence uint32) (uint64, syscall.Errno) {
+	size := n.size()
+	if int64(off) >= size {
+		return 0, syscall.ENXIO
+	}
+	const seekData, seekHole = 3, 4
+	want := whence == seekData
+	for pos := int64(off); pos < size; {
+		d := n.depth()
+		if d < 0 {
+			return 0, syscall.ESTALE
+		}
+		k, present, err := n.chain().Run(d, pos, size-pos)
+		if err != nil {
+			return 0, errno("lseek", err)
+		}
+		if present == want {
+			return uint64(pos), 0
+		}
+		pos += k
+	}
+	if want {
+		return 0, syscall.ENXIO
+	}
+	return uint64(size), 0
+}

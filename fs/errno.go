@@ -1,0 +1,37 @@
+package fs
+
+import (
+	"errors"
+	"log"
+	"syscall"
+
+	"github.com/vhdfs/vhdfs/chain"
+	"github.com/vhdfs/vhdfs/vhd"
+)
+
+// errno maps an error of chain, vhd or merge to the errno a FUSE request returns.
+// It is the only place errors become errnos; unknown errors are EIO and logged.
+func errno(op string, err error) syscall.Errno {
+	var en syscall.Errno
+	switch {
+	case err == nil:
+		return 0
+	case errors.Is(err, chain.ErrNoSpace), errors.Is(err, vhd.ErrOutOfRange):
+		return syscall.ENOSPC
+	case errors.Is(err, chain.ErrReadOnly), errors.Is(err, vhd.ErrReadOnly):
+		return syscall.EROFS
+	case errors.Is(err, vhd.ErrInvalidArg), errors.Is(err, errInvalid):
+		return syscall.EINVAL
+	case errors.Is(err, errBusy):
+		return syscall.EBUSY
+	case errors.As(err, &en) && (en == syscall.ENOSPC || en == syscall.EDQUOT || en == syscall.EINTR):
+		return en
+	}
+	log.Printf("vhdfs: %s: %v", op, err)
+	return syscall.EIO
+}
+
+var (
+	errInvalid = errors.New("invalid command")
+	errBusy    = errors.New("a merge is running")
+)

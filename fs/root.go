@@ -1,0 +1,147 @@
+// Package fs serves a VHD chain over FUSE: disk.raw (the whole chain), layers/ (the
+// view from each depth down) and control (commands in, JSON state out). Nodes are
+// thin: checks, locks, then a call into chain or merge.
+package fs
+
+import (
+	"context"
+	"fmt"
+	"log"
+	"os"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/hanwen/go-fuse/v2/fs"
+	"github.com/hanwen/go-fuse/v2/fuse"
+
+	"github.com/vhdfs/vhdfs/chain"
+)
+
+// Options of a mount.
+type Options struct {
+	ReadOnly   bool
+	AllowOther bool
+	Debug      bool
+	// Logger receives the debug lines and error details; default log.Default().
+	Logger *log.Logger
+}
+
+// Root is the root directory of a mount and the state behind it.
+type Root struct {
+	fs.Inode
+	chain *chain.Chain
+	opts  Options
+	uid   uint32
+	gid   uint32
+	mtime time.Time
+
+	ctl *control
+
+	inoMu   sync.Mutex
+	inos    map[*chain.Layer]uint64 // guarded by inoMu
+	nextIno uint64                  // guarded by inoMu
+}
+
+// layerIno gives each layer that ever appears under layers/ its own inode number, so
+// the kernel never mixes the cache of one layer's view with another's.
+func (r *Root) layerIno(l *chain.Layer) uint64 {
+	r.inoMu.Lock()
+	defer r.inoMu.Unlock()
+	if ino, ok := r.inos[l]; ok {
+		return ino
+	}
+	if r.inos == nil {
+		r.inos, r.nextIno = map[*chain.Layer]uint64{}, 100
+	}
+	r.nextIno++
+	r.inos[l] = r.nextIno
+	return r.nextIno
+}
+
+// NewRoot returns the root node for serving c.
+func NewRoot(c *chain.Chain, opts Options) *Root {
+	if opts.Logger == nil {
+		opts.Logger = log.Default()
+	}
+	r := &Root{chain: c, opts: opts, uid: uint32(os.Getuid()), gid: uint32(os.Getgid()), mtime: time.Now()}
+	r.ctl = newControl(r)
+	return r
+}
+
+var _ = (fs.NodeOnAdder)((*Root)(nil))
+
+func (r *Root) OnAdd(ctx context.Context) {
+	disk := r.NewPersistentInode(ctx, &diskNode{root: r, writable: !r.opts.ReadOnly}, fs.StableAttr{Ino: 2})
+	r.AddChild("disk.raw", disk, false)
+	ctl := r.NewPersistentInode(ctx, &controlNode{root: r}, fs.StableAttr{Ino: 3})
+	r.AddChild("control", ctl, false)
+	layers := r.NewPersistentInode(ctx, &layersDir{root: r}, fs.StableAttr{Mode: syscall.S_IFDIR, Ino: 4})
+	r.AddChild("layers", layers, false)
+}
+
+var _ = (fs.NodeGetattrer)((*Root)(nil))
+
+func (r *Root) Getattr(ctx context.Context, fh fs.FileHandle, out *fuse.AttrOut) syscall.Errno {
+	r.fillAttr(&out.Attr, true)
+	out.Mode = syscall.S_IFDIR | 0o755
+	return 0
+}
+
+func (r *Root) fillAttr(a *fuse.Attr, writable bool) {
+	a.Mode = 0o444
+	if writable {
+		a.Mode = 0o644
+	}
+	a.Owner = fuse.Owner{Uid: r.uid, Gid: r.gid}
+	a.SetTimes(nil, &r.mtime, &r.mtime)
+}
+
+// write is the write path of disk.raw: it waits while a merge holds the chain.
+func (r *Root) write(p []byte, off int64) (int, error) {
+	return r.chain.WriteAt(p, off)
+}
+
+func (r *Root) debugf(format string, args ...any) {
+	if r.opts.Debug {
+		r.opts.Logger.Printf(format, args...)
+	}
+}
+
+// Mount serves c at dir and returns once the kernel has the mount.
+func Mount(dir string, c *chain.Chain, opts Options) (*fuse.Server, *Root, error) {
+	root := NewRoot(c, opts)
+	sec := time.Second
+	top := c.Layers()[0].Path
+	fsopts := &fs.Options{
+		EntryTimeout: &sec,
+		AttrTimeout:  &sec,
+		MountOptions: fuse.MountOptions{
+			AllowOther:    opts.AllowOther,
+			FsName:        strings.ReplaceAll(chain.Abs(top), ",", "_"),
+			Name:          "vhdfs",
+			MaxWrite:      1 << 20,
+			MaxReadAhead:  1 << 20,
+			Debug:         opts.Debug,
+			DisableXAttrs: true,
+		},
+		Logger: opts.Logger,
+	}
+	srv, err := fs.Mount(dir, root, fsopts)
+	if err != nil {
+		return nil, nil, fmt.Errorf("mount %s on %s: %w", top, dir, err)
+	}
+	return srv, root, nil
+}
+
+// Abort stops a running merge, if any, and waits for it (for shutdown).
+func (r *Root) Abort() {
+	r.ctl.mu.Lock()
+	cancel := r.ctl.cancel
+	r.ctl.mu.Unlock()
+	if cancel != nil {
+		cancel()
+	}
+	r.ctl.wait()
+}

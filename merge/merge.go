@@ -1,0 +1,305 @@
+// Package merge commits layers of a VHD chain into an ancestor with the semantics of
+// Windows' MergeVirtualDisk: a copy of every sector the merged layers hold into the
+// target, the layer nearest the top winning. Every sector written to the target is
+// still shadowed by a merged layer until the chain is re-linked, so the view through
+// the top never changes, an interrupted merge leaves a usable chain, and running the
+// same merge again completes it.
+package merge
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+
+	"github.com/vhdfs/vhdfs/chain"
+	"github.com/vhdfs/vhdfs/vhd"
+)
+
+var (
+	ErrDepth     = errors.New("bad merge depth")
+	ErrTooLarge  = errors.New("merged layers are larger than the target")
+	ErrNotLinked = errors.New("layer is not linked to the one below it")
+)
+
+// Options of a merge.
+type Options struct {
+	// From is the depth of the first layer merged: 0 merges from the top (the top is
+	// then replaced by a new empty differencing image); S ≥ 1 merges a middle range
+	// while the top stays and takes writes.
+	From int
+	// Depth is how many layers are merged; the target is the layer at From+Depth.
+	Depth int
+	// Progress, if set, is called with the bytes copied so far and the total.
+	Progress func(done, total int64)
+	// Logf, if set, receives a line for each step.
+	Logf func(format string, args ...any)
+}
+
+// Validate checks the options against a chain of n images and fills defaults.
+func (o *Options) Validate(n int) error {
+	if o.Depth == 0 {
+		o.Depth = 1
+	}
+	if o.From < 0 || o.Depth < 1 {
+		return fmt.Errorf("from=%d depth=%d: depth must be at least 1: %w", o.From, o.Depth, ErrDepth)
+	}
+	if o.From+o.Depth >= n {
+		if o.From == 0 {
+			return fmt.Errorf("depth=%d: must be less than the %d images in the chain: %w", o.Depth, n, ErrDepth)
+		}
+		return fmt.Errorf("from=%d depth=%d: the target layer %d is past the base of a chain of %d images: %w", o.From, o.Depth, o.From+o.Depth, n, ErrDepth)
+	}
+	if o.Progress == nil {
+		o.Progress = func(int64, int64) {}
+	}
+	if o.Logf == nil {
+		o.Logf = func(string, ...any) {}
+	}
+	return nil
+}
+
+// Result of a finished merge.
+type Result struct {
+	Target   string   // the image that received the data
+	Detached []string // images merged away: left on disk, no longer in the chain
+	Bytes    int64    // bytes copied
+}
+
+// Message is a line for people.
+func (r *Result) Message() string {
+	msg := fmt.Sprintf("merged %d bytes into %s", r.Bytes, r.Target)
+	if len(r.Detached) > 0 {
+		msg += "; no longer in the chain (left on disk, now invalid): " + strings.Join(r.Detached, ", ")
+	}
+	return msg
+}
+
+// Merge runs a merge on an open chain whose top is writable. ctx aborts it: the chain
+// then stays as it was. It returns when the data is durable in the target and the
+// chain has been re-linked (and c shows the shorter chain).
+func Merge(ctx context.Context, c *chain.Chain, opts Options) (*Result, error) {
+	if err := opts.Validate(c.Len()); err != nil {
+		return nil, err
+	}
+	if opts.From == 0 {
+		// Writes wait for the whole merge: the top is replaced at the end.
+		unlock := c.WriteLock()
+		defer unlock()
+		if err := c.SyncLocked(); err != nil {
+			return nil, err
+		}
+	}
+	layers := c.Layers()
+	target := layers[opts.From+opts.Depth]
+	res := &Result{Target: target.Path}
+	for _, l := range layers[opts.From : opts.From+opts.Depth] {
+		if l.Image.Size() > target.Image.Size() {
+			return nil, fmt.Errorf("%s: virtual size %d is larger than the target %s (%d); growing the target is not supported: %w",
+				l.Path, l.Image.Size(), target.Path, target.Image.Size(), ErrTooLarge)
+		}
+	}
+	n, err := copyLayers(ctx, c, opts, target)
+	res.Bytes = n
+	if err != nil {
+		return res, err
+	}
+	if err := ctx.Err(); err != nil {
+		return res, err
+	}
+	if opts.From == 0 {
+		err = replaceTop(c, opts, layers, target, res)
+	} else {
+		err = relink(c, opts, layers, target, res)
+	}
+	return res, err
+}
+
+// copyLayers writes every sector held by layers [From, From+Depth) into the target,
+// through a writable handle of its own. The chain's read-only handle of the target
+// keeps its cached BAT meanwhile: everything it would now read differently is
+// shadowed by a merged layer.
+func copyLayers(ctx context.Context, c *chain.Chain, opts Options, target *chain.Layer) (int64, error) {
+	from, to := opts.From, opts.From+opts.Depth
+	size := c.SizeAt(from)
+	total, err := presentBytes(c, from, to, size)
+	if err != nil {
+		return 0, err
+	}
+	opts.Progress(0, total)
+	opts.Logf("merge: copying %d bytes from layers %d..%d into %s", total, from, to-1, target.Path)
+	dst, err := vhd.Open(target.Path, true)
+	if err != nil {
+		return 0, err
+	}
+	layers := c.Layers()
+	const chunk = 4 << 20
+	buf := make([]byte, chunk)
+	var done int64
+	for off := int64(0); off < size; off += chunk {
+		if err := ctx.Err(); err != nil {
+			dst.Close()
+			return done, err
+		}
+		end := min(off+chunk, size)
+		for pos := off; pos < end; {
+			k, src, err := c.Source(from, to, pos, end-pos)
+			if err != nil {
+				dst.Close()
+				return done, err
+			}
+			if src >= 0 {
+				p := buf[:k]
+				if _, err := layers[src].Image.ReadAt(p, pos); err != nil {
+					dst.Close()
+					return done, err
+				}
+				if _, err := dst.WriteAt(p, pos); err != nil {
+					dst.Close()
+					return done, err
+				}
+				done += k
+			}
+			pos += k
+		}
+		opts.Progress(done, total)
+	}
+	if err := dst.Close(); err != nil {
+		return done, err
+	}
+	opts.Logf("merge: %d bytes durable in %s", done, target.Path)
+	return done, nil
+}
+
+// presentBytes counts the bytes layers [from, to) hold, for progress.
+func presentBytes(c *chain.Chain, from, to int, size int64) (int64, error) {
+	var total int64
+	for pos := int64(0); pos < size; {
+		k, src, err := c.Source(from, to, pos, size-pos)
+		if err != nil {
+			return 0, err
+		}
+		if src >= 0 {
+			total += k
+		}
+		pos += k
+	}
+	return total, nil
+}
+
+// replaceTop swaps the top for a new empty differencing image at the same path
+// whose parent is the target: written beside it, fsynced, renamed over it, and the
+// folder fsynced. Until the rename the old chain is intact; after it, the new one.
+// The caller holds the chain's write lock.
+func replaceTop(c *chain.Chain, opts Options, layers []*chain.Layer, target *chain.Layer, res *Result) error {
+	top := layers[0]
+	fresh, err := vhd.Open(target.Path, false)
+	if err != nil {
+		return err
+	}
+	tmp := tempName(top.Path)
+	os.Remove(tmp) // a leftover of an interrupted merge; the rename never happened
+	err = vhd.Create(tmp, vhd.CreateOptions{Type: vhd.TypeDifferencing, Parent: fresh, ParentPath: target.Path,
+		LocatorPath: top.Path, BlockSize: top.Image.BlockSize()})
+	if err != nil {
+		fresh.Close()
+		return err
+	}
+	if err := os.Rename(tmp, top.Path); err != nil {
+		fresh.Close()
+		os.Remove(tmp)
+		return fmt.Errorf("rename %s to %s: %w", tmp, top.Path, err)
+	}
+	if err := syncDir(filepath.Dir(top.Path)); err != nil {
+		fresh.Close()
+		return err
+	}
+	opts.Logf("merge: %s replaced by an empty image on %s", top.Path, target.Path)
+	newTop, err := vhd.Open(top.Path, true)
+	if err != nil {
+		fresh.Close()
+		return fmt.Errorf("reopen new top: %w", err)
+	}
+	newLayers := []*chain.Layer{{Image: newTop, Path: top.Path}, {Image: fresh, Path: target.Path, FoundBy: "W2ru"}}
+	newLayers = append(newLayers, layers[opts.Depth+1:]...)
+	c.Replace(newLayers)
+	for _, l := range layers[:opts.Depth+1] {
+		l.Image.Close()
+	}
+	for _, l := range layers[1:opts.Depth] {
+		res.Detached = append(res.Detached, l.Path)
+	}
+	return nil
+}
+
+// relink points the layer above From at the target and drops the merged layers from
+// the chain; the top stays and keeps taking writes.
+func relink(c *chain.Chain, opts Options, layers []*chain.Layer, target *chain.Layer, res *Result) error {
+	above := layers[opts.From-1]
+	fresh, err := vhd.Open(target.Path, false)
+	if err != nil {
+		return err
+	}
+	var aboveNew *chain.Layer
+	if opts.From == 1 {
+		// The top is open for writing already; it re-links itself under its lock.
+		if err := above.Image.SetParent(fresh, target.Path, above.Path); err != nil {
+			fresh.Close()
+			return err
+		}
+		aboveNew = above
+	} else {
+		w, err := vhd.Open(above.Path, true)
+		if err != nil {
+			fresh.Close()
+			return err
+		}
+		err = w.SetParent(fresh, target.Path, above.Path)
+		if cerr := w.Close(); err == nil {
+			err = cerr
+		}
+		if err != nil {
+			fresh.Close()
+			return err
+		}
+		ro, err := vhd.Open(above.Path, false)
+		if err != nil {
+			fresh.Close()
+			return err
+		}
+		aboveNew = &chain.Layer{Image: ro, Path: above.Path, FoundBy: above.FoundBy}
+	}
+	opts.Logf("merge: %s re-linked to %s", above.Path, target.Path)
+	newLayers := append([]*chain.Layer{}, layers[:opts.From-1]...)
+	newLayers = append(newLayers, aboveNew, &chain.Layer{Image: fresh, Path: target.Path, FoundBy: "W2ru"})
+	newLayers = append(newLayers, layers[opts.From+opts.Depth+1:]...)
+	c.Replace(newLayers)
+	if aboveNew != above {
+		above.Image.Close()
+	}
+	for _, l := range layers[opts.From : opts.From+opts.Depth+1] {
+		l.Image.Close()
+		if l != target {
+			res.Detached = append(res.Detached, l.Path)
+		}
+	}
+	return nil
+}
+
+func tempName(path string) string {
+	return filepath.Join(filepath.Dir(path), "."+filepath.Base(path)+".vhdfs-merge")
+}
+
+func syncDir(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	if err := d.Sync(); err != nil {
+		return fmt.Errorf("fsync %s: %w", dir, err)
+	}
+	return nil
+}

@@ -1,0 +1,69 @@
+package vhd
+
+import (
+	"fmt"
+	"sort"
+)
+
+// SetParent points a writable differencing image at a new parent (after a merge has
+// made parent hold everything the old parent showed): parent unique ID, time stamp,
+// name and fresh W2ku and W2ru locators. childPath is the image's own path, for the
+// relative locator.
+//
+// The new locator data goes to the end of the file the way a block does (footer
+// pushed back first, then the data, fsync), so the old header stays valid until one
+// 1024-byte write of the new header switches everything at once; that write lies in
+// the first 4 KiB of the file, within one physical sector of a 4K disk. The old
+// locator data is left where it was, unused.
+func (img *Image) SetParent(parent *Image, parentPath, childPath string) error {
+	if !img.writable {
+		return fmt.Errorf("%s: set parent: %w", img.name, ErrReadOnly)
+	}
+	if img.footer.DiskType != TypeDifferencing {
+		return fmt.Errorf("%s: set parent of a %v image: %w", img.name, img.footer.DiskType, ErrInvalidArg)
+	}
+	img.mu.Lock()
+	defer img.mu.Unlock()
+	// Data and pending metadata first, so nothing below refers to unwritten blocks.
+	if err := img.syncLocked(); err != nil {
+		return err
+	}
+	h := *img.header
+	start := img.footerOff
+	data, end, err := setParentFields(&h, start, parent, parentPath, childPath)
+	if err != nil {
+		return fmt.Errorf("%s: set parent: %w", img.name, err)
+	}
+	newFooterOff := roundUp(end, SectorSize)
+	if _, err := img.f.WriteAt(img.footer.Marshal(), newFooterOff); err != nil {
+		return fmt.Errorf("%s: write footer at %d: %w", img.name, newFooterOff, err)
+	}
+	buf := make([]byte, newFooterOff-start)
+	slots := make([]int, 0, len(data))
+	for s := range data {
+		slots = append(slots, s)
+	}
+	sort.Ints(slots)
+	for _, s := range slots {
+		copy(buf[int64(h.ParentLocators[s].PlatformDataOffset)-start:], data[s])
+	}
+	if _, err := img.f.WriteAt(buf, start); err != nil {
+		return fmt.Errorf("%s: write parent locators at %d: %w", img.name, start, err)
+	}
+	img.footerOff = newFooterOff
+	if err := img.f.Sync(); err != nil {
+		return fmt.Errorf("%s: fsync: %w", img.name, err)
+	}
+	if _, err := img.f.WriteAt(h.Marshal(), int64(img.footer.DataOffset)); err != nil {
+		return fmt.Errorf("%s: write dynamic header at %d: %w", img.name, img.footer.DataOffset, err)
+	}
+	if err := img.f.Sync(); err != nil {
+		return fmt.Errorf("%s: fsync: %w", img.name, err)
+	}
+	img.header = &h
+	for s := range data {
+		l := h.ParentLocators[s]
+		img.meta = append(img.meta, region{int64(l.PlatformDataOffset), int64(l.PlatformDataLength), fmt.Sprintf("parent locator %d", s)})
+	}
+	return nil
+}

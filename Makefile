@@ -20,7 +20,7 @@ lint:
 test: deps lint
 	$(GO) test -race -timeout 40m -count=1 ./...
 
-demo: build
+demo: deps build
 	@scripts/demo.sh
 
 # BENCH_SIZE sets the size of the benchmark chain (default 2G).

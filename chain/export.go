@@ -13,8 +13,9 @@ import (
 const exportChunk = 4 << 20
 
 // Export writes the flattened chain to out as a sparse raw image: only the ranges some
-// layer stores and that are not all zeros are written; the rest stay holes. Chunks go
-// to several workers. progress, if not nil, is called with the bytes done so far.
+// layer stores and that are not all zeros (in 4 KiB granules) are written; the rest
+// stay holes. Chunks go to several workers. progress, if not nil, is called with the
+// bytes done so far.
 func Export(c *Chain, out *os.File, progress func(done int64)) error {
 	size := c.Size()
 	if err := out.Truncate(size); err != nil {
@@ -71,13 +72,39 @@ func exportChunkAt(c *Chain, out *os.File, buf []byte, off, size int64) error {
 			if _, err := c.ReadAt(p, pos); err != nil {
 				return err
 			}
-			if !isZero(p) {
-				if _, err := out.WriteAt(p, pos); err != nil {
-					return fmt.Errorf("%s: write at %d: %w", out.Name(), pos, err)
-				}
+			if err := writeNonZero(out, p, pos); err != nil {
+				return err
 			}
 		}
 		pos += n
+	}
+	return nil
+}
+
+// sparseGranule is the unit, aligned in the output, in which Export leaves all-zero
+// data as holes: a file system block. Blocks of dynamic images are mostly zeros.
+const sparseGranule = 4096
+
+// writeNonZero writes p, which belongs at off, skipping its all-zero granules;
+// neighbouring non-zero granules go out in one write.
+func writeNonZero(out *os.File, p []byte, off int64) error {
+	granuleEnd := func(i int) int {
+		return min(len(p), int((off+int64(i))/sparseGranule*sparseGranule+sparseGranule-off))
+	}
+	for i := 0; i < len(p); {
+		for i < len(p) && isZero(p[i:granuleEnd(i)]) {
+			i = granuleEnd(i)
+		}
+		j := i
+		for j < len(p) && !isZero(p[j:granuleEnd(j)]) {
+			j = granuleEnd(j)
+		}
+		if j > i {
+			if _, err := out.WriteAt(p[i:j], off+int64(i)); err != nil {
+				return fmt.Errorf("%s: write at %d: %w", out.Name(), off+int64(i), err)
+			}
+		}
+		i = j
 	}
 	return nil
 }

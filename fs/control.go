@@ -29,7 +29,7 @@ type control struct {
 	root *Root
 
 	mu       sync.Mutex
-	state    string        // guarded by mu: "idle" or "merging"
+	state    string        // guarded by mu: "idle", "merging" or "aborting"
 	running  string        // guarded by mu: the merge command running
 	cancel   func()        // guarded by mu: aborts the running merge
 	finished chan struct{} // guarded by mu: closed when the running merge ends
@@ -71,7 +71,7 @@ func (c *control) status() Status {
 	c.mu.Lock()
 	st := Status{PID: pid, ReadOnly: c.root.opts.ReadOnly, State: c.state, Running: c.running, Last: c.last,
 		Detached: append([]string(nil), c.detached...)}
-	if c.state == "merging" {
+	if c.state != "idle" {
 		st.Progress = &Progress{Done: c.done.Load(), Total: c.total.Load()}
 	}
 	c.mu.Unlock()
@@ -102,44 +102,49 @@ func (c *control) recordErrno(cmd string, e syscall.Errno, msg string) syscall.E
 
 var pid = os.Getpid()
 
-// command runs one line written to control. ctx is the writer's request: if it is
-// interrupted the writer gets EINTR, but a merge goes on until done or aborted.
-func (c *control) command(ctx context.Context, line string) syscall.Errno {
+// command runs one line written to control. sync and abort are done when it returns;
+// a merge is started and returned as a job.
+func (c *control) command(line string) (*mergeJob, syscall.Errno) {
 	fields := strings.Fields(line)
 	if len(fields) == 0 {
-		return c.record(line, fmt.Errorf("empty command: %w", errInvalid), "")
+		return nil, c.record(line, fmt.Errorf("empty command: %w", errInvalid), "")
 	}
 	switch fields[0] {
 	case "sync":
 		if len(fields) > 1 {
-			return c.record(line, fmt.Errorf("sync takes no arguments: %w", errInvalid), "")
+			return nil, c.record(line, fmt.Errorf("sync takes no arguments: %w", errInvalid), "")
 		}
 		if c.root.opts.ReadOnly {
-			return c.record(line, nil, "read-only mount: nothing to sync")
+			return nil, c.record(line, nil, "read-only mount: nothing to sync")
 		}
 		err := c.root.chain.Sync()
-		return c.record(line, err, "synced")
+		return nil, c.record(line, err, "synced")
 	case "abort":
 		if len(fields) > 1 {
-			return c.record(line, fmt.Errorf("abort takes no arguments: %w", errInvalid), "")
+			return nil, c.record(line, fmt.Errorf("abort takes no arguments: %w", errInvalid), "")
 		}
 		c.mu.Lock()
 		cancel, finished := c.cancel, c.finished
 		c.mu.Unlock()
 		if cancel == nil {
-			return c.record(line, nil, "no merge running")
+			return nil, c.record(line, nil, "no merge running")
 		}
 		cancel()
+		c.mu.Lock()
+		if c.state == "merging" {
+			c.state = "aborting"
+		}
+		c.mu.Unlock()
 		<-finished
-		return c.record(line, nil, "merge aborted; the chain is as it was")
+		return nil, c.record(line, nil, "merge aborted; the chain is as it was")
 	case "merge":
 		opts, err := parseMerge(fields[1:])
 		if err != nil {
-			return c.record(line, err, "")
+			return nil, c.record(line, err, "")
 		}
-		return c.merge(ctx, line, opts)
+		return c.startMerge(line, opts)
 	}
-	return c.record(line, fmt.Errorf("unknown command %q (want merge, abort or sync): %w", fields[0], errInvalid), "")
+	return nil, c.record(line, fmt.Errorf("unknown command %q (want merge, abort or sync): %w", fields[0], errInvalid), "")
 }
 
 func parseMerge(args []string) (merge.Options, error) {
@@ -157,6 +162,10 @@ func parseMerge(args []string) (merge.Options, error) {
 		}
 		switch k {
 		case "depth":
+			if n < 1 {
+				// Validate takes depth 0 for "default"; here it is a mistake.
+				return opts, fmt.Errorf("merge depth=%d: depth must be at least 1: %w", n, errInvalid)
+			}
 			opts.Depth = n
 		case "from":
 			if n < 1 {
@@ -170,43 +179,62 @@ func parseMerge(args []string) (merge.Options, error) {
 	return opts, nil
 }
 
-func (c *control) merge(ctx context.Context, line string, opts merge.Options) syscall.Errno {
+// mergeJob is a merge started by a write to control. The write returns at once; the
+// handle that wrote it waits for it at close (flush). A write that blocked for the
+// whole merge would hold the file's inode lock that long, and `echo abort > control`
+// (whose O_TRUNC needs that lock) could not reach the merge it is meant to stop.
+type mergeJob struct {
+	finished chan struct{}
+	errno    syscall.Errno // set before finished is closed
+}
+
+// wait returns the merge's errno, or EINTR if ctx (the closing request) is
+// interrupted first; the merge goes on either way.
+func (j *mergeJob) wait(ctx context.Context) syscall.Errno {
+	select {
+	case <-j.finished:
+		return j.errno
+	case <-ctx.Done():
+		return syscall.EINTR
+	}
+}
+
+func (c *control) startMerge(line string, opts merge.Options) (*mergeJob, syscall.Errno) {
 	if c.root.opts.ReadOnly {
-		return c.record(line, fmt.Errorf("read-only mount: %w", chain.ErrReadOnly), "")
+		return nil, c.record(line, fmt.Errorf("read-only mount: %w", chain.ErrReadOnly), "")
 	}
 	if err := opts.Validate(c.root.chain.Len()); err != nil {
-		return c.record(line, fmt.Errorf("%v: %w", err, errInvalid), "")
+		return nil, c.record(line, fmt.Errorf("%v: %w", err, errInvalid), "")
 	}
 	c.mu.Lock()
 	if c.state != "idle" {
 		c.mu.Unlock()
-		return c.record(line, fmt.Errorf("%s is running: %w", c.running, errBusy), "")
+		return nil, c.record(line, fmt.Errorf("%s is running: %w", c.running, errBusy), "")
 	}
 	// The merge's own context: not the request's, which any signal interrupts.
 	mctx, cancel := context.WithCancel(context.Background())
-	finished := make(chan struct{})
-	c.state, c.running, c.cancel, c.finished = "merging", line, cancel, finished
+	job := &mergeJob{finished: make(chan struct{})}
+	c.state, c.running, c.cancel, c.finished = "merging", line, cancel, job.finished
 	c.done.Store(0)
 	c.total.Store(0)
 	c.mu.Unlock()
+	c.recordErrno(line, 0, "started")
 
 	opts.Progress = func(done, total int64) {
 		c.done.Store(done)
 		c.total.Store(total)
 	}
 	opts.Logf = c.root.debugf
-	var res *merge.Result
-	var err error
+	opts.Hook = c.root.opts.MergeHook
 	go func() {
-		defer close(finished)
-		res, err = merge.Merge(mctx, c.root.chain, opts)
+		res, err := merge.Merge(mctx, c.root.chain, opts)
 		cancel()
 		switch {
 		case errors.Is(err, context.Canceled):
-			c.recordErrno(line, syscall.EINTR, "aborted; the chain is as it was")
+			job.errno = c.recordErrno(line, syscall.EINTR, "aborted; the chain is as it was")
 		case err != nil:
 			// Whatever stops a merge is EIO for the writer; the message says why.
-			c.recordErrno(line, syscall.EIO, "merge failed: "+err.Error())
+			job.errno = c.recordErrno(line, syscall.EIO, "merge failed: "+err.Error())
 		default:
 			c.recordErrno(line, 0, res.Message())
 		}
@@ -216,19 +244,9 @@ func (c *control) merge(ctx context.Context, line string, opts merge.Options) sy
 		}
 		c.state, c.running, c.cancel, c.finished = "idle", "", nil, nil
 		c.mu.Unlock()
+		close(job.finished)
 	}()
-	select {
-	case <-finished:
-	case <-ctx.Done():
-		return syscall.EINTR
-	}
-	switch {
-	case errors.Is(err, context.Canceled):
-		return syscall.EINTR
-	case err != nil:
-		return syscall.EIO
-	}
-	return 0
+	return job, 0
 }
 
 // wait blocks until no merge runs.
@@ -250,6 +268,9 @@ type controlNode struct {
 
 type controlHandle struct {
 	content []byte
+
+	mu   sync.Mutex
+	jobs []*mergeJob // guarded by mu: merges written through this handle, not yet waited for
 }
 
 var _ = (fs.NodeGetattrer)((*controlNode)(nil))
@@ -297,10 +318,40 @@ func (n *controlNode) Write(ctx context.Context, fh fs.FileHandle, data []byte, 
 		return 0, n.root.ctl.record(strconv.Quote(line), fmt.Errorf("one command per write: %w", errInvalid), "")
 	}
 	n.root.debugf("control: %q", line)
-	if e := n.root.ctl.command(ctx, line); e != 0 {
+	job, e := n.root.ctl.command(line)
+	if e != 0 {
 		return 0, e
 	}
+	if job != nil {
+		if h, ok := fh.(*controlHandle); ok {
+			h.mu.Lock()
+			h.jobs = append(h.jobs, job)
+			h.mu.Unlock()
+		}
+	}
 	return uint32(len(data)), 0
+}
+
+var _ = (fs.NodeFlusher)((*controlNode)(nil))
+
+// Flush (close) waits for the merges written through this handle and returns the
+// first failure: EIO, or EINTR for an aborted merge or an interrupted close.
+func (n *controlNode) Flush(ctx context.Context, fh fs.FileHandle) syscall.Errno {
+	h, ok := fh.(*controlHandle)
+	if !ok {
+		return 0
+	}
+	h.mu.Lock()
+	jobs := h.jobs
+	h.jobs = nil
+	h.mu.Unlock()
+	var first syscall.Errno
+	for _, j := range jobs {
+		if e := j.wait(ctx); e != 0 && first == 0 {
+			first = e
+		}
+	}
+	return first
 }
 
 var _ = (fs.NodeSetattrer)((*controlNode)(nil))

@@ -26,6 +26,8 @@ type Options struct {
 	Debug      bool
 	// Logger receives the debug lines and error details; default log.Default().
 	Logger *log.Logger
+	// MergeHook is passed to every merge as merge.Options.Hook.
+	MergeHook func(point string)
 }
 
 // Root is the root directory of a mount and the state behind it.

@@ -36,6 +36,10 @@ type Options struct {
 	Progress func(done, total int64)
 	// Logf, if set, receives a line for each step.
 	Logf func(format string, args ...any)
+	// Hook, if set, is called at each named point of the merge ("copy-start",
+	// "copy-half", "copy-done", "relink-before", "relink-after"); tests use it to
+	// stop or kill the process there.
+	Hook func(point string)
 }
 
 // Validate checks the options against a chain of n images and fills defaults.
@@ -57,6 +61,9 @@ func (o *Options) Validate(n int) error {
 	}
 	if o.Logf == nil {
 		o.Logf = func(string, ...any) {}
+	}
+	if o.Hook == nil {
+		o.Hook = func(string) {}
 	}
 	return nil
 }
@@ -106,6 +113,7 @@ func Merge(ctx context.Context, c *chain.Chain, opts Options) (*Result, error) {
 	if err != nil {
 		return res, err
 	}
+	opts.Hook("copy-done")
 	if err := ctx.Err(); err != nil {
 		return res, err
 	}
@@ -129,6 +137,7 @@ func copyLayers(ctx context.Context, c *chain.Chain, opts Options, target *chain
 		return 0, err
 	}
 	opts.Progress(0, total)
+	opts.Hook("copy-start")
 	opts.Logf("merge: copying %d bytes from layers %d..%d into %s", total, from, to-1, target.Path)
 	dst, err := vhd.Open(target.Path, true)
 	if err != nil {
@@ -138,7 +147,12 @@ func copyLayers(ctx context.Context, c *chain.Chain, opts Options, target *chain
 	const chunk = 4 << 20
 	buf := make([]byte, chunk)
 	var done int64
+	halfway := false
 	for off := int64(0); off < size; off += chunk {
+		if !halfway && done*2 >= total && done > 0 {
+			halfway = true
+			opts.Hook("copy-half")
+		}
 		if err := ctx.Err(); err != nil {
 			dst.Close()
 			return done, err
@@ -165,6 +179,9 @@ func copyLayers(ctx context.Context, c *chain.Chain, opts Options, target *chain
 			pos += k
 		}
 		opts.Progress(done, total)
+	}
+	if !halfway {
+		opts.Hook("copy-half")
 	}
 	if err := dst.Close(); err != nil {
 		return done, err
@@ -207,6 +224,7 @@ func replaceTop(c *chain.Chain, opts Options, layers []*chain.Layer, target *cha
 		fresh.Close()
 		return err
 	}
+	opts.Hook("relink-before")
 	if err := os.Rename(tmp, top.Path); err != nil {
 		fresh.Close()
 		os.Remove(tmp)
@@ -216,6 +234,7 @@ func replaceTop(c *chain.Chain, opts Options, layers []*chain.Layer, target *cha
 		fresh.Close()
 		return err
 	}
+	opts.Hook("relink-after")
 	opts.Logf("merge: %s replaced by an empty image on %s", top.Path, target.Path)
 	newTop, err := vhd.Open(top.Path, true)
 	if err != nil {
@@ -243,6 +262,7 @@ func relink(c *chain.Chain, opts Options, layers []*chain.Layer, target *chain.L
 		return err
 	}
 	var aboveNew *chain.Layer
+	opts.Hook("relink-before")
 	if opts.From == 1 {
 		// The top is open for writing already; it re-links itself under its lock.
 		if err := above.Image.SetParent(fresh, target.Path, above.Path); err != nil {
@@ -271,6 +291,7 @@ func relink(c *chain.Chain, opts Options, layers []*chain.Layer, target *chain.L
 		}
 		aboveNew = &chain.Layer{Image: ro, Path: above.Path, FoundBy: above.FoundBy}
 	}
+	opts.Hook("relink-after")
 	opts.Logf("merge: %s re-linked to %s", above.Path, target.Path)
 	newLayers := append([]*chain.Layer{}, layers[:opts.From-1]...)
 	newLayers = append(newLayers, aboveNew, &chain.Layer{Image: fresh, Path: target.Path, FoundBy: "W2ru"})

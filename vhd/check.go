@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"fmt"
 	"os"
+	"strings"
 )
 
 // Severity of a problem found by Check.
@@ -26,7 +27,12 @@ type Problem struct {
 	Message  string
 }
 
-func (p Problem) String() string { return fmt.Sprintf("%s: %s: %s", p.File, p.Severity, p.Message) }
+// String is "file: severity: message", without the file twice when the message
+// (an error from Open) already starts with it.
+func (p Problem) String() string {
+	msg := strings.TrimPrefix(p.Message, p.File+": ")
+	return fmt.Sprintf("%s: %s: %s", p.File, p.Severity, msg)
+}
 
 // Check verifies the invariants of an open image beyond those Open enforces (Open
 // already refuses bad cookies and checksums, a truncated file, a bad block size, a
@@ -38,7 +44,10 @@ func (img *Image) Check() []Problem {
 		out = append(out, Problem{s, img.name, fmt.Sprintf(format, args...)})
 	}
 	f := &img.footer
-	switch img.footerState {
+	img.mu.RLock()
+	state := img.footerState // a writer's first allocation changes FooterShort
+	img.mu.RUnlock()
+	switch state {
 	case FooterCopyOnly:
 		add(Error, "footer at the end is damaged (%v); the copy at offset 0 is good: run 'vhdfs check --repair'", img.footerErr)
 	case FooterShort:
@@ -69,7 +78,7 @@ func (img *Image) Check() []Problem {
 	}
 	if img.copyFooter == nil {
 		add(Error, "footer copy at offset 0 is missing or damaged")
-	} else if img.footerState != FooterCopyOnly && !bytes.Equal(img.copyFooter.Marshal(), f.Marshal()) {
+	} else if state != FooterCopyOnly && !bytes.Equal(img.copyFooter.Marshal(), f.Marshal()) {
 		add(Error, "footer copy at offset 0 differs from the footer at the end")
 	}
 	h := img.header
@@ -106,7 +115,7 @@ func (img *Image) Check() []Problem {
 			add(Note, "BAT padding after entry %d is not 0xFFFFFFFF", h.MaxTableEntries)
 		}
 	}
-	if img.footerState == FooterAtEnd && footerOff > roundUp(dataEnd, SectorSize)+dataAlign {
+	if state == FooterAtEnd && footerOff > roundUp(dataEnd, SectorSize)+dataAlign {
 		add(Note, "%d bytes between the last block and the footer belong to no block (left by an interrupted allocation)", footerOff-dataEnd)
 	}
 	if img.footer.DiskType == TypeDifferencing {

@@ -99,8 +99,9 @@ func checksum(b []byte, checksumOff int) uint32 {
 
 const footerChecksumOff = 64
 
-// Marshal encodes the footer with a fresh checksum.
-func (f *Footer) Marshal() []byte {
+// Marshal encodes the footer with a fresh checksum. It works on a copy: an open
+// image's footer is read by other goroutines while a writer marshals it.
+func (f Footer) Marshal() []byte {
 	var buf bytes.Buffer
 	buf.Grow(FooterSize)
 	f.Checksum = 0

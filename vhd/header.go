@@ -79,6 +79,6 @@ func parseHeader(b []byte, name string, off int64) (*Header, error) {
 
 // bitmapBytes is the size of a block's sector bitmap, padded to whole sectors.
 func bitmapBytes(blockSize uint32) int64 {
-	n := int64(blockSize) / SectorSize / 8
+	n := (int64(blockSize)/SectorSize + 7) / 8 // one bit per sector, rounded up to a byte
 	return (n + SectorSize - 1) / SectorSize * SectorSize
 }

@@ -42,8 +42,8 @@ type Image struct {
 	writable bool
 
 	footer      Footer
-	footerState FooterState
-	footerErr   error // why the end footer was not used, when it was not
+	footerState FooterState // guarded by mu once open: an allocation ends a 511-byte footer
+	footerErr   error       // why the end footer was not used, when it was not
 	copyFooter  *Footer
 	header      *Header // nil for fixed images
 
@@ -100,14 +100,17 @@ func OpenFile(f File, name string, writable bool) (*Image, error) {
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w", name, err)
 	}
+	if st.IsDir() {
+		return nil, fmt.Errorf("%s: is a directory: %w", name, ErrNotVHD)
+	}
 	img := &Image{f: f, name: name, writable: writable}
 	if err := img.readFooter(st.Size()); err != nil {
 		return nil, err
 	}
 	img.size = int64(img.footer.CurrentSize)
 	if img.footer.DiskType == TypeFixed {
-		if img.footerOff < img.size {
-			return nil, fmt.Errorf("%s: fixed image holds %d data bytes but its footer says %d: %w", name, img.footerOff, img.size, ErrTruncated)
+		if uint64(img.footerOff) < img.footer.CurrentSize { // also a size past MaxInt64
+			return nil, fmt.Errorf("%s: fixed image holds %d data bytes but its footer says %d: %w", name, img.footerOff, img.footer.CurrentSize, ErrTruncated)
 		}
 		return img, nil
 	}
@@ -152,8 +155,10 @@ func (img *Image) readFooter(fileSize int64) error {
 			img.footer, img.footerOff, img.footerState, endErr = *f, fileSize-(FooterSize-1), FooterShort, nil
 		}
 	}
-	// The copy at offset 0 of dynamic and differencing images.
-	if fileSize >= FooterSize+HeaderSize {
+	// The copy at offset 0 of dynamic and differencing images. It is read even when
+	// the file is too short for a header, so a truncated image says so (below, in
+	// readHeader) instead of reporting the header's cookie as a bad footer.
+	if fileSize >= FooterSize {
 		cb := make([]byte, FooterSize)
 		if _, err := img.f.ReadAt(cb, 0); err == nil {
 			if f, err := parseFooter(cb, name, "footer copy at 0"); err == nil && f.DiskType != TypeFixed {
@@ -173,7 +178,7 @@ func (img *Image) readFooter(fileSize int64) error {
 
 func (img *Image) readHeader() error {
 	name, off := img.name, int64(img.footer.DataOffset)
-	if off+HeaderSize > img.footerOff {
+	if img.footer.DataOffset > uint64(img.footerOff) || off+HeaderSize > img.footerOff {
 		return fmt.Errorf("%s: dynamic header at %d runs past the footer at %d: %w", name, off, img.footerOff, ErrTruncated)
 	}
 	buf := make([]byte, HeaderSize)
@@ -196,7 +201,7 @@ func (img *Image) readHeader() error {
 	if h.TableOffset%SectorSize != 0 {
 		return fmt.Errorf("%s: BAT offset %d is not sector-aligned: %w", name, batOff, ErrCorrupt)
 	}
-	if batOff+int64(h.MaxTableEntries)*4 > img.footerOff {
+	if h.TableOffset > uint64(img.footerOff) || batOff+int64(h.MaxTableEntries)*4 > img.footerOff {
 		return fmt.Errorf("%s: BAT at %d with %d entries runs past the footer at %d: %w", name, batOff, h.MaxTableEntries, img.footerOff, ErrTruncated)
 	}
 	if overlaps(batOff, batLen, 0, FooterSize) || overlaps(batOff, batLen, off, HeaderSize) {
@@ -303,11 +308,17 @@ func (img *Image) Header() (h Header, ok bool) {
 	if img.header == nil {
 		return Header{}, false
 	}
+	img.mu.RLock() // SetParent rewrites it
+	defer img.mu.RUnlock()
 	return *img.header, true
 }
 
 // FooterState says where the footer came from; FooterErr why the end one was not used.
-func (img *Image) FooterState() (FooterState, error) { return img.footerState, img.footerErr }
+func (img *Image) FooterState() (FooterState, error) {
+	img.mu.RLock()
+	defer img.mu.RUnlock()
+	return img.footerState, img.footerErr
+}
 
 // BlockSize is the block size of a dynamic or differencing image, 0 for fixed.
 func (img *Image) BlockSize() int64 { return img.blockSize }

@@ -120,11 +120,13 @@ func MacXToPath(u string) string {
 // ParentLocations reads the parent locators of a differencing image, in the order a
 // parent should be searched: W2ru, W2ku, MacX, then the header's parent name.
 func (img *Image) ParentLocations() ([]ParentLocation, error) {
-	if img.header == nil {
+	// Only a differencing image has a parent, and only its locators were validated.
+	if img.header == nil || img.footer.DiskType != TypeDifferencing {
 		return nil, nil
 	}
+	h, _ := img.Header()
 	byCode := map[uint32]ParentLocation{}
-	for i, l := range img.header.ParentLocators {
+	for i, l := range h.ParentLocators {
 		if l.PlatformCode == PlatformNone || l.PlatformDataLength == 0 {
 			continue
 		}
@@ -145,7 +147,7 @@ func (img *Image) ParentLocations() ([]ParentLocation, error) {
 			out = append(out, loc)
 		}
 	}
-	if n := img.header.ParentName(); n != "" {
+	if n := h.ParentName(); n != "" {
 		out = append(out, ParentLocation{Source: "name", Path: n})
 	}
 	return out, nil

@@ -60,7 +60,7 @@ func (img *Image) SetParent(parent *Image, parentPath, childPath string) error {
 	if err := img.f.Sync(); err != nil {
 		return fmt.Errorf("%s: fsync: %w", img.name, err)
 	}
-	img.header = &h
+	*img.header = h // in place: readers test img.header for nil without the lock
 	for s := range data {
 		l := h.ParentLocators[s]
 		img.meta = append(img.meta, region{int64(l.PlatformDataOffset), int64(l.PlatformDataLength), fmt.Sprintf("parent locator %d", s)})

@@ -19,12 +19,15 @@ func cmdMerge(args []string) error {
 	if err != nil {
 		return err
 	}
+	if *depth < 1 {
+		return usagef("--depth %d: depth must be at least 1", *depth)
+	}
 	c, err := chain.Open(pos[0], true)
 	if err != nil {
 		return err
 	}
 	defer c.Close()
-	opts := merge.Options{From: *from, Depth: *depth}
+	opts := merge.Options{From: *from, Depth: *depth, Hook: mergeHook()}
 	if err := opts.Validate(c.Len()); err != nil {
 		return usagef("%v", err)
 	}

@@ -188,7 +188,7 @@ func serve(m mountArgs, ready func(error)) error {
 		return err
 	}
 	logger := log.New(os.Stderr, "vhdfs: ", log.LstdFlags)
-	srv, root, err := fs.Mount(m.mountpoint, c, fs.Options{ReadOnly: m.readOnly, AllowOther: m.allowOther, Debug: m.debug, Logger: logger})
+	srv, root, err := fs.Mount(m.mountpoint, c, fs.Options{ReadOnly: m.readOnly, AllowOther: m.allowOther, Debug: m.debug, Logger: logger, MergeHook: mergeHook()})
 	if err != nil {
 		c.Close()
 		ready(err)

@@ -2,6 +2,7 @@ package main
 
 import (
 	"fmt"
+	"golang.org/x/sys/unix"
 	"os"
 	"sync"
 	"time"
@@ -20,8 +21,14 @@ type progress struct {
 }
 
 func newProgress(label string, total int64) *progress {
-	st, err := os.Stdout.Stat()
-	return &progress{label: label, total: total, start: time.Now(), enabled: err == nil && st.Mode()&os.ModeCharDevice != 0}
+	return &progress{label: label, total: total, start: time.Now(), enabled: isTerminal(os.Stdout)}
+}
+
+// isTerminal reports whether f is a terminal (not merely a character device such
+// as /dev/null): the TCGETS ioctl succeeds only on terminals.
+func isTerminal(f *os.File) bool {
+	_, err := unix.IoctlGetTermios(int(f.Fd()), unix.TCGETS)
+	return err == nil
 }
 
 // update shows done bytes of total, at most ten times a second.

@@ -1,0 +1,468 @@
+#!/usr/bin/env bash
+# make bench: builds its own VHD chain, runs each workload against vhdfs and an
+# alternative (libvhdi's vhdimount, cat, cp, a plain file, qemu-img), alternating them,
+# and prints a markdown table of medians and ratios to stdout and to $BENCH_OUT.
+#
+#   BENCH_SIZE         virtual size of the chain (default 2G; 64M for a quick run)
+#   BENCH_RUNS         runs per workload (default 5; 3 below 1 GiB)
+#   BENCH_FIO_RUNTIME  seconds per fio run (default 10; 3 below 1 GiB)
+#   BENCH_VHDI_READ    how much of vhdimount's disk a timed sequential read reads
+#                      (default 512M; it runs at 15-100 MiB/s, and all of a 2G disk
+#                      five times over would take most of the time budget)
+#   BENCH_OUT          where the table goes as well (default bench-results.md)
+#   BENCH_DIR          parent of the fixture directory (default $TMPDIR or /tmp)
+#   BENCH_KEEP=1       keep the fixtures (everything is still unmounted)
+#
+# Progress goes to stderr, the table to stdout. Every mount is undone on exit, even on
+# failure or Ctrl-C, and the fixtures are removed.
+set -euo pipefail
+
+invoked_from=$PWD
+cd "$(dirname "$0")/.."
+repo=$PWD
+vhdfs=${VHDFS:-$repo/bin/vhdfs}
+
+die() { echo "bench: $*" >&2; exit 1; }
+
+# --- configuration ---------------------------------------------------------------
+
+to_bytes() { # NAME VALUE: 64M, 2G, 512K, 1T or bytes -> bytes (binary units)
+  local s=$2 n u
+  [[ $s =~ ^([0-9]+)([KkMmGgTt]?)$ ]] || die "$1=$s: want a size like 64M, 2G or bytes"
+  n=${BASH_REMATCH[1]} u=${BASH_REMATCH[2]^^}
+  case $u in
+    K) n=$((n << 10)) ;; M) n=$((n << 20)) ;; G) n=$((n << 30)) ;; T) n=$((n << 40)) ;;
+  esac
+  echo "$n"
+}
+
+size_arg=${BENCH_SIZE:-2G}
+size_req=$(to_bytes BENCH_SIZE "$size_arg")
+((size_req >= 16 << 20)) || die "BENCH_SIZE=$size_arg: at least 16M, please"
+big=$((size_req >= 1 << 30))
+runs=${BENCH_RUNS:-$((big ? 5 : 3))}
+fio_runtime=${BENCH_FIO_RUNTIME:-$((big ? 10 : 3))}
+[[ $runs =~ ^[1-9][0-9]*$ ]] || die "BENCH_RUNS=$runs: want a positive number"
+[[ $fio_runtime =~ ^[1-9][0-9]*$ ]] || die "BENCH_FIO_RUNTIME=$fio_runtime: want a positive number of seconds"
+out=${BENCH_OUT:-bench-results.md}
+[[ $out = /* ]] || out=$invoked_from/$out
+# The overlay written by the write and merge workloads: half the disk, whole MiB.
+half=$((size_req / 2 / 1048576 * 1048576))
+vhdi_cap=$(to_bytes BENCH_VHDI_READ "${BENCH_VHDI_READ:-512M}")
+
+for t in python3 fio vhdimount qemu-img fusermount3 dd cmp md5sum; do
+  command -v "$t" >/dev/null || die "$t is missing: run 'make deps'"
+done
+[ -x "$vhdfs" ] || die "$vhdfs is missing: run 'make build'"
+
+parent=${BENCH_DIR:-${TMPDIR:-/tmp}}
+mkdir -p "$parent"
+avail=$(($(df -Pk "$parent" | awk 'NR == 2 { print $4 }') * 1024))
+need=$((size_req * 9 / 2 + (256 << 20)))
+((avail >= need)) || die "$parent has $((avail >> 20)) MiB free; BENCH_SIZE=$size_arg needs about $((need >> 20)) MiB"
+dir=$(mktemp -d "$parent/vhdfs-bench.XXXXXX")
+mnt=$dir/mnt   # vhdfs mounts
+vmnt=$dir/vmnt # vhdimount mounts
+mkdir -p "$mnt" "$vmnt"
+samples=$dir/samples.tsv
+: >"$samples"
+
+# --- cleanup: unmount everything under $dir, then remove it ------------------------
+
+mounts_under() { # mount points below $dir, deepest first, with their fs type
+  awk -v d="$dir/" 'index($2, d) == 1 { print $2, $3 }' /proc/mounts | sort -r
+}
+
+cleanup() {
+  local rc=$? mp type
+  set +e
+  trap - INT TERM
+  case $rc in
+    0 | 130 | 143) ;;
+    *) echo "bench: failed (exit $rc); cleaning up" >&2 ;;
+  esac
+  while read -r mp type; do
+    [ -n "$mp" ] || continue
+    echo "bench: unmounting $mp" >&2
+    if [ "$type" = fuse.vhdfs ]; then
+      "$vhdfs" umount "$mp" || fusermount3 -u -z "$mp"
+    else
+      fusermount3 -u "$mp" || fusermount3 -u -z "$mp"
+    fi
+  done < <(mounts_under)
+  if [ -n "$(mounts_under)" ]; then
+    echo "bench: something is still mounted under $dir; leaving it there" >&2
+  elif [ "${BENCH_KEEP:-}" = 1 ]; then
+    echo "bench: fixtures kept in $dir" >&2
+  else
+    rm -rf --one-file-system "$dir"
+  fi
+  exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# --- helpers -----------------------------------------------------------------------
+
+t_begin=$(date +%s)
+log() { printf '[bench %4ds] %s\n' $(($(date +%s) - t_begin)) "$*" >&2; }
+now() { date +%s%N; }
+mibps() { awk -v b="$1" -v ns="$2" 'BEGIN { printf "%.1f", b / 1048576 / (ns / 1e9) }'; }
+ms() { awk -v ns="$1" 'BEGIN { printf "%.1f", ns / 1e6 }'; }
+record() { printf '%s\t%s\n' "$1" "$2" >>"$samples"; }
+note() { printf '%s\n' "$*" >>"$dir/notes"; log "NOTE: $*"; }
+
+# gen SEED BYTES: pseudo-random, non-zero-looking bytes on stdout, fast (AES-CTR of
+# zeros); /dev/urandom where openssl is missing.
+gen() {
+  if command -v openssl >/dev/null; then
+    head -c "$2" /dev/zero | openssl enc -aes-128-ctr -nosalt -pbkdf2 -pass "pass:vhdfs-bench-$1"
+  else
+    head -c "$2" /dev/urandom
+  fi
+}
+
+# scatter FILE COUNT SEED: COUNT random 4 KiB writes at distinct 4 KiB-aligned offsets.
+scatter() {
+  python3 - "$@" <<'PY'
+import os, random, sys
+path, count, seed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+r = random.Random(seed)
+fd = os.open(path, os.O_WRONLY)
+slots = os.fstat(fd).st_size // 4096
+for s in r.sample(range(slots), min(count, slots)):
+    data = r.randbytes(4096)
+    while not any(data):
+        data = r.randbytes(4096)
+    os.pwrite(fd, data, s * 4096)
+os.fsync(fd)
+os.close(fd)
+PY
+}
+
+json_field() { # FILE EXPR: evaluate a Python expression over the JSON document d
+  python3 -c '
+import json, sys
+t = open(sys.argv[1]).read()
+d = json.loads(t[t.index("{"):])
+print(eval(sys.argv[2]))' "$1" "$2"
+}
+
+# Commands' stdout goes to a file, not /dev/null: vhdfs draws progress bars while
+# stdout is a character device, and /dev/null is one.
+vmount() { "$vhdfs" mount "$@" >>"$dir/cmd.log"; }
+vumount() { "$vhdfs" umount "$1"; }
+md5() { dd if="$1" bs=1M status=none | md5sum | cut -d' ' -f1; }
+
+# --- fixtures ----------------------------------------------------------------------
+
+log "fixtures in $dir: BENCH_SIZE=$size_arg, $runs runs, fio ${fio_runtime}s, $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg)"
+
+"$vhdfs" create --size "$size_arg" "$dir/base.vhd" >>"$dir/cmd.log"
+vmount "$dir/base.vhd" "$mnt"
+disk=$(stat -c %s "$mnt/disk.raw")
+log "base.vhd: dynamic, $disk bytes, writing every block"
+t0=$(now)
+gen base "$disk" | dd of="$mnt/disk.raw" bs=1M iflag=fullblock conv=notrunc,fsync status=none
+log "  base filled through the mount at $(mibps "$disk" $(($(now) - t0))) MiB/s"
+vumount "$mnt"
+
+slots=$((disk / 4096))
+n_mid=$((slots / 4 < 3000 ? slots / 4 : 3000))
+n_top=$((slots / 8 < 1000 ? slots / 8 : 1000))
+"$vhdfs" create --parent "$dir/base.vhd" "$dir/mid.vhd" >>"$dir/cmd.log"
+vmount "$dir/mid.vhd" "$mnt"
+scatter "$mnt/disk.raw" "$n_mid" 1
+vumount "$mnt"
+"$vhdfs" create --parent "$dir/mid.vhd" "$dir/top.vhd" >>"$dir/cmd.log"
+vmount "$dir/top.vhd" "$mnt"
+scatter "$mnt/disk.raw" "$n_top" 2
+vumount "$mnt"
+log "mid.vhd: $n_mid scattered 4 KiB writes; top.vhd: $n_top more"
+
+"$vhdfs" export "$dir/top.vhd" "$dir/chain.raw" >>"$dir/cmd.log"
+gen src "$half" >"$dir/src.raw"
+log "chain.raw: the chain exported; src.raw: $((half >> 20)) MiB to write"
+
+# --- 1. sequential read, warm cache ------------------------------------------------
+
+vmount -r "$dir/top.vhd" "$mnt"
+vhdimount "$dir/top.vhd" "$vmnt" >>"$dir/cmd.log"
+# libvhdi numbers the chain from the base: vhdi1 is the base, vhdiN the whole chain.
+vfile=$vmnt/$(ls "$vmnt" | sort -V | tail -n 1)
+log "seq read: warming the page cache (and comparing what each one reads)"
+# vhdimount's timed reads read all of its disk, or its first BENCH_VHDI_READ bytes.
+if ((vhdi_cap + vhdi_cap / 8 < disk)); then # not for the few KiB of CHS rounding
+  vhdi_count=(count=$((vhdi_cap >> 20))) vhdi_bytes=$((vhdi_cap >> 20 << 20))
+else
+  vhdi_count=() vhdi_bytes=$disk
+fi
+head_md5() { dd if="$1" bs=1M "${vhdi_count[@]}" status=none | md5sum | cut -d' ' -f1; }
+sum_vhdfs=$(md5 "$mnt/disk.raw")
+sum_raw=$(md5 "$dir/chain.raw")
+sum_vhdi=$(head_md5 "$vfile")
+sum_raw_head=$(head_md5 "$dir/chain.raw")
+[ "$sum_vhdfs" = "$sum_raw" ] || note "disk.raw and the exported chain.raw differ ($sum_vhdfs vs $sum_raw)"
+[ "$sum_vhdi" = "$sum_raw_head" ] || note "vhdimount's $(basename "$vfile") and vhdfs's chain.raw differ (in the first $vhdi_bytes bytes)"
+
+seqread() { # KEY FILE
+  local t0
+  if [ "$1" = vhdfs_fuse ]; then
+    # Informational: drop disk.raw's own pages (the layers' stay cached), so that
+    # every byte goes through FUSE and vhdfs.
+    dd if="$2" iflag=nocache count=0 status=none
+  fi
+  t0=$(now)
+  case $1 in
+    cat) cat "$2" >/dev/null ;;
+    vhdimount) dd if="$2" of=/dev/null bs=1M "${vhdi_count[@]}" status=none ;;
+    *) dd if="$2" of=/dev/null bs=1M status=none ;;
+  esac
+  record "seqread_$1" "$(mibps "$([ "$1" = vhdimount ] && echo "$vhdi_bytes" || echo "$disk")" $(($(now) - t0)))"
+}
+for ((i = 1; i <= runs; i++)); do
+  # Rotate the order so none of them always goes first.
+  case $((i % 3)) in
+    1) order="vhdfs vhdimount cat" ;; 2) order="vhdimount cat vhdfs" ;; 0) order="cat vhdfs vhdimount" ;;
+  esac
+  for w in $order vhdfs_fuse; do
+    case $w in
+      vhdfs*) seqread "$w" "$mnt/disk.raw" ;;
+      vhdimount) seqread vhdimount "$vfile" ;;
+      cat) seqread cat "$dir/chain.raw" ;;
+    esac
+  done
+  # The warm read again, so the next run starts with disk.raw cached.
+  dd if="$mnt/disk.raw" of=/dev/null bs=1M status=none
+  log "seq read $i/$runs: $(tail -n 4 "$samples" | awk '{ printf "%s %s MiB/s  ", substr($1, 9), $2 }')"
+done
+
+# --- 2. random 4 KiB reads, fio ----------------------------------------------------
+
+# The issue's fio command. fio drops the file's cached pages when it opens it, but
+# disk.raw is opened with FOPEN_KEEP_CACHE, so pages read during the run stay cached;
+# the O_DIRECT runs (informational) show the FUSE path alone.
+fio_run() { # KEY FILE [--direct=1]
+  fio --name=randread --filename="${2//:/\\:}" --readonly --rw=randread --bs=4k --numjobs=4 \
+    --ioengine=psync --time_based --runtime="$fio_runtime" --group_reporting \
+    --output-format=json --output="$dir/fio.json" ${3:+"$3"} >/dev/null
+  record "fio_$1" "$(json_field "$dir/fio.json" 'round(d["jobs"][0]["read"]["iops"])')"
+}
+for ((i = 1; i <= runs; i++)); do
+  if ((i % 2)); then
+    fio_run vhdfs "$mnt/disk.raw"; fio_run vhdimount "$vfile"
+    fio_run direct_vhdfs "$mnt/disk.raw" --direct=1; fio_run direct_vhdimount "$vfile" --direct=1
+  else
+    fio_run vhdimount "$vfile"; fio_run vhdfs "$mnt/disk.raw"
+    fio_run direct_vhdimount "$vfile" --direct=1; fio_run direct_vhdfs "$mnt/disk.raw" --direct=1
+  fi
+  log "random read $i/$runs: $(tail -n 4 "$samples" | awk '{ printf "%s %s IOPS  ", substr($1, 5), $2 }')"
+done
+fusermount3 -u "$vmnt"
+vumount "$mnt"
+
+# --- 3. sequential write into a fresh top ------------------------------------------
+
+cat "$dir/src.raw" >/dev/null
+write_vhdfs() {
+  local t0
+  "$vhdfs" create --parent "$dir/top.vhd" "$dir/wtop.vhd" >>"$dir/cmd.log"
+  vmount "$dir/wtop.vhd" "$mnt"
+  t0=$(now)
+  dd if="$dir/src.raw" of="$mnt/disk.raw" bs=1M conv=notrunc,fsync status=none
+  record write_vhdfs "$(mibps "$half" $(($(now) - t0)))"
+  vumount "$mnt"
+  rm -f "$dir/wtop.vhd"
+}
+write_plain() {
+  local t0
+  rm -f "$dir/plain.raw"
+  t0=$(now)
+  dd if="$dir/src.raw" of="$dir/plain.raw" bs=1M conv=notrunc,fsync status=none
+  record write_plain "$(mibps "$half" $(($(now) - t0)))"
+  rm -f "$dir/plain.raw"
+}
+for ((i = 1; i <= runs; i++)); do
+  if ((i % 2)); then write_vhdfs; write_plain; else write_plain; write_vhdfs; fi
+  log "seq write $i/$runs: $(tail -n 2 "$samples" | awk '{ printf "%s %s MiB/s  ", substr($1, 7), $2 }')"
+done
+
+# --- 4. merge depth=1 of an overlay of half the disk --------------------------------
+
+# m0/: base.vhd (a link: a depth=1 merge never writes it) <- mid.vhd <- over.vhd, which
+# holds src.raw. Each run merges over.vhd into a fresh copy of mid.vhd.
+mkdir "$dir/m0"
+ln "$dir/base.vhd" "$dir/m0/base.vhd" 2>/dev/null || ln -s "$dir/base.vhd" "$dir/m0/base.vhd"
+cp --sparse=always "$dir/mid.vhd" "$dir/m0/mid.vhd"
+"$vhdfs" create --parent "$dir/m0/mid.vhd" "$dir/m0/over.vhd" >>"$dir/cmd.log"
+vmount "$dir/m0/over.vhd" "$mnt"
+dd if="$dir/src.raw" of="$mnt/disk.raw" bs=1M conv=notrunc,fsync status=none
+vumount "$mnt"
+log "merge: over.vhd holds $((half >> 20)) MiB"
+
+merge_vhdfs() {
+  local r=$dir/mrun t0
+  rm -rf "$r"
+  mkdir "$r"
+  ln "$dir/m0/base.vhd" "$r/base.vhd" 2>/dev/null || ln -s "$dir/base.vhd" "$r/base.vhd"
+  cp --sparse=always "$dir/m0/mid.vhd" "$dir/m0/over.vhd" "$r/"
+  sync "$r/mid.vhd" "$r/over.vhd" # no writeback of the copy during the merge
+  vmount "$r/over.vhd" "$mnt"
+  t0=$(now)
+  echo 'merge depth=1' >"$mnt/control"
+  local t=$(($(now) - t0))
+  record merge_vhdfs "$(mibps "$half" "$t")"
+  record merge_vhdfs_ms "$(ms "$t")"
+  if [ "$(json_field "$mnt/control" 'd["last"]["errno"]')" != 0 ]; then
+    note "merge: control reports $(json_field "$mnt/control" 'd["last"]')"
+  fi
+  vumount "$mnt"
+  rm -rf "$r"
+}
+merge_cp() {
+  local t0
+  rm -f "$dir/cp.raw"
+  t0=$(now)
+  cp "$dir/src.raw" "$dir/cp.raw"
+  sync "$dir/cp.raw"
+  local t=$(($(now) - t0))
+  record merge_cp "$(mibps "$half" "$t")"
+  record merge_cp_ms "$(ms "$t")"
+  rm -f "$dir/cp.raw"
+}
+for ((i = 1; i <= runs; i++)); do
+  if ((i % 2)); then merge_vhdfs; merge_cp; else merge_cp; merge_vhdfs; fi
+  log "merge $i/$runs: vhdfs $(grep '^merge_vhdfs_ms' "$samples" | tail -n 1 | cut -f2) ms, cp+sync $(grep '^merge_cp_ms' "$samples" | tail -n 1 | cut -f2) ms"
+done
+rm -rf "$dir/m0"
+
+# --- 5. export of a single dynamic layer -------------------------------------------
+
+export_one() { # KEY
+  local o=$dir/out-$1.raw t0
+  rm -f "$o"
+  t0=$(now)
+  if [ "$1" = vhdfs ]; then
+    "$vhdfs" export "$dir/base.vhd" "$o" >>"$dir/cmd.log"
+  else
+    qemu-img convert -f vpc -O raw "$dir/base.vhd" "$o"
+  fi
+  sync "$o"
+  local t=$(($(now) - t0))
+  record "export_$1" "$(mibps "$disk" "$t")"
+  record "export_$1_ms" "$(ms "$t")"
+}
+for ((i = 1; i <= runs; i++)); do
+  if ((i % 2)); then export_one vhdfs; export_one qemu; else export_one qemu; export_one vhdfs; fi
+  if ((i == 1)) && ! cmp -s "$dir/out-vhdfs.raw" "$dir/out-qemu.raw"; then
+    note "export: vhdfs and qemu-img produce different raw images of base.vhd"
+  fi
+  rm -f "$dir/out-vhdfs.raw" "$dir/out-qemu.raw"
+  log "export $i/$runs: vhdfs $(grep '^export_vhdfs_ms' "$samples" | tail -n 1 | cut -f2) ms, qemu-img $(grep '^export_qemu_ms' "$samples" | tail -n 1 | cut -f2) ms"
+done
+
+# --- 6. mount of a 16-deep chain of 2 TiB sparse images ----------------------------
+
+deep=$dir/deep
+mkdir "$deep"
+"$vhdfs" create --size 2040G "$deep/d00.vhd" >>"$dir/cmd.log" # the largest a VHD can be
+vmount "$deep/d00.vhd" "$mnt"
+gen deep0 $((4 << 20)) | dd of="$mnt/disk.raw" bs=1M conv=notrunc status=none
+gen deep1 $((4 << 20)) | dd of="$mnt/disk.raw" bs=1M seek=$((1 << 20)) conv=notrunc status=none
+vumount "$mnt"
+for ((i = 1; i < 16; i++)); do
+  "$vhdfs" create --parent "$deep/d$(printf %02d $((i - 1))).vhd" "$deep/d$(printf %02d $i).vhd" >>"$dir/cmd.log"
+done
+vmount "$deep/d15.vhd" "$mnt"
+gen deep15 $((1 << 20)) | dd of="$mnt/disk.raw" bs=1M seek=2 conv=notrunc status=none
+vumount "$mnt"
+log "mount: 16-deep chain of 2040 GiB (the largest a VHD can be) sparse images"
+
+for ((i = 1; i <= runs; i++)); do
+  t0=$(now)
+  vmount "$deep/d15.vhd" "$mnt"
+  t=$(($(now) - t0))
+  record mount_ms "$(ms "$t")"
+  dd if="$mnt/disk.raw" of=/dev/null bs=1M count=4 status=none
+  dd if="$mnt/disk.raw" of=/dev/null bs=1M count=4 skip=$((1 << 20)) status=none
+  dd if="$mnt/disk.raw" of=/dev/null bs=1M count=4 skip=$(((2040 << 10) - 8)) status=none
+  pid=$(json_field "$mnt/control" 'd["pid"]')
+  rss=$(awk '/^VmRSS:/ { printf "%.1f", $2 / 1024 }' "/proc/$pid/status")
+  record mount_rss "$rss"
+  vumount "$mnt"
+  log "mount $i/$runs: $(ms "$t") ms, RSS $rss MiB"
+done
+
+# --- the table ---------------------------------------------------------------------
+
+log "done in $(($(date +%s) - t_begin)) s"
+version=$("$vhdfs" version 2>/dev/null | head -n 1 | sed 's/^vhdfs //' || echo unknown)
+python3 - "$samples" "$dir/notes" >"$dir/table.md" <<PY
+import statistics, sys
+samples = {}
+for line in open(sys.argv[1]):
+    k, v = line.split()
+    samples.setdefault(k, []).append(float(v))
+try:
+    notes = [l.strip() for l in open(sys.argv[2]) if l.strip()]
+except FileNotFoundError:
+    notes = []
+med = lambda k: statistics.median(samples[k])
+def num(x):
+    return f"{x:,.0f}" if abs(x) >= 100 else f"{x:.1f}"
+rows = []
+def compare(name, a, b, unit, alt_name, target, extra=None):
+    va, vb = med(a), med(b)
+    r = va / vb
+    cells = [f"{num(va)} {unit}", f"{alt_name}: {num(vb)} {unit}", f"{r:.2f}×", f"≥ {target:g}×", "yes" if r >= target else "**no**"]
+    if extra:
+        cells[0] += f" ({num(med(extra[0]))} ms)"
+        cells[1] += f" ({num(med(extra[1]))} ms)"
+    rows.append([name] + cells)
+compare("sequential read, dd bs=1M, warm cache", "seqread_vhdfs", "seqread_vhdimount", "MiB/s", "vhdimount", 20)
+compare("sequential read, dd bs=1M, warm cache", "seqread_vhdfs", "seqread_cat", "MiB/s", "cat of the exported raw", 0.5)
+va, vb = med("seqread_vhdfs_fuse"), med("seqread_vhdimount")
+rows.append(["sequential read, disk.raw's page cache dropped (informational)", f"{num(va)} MiB/s",
+             f"vhdimount: {num(vb)} MiB/s", f"{va / vb:.2f}×", "—", "—"])
+compare("random 4 KiB reads, fio psync, 4 jobs", "fio_vhdfs", "fio_vhdimount", "IOPS", "vhdimount", 10)
+va, vb = med("fio_direct_vhdfs"), med("fio_direct_vhdimount")
+rows.append(["random 4 KiB reads, O_DIRECT: no page cache (informational)", f"{num(va)} IOPS",
+             f"vhdimount: {num(vb)} IOPS", f"{va / vb:.2f}×", "—", "—"])
+compare("sequential write $((half >> 20)) MiB, dd conv=fsync, fresh top", "write_vhdfs", "write_plain", "MiB/s", "plain file", 0.4)
+compare("merge depth=1 of a $((half >> 20)) MiB overlay", "merge_vhdfs", "merge_cp", "MiB/s", "cp + sync", 0.5, ("merge_vhdfs_ms", "merge_cp_ms"))
+compare("export of one dynamic layer", "export_vhdfs", "export_qemu", "MiB/s", "qemu-img convert", 1, ("export_vhdfs_ms", "export_qemu_ms"))
+m, rss = med("mount_ms"), med("mount_rss")
+rows.append(["mount of a 16-deep chain of 2 TiB images", f"{num(m)} ms", "—", "—", "< 300 ms", "yes" if m < 300 else "**no**"])
+rows.append(["RSS of that mount after reading 12 MiB", f"{num(rss)} MiB", "—", "—", "< 100 MiB", "yes" if rss < 100 else "**no**"])
+
+print("## vhdfs benchmark")
+print()
+print("BENCH_SIZE=$size_arg (disk.raw $disk bytes), chain depth 3, medians of $runs runs, "
+      "fio ${fio_runtime}s per run; vhdfs $version; $(nproc) cores, kernel $(uname -r); "
+      "load at start $(cut -d' ' -f1-3 /proc/loadavg).")
+if $vhdi_bytes < $disk:
+    print()
+    print("vhdimount's sequential reads read its first $((vhdi_bytes >> 20)) MiB (BENCH_VHDI_READ); the others read all of disk.raw.")
+print()
+print("| workload | vhdfs | alternative | ratio | target | met |")
+print("|---|---|---|---|---|---|")
+for r in rows:
+    print("| " + " | ".join(r) + " |")
+print()
+print("Ratio is vhdfs / alternative (throughputs; for merge and export, of the times' inverse).")
+print()
+print("Samples, in run order:")
+print()
+for k, v in samples.items():
+    print(f"- {k}: " + ", ".join(num(x) for x in v))
+if notes:
+    print()
+    print("Notes:")
+    print()
+    for n in notes:
+        print(f"- {n}")
+PY
+cp "$dir/table.md" "$out"
+cat "$dir/table.md"
+log "table written to $out"

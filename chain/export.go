@@ -51,13 +51,8 @@ func Export(c *Chain, out *os.File, progress func(done int64)) error {
 		}()
 	}
 	wg.Wait()
-	if firstErr != nil {
-		return firstErr
-	}
-	if err := out.Sync(); err != nil {
-		return fmt.Errorf("%s: fsync: %w", out.Name(), err)
-	}
-	return nil
+	// No fsync, as cp and qemu-img convert: the caller syncs if it wants to.
+	return firstErr
 }
 
 func exportChunkAt(c *Chain, out *os.File, buf []byte, off, size int64) error {

@@ -6,6 +6,8 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"runtime/pprof"
+	"slices"
 	"strings"
 
 	"github.com/spf13/pflag"
@@ -58,7 +60,38 @@ var commands = map[string]func(args []string) error{
 }
 
 func main() {
-	os.Exit(run(os.Args[1:]))
+	stop := startProfile()
+	code := run(os.Args[1:])
+	stop()
+	os.Exit(code)
+}
+
+// startProfile writes a CPU profile to the file named by VHDFS_CPUPROFILE (and a heap
+// profile beside it, .heap) for the life of the process; the mount process too, until
+// it is unmounted. Read them with go tool pprof.
+func startProfile() func() {
+	path := os.Getenv("VHDFS_CPUPROFILE")
+	if path == "" || os.Getenv(notifyEnv) == "" && len(os.Args) > 1 && os.Args[1] == "mount" && !slices.Contains(os.Args, "-f") && !slices.Contains(os.Args, "--foreground") {
+		return func() {}
+	}
+	f, err := os.Create(path)
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "vhdfs: VHDFS_CPUPROFILE: %v\n", err)
+		return func() {}
+	}
+	if err := pprof.StartCPUProfile(f); err != nil {
+		fmt.Fprintf(os.Stderr, "vhdfs: VHDFS_CPUPROFILE: %v\n", err)
+		f.Close()
+		return func() {}
+	}
+	return func() {
+		pprof.StopCPUProfile()
+		f.Close()
+		if h, err := os.Create(path + ".heap"); err == nil {
+			pprof.WriteHeapProfile(h)
+			h.Close()
+		}
+	}
 }
 
 func run(args []string) int {

@@ -65,6 +65,14 @@ func mountEnv(t testing.TB, image string, env []string, flags ...string) string 
 	if out, err := cmd.CombinedOutput(); err != nil {
 		t.Fatalf("vhdfs mount %s: %v: %s", image, err, out)
 	}
+	// A test that fails while the merge is paused at a failpoint leaves the mount
+	// process waiting on a FIFO; kill it before the unmount (cleanups run last first).
+	pid := readMergeStatus(t, mnt).PID
+	t.Cleanup(func() {
+		if pid > 0 {
+			syscall.Kill(pid, syscall.SIGKILL)
+		}
+	})
 	return mnt
 }
 

@@ -1,0 +1,290 @@
+package vhd
+
+import (
+	"bytes"
+	"errors"
+	"os"
+	"path/filepath"
+	"reflect"
+	"strings"
+	"sync"
+	"testing"
+)
+
+// relinkFixture makes two parents with different data and a child of the first that
+// holds data of its own in some sectors.
+type relinkFixture struct {
+	dir, p1, p2, child string
+	data2              []byte // p2's disk
+	own                []byte // what the child stores where present
+	present            []bool // by sector
+}
+
+func newRelinkFixture(t *testing.T) *relinkFixture {
+	t.Helper()
+	const size = 64 * kib
+	x := &relinkFixture{dir: t.TempDir()}
+	r := newRand(t, 77)
+	x.p1 = createImage(t, x.dir, "p1.vhd", CreateOptions{Type: TypeDynamic, Size: size, ExactSize: true, BlockSize: 4 * kib})
+	x.p2 = createImage(t, x.dir, "p2.vhd", CreateOptions{Type: TypeDynamic, Size: size, ExactSize: true, BlockSize: 4 * kib})
+	img := openImage(t, x.p2, true)
+	x.data2 = randBytes(r, size)
+	if _, err := img.WriteAt(x.data2, 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := img.Close(); err != nil {
+		t.Fatal(err)
+	}
+	x.child = createDiff(t, x.dir, "child.vhd", x.p1, 0)
+	x.own = make([]byte, size)
+	x.present = make([]bool, size/SectorSize)
+	img = openImage(t, x.child, true)
+	for _, s := range []int64{0, 1, 9, 40, 41, 42, 127} {
+		p := randBytes(r, SectorSize)
+		if _, err := img.WriteAt(p, s*SectorSize); err != nil {
+			t.Fatal(err)
+		}
+		copy(x.own[s*SectorSize:], p)
+		x.present[s] = true
+	}
+	if err := img.Close(); err != nil {
+		t.Fatal(err)
+	}
+	return x
+}
+
+func TestSetParent(t *testing.T) {
+	x := newRelinkFixture(t)
+	img := openImage(t, x.child, true)
+	// A pending write must be on disk before the header points elsewhere.
+	p := bytes.Repeat([]byte{0xcd}, SectorSize)
+	if _, err := img.WriteAt(p, 100*SectorSize); err != nil {
+		t.Fatal(err)
+	}
+	copy(x.own[100*SectorSize:], p)
+	x.present[100] = true
+	parent := openImage(t, x.p2, false)
+	if err := img.SetParent(parent, x.p2, x.child); err != nil {
+		t.Fatalf("SetParent: %v", err)
+	}
+	h, _ := img.Header()
+	if h.ParentUniqueID != parent.Footer().UniqueID {
+		t.Errorf("the open image's header still has parent %v", h.ParentUniqueID)
+	}
+	if err := img.Close(); err != nil {
+		t.Fatal(err)
+	}
+
+	img = openImage(t, x.child, false)
+	h, _ = img.Header()
+	if h.ParentUniqueID != parent.Footer().UniqueID {
+		t.Errorf("parent unique ID %v, want p2's %v", h.ParentUniqueID, parent.Footer().UniqueID)
+	}
+	st, err := os.Stat(x.p2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if h.ParentTimestamp != Timestamp(st.ModTime()) {
+		t.Errorf("parent time stamp %v, want p2's mtime %v", Time(h.ParentTimestamp), st.ModTime())
+	}
+	abs := strings.ReplaceAll(x.p2, "/", `\`)
+	locs, err := img.ParentLocations()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := []ParentLocation{{"W2ru", `.\p2.vhd`}, {"W2ku", abs}, {"name", abs}}; !reflect.DeepEqual(locs, want) {
+		t.Errorf("ParentLocations = %q, want %q", locs, want)
+	}
+	want := make([]byte, len(x.data2))
+	for s := range x.present {
+		src := x.data2
+		if x.present[s] {
+			src = x.own
+		}
+		copy(want[s*SectorSize:(s+1)*SectorSize], src[s*SectorSize:])
+	}
+	if got := view(t, img, x.data2); !bytes.Equal(got, want) {
+		t.Errorf("the child over p2 differs at %d", firstDiff(got, want))
+	}
+	if ps := problems(img.Check(), Warning); len(ps) > 0 {
+		t.Errorf("Check: %v", ps)
+	}
+	// The relinked image keeps taking writes after its new locators.
+	img.Close()
+	img = openImage(t, x.child, true)
+	if _, err := img.WriteAt(p, 64*SectorSize); err != nil {
+		t.Fatal(err)
+	}
+	if err := img.Close(); err != nil {
+		t.Fatal(err)
+	}
+	img = openImage(t, x.child, false)
+	if ps := problems(img.Check(), Error); len(ps) > 0 {
+		t.Errorf("Check after a write: %v", ps)
+	}
+	if got, _ := img.ParentLocations(); !reflect.DeepEqual(got, locs) {
+		t.Errorf("a write changed the locators: %q", got)
+	}
+}
+
+func TestSetParentErrors(t *testing.T) {
+	x := newRelinkFixture(t)
+	parent := openImage(t, x.p2, false)
+	before := readFile(t, x.child)
+	ro := openImage(t, x.child, false)
+	if err := ro.SetParent(parent, x.p2, x.child); !errors.Is(err, ErrReadOnly) {
+		t.Errorf("SetParent on a read-only image: %v, want ErrReadOnly", err)
+	}
+	ro.Close()
+	dyn := openImage(t, x.p1, true)
+	if err := dyn.SetParent(parent, x.p2, x.p1); !errors.Is(err, ErrInvalidArg) {
+		t.Errorf("SetParent on a dynamic image: %v, want ErrInvalidArg", err)
+	}
+	if !bytes.Equal(readFile(t, x.child), before) {
+		t.Errorf("a refused SetParent changed the file")
+	}
+}
+
+// TestSetParentCrashOrder runs SetParent (after a write whose metadata is pending)
+// through a failFile with budgets k = 0, 1, 2, … as TestCrashOrder does: after any
+// crash the image opens without repair, passes Check, and points at p1 or p2 with
+// locators and name that agree; the child's own sectors are present with their data
+// or absent. When nothing was refused it points at p2.
+func TestSetParentCrashOrder(t *testing.T) {
+	x := newRelinkFixture(t)
+	parent := openImage(t, x.p2, false)
+	id1 := openImage(t, x.p1, false).Footer().UniqueID
+	id2 := parent.Footer().UniqueID
+	extra := bytes.Repeat([]byte{0xee}, 2*SectorSize)
+	const extraSector = 70 // in a block the child has not allocated
+	work := filepath.Join(x.dir, "work.vhd")
+	for k := 0; ; k++ {
+		if k > 1000 {
+			t.Fatal("SetParent never completed")
+		}
+		copyFile(t, x.child, work)
+		f, err := os.OpenFile(work, os.O_RDWR, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ff := &failFile{File: f, budget: k}
+		img, err := OpenFile(ff, work, true)
+		if err != nil {
+			t.Fatal(err)
+		}
+		_, err = img.WriteAt(extra, extraSector*SectorSize)
+		if err == nil {
+			err = img.SetParent(parent, x.p2, work)
+		}
+		closeErr := img.Close()
+		if err != nil && !errors.Is(err, errInjected) || closeErr != nil && !errors.Is(closeErr, errInjected) {
+			t.Fatalf("k=%d: unexpected error: %v, %v", k, err, closeErr)
+		}
+		completed := !ff.failed
+
+		after, err := Open(work, false)
+		if err != nil {
+			t.Fatalf("k=%d: reopen: %v", k, err)
+		}
+		if st, why := after.FooterState(); st != FooterAtEnd {
+			t.Fatalf("k=%d: FooterState = %v (%v), want FooterAtEnd", k, st, why)
+		}
+		if ps := problems(after.Check(), Error); len(ps) > 0 {
+			t.Fatalf("k=%d: Check: %v", k, ps)
+		}
+		h, _ := after.Header()
+		locs, err := after.ParentLocations()
+		if err != nil {
+			t.Fatalf("k=%d: ParentLocations: %v", k, err)
+		}
+		wantName := "p1.vhd"
+		switch h.ParentUniqueID {
+		case id1:
+		case id2:
+			wantName = "p2.vhd"
+		default:
+			t.Fatalf("k=%d: parent unique ID %v is neither p1's nor p2's", k, h.ParentUniqueID)
+		}
+		if completed && wantName != "p2.vhd" {
+			t.Fatalf("k=%d: SetParent completed but the image points at p1", k)
+		}
+		for _, l := range locs {
+			if !strings.HasSuffix(l.Path, `\`+wantName) {
+				t.Fatalf("k=%d: parent ID of %s but %s locator %q", k, wantName, l.Source, l.Path)
+			}
+		}
+		for s := int64(0); s < after.Size()/SectorSize; s++ {
+			n, present, err := after.Run(s*SectorSize, SectorSize)
+			if err != nil || n != SectorSize {
+				t.Fatalf("k=%d: Run(sector %d) = %d, %v", k, s, n, err)
+			}
+			want := x.own[s*SectorSize:][:SectorSize]
+			wasPresent := x.present[s]
+			if s == extraSector || s == extraSector+1 {
+				want = extra[:SectorSize]
+				if completed && !present {
+					t.Fatalf("k=%d: the write before SetParent is lost", k)
+				}
+			} else if present != wasPresent {
+				t.Fatalf("k=%d: sector %d present=%v, was %v", k, s, present, wasPresent)
+			}
+			if present {
+				got := make([]byte, SectorSize)
+				if _, err := after.ReadAt(got, s*SectorSize); err != nil {
+					t.Fatal(err)
+				}
+				if !bytes.Equal(got, want) {
+					t.Fatalf("k=%d: sector %d holds the wrong data", k, s)
+				}
+			}
+		}
+		after.Close()
+		if completed {
+			t.Logf("SetParent completed with %d writes; every earlier crash point was safe", ff.writes)
+			break
+		}
+	}
+}
+
+// TestSetParentConcurrent relinks an image while other goroutines read it and ask for
+// its header and locators, as a mount does during a merge; run with -race.
+func TestSetParentConcurrent(t *testing.T) {
+	x := newRelinkFixture(t)
+	img := openImage(t, x.child, true)
+	parent := openImage(t, x.p2, false)
+	done := make(chan struct{})
+	var wg sync.WaitGroup
+	for range 2 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			buf := make([]byte, 4*kib)
+			for {
+				select {
+				case <-done:
+					return
+				default:
+				}
+				if _, err := img.ReadAt(buf, 0); err != nil {
+					t.Error(err)
+					return
+				}
+				if _, _, err := img.Run(0, img.Size()); err != nil {
+					t.Error(err)
+					return
+				}
+				_, _ = img.Header()
+				if _, err := img.ParentLocations(); err != nil {
+					t.Error(err)
+					return
+				}
+			}
+		}()
+	}
+	err := img.SetParent(parent, x.p2, x.child)
+	close(done)
+	wg.Wait()
+	if err != nil {
+		t.Fatal(err)
+	}
+}

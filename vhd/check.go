@@ -97,10 +97,7 @@ func (img *Image) Check() []Problem {
 	}
 	img.mu.RLock()
 	dataEnd := img.metaEnd
-	for i, e := range img.bat {
-		if e == unallocated {
-			continue
-		}
+	for i, e := range img.bat.allocated() {
 		if int64(i) >= need {
 			add(Warning, "BAT entry %d is allocated but lies past the disk size", i)
 		}
@@ -155,10 +152,8 @@ func RepairFooter(name string) (bool, error) {
 	}
 	state := img.footerState
 	dataEnd := img.metaEnd
-	for _, e := range img.bat {
-		if e != unallocated {
-			dataEnd = max(dataEnd, int64(e)*SectorSize+img.bitmapSize+img.blockSize)
-		}
+	for _, e := range img.bat.allocated() {
+		dataEnd = max(dataEnd, int64(e)*SectorSize+img.bitmapSize+img.blockSize)
 	}
 	foot := img.footer
 	img.Close()

@@ -113,10 +113,7 @@ func packBlocks(t testing.TB, path string, b []byte) []byte {
 	}
 	out := append([]byte(nil), b[:roundUp(img.metaEnd, SectorSize)]...)
 	blockLen := img.bitmapSize + img.blockSize
-	for i, e := range img.bat {
-		if e == unallocated {
-			continue
-		}
+	for i, e := range img.bat.allocated() {
 		binary.BigEndian.PutUint32(out[int64(img.header.TableOffset)+4*int64(i):], uint32(len(out)/SectorSize))
 		out = append(out, b[int64(e)*SectorSize:int64(e)*SectorSize+blockLen]...)
 	}

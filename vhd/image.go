@@ -32,6 +32,10 @@ const (
 	FooterCopyOnly                    // only the copy at offset 0 is valid
 )
 
+func (s FooterState) String() string {
+	return [...]string{"footer at the end", "511-byte footer", "footer copy at offset 0 only"}[s]
+}
+
 const unallocated = ^uint32(0)
 
 // Image is one open VHD file. ReadAt and Run may be called concurrently with each
@@ -54,7 +58,7 @@ type Image struct {
 	meta       []region // footer copy, header, BAT and locator data
 
 	mu          sync.RWMutex
-	bat         []uint32          // guarded by mu
+	bat         batTable          // guarded by mu
 	bitmaps     map[uint32][]byte // guarded by mu: cache of on-disk plus pending bits
 	dirtyBAT    map[uint32]bool   // guarded by mu: entries not yet written to disk
 	dirtyBitmap map[uint32]bool   // guarded by mu: bitmaps not yet written to disk
@@ -244,33 +248,39 @@ func (img *Image) readHeader() error {
 
 func (img *Image) readBAT() error {
 	h := img.header
-	buf := make([]byte, int64(h.MaxTableEntries)*4)
-	if _, err := img.f.ReadAt(buf, int64(h.TableOffset)); err != nil {
-		return fmt.Errorf("%s: read BAT at %d: %w", img.name, h.TableOffset, err)
-	}
-	img.bat = make([]uint32, h.MaxTableEntries)
+	img.bat = newBAT(int(h.MaxTableEntries))
 	type extent struct {
 		start int64
 		idx   int
 	}
 	var used []extent
 	blockLen := img.bitmapSize + img.blockSize
-	for i := range img.bat {
-		e := binary.BigEndian.Uint32(buf[4*i:])
-		img.bat[i] = e
-		if e == unallocated {
-			continue
+	// Read in pieces: a 2 TiB image has a 4 MiB table, mostly unallocated.
+	buf := make([]byte, 64<<10)
+	for base := 0; base < img.bat.len(); base += len(buf) / 4 {
+		n := min(len(buf)/4, img.bat.len()-base)
+		off := int64(h.TableOffset) + int64(base)*4
+		if _, err := img.f.ReadAt(buf[:4*n], off); err != nil {
+			return fmt.Errorf("%s: read BAT at %d: %w", img.name, off, err)
 		}
-		start := int64(e) * SectorSize
-		if start+blockLen > img.footerOff {
-			return fmt.Errorf("%s: BAT entry %d points to %d, past the end of the data at %d: %w", img.name, i, start, img.footerOff, ErrCorrupt)
-		}
-		for _, m := range img.meta {
-			if overlaps(start, blockLen, m.off, m.len) {
-				return fmt.Errorf("%s: BAT entry %d points to %d, overlapping %s at %d: %w", img.name, i, start, m.name, m.off, ErrCorrupt)
+		for k := 0; k < n; k++ {
+			e := binary.BigEndian.Uint32(buf[4*k:])
+			if e == unallocated {
+				continue
 			}
+			i := base + k
+			img.bat.set(int64(i), e)
+			start := int64(e) * SectorSize
+			if start+blockLen > img.footerOff {
+				return fmt.Errorf("%s: BAT entry %d points to %d, past the end of the data at %d: %w", img.name, i, start, img.footerOff, ErrCorrupt)
+			}
+			for _, m := range img.meta {
+				if overlaps(start, blockLen, m.off, m.len) {
+					return fmt.Errorf("%s: BAT entry %d points to %d, overlapping %s at %d: %w", img.name, i, start, m.name, m.off, ErrCorrupt)
+				}
+			}
+			used = append(used, extent{start, i})
 		}
-		used = append(used, extent{start, i})
 	}
 	sort.Slice(used, func(a, b int) bool { return used[a].start < used[b].start })
 	for k := 1; k < len(used); k++ {
@@ -334,10 +344,8 @@ func (img *Image) AllocatedBytes() int64 {
 	img.mu.RLock()
 	defer img.mu.RUnlock()
 	var n int64
-	for _, e := range img.bat {
-		if e != unallocated {
-			n++
-		}
+	for range img.bat.allocated() {
+		n++
 	}
 	return n * img.blockSize
 }

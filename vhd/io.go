@@ -35,7 +35,7 @@ func (img *Image) ReadAt(p []byte, off int64) (int, error) {
 			blk, in := o/img.blockSize, o%img.blockSize
 			n := int(min(int64(len(p)-done), img.blockSize-in))
 			img.mu.RLock()
-			e := img.bat[blk]
+			e := img.bat.get(blk)
 			img.mu.RUnlock()
 			if e == unallocated {
 				clear(p[done : done+n])
@@ -74,7 +74,7 @@ func (img *Image) Run(off, n int64) (int64, bool, error) {
 		avail := min(n-run, img.blockSize-in)
 		var k int64
 		var p bool
-		switch e := img.bat[blk]; {
+		switch e := img.bat.get(blk); {
 		case e == unallocated:
 			k, p = avail, false
 		case img.footer.DiskType != TypeDifferencing:
@@ -188,7 +188,7 @@ func (img *Image) WriteAt(p []byte, off int64) (int, error) {
 }
 
 func (img *Image) writeBlockLocked(blk uint32, in int64, p []byte) error {
-	e := img.bat[blk]
+	e := img.bat.get(int64(blk))
 	if e == unallocated {
 		if img.footer.DiskType == TypeDynamic && allZero(p) {
 			return nil
@@ -279,7 +279,7 @@ func (img *Image) allocateLocked(blk uint32) (uint32, error) {
 	img.footerOff = newFooterOff
 	img.footerState = FooterAtEnd
 	e := uint32(start / SectorSize)
-	img.bat[blk] = e
+	img.bat.set(int64(blk), e)
 	img.dirtyBAT[blk] = true
 	img.bitmaps[blk] = make([]byte, img.bitmapSize)
 	return e, nil
@@ -304,7 +304,7 @@ func (img *Image) syncLocked() error {
 		return nil
 	}
 	for blk := range img.dirtyBitmap {
-		off := int64(img.bat[blk]) * SectorSize
+		off := int64(img.bat.get(int64(blk))) * SectorSize
 		if _, err := img.f.WriteAt(img.bitmaps[blk], off); err != nil {
 			return fmt.Errorf("%s: write bitmap of block %d at %d: %w", img.name, blk, off, err)
 		}
@@ -319,8 +319,8 @@ func (img *Image) syncLocked() error {
 	for s := range sectors {
 		first := s * SectorSize / 4
 		k := 0
-		for i := first; i < first+SectorSize/4 && i < int64(len(img.bat)); i++ {
-			binary.BigEndian.PutUint32(buf[4*k:], img.bat[i])
+		for i := first; i < first+SectorSize/4 && i < int64(img.bat.len()); i++ {
+			binary.BigEndian.PutUint32(buf[4*k:], img.bat.get(i))
 			k++
 		}
 		off := int64(img.header.TableOffset) + s*SectorSize

@@ -111,7 +111,7 @@ func WindowsToSlash(p string) string {
 	return p
 }
 
-// MacXToPath turns a MacX file URL into a path ("file://./p.vhd" → "./p.vhd").
+// MacXToPath turns a MacX file URL into a clean path ("file://./p.vhd" → "p.vhd").
 func MacXToPath(u string) string {
 	u = strings.TrimPrefix(u, "file://")
 	return path.Clean(strings.ReplaceAll(u, "%20", " "))

@@ -33,7 +33,7 @@ type Layer struct {
 // Chain is an open chain, top (depth 0) to base. Reads may run concurrently with each
 // other and with one write; writes and merges serialise on WriteLock.
 type Chain struct {
-	// wmu serialises writes, syncs of metadata and merges. Held across a whole
+	// wmu serialises writes and merges. Held across a whole
 	// read-modify-write so edges of concurrent unaligned writes do not interleave.
 	wmu sync.Mutex
 	// mu guards layers: readers and writers hold it for reading, a merge takes it for
@@ -254,10 +254,9 @@ func (c *Chain) WriteAt(p []byte, off int64) (int, error) {
 	return len(p), short
 }
 
-// Sync makes every write before it durable.
+// Sync makes every write before it durable. It does not wait for a running merge
+// (which synced the top before it began, and holds off writes).
 func (c *Chain) Sync() error {
-	c.wmu.Lock()
-	defer c.wmu.Unlock()
 	c.mu.RLock()
 	defer c.mu.RUnlock()
 	return c.layers[0].Image.Sync()

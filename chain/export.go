@@ -1,12 +1,13 @@
 package chain
 
 import (
-	"encoding/binary"
 	"fmt"
 	"os"
 	"runtime"
 	"sync"
 	"sync/atomic"
+
+	"github.com/vhdfs/vhdfs/vhd"
 )
 
 // exportChunk is the unit of work of Export.
@@ -87,11 +88,11 @@ func writeNonZero(out *os.File, p []byte, off int64) error {
 		return min(len(p), int((off+int64(i))/sparseGranule*sparseGranule+sparseGranule-off))
 	}
 	for i := 0; i < len(p); {
-		for i < len(p) && isZero(p[i:granuleEnd(i)]) {
+		for i < len(p) && vhd.AllZero(p[i:granuleEnd(i)]) {
 			i = granuleEnd(i)
 		}
 		j := i
-		for j < len(p) && !isZero(p[j:granuleEnd(j)]) {
+		for j < len(p) && !vhd.AllZero(p[j:granuleEnd(j)]) {
 			j = granuleEnd(j)
 		}
 		if j > i {
@@ -102,19 +103,4 @@ func writeNonZero(out *os.File, p []byte, off int64) error {
 		i = j
 	}
 	return nil
-}
-
-func isZero(p []byte) bool {
-	for len(p) >= 8 {
-		if binary.LittleEndian.Uint64(p) != 0 {
-			return false
-		}
-		p = p[8:]
-	}
-	for _, b := range p {
-		if b != 0 {
-			return false
-		}
-	}
-	return true
 }

@@ -85,7 +85,7 @@ func (img *Image) Check() []Problem {
 	if h.DataOffset != noDataOffset {
 		add(Warning, "dynamic header data offset is %#x, want all ones", h.DataOffset)
 	}
-	if h.Reserved1 != 0 || !allZero(h.Reserved2[:]) {
+	if h.Reserved1 != 0 || !AllZero(h.Reserved2[:]) {
 		add(Warning, "dynamic header reserved fields are not zero")
 	}
 	need := (img.size + img.blockSize - 1) / img.blockSize

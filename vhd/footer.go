@@ -101,14 +101,16 @@ const footerChecksumOff = 64
 
 // Marshal encodes the footer with a fresh checksum. It works on a copy: an open
 // image's footer is read by other goroutines while a writer marshals it.
-func (f Footer) Marshal() []byte {
+func (f Footer) Marshal() []byte { return marshalSummed(f, FooterSize, footerChecksumOff) }
+
+// marshalSummed encodes a footer or a header, given by value, big-endian, and puts
+// the checksum of the result at sumOff.
+func marshalSummed(v any, size, sumOff int) []byte {
 	var buf bytes.Buffer
-	buf.Grow(FooterSize)
-	f.Checksum = 0
-	_ = binary.Write(&buf, binary.BigEndian, f)
+	buf.Grow(size)
+	_ = binary.Write(&buf, binary.BigEndian, v)
 	b := buf.Bytes()
-	f.Checksum = checksum(b, footerChecksumOff)
-	binary.BigEndian.PutUint32(b[footerChecksumOff:], f.Checksum)
+	binary.BigEndian.PutUint32(b[sumOff:], checksum(b, sumOff))
 	return b
 }
 

@@ -43,16 +43,7 @@ const (
 )
 
 // Marshal encodes the header with a fresh checksum.
-func (h *Header) Marshal() []byte {
-	var buf bytes.Buffer
-	buf.Grow(HeaderSize)
-	h.Checksum = 0
-	_ = binary.Write(&buf, binary.BigEndian, h)
-	b := buf.Bytes()
-	h.Checksum = checksum(b, headerChecksumOff)
-	binary.BigEndian.PutUint32(b[headerChecksumOff:], h.Checksum)
-	return b
-}
+func (h Header) Marshal() []byte { return marshalSummed(h, HeaderSize, headerChecksumOff) }
 
 func parseHeader(b []byte, name string, off int64) (*Header, error) {
 	var h Header

@@ -190,7 +190,7 @@ func (img *Image) WriteAt(p []byte, off int64) (int, error) {
 func (img *Image) writeBlockLocked(blk uint32, in int64, p []byte) error {
 	e := img.bat.get(int64(blk))
 	if e == unallocated {
-		if img.footer.DiskType == TypeDynamic && allZero(p) {
+		if img.footer.DiskType == TypeDynamic && AllZero(p) {
 			return nil
 		}
 		var err error
@@ -236,7 +236,8 @@ func setBits(bm []byte, s, count int64) bool {
 	return changed
 }
 
-func allZero(p []byte) bool {
+// AllZero reports whether p holds only zero bytes.
+func AllZero(p []byte) bool {
 	for len(p) >= 8 {
 		if binary.LittleEndian.Uint64(p) != 0 {
 			return false

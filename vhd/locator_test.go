@@ -145,7 +145,7 @@ func TestCreatedLocators(t *testing.T) {
 			}
 			name := raw[FooterSize+64 : FooterSize+64+512]
 			wantName := utf16BE(absWin)
-			if !bytes.Equal(name[:len(wantName)], wantName) || !allZero(name[len(wantName):]) {
+			if !bytes.Equal(name[:len(wantName)], wantName) || !AllZero(name[len(wantName):]) {
 				t.Errorf("parent name field % x, want UTF-16BE % x then zeros", name[:len(wantName)+4], wantName)
 			}
 			if ps := problems(img.Check(), Warning); len(ps) > 0 {

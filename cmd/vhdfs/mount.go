@@ -221,6 +221,10 @@ func cmdUmount(args []string) error {
 	}
 	dir := pos[0]
 	st, err := readStatus(dir)
+	if errors.Is(err, syscall.ENOTCONN) {
+		// The mount process is gone (killed): only the kernel's mount is left.
+		st, err = &fs.Status{}, nil
+	}
 	if err != nil {
 		return fmt.Errorf("%s is not a vhdfs mount: %v", dir, err)
 	}

@@ -146,7 +146,7 @@ func copyLayers(ctx context.Context, c *chain.Chain, opts Options, target *chain
 	layers := c.Layers()
 	const chunk = 4 << 20
 	buf := make([]byte, chunk)
-	var done int64
+	var done, sinceWriteback int64
 	halfway := false
 	for off := int64(0); off < size; off += chunk {
 		if !halfway && done*2 >= total && done > 0 {
@@ -175,8 +175,14 @@ func copyLayers(ctx context.Context, c *chain.Chain, opts Options, target *chain
 					return done, err
 				}
 				done += k
+				sinceWriteback += k
 			}
 			pos += k
+		}
+		// Get the disk busy now rather than all at the final fsync.
+		if sinceWriteback >= writebackEvery {
+			dst.StartWriteback()
+			sinceWriteback = 0
 		}
 		opts.Progress(done, total)
 	}
@@ -189,6 +195,10 @@ func copyLayers(ctx context.Context, c *chain.Chain, opts Options, target *chain
 	opts.Logf("merge: %d bytes durable in %s", done, target.Path)
 	return done, nil
 }
+
+// writebackEvery is how many bytes a merge copies between asking the kernel to
+// start writing the target's dirty pages.
+const writebackEvery = 64 << 20
 
 // presentBytes counts the bytes layers [from, to) hold, for progress.
 func presentBytes(c *chain.Chain, from, to int, size int64) (int64, error) {

@@ -331,11 +331,40 @@ merge_cp() {
   record merge_cp_ms "$(ms "$t")"
   rm -f "$dir/cp.raw"
 }
+# The same shape as qcow2 for qemu-img commit: base <- mid (the same scattered writes
+# as mid.vhd) <- over (the same data as over.vhd); each run commits over into a fresh
+# copy of mid.
+mkdir "$dir/q0"
+qemu-img create -q -f qcow2 "$dir/q0/base.qcow2" "$disk"
+cp --sparse=always "$dir/src.raw" "$dir/q0/over.raw"
+truncate -s "$disk" "$dir/q0/over.raw"
+"$vhdfs" export "$dir/m0/mid.vhd" "$dir/q0/mid.raw" >>"$dir/cmd.log"
+qemu-img convert -q -f raw -O qcow2 -B base.qcow2 -F qcow2 "$dir/q0/mid.raw" "$dir/q0/mid.qcow2"
+qemu-img convert -q -f raw -O qcow2 -B mid.qcow2 -F qcow2 "$dir/q0/over.raw" "$dir/q0/over.qcow2"
+rm -f "$dir/q0/over.raw" "$dir/q0/mid.raw"
+merge_qemu() {
+  local r=$dir/qrun t0
+  rm -rf "$r"
+  mkdir "$r"
+  cp --sparse=always "$dir/q0/base.qcow2" "$dir/q0/mid.qcow2" "$dir/q0/over.qcow2" "$r/"
+  sync "$r/mid.qcow2" "$r/over.qcow2"
+  t0=$(now)
+  qemu-img commit -q -d "$r/over.qcow2"
+  sync "$r/mid.qcow2"
+  local t=$(($(now) - t0))
+  record merge_qemu "$(mibps "$half" "$t")"
+  record merge_qemu_ms "$(ms "$t")"
+  rm -rf "$r"
+}
 for ((i = 1; i <= runs; i++)); do
-  if ((i % 2)); then merge_vhdfs; merge_cp; else merge_cp; merge_vhdfs; fi
-  log "merge $i/$runs: vhdfs $(grep '^merge_vhdfs_ms' "$samples" | tail -n 1 | cut -f2) ms, cp+sync $(grep '^merge_cp_ms' "$samples" | tail -n 1 | cut -f2) ms"
+  case $((i % 3)) in
+    1) merge_vhdfs; merge_cp; merge_qemu ;;
+    2) merge_cp; merge_qemu; merge_vhdfs ;;
+    0) merge_qemu; merge_vhdfs; merge_cp ;;
+  esac
+  log "merge $i/$runs: vhdfs $(grep '^merge_vhdfs_ms' "$samples" | tail -n 1 | cut -f2) ms, cp+sync $(grep '^merge_cp_ms' "$samples" | tail -n 1 | cut -f2) ms, qemu-img commit $(grep '^merge_qemu_ms' "$samples" | tail -n 1 | cut -f2) ms"
 done
-rm -rf "$dir/m0"
+rm -rf "$dir/m0" "$dir/q0"
 
 # --- 5. export of a single dynamic layer -------------------------------------------
 
@@ -431,6 +460,9 @@ rows.append(["random 4 KiB reads, O_DIRECT: no page cache (informational)", f"{n
              f"vhdimount: {num(vb)} IOPS", f"{va / vb:.2f}×", "—", "—"])
 compare("sequential write $((half >> 20)) MiB, dd conv=fsync, fresh top", "write_vhdfs", "write_plain", "MiB/s", "plain file", 0.4)
 compare("merge depth=1 of a $((half >> 20)) MiB overlay", "merge_vhdfs", "merge_cp", "MiB/s", "cp + sync", 0.5, ("merge_vhdfs_ms", "merge_cp_ms"))
+va, vb = med("merge_vhdfs"), med("merge_qemu")
+rows.append(["merge depth=1 of a $((half >> 20)) MiB overlay (informational)", f"{num(va)} MiB/s ({num(med('merge_vhdfs_ms'))} ms)",
+             f"qemu-img commit of the same qcow2 chain: {num(vb)} MiB/s ({num(med('merge_qemu_ms'))} ms)", f"{va / vb:.2f}×", "—", "—"])
 compare("export of one dynamic layer", "export_vhdfs", "export_qemu", "MiB/s", "qemu-img convert", 1, ("export_vhdfs_ms", "export_qemu_ms"))
 m, rss = med("mount_ms"), med("mount_rss")
 rows.append(["mount of a 16-deep chain of 2 TiB images", f"{num(m)} ms", "—", "—", "< 300 ms", "yes" if m < 300 else "**no**"])

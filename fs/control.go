@@ -33,6 +33,7 @@ type control struct {
 	running  string        // guarded by mu: the merge command running
 	cancel   func()        // guarded by mu: aborts the running merge
 	finished chan struct{} // guarded by mu: closed when the running merge ends
+	job      *mergeJob     // guarded by mu: the running merge
 	last     *lastResult   // guarded by mu
 	detached []string      // guarded by mu: images merged away, no longer in the chain
 
@@ -124,7 +125,7 @@ func (c *control) command(line string) (*mergeJob, syscall.Errno) {
 			return nil, c.record(line, fmt.Errorf("abort takes no arguments: %w", errInvalid), "")
 		}
 		c.mu.Lock()
-		cancel, finished := c.cancel, c.finished
+		cancel, job := c.cancel, c.job
 		c.mu.Unlock()
 		if cancel == nil {
 			return nil, c.record(line, nil, "no merge running")
@@ -135,7 +136,11 @@ func (c *control) command(line string) (*mergeJob, syscall.Errno) {
 			c.state = "aborting"
 		}
 		c.mu.Unlock()
-		<-finished
+		<-job.finished
+		if job.errno != syscall.ECANCELED {
+			// Past the copy a merge no longer stops: it had finished (or failed).
+			return nil, c.record(line, nil, "too late to abort: "+job.message)
+		}
 		return nil, c.record(line, nil, "merge aborted; the chain is as it was")
 	case "merge":
 		opts, err := parseMerge(fields[1:])
@@ -179,16 +184,14 @@ func parseMerge(args []string) (merge.Options, error) {
 	return opts, nil
 }
 
-// mergeJob is a merge started by a write to control. The write returns at once; the
-// handle that wrote it waits for it at close (flush). A write that blocked for the
-// whole merge would hold the file's inode lock that long, and `echo abort > control`
-// (whose O_TRUNC needs that lock) could not reach the merge it is meant to stop.
+// mergeJob is a merge started by a write to control; the write waits for it.
 type mergeJob struct {
 	finished chan struct{}
 	errno    syscall.Errno // set before finished is closed
+	message  string        // likewise
 }
 
-// wait returns the merge's errno, or EINTR if ctx (the closing request) is
+// wait returns the merge's errno, or EINTR if ctx (the writing request) is
 // interrupted first; the merge goes on either way.
 func (j *mergeJob) wait(ctx context.Context) syscall.Errno {
 	select {
@@ -214,7 +217,7 @@ func (c *control) startMerge(line string, opts merge.Options) (*mergeJob, syscal
 	// The merge's own context: not the request's, which any signal interrupts.
 	mctx, cancel := context.WithCancel(context.Background())
 	job := &mergeJob{finished: make(chan struct{})}
-	c.state, c.running, c.cancel, c.finished = "merging", line, cancel, job.finished
+	c.state, c.running, c.cancel, c.finished, c.job = "merging", line, cancel, job.finished, job
 	c.done.Store(0)
 	c.total.Store(0)
 	c.mu.Unlock()
@@ -231,18 +234,21 @@ func (c *control) startMerge(line string, opts merge.Options) (*mergeJob, syscal
 		cancel()
 		switch {
 		case errors.Is(err, context.Canceled):
-			job.errno = c.recordErrno(line, syscall.EINTR, "aborted; the chain is as it was")
+			job.message = "aborted; the chain is as it was"
+			job.errno = c.recordErrno(line, syscall.ECANCELED, job.message)
 		case err != nil:
 			// Whatever stops a merge is EIO for the writer; the message says why.
-			job.errno = c.recordErrno(line, syscall.EIO, "merge failed: "+err.Error())
+			job.message = "merge failed: " + err.Error()
+			job.errno = c.recordErrno(line, syscall.EIO, job.message)
 		default:
-			c.recordErrno(line, 0, res.Message())
+			job.message = res.Message()
+			c.recordErrno(line, 0, job.message)
 		}
 		c.mu.Lock()
 		if res != nil {
 			c.detached = append(c.detached, res.Detached...)
 		}
-		c.state, c.running, c.cancel, c.finished = "idle", "", nil, nil
+		c.state, c.running, c.cancel, c.finished, c.job = "idle", "", nil, nil, nil
 		c.mu.Unlock()
 		close(job.finished)
 	}()
@@ -269,8 +275,9 @@ type controlNode struct {
 type controlHandle struct {
 	content []byte
 
-	mu   sync.Mutex
-	jobs []*mergeJob // guarded by mu: merges written through this handle, not yet waited for
+	mu      sync.Mutex
+	job     *mergeJob // guarded by mu: the merge this handle's write started
+	jobLine string    // guarded by mu: the command that started it
 }
 
 var _ = (fs.NodeGetattrer)((*controlNode)(nil))
@@ -318,40 +325,53 @@ func (n *controlNode) Write(ctx context.Context, fh fs.FileHandle, data []byte, 
 		return 0, n.root.ctl.record(strconv.Quote(line), fmt.Errorf("one command per write: %w", errInvalid), "")
 	}
 	n.root.debugf("control: %q", line)
+	h, _ := fh.(*controlHandle)
+	if job := h.runningJob(line); job != nil {
+		// The same write again after EINTR (Go retries writes, and any signal,
+		// even the SIGURG of Go's scheduler, interrupts a request): wait on.
+		if e := job.wait(ctx); e != 0 {
+			return 0, e
+		}
+		return uint32(len(data)), 0
+	}
 	job, e := n.root.ctl.command(line)
+	if e == 0 && job != nil {
+		// The write returns when the merge is done. An interrupted writer gets EINTR
+		// and the merge goes on; `abort` stops it (ECANCELED).
+		h.setJob(job, line)
+		e = job.wait(ctx)
+	}
 	if e != 0 {
 		return 0, e
-	}
-	if job != nil {
-		if h, ok := fh.(*controlHandle); ok {
-			h.mu.Lock()
-			h.jobs = append(h.jobs, job)
-			h.mu.Unlock()
-		}
 	}
 	return uint32(len(data)), 0
 }
 
-var _ = (fs.NodeFlusher)((*controlNode)(nil))
-
-// Flush (close) waits for the merges written through this handle and returns the
-// first failure: EIO, or EINTR for an aborted merge or an interrupted close.
-func (n *controlNode) Flush(ctx context.Context, fh fs.FileHandle) syscall.Errno {
-	h, ok := fh.(*controlHandle)
-	if !ok {
-		return 0
+// runningJob returns the merge this handle started with line, if it still runs.
+func (h *controlHandle) runningJob(line string) *mergeJob {
+	if h == nil {
+		return nil
 	}
 	h.mu.Lock()
-	jobs := h.jobs
-	h.jobs = nil
-	h.mu.Unlock()
-	var first syscall.Errno
-	for _, j := range jobs {
-		if e := j.wait(ctx); e != 0 && first == 0 {
-			first = e
-		}
+	defer h.mu.Unlock()
+	if h.job == nil || h.jobLine != line {
+		return nil
 	}
-	return first
+	select {
+	case <-h.job.finished:
+		return nil
+	default:
+		return h.job
+	}
+}
+
+func (h *controlHandle) setJob(job *mergeJob, line string) {
+	if h == nil {
+		return
+	}
+	h.mu.Lock()
+	h.job, h.jobLine = job, line
+	h.mu.Unlock()
 }
 
 var _ = (fs.NodeSetattrer)((*controlNode)(nil))

@@ -57,6 +57,7 @@ func (d *layersDir) Lookup(ctx context.Context, name string, out *fuse.EntryOut)
 		var a fuse.AttrOut
 		node.Getattr(ctx, nil, &a)
 		out.Attr = a.Attr
+		out.SetEntryTimeout(entryTimeout)
 		return ch, 0
 	}
 	return nil, syscall.ENOENT

@@ -10,6 +10,7 @@ import (
 	"os"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -40,6 +41,8 @@ type Root struct {
 	mtime time.Time
 
 	ctl *control
+
+	controlIno atomic.Uint64 // inode numbers of control, one per lookup
 
 	inoMu   sync.Mutex
 	inos    map[*chain.Layer]uint64 // guarded by inoMu
@@ -77,11 +80,44 @@ var _ = (fs.NodeOnAdder)((*Root)(nil))
 func (r *Root) OnAdd(ctx context.Context) {
 	disk := r.NewPersistentInode(ctx, &diskNode{root: r, writable: !r.opts.ReadOnly}, fs.StableAttr{Ino: 2})
 	r.AddChild("disk.raw", disk, false)
+	r.controlIno.Store(1 << 32)
 	ctl := r.NewPersistentInode(ctx, &controlNode{root: r}, fs.StableAttr{Ino: 3})
 	r.AddChild("control", ctl, false)
 	layers := r.NewPersistentInode(ctx, &layersDir{root: r}, fs.StableAttr{Mode: syscall.S_IFDIR, Ino: 4})
 	r.AddChild("layers", layers, false)
 }
+
+var _ = (fs.NodeLookuper)((*Root)(nil))
+
+// Lookup gives every lookup of control an inode of its own, never cached, so each
+// open of control gets a fresh inode. The kernel holds a file's inode lock
+// for the whole of a write, and a merge's write lasts as long as the merge: on a
+// shared inode, `echo abort > control` (whose O_TRUNC takes that lock) would wait
+// for the merge it is meant to stop.
+func (r *Root) Lookup(ctx context.Context, name string, out *fuse.EntryOut) (*fs.Inode, syscall.Errno) {
+	if name == "control" {
+		node := &controlNode{root: r}
+		ch := r.NewInode(ctx, node, fs.StableAttr{Ino: r.controlIno.Add(1)})
+		var a fuse.AttrOut
+		node.Getattr(ctx, nil, &a)
+		out.Attr = a.Attr
+		return ch, 0 // entry timeout 0: the kernel looks it up again at every open
+	}
+	ch := r.GetChild(name)
+	if ch == nil {
+		return nil, syscall.ENOENT
+	}
+	if ga, ok := ch.Operations().(fs.NodeGetattrer); ok {
+		var a fuse.AttrOut
+		ga.Getattr(ctx, nil, &a)
+		out.Attr = a.Attr
+	}
+	out.SetEntryTimeout(entryTimeout)
+	return ch, 0
+}
+
+// entryTimeout is how long the kernel may cache names other than control.
+const entryTimeout = time.Second
 
 var _ = (fs.NodeGetattrer)((*Root)(nil))
 
@@ -117,8 +153,8 @@ func Mount(dir string, c *chain.Chain, opts Options) (*fuse.Server, *Root, error
 	sec := time.Second
 	top := c.Layers()[0].Path
 	fsopts := &fs.Options{
-		EntryTimeout: &sec,
-		AttrTimeout:  &sec,
+		// No default entry timeout: the lookups set theirs, control's is zero.
+		AttrTimeout: &sec,
 		MountOptions: fuse.MountOptions{
 			AllowOther:    opts.AllowOther,
 			FsName:        strings.ReplaceAll(chain.Abs(top), ",", "_"),
@@ -127,6 +163,9 @@ func Mount(dir string, c *chain.Chain, opts Options) (*fuse.Server, *Root, error
 			MaxReadAhead:  1 << 20,
 			Debug:         opts.Debug,
 			DisableXAttrs: true,
+			// The kernel checks the mode bits (the only access control there is),
+			// which matters with --allow-other.
+			Options: []string{"default_permissions"},
 		},
 		Logger: opts.Logger,
 	}

@@ -373,7 +373,7 @@ func TestMergeKilled(t *testing.T) {
 	}
 }
 
-// TestMergeAbort aborts a merge halfway: the write reports EINTR, the chain is as it
+// TestMergeAbort aborts a merge halfway: the write reports ECANCELED, the chain is as it
 // was, and the same merge then completes.
 func TestMergeAbort(t *testing.T) {
 	c := makeChain(t, chainOptions{Depth: 3, Create: []string{"--size", "24M"}, Writes: 25, Seed: 5})
@@ -399,8 +399,8 @@ func TestMergeAbort(t *testing.T) {
 	if e := <-aborted; e != 0 {
 		t.Errorf("abort: %v", e)
 	}
-	if e := <-done; e != syscall.EINTR {
-		t.Errorf("aborted merge write: errno %v, want EINTR", e)
+	if e := <-done; e != syscall.ECANCELED {
+		t.Errorf("aborted merge write: errno %v, want ECANCELED", e)
 	}
 	st := readMergeStatus(t, mnt)
 	if st.State != "idle" || len(st.Chain) != 3 {

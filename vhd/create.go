@@ -1,6 +1,7 @@
 package vhd
 
 import (
+	"bytes"
 	"encoding/binary"
 	"fmt"
 	"math/bits"
@@ -130,6 +131,9 @@ func build(opts CreateOptions) (*builder, error) {
 		return nil, fmt.Errorf("block size %d is not a power of two from 512 to %d: %w", blockSize, MaxBlockSize, ErrInvalidArg)
 	}
 	entries := (size + blockSize - 1) / blockSize
+	if entries > maxBATEntries {
+		return nil, fmt.Errorf("size %d in blocks of %d needs %d BAT entries, more than %d: use a larger block size: %w", size, blockSize, entries, maxBATEntries, ErrInvalidArg)
+	}
 	f.DataOffset = FooterSize
 	h := &Header{
 		Cookie:          headerCookie,
@@ -213,17 +217,23 @@ func (b *builder) write(f *os.File) error {
 		_, err := f.WriteAt(foot, b.end)
 		return err
 	}
-	buf := make([]byte, b.end+FooterSize)
-	copy(buf, foot)
-	copy(buf[FooterSize:], b.header.Marshal())
-	bat := buf[b.header.TableOffset : b.header.TableOffset+uint64(roundUp(int64(b.header.MaxTableEntries)*4, SectorSize))]
-	for i := range bat {
-		bat[i] = 0xff
+	// Footer copy and header; the BAT in pieces of all-ones (unallocated); the
+	// locator data; the footer.
+	if _, err := f.WriteAt(append(foot, b.header.Marshal()...), 0); err != nil {
+		return err
+	}
+	batEnd := int64(b.header.TableOffset) + roundUp(int64(b.header.MaxTableEntries)*4, SectorSize)
+	ones := bytes.Repeat([]byte{0xff}, 1<<20)
+	for off := int64(b.header.TableOffset); off < batEnd; off += int64(len(ones)) {
+		if _, err := f.WriteAt(ones[:min(int64(len(ones)), batEnd-off)], off); err != nil {
+			return err
+		}
 	}
 	for slot, data := range b.locData {
-		copy(buf[b.header.ParentLocators[slot].PlatformDataOffset:], data)
+		if _, err := f.WriteAt(data, int64(b.header.ParentLocators[slot].PlatformDataOffset)); err != nil {
+			return err
+		}
 	}
-	copy(buf[b.end:], foot)
-	_, err := f.WriteAt(buf, 0)
+	_, err := f.WriteAt(foot, b.end)
 	return err
 }

@@ -37,9 +37,11 @@ const (
 	headerChecksumOff = 36
 	// DefaultBlockSize is the block size Windows and qemu use.
 	DefaultBlockSize = 2 << 20
-	// MaxBlockSize bounds the block size accepted from a file, so a hostile header
-	// cannot make us allocate huge bitmaps and buffers.
-	MaxBlockSize = 256 << 20
+	// MaxBlockSize is the largest power of two the header's 32-bit field holds.
+	MaxBlockSize = 1 << 31
+	// maxBATEntries: a BAT entry is a 32-bit sector offset, so no file holds more
+	// blocks than this, and Create refuses to make a larger table.
+	maxBATEntries = 1 << 26
 )
 
 // Marshal encodes the header with a fresh checksum.
@@ -61,9 +63,6 @@ func parseHeader(b []byte, name string, off int64) (*Header, error) {
 	}
 	if h.BlockSize < SectorSize || bits.OnesCount32(h.BlockSize) != 1 {
 		return nil, fmt.Errorf("%s: dynamic header block size %d is not a power of two of at least 512: %w", name, h.BlockSize, ErrCorrupt)
-	}
-	if h.BlockSize > MaxBlockSize {
-		return nil, fmt.Errorf("%s: dynamic header block size %d exceeds %d: %w", name, h.BlockSize, MaxBlockSize, ErrUnsupported)
 	}
 	return &h, nil
 }

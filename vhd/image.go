@@ -72,9 +72,12 @@ const maxDirtyBlocks = 4096
 
 // Open opens the image at name, read-only unless writable.
 func Open(name string, writable bool) (*Image, error) {
-	flag := os.O_RDONLY
+	// O_NONBLOCK and O_NOCTTY: a parent locator may name a FIFO or a terminal; such
+	// an open must neither hang nor take a controlling terminal. OpenFile then
+	// refuses anything but a regular file.
+	flag := os.O_RDONLY | syscall.O_NONBLOCK | syscall.O_NOCTTY
 	if writable {
-		flag = os.O_RDWR
+		flag = os.O_RDWR | syscall.O_NONBLOCK | syscall.O_NOCTTY
 	}
 	f, err := os.OpenFile(name, flag, 0)
 	if err != nil {
@@ -108,6 +111,9 @@ func OpenFile(f File, name string, writable bool) (*Image, error) {
 	}
 	if st.IsDir() {
 		return nil, fmt.Errorf("%s: is a directory: %w", name, ErrNotVHD)
+	}
+	if !st.Mode().IsRegular() && st.Mode()&os.ModeType != 0 {
+		return nil, fmt.Errorf("%s: is not a regular file (%v): %w", name, st.Mode().Type(), ErrNotVHD)
 	}
 	img := &Image{f: f, name: name, writable: writable}
 	if err := img.readFooter(st.Size()); err != nil {

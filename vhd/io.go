@@ -252,20 +252,21 @@ func AllZero(p []byte) bool {
 	return true
 }
 
-// allocateLocked places block blk at the end of the data, where the footer is now.
-// The order of writes keeps the file valid if the process dies between any two:
+// allocateLocked places block blk past the end of the data, beyond the footer that is
+// there now, which it leaves alone. The order of writes keeps the file valid if the
+// process dies (or the power fails) between any two:
 //
-//  1. the footer at its new place past the block: the file now ends in a valid footer
-//     and the old one lies in space no BAT entry references;
-//  2. zeros over the old footer, the alignment gap and the block's bitmap;
-//  3. (the caller) the data, into the new, still unreferenced block;
-//  4. at Sync: fsync, then the bitmap with the written sectors' bits, then the BAT
+//  1. the footer at its new place past the block, which extends the file: the file
+//     now ends in a valid footer, the old one stays whole in space no BAT entry
+//     references, and the new bitmap lies in the hole, reading as zeros;
+//  2. (the caller) the data, into the new, still unreferenced block;
+//  3. at Sync: fsync, then the bitmap with the written sectors' bits, then the BAT
 //     entry, then fsync again.
 //
-// A death before 4 leaves an unreferenced tail that reads as before; after it, the
+// A death before 3 leaves an unreferenced tail that reads as before; after it, the
 // block is complete. The footer copy at offset 0 never changes: its fields do not.
 func (img *Image) allocateLocked(blk uint32) (uint32, error) {
-	end := img.footerOff
+	end := img.footerOff + FooterSize // the old footer stays; a 511-byte one too
 	start := roundUp(end+img.bitmapSize, dataAlign) - img.bitmapSize
 	if start/SectorSize >= int64(unallocated) {
 		return 0, fmt.Errorf("%s: allocate block %d: file would exceed the 2 TiB a BAT can address: %w", img.name, blk, ErrOutOfRange)
@@ -273,9 +274,6 @@ func (img *Image) allocateLocked(blk uint32) (uint32, error) {
 	newFooterOff := start + img.bitmapSize + img.blockSize
 	if _, err := img.f.WriteAt(img.footer.Marshal(), newFooterOff); err != nil {
 		return 0, fmt.Errorf("%s: write footer at %d: %w", img.name, newFooterOff, err)
-	}
-	if _, err := img.f.WriteAt(make([]byte, start+img.bitmapSize-end), end); err != nil {
-		return 0, fmt.Errorf("%s: clear new block %d at %d: %w", img.name, blk, end, err)
 	}
 	img.footerOff = newFooterOff
 	img.footerState = FooterAtEnd

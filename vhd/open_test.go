@@ -101,7 +101,6 @@ func TestOpenMalformed(t *testing.T) {
 		{"block size not a power of two", TypeDynamic, header(func(h *Header) { h.BlockSize = 3000 }), ErrCorrupt},
 		{"block size below a sector", TypeDynamic, header(func(h *Header) { h.BlockSize = 256 }), ErrCorrupt},
 		{"block size zero", TypeDynamic, header(func(h *Header) { h.BlockSize = 0 }), ErrCorrupt},
-		{"block size above the maximum", TypeDynamic, header(func(h *Header) { h.BlockSize = 2 * MaxBlockSize }), ErrUnsupported},
 		{"table too small for the size", TypeDynamic, header(func(h *Header) { h.MaxTableEntries = 15 }), ErrCorrupt},
 		{"BAT past the end of the file", TypeDynamic, header(func(h *Header) { h.TableOffset = mbFileSize }), ErrTruncated},
 		{"BAT runs past the footer", TypeDynamic, header(func(h *Header) { h.MaxTableEntries = 1 << 20 }), ErrTruncated},

@@ -10,7 +10,7 @@ import (
 // name and fresh W2ku and W2ru locators. childPath is the image's own path, for the
 // relative locator.
 //
-// The new locator data goes to the end of the file the way a block does (footer
+// The new locator data goes past the end of the file the way a block does (footer
 // pushed back first, then the data, fsync), so the old header stays valid until one
 // 1024-byte write of the new header switches everything at once; that write lies in
 // the first 4 KiB of the file, within one physical sector of a 4K disk. The old
@@ -29,7 +29,7 @@ func (img *Image) SetParent(parent *Image, parentPath, childPath string) error {
 		return err
 	}
 	h := *img.header
-	start := img.footerOff
+	start := img.footerOff + FooterSize // past the old footer, which stays whole
 	data, end, err := setParentFields(&h, start, parent, parentPath, childPath)
 	if err != nil {
 		return fmt.Errorf("%s: set parent: %w", img.name, err)

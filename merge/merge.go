@@ -13,6 +13,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 
 	"github.com/vhdfs/vhdfs/chain"
 	"github.com/vhdfs/vhdfs/vhd"
@@ -20,7 +21,7 @@ import (
 
 var (
 	ErrDepth     = errors.New("bad merge depth")
-	ErrTooLarge  = errors.New("merged layers are larger than the target")
+	ErrTooLarge  = errors.New("layers differ in size")
 	ErrNotLinked = errors.New("layer is not linked to the one below it")
 )
 
@@ -31,6 +32,8 @@ type Options struct {
 	// while the top stays and takes writes.
 	From int
 	// Depth is how many layers are merged; the target is the layer at From+Depth.
+	// 0 is the default, 1 (as the bare `merge` command); callers that read a depth
+	// from people reject an explicit 0 themselves.
 	Depth int
 	// Progress, if set, is called with the bytes copied so far and the total.
 	Progress func(done, total int64)
@@ -50,7 +53,8 @@ func (o *Options) Validate(n int) error {
 	if o.From < 0 || o.Depth < 1 {
 		return fmt.Errorf("from=%d depth=%d: depth must be at least 1: %w", o.From, o.Depth, ErrDepth)
 	}
-	if o.From+o.Depth >= n {
+	// Not From+Depth >= n: huge values (vhdfs merge --from) would overflow past it.
+	if o.Depth >= n || o.From >= n-o.Depth {
 		if o.From == 0 {
 			return fmt.Errorf("depth=%d: must be less than the %d images in the chain: %w", o.Depth, n, ErrDepth)
 		}
@@ -102,10 +106,14 @@ func Merge(ctx context.Context, c *chain.Chain, opts Options) (*Result, error) {
 	layers := c.Layers()
 	target := layers[opts.From+opts.Depth]
 	res := &Result{Target: target.Path}
-	for _, l := range layers[opts.From : opts.From+opts.Depth] {
-		if l.Image.Size() > target.Image.Size() {
-			return nil, fmt.Errorf("%s: virtual size %d is larger than the target %s (%d); growing the target is not supported: %w",
-				l.Path, l.Image.Size(), target.Path, target.Image.Size(), ErrTooLarge)
+	// A layer of another size would change the view: past a smaller layer's end the
+	// chain reads zeros, past a smaller target's end the data has nowhere to go.
+	// Growing a target is not supported.
+	first := layers[opts.From]
+	for _, l := range layers[opts.From+1 : opts.From+opts.Depth+1] {
+		if l.Image.Size() != first.Image.Size() {
+			return nil, fmt.Errorf("%s: virtual size %d differs from %s (%d); merging layers of different sizes is not supported: %w",
+				l.Path, l.Image.Size(), first.Path, first.Image.Size(), ErrTooLarge)
 		}
 	}
 	n, err := copyLayers(ctx, c, opts, target)
@@ -230,27 +238,31 @@ func replaceTop(c *chain.Chain, opts Options, layers []*chain.Layer, target *cha
 	os.Remove(tmp) // a leftover of an interrupted merge; the rename never happened
 	err = vhd.Create(tmp, vhd.CreateOptions{Type: vhd.TypeDifferencing, Parent: fresh, ParentPath: target.Path,
 		LocatorPath: top.Path, BlockSize: top.Image.BlockSize()})
+	if err == nil {
+		err = sameOwnerAndMode(tmp, top.Path)
+	}
+	var newTop *vhd.Image
+	if err == nil {
+		// Opened (and locked) before the rename: nothing can fail between the rename
+		// and the swap that would leave the mount writing to the replaced file.
+		newTop, err = vhd.Open(tmp, true)
+	}
 	if err != nil {
 		fresh.Close()
+		os.Remove(tmp)
 		return err
 	}
 	opts.Hook("relink-before")
 	if err := os.Rename(tmp, top.Path); err != nil {
+		newTop.Close()
 		fresh.Close()
 		os.Remove(tmp)
 		return fmt.Errorf("rename %s to %s: %w", tmp, top.Path, err)
 	}
-	if err := syncDir(filepath.Dir(top.Path)); err != nil {
-		fresh.Close()
-		return err
-	}
+	newTop.SetName(top.Path)
+	dirErr := syncDir(filepath.Dir(top.Path))
 	opts.Hook("relink-after")
 	opts.Logf("merge: %s replaced by an empty image on %s", top.Path, target.Path)
-	newTop, err := vhd.Open(top.Path, true)
-	if err != nil {
-		fresh.Close()
-		return fmt.Errorf("reopen new top: %w", err)
-	}
 	newLayers := []*chain.Layer{{Image: newTop, Path: top.Path}, {Image: fresh, Path: target.Path, FoundBy: "W2ru"}}
 	newLayers = append(newLayers, layers[opts.Depth+1:]...)
 	c.Replace(newLayers)
@@ -259,6 +271,23 @@ func replaceTop(c *chain.Chain, opts Options, layers []*chain.Layer, target *cha
 	}
 	for _, l := range layers[1:opts.Depth] {
 		res.Detached = append(res.Detached, l.Path)
+	}
+	return dirErr
+}
+
+// sameOwnerAndMode gives path the permission bits and owner of like.
+func sameOwnerAndMode(path, like string) error {
+	st, err := os.Stat(like)
+	if err != nil {
+		return err
+	}
+	if err := os.Chmod(path, st.Mode().Perm()); err != nil {
+		return err
+	}
+	if sys, ok := st.Sys().(*syscall.Stat_t); ok && (int(sys.Uid) != os.Getuid() || int(sys.Gid) != os.Getgid()) {
+		if err := os.Chown(path, int(sys.Uid), int(sys.Gid)); err != nil {
+			return err
+		}
 	}
 	return nil
 }

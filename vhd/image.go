@@ -309,6 +309,10 @@ func overlaps(a, alen, b, blen int64) bool { return a < b+blen && b < a+alen }
 
 func roundUp(n, m int64) int64 { return (n + m - 1) / m * m }
 
+// SetName changes the name errors give for the image (after a rename); call it
+// before the image is shared.
+func (img *Image) SetName(name string) { img.name = name }
+
 // Name is the path the image was opened with.
 func (img *Image) Name() string { return img.name }
 

@@ -190,7 +190,52 @@ func readFrom(layers []*Layer, p []byte, off int64) error {
 func (c *Chain) Run(depth int, off, n int64) (int64, bool, error) {
 	c.mu.RLock()
 	defer c.mu.RUnlock()
+	if depth < 0 || depth >= len(c.layers) {
+		return 0, false, fmt.Errorf("run at depth %d of a chain of %d: %w", depth, len(c.layers), vhd.ErrInvalidArg)
+	}
 	return runFrom(c.layers[depth:], off, n)
+}
+
+// ErrGone is returned for a layer that a merge has taken out of the chain.
+var ErrGone = errors.New("layer is no longer in the chain")
+
+// ReadAtLayer reads the view from layer l down, finding l in the chain under the
+// same lock as the read, so a concurrent merge cannot swap the layers in between.
+func (c *Chain) ReadAtLayer(l *Layer, p []byte, off int64) (int, error) {
+	c.mu.RLock()
+	defer c.mu.RUnlock()
+	d := c.depthLocked(l)
+	if d < 0 {
+		return 0, fmt.Errorf("%s: %w", l.Path, ErrGone)
+	}
+	return readLayers(c.layers[d:], p, off)
+}
+
+// RunLayer is Run for the view from layer l down.
+func (c *Chain) RunLayer(l *Layer, off, n int64) (int64, bool, error) {
+	c.mu.RLock()
+	defer c.mu.RUnlock()
+	d := c.depthLocked(l)
+	if d < 0 {
+		return 0, false, fmt.Errorf("%s: %w", l.Path, ErrGone)
+	}
+	return runFrom(c.layers[d:], off, n)
+}
+
+// Contains reports whether l is still a layer of the chain.
+func (c *Chain) Contains(l *Layer) bool {
+	c.mu.RLock()
+	defer c.mu.RUnlock()
+	return c.depthLocked(l) >= 0
+}
+
+func (c *Chain) depthLocked(l *Layer) int {
+	for i, x := range c.layers {
+		if x == l {
+			return i
+		}
+	}
+	return -1
 }
 
 func runFrom(layers []*Layer, off, n int64) (int64, bool, error) {

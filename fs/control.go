@@ -60,6 +60,7 @@ type Status struct {
 	Chain    []chain.LayerInfo `json:"chain"`
 	Detached []string          `json:"detached,omitempty"`
 	Last     *lastResult       `json:"last,omitempty"`
+	Errors   []string          `json:"errors,omitempty"` // the latest I/O errors, oldest first
 }
 
 // Progress of a running merge in bytes.
@@ -71,7 +72,7 @@ type Progress struct {
 func (c *control) status() Status {
 	c.mu.Lock()
 	st := Status{PID: pid, ReadOnly: c.root.opts.ReadOnly, State: c.state, Running: c.running, Last: c.last,
-		Detached: append([]string(nil), c.detached...)}
+		Detached: append([]string(nil), c.detached...), Errors: c.root.recentErrors()}
 	if c.state != "idle" {
 		st.Progress = &Progress{Done: c.done.Load(), Total: c.total.Load()}
 	}
@@ -87,7 +88,7 @@ func (c *control) record(cmd string, err error, msg string) syscall.Errno {
 	if err != nil && msg == "" {
 		msg = err.Error()
 	}
-	return c.recordErrno(cmd, errno("control "+cmd, err), msg)
+	return c.recordErrno(cmd, c.root.errno("control "+cmd, err), msg)
 }
 
 func (c *control) recordErrno(cmd string, e syscall.Errno, msg string) syscall.Errno {
@@ -296,7 +297,7 @@ var _ = (fs.NodeOpener)((*controlNode)(nil))
 func (n *controlNode) Open(ctx context.Context, flags uint32) (fs.FileHandle, uint32, syscall.Errno) {
 	b, err := json.MarshalIndent(n.root.ctl.status(), "", "  ")
 	if err != nil {
-		return nil, 0, errno("control status", err)
+		return nil, 0, n.root.errno("control status", err)
 	}
 	return &controlHandle{content: append(b, '\n')}, fuse.FOPEN_DIRECT_IO, 0
 }

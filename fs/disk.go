@@ -26,28 +26,29 @@ type diskHandle struct{}
 
 func (n *diskNode) chain() *chain.Chain { return n.root.chain }
 
-// depth of the view in the current chain, or -1 if its layer left the chain.
-func (n *diskNode) depth() int {
-	if n.layer == nil {
-		return 0
-	}
-	for i, l := range n.chain().Layers() {
-		if l == n.layer {
-			return i
-		}
-	}
-	return -1
-}
-
 // size of this view, or -1 if the layer left the chain (a merge shortened it).
 func (n *diskNode) size() int64 {
 	if n.layer != nil {
-		if n.depth() < 0 {
+		if !n.chain().Contains(n.layer) {
 			return -1
 		}
 		return n.layer.Image.Size()
 	}
 	return n.chain().Size()
+}
+
+func (n *diskNode) readAt(p []byte, off int64) (int, error) {
+	if n.layer == nil {
+		return n.chain().ReadAt(p, off)
+	}
+	return n.chain().ReadAtLayer(n.layer, p, off)
+}
+
+func (n *diskNode) run(off, count int64) (int64, bool, error) {
+	if n.layer == nil {
+		return n.chain().Run(0, off, count)
+	}
+	return n.chain().RunLayer(n.layer, off, count)
 }
 
 var _ = (fs.NodeGetattrer)((*diskNode)(nil))
@@ -80,13 +81,9 @@ func (n *diskNode) Open(ctx context.Context, flags uint32) (fs.FileHandle, uint3
 var _ = (fs.NodeReader)((*diskNode)(nil))
 
 func (n *diskNode) Read(ctx context.Context, fh fs.FileHandle, dest []byte, off int64) (fuse.ReadResult, syscall.Errno) {
-	d := n.depth()
-	if d < 0 {
-		return nil, syscall.ESTALE
-	}
-	k, err := n.chain().ReadAtDepth(dest, off, d)
+	k, err := n.readAt(dest, off)
 	if err != nil && err != io.EOF {
-		return nil, errno("read", err)
+		return nil, n.root.errno("read", err)
 	}
 	return fuse.ReadResultData(dest[:k]), 0
 }
@@ -101,7 +98,7 @@ func (n *diskNode) Write(ctx context.Context, fh fs.FileHandle, data []byte, off
 	if k > 0 {
 		return uint32(k), 0
 	}
-	return 0, errno("write", err)
+	return 0, n.root.errno("write", err)
 }
 
 var _ = (fs.NodeSetattrer)((*diskNode)(nil))
@@ -126,7 +123,7 @@ func (n *diskNode) Fsync(ctx context.Context, fh fs.FileHandle, flags uint32) sy
 	if !n.writable {
 		return 0
 	}
-	return errno("fsync", n.chain().Sync())
+	return n.root.errno("fsync", n.chain().Sync())
 }
 
 var _ = (fs.NodeFlusher)((*diskNode)(nil))
@@ -146,13 +143,9 @@ func (n *diskNode) Lseek(ctx context.Context, fh fs.FileHandle, off uint64, when
 	const seekData, seekHole = 3, 4
 	want := whence == seekData
 	for pos := int64(off); pos < size; {
-		d := n.depth()
-		if d < 0 {
-			return 0, syscall.ESTALE
-		}
-		k, present, err := n.chain().Run(d, pos, size-pos)
+		k, present, err := n.run(pos, size-pos)
 		if err != nil {
-			return 0, errno("lseek", err)
+			return 0, n.root.errno("lseek", err)
 		}
 		if present == want {
 			return uint64(pos), 0

@@ -2,7 +2,7 @@ package fs
 
 import (
 	"errors"
-	"log"
+	"fmt"
 	"syscall"
 
 	"github.com/vhdfs/vhdfs/chain"
@@ -10,8 +10,9 @@ import (
 )
 
 // errno maps an error of chain, vhd or merge to the errno a FUSE request returns.
-// It is the only place errors become errnos; unknown errors are EIO and logged.
-func errno(op string, err error) syscall.Errno {
+// It is the only place errors become errnos; unknown errors are EIO, logged, and
+// kept for the control file's status (a background mount has no stderr).
+func (r *Root) errno(op string, err error) syscall.Errno {
 	var en syscall.Errno
 	switch {
 	case err == nil:
@@ -24,10 +25,12 @@ func errno(op string, err error) syscall.Errno {
 		return syscall.EINVAL
 	case errors.Is(err, errBusy):
 		return syscall.EBUSY
+	case errors.Is(err, chain.ErrGone):
+		return syscall.ESTALE
 	case errors.As(err, &en) && (en == syscall.ENOSPC || en == syscall.EDQUOT || en == syscall.EINTR):
 		return en
 	}
-	log.Printf("vhdfs: %s: %v", op, err)
+	r.logError(fmt.Sprintf("%s: %v", op, err))
 	return syscall.EIO
 }
 

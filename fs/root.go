@@ -44,6 +44,9 @@ type Root struct {
 
 	controlIno atomic.Uint64 // inode numbers of control, one per lookup
 
+	errMu  sync.Mutex
+	errors []string // guarded by errMu: the latest I/O errors, for the status
+
 	inoMu   sync.Mutex
 	inos    map[*chain.Layer]uint64 // guarded by inoMu
 	nextIno uint64                  // guarded by inoMu
@@ -139,6 +142,25 @@ func (r *Root) fillAttr(a *fuse.Attr, writable bool) {
 // write is the write path of disk.raw: it waits while a merge holds the chain.
 func (r *Root) write(p []byte, off int64) (int, error) {
 	return r.chain.WriteAt(p, off)
+}
+
+// maxErrors is how many error lines the status keeps.
+const maxErrors = 16
+
+func (r *Root) logError(line string) {
+	r.opts.Logger.Print(line)
+	r.errMu.Lock()
+	defer r.errMu.Unlock()
+	r.errors = append(r.errors, time.Now().UTC().Format(time.RFC3339)+" "+line)
+	if len(r.errors) > maxErrors {
+		r.errors = r.errors[len(r.errors)-maxErrors:]
+	}
+}
+
+func (r *Root) recentErrors() []string {
+	r.errMu.Lock()
+	defer r.errMu.Unlock()
+	return append([]string(nil), r.errors...)
 }
 
 func (r *Root) debugf(format string, args ...any) {

@@ -139,11 +139,32 @@ func (img *Image) bitmapRLocked(blk, e uint32) ([]byte, error) {
 	if cached, ok := img.bitmaps[blk]; ok {
 		bm = cached
 	} else {
+		img.trimBitmapsLocked()
 		img.bitmaps[blk] = bm
 	}
 	img.mu.Unlock()
 	img.mu.RLock()
 	return bm, nil
+}
+
+// maxCachedBitmaps bounds the bitmap cache of one image (8 MiB of 512-byte
+// bitmaps, 32 GiB of disk in 2 MiB blocks); past it, clean bitmaps are dropped.
+const maxCachedBitmaps = 16384
+
+// trimBitmapsLocked drops clean bitmaps from a full cache, keeping those not yet
+// written to disk. The caller holds mu for writing.
+func (img *Image) trimBitmapsLocked() {
+	if len(img.bitmaps) < maxCachedBitmaps {
+		return
+	}
+	for blk := range img.bitmaps {
+		if len(img.bitmaps) <= maxCachedBitmaps*3/4 {
+			return
+		}
+		if !img.dirtyBitmap[blk] {
+			delete(img.bitmaps, blk)
+		}
+	}
 }
 
 // WriteAt writes whole sectors: off and len(p) must be multiples of 512 and the range
@@ -208,6 +229,7 @@ func (img *Image) writeBlockLocked(blk uint32, in int64, p []byte) error {
 		if _, err := img.f.ReadAt(bm, blockOff); err != nil {
 			return fmt.Errorf("%s: read bitmap of block %d at %d: %w", img.name, blk, blockOff, err)
 		}
+		img.trimBitmapsLocked()
 		img.bitmaps[blk] = bm
 	}
 	if setBits(bm, in/SectorSize, int64(len(p))/SectorSize) {

@@ -7,7 +7,9 @@ vhdfs=$PWD/bin/vhdfs
 dir=$(mktemp -d /tmp/vhdfs-demo.XXXXXX)
 mnt=$dir/mnt
 mkdir -p "$mnt"
+sleeper=
 cleanup() {
+  [ -n "$sleeper" ] && kill "$sleeper" 2>/dev/null
   if grep -q " $mnt fuse" /proc/mounts; then "$vhdfs" umount "$mnt" || fusermount3 -u -z "$mnt"; fi
   echo "demo files left in $dir"
 }
@@ -57,5 +59,8 @@ Try, in another terminal:
 Press Ctrl-C to unmount and stop.
 EOT
 if [ -t 0 ] && [ -z "${CI:-}" ]; then
-  while true; do sleep 3600; done
+  # wait returns at once on a signal (a foreground sleep would hold off the trap).
+  sleep infinity &
+  sleeper=$!
+  wait "$sleeper"
 fi

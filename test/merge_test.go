@@ -384,6 +384,11 @@ func TestMergeAbort(t *testing.T) {
 	done := make(chan syscall.Errno, 1)
 	go func() { done <- control(mnt, "merge depth=2") }()
 	reached()
+	// A lookup of control first: the kernel may reuse a name looked up in the same
+	// jiffy, and the last lookup then was the merge's, whose inode its write holds.
+	if st := readMergeStatus(t, mnt); st.State != "merging" {
+		t.Fatalf("state %q at copy-half, want merging", st.State)
+	}
 	aborted := make(chan syscall.Errno, 1)
 	go func() { aborted <- control(mnt, "abort") }()
 	// Once abort has cancelled the merge the state says "aborting"; only then may the
@@ -448,5 +453,24 @@ func waitDead(t testing.TB, pid int) {
 			t.Fatalf("process %d still running: %s", pid, b)
 		}
 		runtime.Gosched()
+	}
+}
+
+// TestUmountAfterKill: `vhdfs umount` of a mount whose process was killed removes the
+// dead mount instead of failing on it.
+func TestUmountAfterKill(t *testing.T) {
+	c := makeChain(t, chainOptions{Depth: 2, Create: []string{"--size", "8M"}, Writes: 5, Seed: 2})
+	mnt := mountEnv(t, c.Top(), nil)
+	pid := readMergeStatus(t, mnt).PID
+	if err := syscall.Kill(pid, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	waitDead(t, pid)
+	mustVhdfs(t, "umount", mnt)
+	if mountedAt(t, mnt) {
+		t.Fatalf("%s still mounted after vhdfs umount", mnt)
+	}
+	if out, errs, code := vhdfs(t, "check", c.Top()); code != 0 {
+		t.Errorf("check after kill: exit %d\n%s%s", code, out, errs)
 	}
 }

@@ -7,17 +7,11 @@ import (
 	"sync"
 	"sync/atomic"
 
-	"golang.org/x/sys/unix"
-
 	"github.com/vhdfs/vhdfs/vhd"
 )
 
 // exportChunk is the unit of work of Export.
 const exportChunk = 4 << 20
-
-// writebackEvery is how many bytes Export produces between asking the kernel to
-// start writing the output's dirty pages.
-const writebackEvery = 64 << 20
 
 // Export writes the flattened chain to out as a sparse raw image: only the ranges some
 // layer stores and that are not all zeros (in 4 KiB granules) are written; the rest
@@ -52,9 +46,8 @@ func Export(c *Chain, out *os.File, progress func(done int64)) error {
 				}
 				n := min(exportChunk, size-i*exportChunk)
 				d := done.Add(n)
-				if d/writebackEvery != (d-n)/writebackEvery {
-					// Keep the disk busy now rather than at the caller's sync.
-					_ = unix.SyncFileRange(int(out.Fd()), 0, 0, unix.SYNC_FILE_RANGE_WRITE)
+				if d/vhd.WritebackEvery != (d-n)/vhd.WritebackEvery {
+					vhd.StartWriteback(out)
 				}
 				if progress != nil {
 					progress(d)

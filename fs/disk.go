@@ -94,7 +94,7 @@ func (n *diskNode) Write(ctx context.Context, fh fs.FileHandle, data []byte, off
 	if !n.writable {
 		return 0, syscall.EROFS
 	}
-	k, err := n.root.write(data, off)
+	k, err := n.chain().WriteAt(data, off) // waits while a merge from the top runs
 	if k > 0 {
 		return uint32(k), 0
 	}

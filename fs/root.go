@@ -139,11 +139,6 @@ func (r *Root) fillAttr(a *fuse.Attr, writable bool) {
 	a.SetTimes(nil, &r.mtime, &r.mtime)
 }
 
-// write is the write path of disk.raw: it waits while a merge holds the chain.
-func (r *Root) write(p []byte, off int64) (int, error) {
-	return r.chain.WriteAt(p, off)
-}
-
 // maxErrors is how many error lines the status keeps.
 const maxErrors = 16
 

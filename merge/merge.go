@@ -20,9 +20,8 @@ import (
 )
 
 var (
-	ErrDepth     = errors.New("bad merge depth")
-	ErrTooLarge  = errors.New("layers differ in size")
-	ErrNotLinked = errors.New("layer is not linked to the one below it")
+	ErrDepth    = errors.New("bad merge depth")
+	ErrTooLarge = errors.New("layers differ in size")
 )
 
 // Options of a merge.
@@ -188,7 +187,7 @@ func copyLayers(ctx context.Context, c *chain.Chain, opts Options, target *chain
 			pos += k
 		}
 		// Get the disk busy now rather than all at the final fsync.
-		if sinceWriteback >= writebackEvery {
+		if sinceWriteback >= vhd.WritebackEvery {
 			dst.StartWriteback()
 			sinceWriteback = 0
 		}
@@ -203,10 +202,6 @@ func copyLayers(ctx context.Context, c *chain.Chain, opts Options, target *chain
 	opts.Logf("merge: %d bytes durable in %s", done, target.Path)
 	return done, nil
 }
-
-// writebackEvery is how many bytes a merge copies between asking the kernel to
-// start writing the target's dirty pages.
-const writebackEvery = 64 << 20
 
 // presentBytes counts the bytes layers [from, to) hold, for progress.
 func presentBytes(c *chain.Chain, from, to int, size int64) (int64, error) {

@@ -379,6 +379,15 @@ func (img *Image) Close() error {
 // less left to do. A no-op for files that are not *os.File.
 func (img *Image) StartWriteback() {
 	if f, ok := img.f.(*os.File); ok {
-		_ = unix.SyncFileRange(int(f.Fd()), 0, 0, unix.SYNC_FILE_RANGE_WRITE)
+		StartWriteback(f)
 	}
 }
+
+// StartWriteback asks the kernel to begin writing f's dirty pages without waiting.
+func StartWriteback(f *os.File) {
+	_ = unix.SyncFileRange(int(f.Fd()), 0, 0, unix.SYNC_FILE_RANGE_WRITE)
+}
+
+// WritebackEvery is how many bytes a long copy (a merge, an export) writes between
+// calls to StartWriteback: the disk gets busy during the copy, not all at the end.
+const WritebackEvery = 64 << 20

@@ -44,7 +44,13 @@ type Chain struct {
 
 // Open opens the image at path and every ancestor. The top is opened for writing if
 // writable; ancestors are always opened read-only.
+//
+// A chain whose merge journal says a re-link was cut short is refused (ErrJournal):
+// writers run merge.Recover first.
 func Open(path string, writable bool) (*Chain, error) {
+	if err := checkJournal(path); err != nil {
+		return nil, err
+	}
 	top, err := vhd.Open(path, writable)
 	if err != nil {
 		return nil, err

@@ -12,6 +12,15 @@ import (
 // walk (its parents cannot be found without it).
 func Check(path string) []vhd.Problem {
 	var out []vhd.Problem
+	switch j, err := ReadJournal(path); {
+	case err != nil:
+		out = append(out, vhd.Problem{Severity: vhd.Error, File: path, Message: err.Error()})
+	case j != nil && j.Phase == PhaseRelink:
+		out = append(out, vhd.Problem{Severity: vhd.Error, File: path, Message: fmt.Sprintf("merge journal %s: %q into %s was interrupted in its last step; 'vhdfs check --repair' completes it", JournalPath(path), j.Command, j.Target)})
+		return out
+	case j != nil:
+		out = append(out, vhd.Problem{Severity: vhd.Warning, File: path, Message: fmt.Sprintf("merge journal %s: %q into %s is pending (a new top holds the writes made since it began); run the same merge again to complete it", JournalPath(path), j.Command, j.Target)})
+	}
 	img, err := vhd.Open(path, false)
 	if err != nil {
 		return append(out, vhd.Problem{Severity: vhd.Error, File: path, Message: err.Error()})

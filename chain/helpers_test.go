@@ -65,12 +65,13 @@ func reparent(t *testing.T, childPath, parentPath string) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer parent.Close()
+	id := parent.Footer().UniqueID
+	parent.Close()
 	child, err := vhd.Open(childPath, true)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := child.SetParent(parent, parentPath, childPath); err != nil {
+	if err := child.SetParent(id, parentPath, childPath); err != nil {
 		t.Fatalf("SetParent(%s, %s): %v", childPath, parentPath, err)
 	}
 	if err := child.Close(); err != nil {

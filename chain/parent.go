@@ -86,7 +86,7 @@ func FindParent(child *vhd.Image, childPath string) (*Layer, error) {
 		}
 		if got := img.Footer().UniqueID; got != want {
 			img.Close()
-			mismatches = append(mismatches, fmt.Sprintf("%s has %s", c.path, got))
+			mismatches = append(mismatches, fmt.Sprintf("parent found at %s, but its unique ID changed (%s, this image expects %s): %s was modified (merged into) or replaced after this image was made; this image is no longer valid", c.path, got, want, c.path))
 			continue
 		}
 		return &Layer{Image: img, Path: c.path, FoundBy: c.source}, nil
@@ -95,7 +95,7 @@ func FindParent(child *vhd.Image, childPath string) (*Layer, error) {
 	case openErr != nil && len(mismatches) == 0:
 		return nil, fmt.Errorf("%s: parent: %w", childPath, openErr)
 	case len(mismatches) > 0:
-		return nil, fmt.Errorf("%s: parent unique ID %s not found: %s: %w", childPath, want, strings.Join(mismatches, ", "), vhd.ErrParentMismatch)
+		return nil, fmt.Errorf("%s: %s: %w", childPath, strings.Join(mismatches, "; "), vhd.ErrParentMismatch)
 	case len(tried) == 0:
 		return nil, fmt.Errorf("%s: no parent locator or parent name to find parent %s by: %w", childPath, want, vhd.ErrParentMissing)
 	}

@@ -4,6 +4,14 @@
 // still shadowed by a merged layer until the chain is re-linked, so the view through
 // the top never changes, an interrupted merge leaves a usable chain, and running the
 // same merge again completes it.
+//
+// Writes never wait for a merge. A merge from the top first puts a fresh, empty top
+// above the old one, at the top's path (the old top moves beside it); writes go there
+// while the old top and the layers below it are merged as a middle range. The re-link
+// at the end is one journaled step (see chain.Journal): the target gets a new unique
+// ID, so images merged away and siblings of the target refuse to open; the re-linked
+// image records it; and for a merge from the top the fresh top takes the old top's
+// unique ID, so the old top's own children stay valid.
 package merge
 
 import (
@@ -38,10 +46,13 @@ type Options struct {
 	Progress func(done, total int64)
 	// Logf, if set, receives a line for each step.
 	Logf func(format string, args ...any)
-	// Hook, if set, is called at each named point of the merge ("copy-start",
-	// "copy-half", "copy-done", "relink-before", "relink-after"); tests use it to
-	// stop or kill the process there.
+	// Hook, if set, is called at each named point of the merge ("push" once the
+	// fresh top is in place, "copy-start", "copy-half", "copy-done", "relink-before"
+	// once the journal is written, "relink-parent", "relink-id", "relink-target",
+	// "relink-after"); tests use it to stop or kill the process there.
 	Hook func(point string)
+	// Command names the merge in the journal and in messages; default from the options.
+	Command string
 }
 
 // Validate checks the options against a chain of n images and fills defaults.
@@ -68,6 +79,12 @@ func (o *Options) Validate(n int) error {
 	if o.Hook == nil {
 		o.Hook = func(string) {}
 	}
+	if o.Command == "" {
+		o.Command = fmt.Sprintf("merge depth=%d", o.Depth)
+		if o.From > 0 {
+			o.Command = fmt.Sprintf("merge from=%d depth=%d", o.From, o.Depth)
+		}
+	}
 	return nil
 }
 
@@ -87,57 +104,262 @@ func (r *Result) Message() string {
 	return msg
 }
 
-// Merge runs a merge on an open chain whose top is writable. ctx aborts it: the chain
-// then stays as it was. It returns when the data is durable in the target and the
-// chain has been re-linked (and c shows the shorter chain).
+// ErrPending is returned for a merge other than the one a pending journal records.
+var ErrPending = errors.New("another merge is pending")
+
+// Merge runs a merge on an open chain whose top is writable. ctx aborts it during the
+// copy: the chain then shows the same data (see Result for its shape). It returns
+// when the data is durable in the target and the chain has been re-linked (and c
+// shows the shorter chain). Writes to c go on throughout.
 func Merge(ctx context.Context, c *chain.Chain, opts Options) (*Result, error) {
 	if err := opts.Validate(c.Len()); err != nil {
 		return nil, err
 	}
-	if opts.From == 0 {
-		// Writes wait for the whole merge: the top is replaced at the end.
-		unlock := c.WriteLock()
-		defer unlock()
-		if err := c.SyncLocked(); err != nil {
-			return nil, err
-		}
-	}
-	layers := c.Layers()
-	target := layers[opts.From+opts.Depth]
-	res := &Result{Target: target.Path}
-	// A layer of another size would change the view: past a smaller layer's end the
-	// chain reads zeros, past a smaller target's end the data has nowhere to go.
-	// Growing a target is not supported.
-	first := layers[opts.From]
-	for _, l := range layers[opts.From+1 : opts.From+opts.Depth+1] {
-		if l.Image.Size() != first.Image.Size() {
-			return nil, fmt.Errorf("%s: virtual size %d differs from %s (%d); merging layers of different sizes is not supported: %w",
-				l.Path, l.Image.Size(), first.Path, first.Image.Size(), ErrTooLarge)
-		}
-	}
-	n, err := copyLayers(ctx, c, opts, target)
-	res.Bytes = n
+	top := c.Layers()[0]
+	j, err := chain.ReadJournal(top.Path)
 	if err != nil {
-		return res, err
+		return nil, err
 	}
-	opts.Hook("copy-done")
-	if err := ctx.Err(); err != nil {
-		return res, err
+	if j != nil {
+		return resume(ctx, c, opts, j)
 	}
-	if opts.From == 0 {
-		err = replaceTop(c, opts, layers, target, res)
-	} else {
-		err = relink(c, opts, layers, target, res)
+	if err := checkSizes(c.Layers(), opts.From, opts.Depth); err != nil {
+		return nil, err
+	}
+	if opts.From > 0 {
+		return mergeRange(ctx, c, opts, opts.From, nil)
+	}
+	p, err := pushTop(c, opts)
+	if err != nil {
+		return nil, err
+	}
+	opts.Hook("push")
+	res, err := mergeRange(ctx, c, opts, 1, p)
+	if err != nil && !p.relinking {
+		if uerr := p.undo(c); uerr != nil {
+			err = fmt.Errorf("%w; the writes made since the merge began are in a new top image above the old one (%v): the chain shows the same data, and the same merge run again completes it", err, uerr)
+		}
 	}
 	return res, err
 }
 
-// copyLayers writes every sector held by layers [From, From+Depth) into the target,
-// through a writable handle of its own. The chain's read-only handle of the target
-// keeps its cached BAT meanwhile: everything it would now read differently is
-// shadowed by a merged layer.
-func copyLayers(ctx context.Context, c *chain.Chain, opts Options, target *chain.Layer) (int64, error) {
-	from, to := opts.From, opts.From+opts.Depth
+// resume continues the merge a journal in PhaseCopy records, when opts asks for it.
+func resume(ctx context.Context, c *chain.Chain, opts Options, j *chain.Journal) (*Result, error) {
+	layers := c.Layers()
+	if j.Phase != chain.PhaseCopy {
+		return nil, fmt.Errorf("%s: merge journal %s is in phase %s: %w", layers[0].Path, chain.JournalPath(layers[0].Path), j.Phase, chain.ErrJournal)
+	}
+	if opts.From != 0 || opts.Depth != j.Depth {
+		return nil, fmt.Errorf("%s: %q is pending (journal %s); run it again to complete it before another merge: %w", layers[0].Path, j.Command, chain.JournalPath(layers[0].Path), ErrPending)
+	}
+	if len(layers) < j.Depth+2 || filepath.Base(layers[1].Path) != filepath.Base(j.OldTop) {
+		return nil, fmt.Errorf("%s: the chain does not match its merge journal %s (want the old top %s below it): %w", layers[0].Path, chain.JournalPath(layers[0].Path), j.OldTop, chain.ErrJournal)
+	}
+	if err := checkSizes(layers, 1, j.Depth); err != nil {
+		return nil, err
+	}
+	target := layers[1+j.Depth]
+	if err := sameFile(target, j.TargetF); err != nil {
+		return nil, err
+	}
+	real, err := filepath.EvalSymlinks(layers[0].Path)
+	if err != nil {
+		return nil, err
+	}
+	oldID, err := vhd.ParseUUID(j.AboveID)
+	if err != nil {
+		return nil, fmt.Errorf("merge journal %s: %w", chain.JournalPath(layers[0].Path), err)
+	}
+	p := &pushed{real: real, oldTop: j.OldTop, oldTopID: oldID, journal: j}
+	return mergeRange(ctx, c, opts, 1, p)
+}
+
+func checkSizes(layers []*chain.Layer, from, depth int) error {
+	// A layer of another size would change the view: past a smaller layer's end the
+	// chain reads zeros, past a smaller target's end the data has nowhere to go.
+	// Growing a target is not supported.
+	first := layers[from]
+	for _, l := range layers[from+1 : from+depth+1] {
+		if l.Image.Size() != first.Image.Size() {
+			return fmt.Errorf("%s: virtual size %d differs from %s (%d); merging layers of different sizes is not supported: %w",
+				l.Path, l.Image.Size(), first.Path, first.Image.Size(), ErrTooLarge)
+		}
+	}
+	return nil
+}
+
+func sameFile(l *chain.Layer, id chain.FileID) error {
+	if got := fileID(l.Image); got != id {
+		return fmt.Errorf("%s: is not the file the merge journal names (device/inode %d/%d, journal %d/%d): %w", l.Path, got.Dev, got.Ino, id.Dev, id.Ino, chain.ErrJournal)
+	}
+	return nil
+}
+
+func fileID(img *vhd.Image) chain.FileID {
+	dev, ino := img.FileID()
+	return chain.FileID{Dev: dev, Ino: ino}
+}
+
+// pushed is a fresh top put above the old one by a merge from the top.
+type pushed struct {
+	real      string // the top's real path (symlinks followed): where the fresh top is
+	oldTop    string // where the old top went
+	oldTopID  vhd.UUID
+	journal   *chain.Journal
+	relinking bool // past the point where the push can be undone
+}
+
+// pushTop puts a fresh empty differencing image above the top, at the top's real
+// path; the old top moves to a hidden name beside it (a hard link made first, then
+// the fresh image renamed over the top's name, so every moment has a valid top).
+// Writes wait only for this step.
+func pushTop(c *chain.Chain, opts Options) (*pushed, error) {
+	top := c.Layers()[0]
+	real, err := filepath.EvalSymlinks(top.Path)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", top.Path, err)
+	}
+	real = chain.Abs(real)
+	if err := top.Image.SameFile(real); err != nil {
+		return nil, err
+	}
+	dir, base := filepath.Dir(real), filepath.Base(real)
+	p := &pushed{real: real, oldTop: filepath.Join(dir, "."+base+".vhdfs-merging"), oldTopID: top.Image.Footer().UniqueID}
+	fresh := filepath.Join(dir, "."+base+".vhdfs-new")
+	for _, leftover := range []string{p.oldTop, fresh} {
+		// No journal names them (Merge checked): leftovers of a merge that died before
+		// it wrote its journal, or of nothing we know. Never the top itself.
+		if top.Image.SameFile(leftover) == nil {
+			return nil, fmt.Errorf("%s: is a second name of the top %s; remove it first", leftover, top.Path)
+		}
+		os.Remove(leftover)
+	}
+	layers := c.Layers()
+	target := layers[opts.Depth]
+	newID := vhd.NewUUID()
+	p.journal = &chain.Journal{Version: 1, Phase: chain.PhaseCopy, Command: opts.Command, Top: real, OldTop: p.oldTop,
+		NewTop: fresh, NewTopID: newID.String(), Depth: opts.Depth, Above: real, AboveID: p.oldTopID.String(),
+		Target: target.Path, TargetF: fileID(target.Image), TargetOldID: target.Image.Footer().UniqueID.String()}
+	if err := p.journal.Write(real); err != nil {
+		return nil, err
+	}
+	fail := func(err error) (*pushed, error) {
+		os.Remove(fresh)
+		os.Remove(p.oldTop)
+		if jerr := chain.RemoveJournal(real); jerr != nil {
+			err = fmt.Errorf("%w; %v", err, jerr)
+		}
+		return nil, err
+	}
+	err = vhd.Create(fresh, vhd.CreateOptions{Type: vhd.TypeDifferencing, Parent: top.Image, ParentPath: p.oldTop,
+		LocatorPath: real, BlockSize: top.Image.BlockSize(), UniqueID: newID})
+	if err == nil {
+		err = sameOwnerAndMode(fresh, real)
+	}
+	var img *vhd.Image
+	if err == nil {
+		// Opened (and locked) before the rename: nothing can fail between the rename
+		// and the swap that would leave the mount writing to the moved file.
+		img, err = vhd.Open(fresh, true)
+	}
+	if err != nil {
+		return fail(err)
+	}
+	unlock := c.WriteLock()
+	defer unlock()
+	if err := c.SyncLocked(); err != nil {
+		img.Close()
+		return fail(err)
+	}
+	if err := os.Link(real, p.oldTop); err != nil {
+		img.Close()
+		return fail(fmt.Errorf("link %s to %s: %w", real, p.oldTop, err))
+	}
+	if err := os.Rename(fresh, real); err != nil {
+		img.Close()
+		return fail(fmt.Errorf("rename %s to %s: %w", fresh, real, err))
+	}
+	if err := chain.SyncDir(dir); err != nil {
+		// The rename happened: the chain on disk is the new one; go on with it.
+		opts.Logf("merge: %v", err)
+	}
+	img.SetName(real)
+	newLayers := []*chain.Layer{{Image: img, Path: top.Path}, {Image: top.Image, Path: p.oldTop, FoundBy: "W2ru"}}
+	c.Replace(append(newLayers, layers[1:]...))
+	opts.Logf("merge: writes now go to a fresh top at %s; the old top is %s until the merge is done", real, p.oldTop)
+	return p, nil
+}
+
+// undo takes the fresh top away again after a merge from the top failed or was
+// aborted, if nothing was written to it: the old top goes back to its name. If
+// writes went there, the deeper chain stays (it shows the same data) with its journal.
+func (p *pushed) undo(c *chain.Chain) error {
+	unlock := c.WriteLock()
+	defer unlock()
+	layers := c.Layers()
+	fresh, old := layers[0], layers[1]
+	if filepath.Base(old.Path) != filepath.Base(p.oldTop) {
+		return fmt.Errorf("the chain no longer has %s below its top", p.oldTop)
+	}
+	if n := fresh.Image.AllocatedBytes(); n > 0 {
+		return fmt.Errorf("%d bytes were written", n)
+	}
+	if err := os.Rename(p.oldTop, p.real); err != nil {
+		return err
+	}
+	if err := chain.SyncDir(filepath.Dir(p.real)); err != nil {
+		return err
+	}
+	if err := chain.RemoveJournal(p.real); err != nil {
+		return err
+	}
+	c.Replace(append([]*chain.Layer{{Image: old.Image, Path: fresh.Path}}, layers[2:]...))
+	fresh.Image.Close()
+	return nil
+}
+
+// mergeRange merges layers [from, from+Depth) into the layer below them and re-links
+// the layer above them to it. p is the push of a merge from the top (from is then 1).
+func mergeRange(ctx context.Context, c *chain.Chain, opts Options, from int, p *pushed) (*Result, error) {
+	layers := c.Layers()
+	to := from + opts.Depth
+	target := layers[to]
+	res := &Result{Target: target.Path}
+	// Identity, not paths: the merge writes the file the chain has open, and only
+	// while the target's path still names it (else the re-link would point elsewhere).
+	if err := target.Image.SameFile(target.Path); err != nil {
+		return res, err
+	}
+	dst, err := target.Image.Reopen(true)
+	if err != nil {
+		return res, err
+	}
+	if dst.Footer().UniqueID != target.Image.Footer().UniqueID {
+		dst.Close()
+		return res, fmt.Errorf("%s: unique ID changed since the chain was opened: %w", target.Path, vhd.ErrReplaced)
+	}
+	n, err := copyLayers(ctx, c, opts, from, to, dst)
+	res.Bytes = n
+	if err == nil {
+		opts.Hook("copy-done")
+		err = ctx.Err()
+	}
+	if err != nil {
+		dst.Close()
+		return res, err
+	}
+	if p != nil {
+		p.relinking = true
+	}
+	err = relink(c, opts, from, dst, p, res)
+	return res, err
+}
+
+// copyLayers writes every sector held by layers [from, to) into dst, a writable
+// handle of the target. The chain's read-only handle of the target keeps its cached
+// BAT meanwhile: everything it would now read differently is shadowed by a merged
+// layer. It returns when the data is durable.
+func copyLayers(ctx context.Context, c *chain.Chain, opts Options, from, to int, dst *vhd.Image) (int64, error) {
 	size := c.SizeAt(from)
 	total, err := presentBytes(c, from, to, size)
 	if err != nil {
@@ -145,11 +367,7 @@ func copyLayers(ctx context.Context, c *chain.Chain, opts Options, target *chain
 	}
 	opts.Progress(0, total)
 	opts.Hook("copy-start")
-	opts.Logf("merge: copying %d bytes from layers %d..%d into %s", total, from, to-1, target.Path)
-	dst, err := vhd.Open(target.Path, true)
-	if err != nil {
-		return 0, err
-	}
+	opts.Logf("merge: copying %d bytes from layers %d..%d into %s", total, from, to-1, dst.Name())
 	layers := c.Layers()
 	const chunk = 4 << 20
 	buf := make([]byte, chunk)
@@ -161,24 +379,20 @@ func copyLayers(ctx context.Context, c *chain.Chain, opts Options, target *chain
 			opts.Hook("copy-half")
 		}
 		if err := ctx.Err(); err != nil {
-			dst.Close()
 			return done, err
 		}
 		end := min(off+chunk, size)
 		for pos := off; pos < end; {
 			k, src, err := c.Source(from, to, pos, end-pos)
 			if err != nil {
-				dst.Close()
 				return done, err
 			}
 			if src >= 0 {
 				p := buf[:k]
 				if _, err := layers[src].Image.ReadAt(p, pos); err != nil {
-					dst.Close()
 					return done, err
 				}
 				if _, err := dst.WriteAt(p, pos); err != nil {
-					dst.Close()
 					return done, err
 				}
 				done += k
@@ -196,10 +410,10 @@ func copyLayers(ctx context.Context, c *chain.Chain, opts Options, target *chain
 	if !halfway {
 		opts.Hook("copy-half")
 	}
-	if err := dst.Close(); err != nil {
+	if err := dst.Sync(); err != nil {
 		return done, err
 	}
-	opts.Logf("merge: %d bytes durable in %s", done, target.Path)
+	opts.Logf("merge: %d bytes durable in %s", done, dst.Name())
 	return done, nil
 }
 
@@ -219,55 +433,101 @@ func presentBytes(c *chain.Chain, from, to int, size int64) (int64, error) {
 	return total, nil
 }
 
-// replaceTop swaps the top for a new empty differencing image at the same path
-// whose parent is the target: written beside it, fsynced, renamed over it, and the
-// folder fsynced. Until the rename the old chain is intact; after it, the new one.
-// The caller holds the chain's write lock.
-func replaceTop(c *chain.Chain, opts Options, layers []*chain.Layer, target *chain.Layer, res *Result) error {
-	top := layers[0]
-	fresh, err := vhd.Open(target.Path, false)
+// relink is the journaled last step: the layer above the merged range gets the
+// target as its parent under the target's new unique ID (and, after a push, the old
+// top's ID), then the target takes that ID. The journal, written first, lets the next
+// writer finish these steps after a crash (Recover). dst is the merge's writable
+// handle of the target; relink closes it.
+func relink(c *chain.Chain, opts Options, from int, dst *vhd.Image, p *pushed, res *Result) error {
+	defer dst.Close()
+	layers := c.Layers()
+	to := from + opts.Depth
+	above, target := layers[from-1], layers[to]
+	aboveReal, err := filepath.EvalSymlinks(above.Path)
 	if err != nil {
-		return err
+		return fmt.Errorf("%s: %w", above.Path, err)
 	}
-	tmp := tempName(top.Path)
-	os.Remove(tmp) // a leftover of an interrupted merge; the rename never happened
-	err = vhd.Create(tmp, vhd.CreateOptions{Type: vhd.TypeDifferencing, Parent: fresh, ParentPath: target.Path,
-		LocatorPath: top.Path, BlockSize: top.Image.BlockSize()})
-	if err == nil {
-		err = sameOwnerAndMode(tmp, top.Path)
+	aboveReal = chain.Abs(aboveReal)
+	for _, l := range []*chain.Layer{above, target} {
+		if err := l.Image.SameFile(l.Path); err != nil {
+			return err
+		}
 	}
-	var newTop *vhd.Image
-	if err == nil {
-		// Opened (and locked) before the rename: nothing can fail between the rename
-		// and the swap that would leave the mount writing to the replaced file.
-		newTop, err = vhd.Open(tmp, true)
+	topReal := chain.JournalPath(layers[0].Path)
+	topReal = topReal[:len(topReal)-len(chain.JournalSuffix)]
+	newID := vhd.NewUUID()
+	aboveID := above.Image.Footer().UniqueID
+	j := &chain.Journal{Version: 1, Phase: chain.PhaseRelink, Command: opts.Command, Top: topReal, Depth: opts.Depth,
+		Above: aboveReal, AboveF: fileID(above.Image), AboveID: aboveID.String(),
+		Target: target.Path, TargetF: fileID(target.Image), TargetOldID: dst.Footer().UniqueID.String(), TargetNewID: newID.String()}
+	if p != nil {
+		j.OldTop, j.NewTopID, j.AboveID = p.oldTop, aboveID.String(), p.oldTopID.String()
 	}
-	if err != nil {
-		fresh.Close()
-		os.Remove(tmp)
+	if err := j.Write(topReal); err != nil {
 		return err
 	}
 	opts.Hook("relink-before")
-	if err := os.Rename(tmp, top.Path); err != nil {
-		newTop.Close()
-		fresh.Close()
-		os.Remove(tmp)
-		return fmt.Errorf("rename %s to %s: %w", tmp, top.Path, err)
+
+	// The layer above: the top re-links itself under its own lock; another layer
+	// through a joint writable handle, then a fresh read-only one.
+	aboveNew := above
+	w := above.Image
+	if from > 1 || !above.Image.Writable() {
+		if w, err = above.Image.Reopen(true); err != nil {
+			return err
+		}
+		defer w.Close()
 	}
-	newTop.SetName(top.Path)
-	dirErr := syncDir(filepath.Dir(top.Path))
+	if err := w.SetParent(newID, target.Path, aboveReal); err != nil {
+		return err
+	}
+	opts.Hook("relink-parent")
+	if p != nil {
+		if err := w.SetUniqueID(p.oldTopID); err != nil {
+			return err
+		}
+	}
+	opts.Hook("relink-id")
+	if err := dst.SetUniqueID(newID); err != nil {
+		return err
+	}
+	opts.Hook("relink-target")
+	fresh, err := dst.Reopen(false)
+	if err != nil {
+		return err
+	}
+	if w != above.Image {
+		ro, err := w.Reopen(false)
+		if err != nil {
+			fresh.Close()
+			return err
+		}
+		aboveNew = &chain.Layer{Image: ro, Path: above.Path, FoundBy: above.FoundBy}
+	}
+	if p != nil {
+		if err := os.Remove(p.oldTop); err != nil && !errors.Is(err, os.ErrNotExist) {
+			opts.Logf("merge: remove %s: %v", p.oldTop, err)
+		}
+	}
+	if err := chain.RemoveJournal(topReal); err != nil {
+		opts.Logf("merge: %v", err)
+	}
 	opts.Hook("relink-after")
-	opts.Logf("merge: %s replaced by an empty image on %s", top.Path, target.Path)
-	newLayers := []*chain.Layer{{Image: newTop, Path: top.Path}, {Image: fresh, Path: target.Path, FoundBy: "W2ru"}}
-	newLayers = append(newLayers, layers[opts.Depth+1:]...)
+	opts.Logf("merge: %s re-linked to %s, which now has unique ID %s", above.Path, target.Path, newID)
+	newLayers := append([]*chain.Layer{}, layers[:from-1]...)
+	newLayers = append(newLayers, aboveNew, &chain.Layer{Image: fresh, Path: target.Path, FoundBy: "W2ru"})
+	newLayers = append(newLayers, layers[to+1:]...)
 	c.Replace(newLayers)
-	for _, l := range layers[:opts.Depth+1] {
+	if aboveNew != above {
+		above.Image.Close()
+	}
+	for _, l := range layers[from : to+1] {
 		l.Image.Close()
+		if l != target && (p == nil || l != layers[1]) {
+			res.Detached = append(res.Detached, l.Path)
+		}
 	}
-	for _, l := range layers[1:opts.Depth] {
-		res.Detached = append(res.Detached, l.Path)
-	}
-	return dirErr
+	return nil
 }
 
 // sameOwnerAndMode gives path the permission bits and owner of like.
@@ -283,78 +543,6 @@ func sameOwnerAndMode(path, like string) error {
 		if err := os.Chown(path, int(sys.Uid), int(sys.Gid)); err != nil {
 			return err
 		}
-	}
-	return nil
-}
-
-// relink points the layer above From at the target and drops the merged layers from
-// the chain; the top stays and keeps taking writes.
-func relink(c *chain.Chain, opts Options, layers []*chain.Layer, target *chain.Layer, res *Result) error {
-	above := layers[opts.From-1]
-	fresh, err := vhd.Open(target.Path, false)
-	if err != nil {
-		return err
-	}
-	var aboveNew *chain.Layer
-	opts.Hook("relink-before")
-	if opts.From == 1 {
-		// The top is open for writing already; it re-links itself under its lock.
-		if err := above.Image.SetParent(fresh, target.Path, above.Path); err != nil {
-			fresh.Close()
-			return err
-		}
-		aboveNew = above
-	} else {
-		w, err := vhd.Open(above.Path, true)
-		if err != nil {
-			fresh.Close()
-			return err
-		}
-		err = w.SetParent(fresh, target.Path, above.Path)
-		if cerr := w.Close(); err == nil {
-			err = cerr
-		}
-		if err != nil {
-			fresh.Close()
-			return err
-		}
-		ro, err := vhd.Open(above.Path, false)
-		if err != nil {
-			fresh.Close()
-			return err
-		}
-		aboveNew = &chain.Layer{Image: ro, Path: above.Path, FoundBy: above.FoundBy}
-	}
-	opts.Hook("relink-after")
-	opts.Logf("merge: %s re-linked to %s", above.Path, target.Path)
-	newLayers := append([]*chain.Layer{}, layers[:opts.From-1]...)
-	newLayers = append(newLayers, aboveNew, &chain.Layer{Image: fresh, Path: target.Path, FoundBy: "W2ru"})
-	newLayers = append(newLayers, layers[opts.From+opts.Depth+1:]...)
-	c.Replace(newLayers)
-	if aboveNew != above {
-		above.Image.Close()
-	}
-	for _, l := range layers[opts.From : opts.From+opts.Depth+1] {
-		l.Image.Close()
-		if l != target {
-			res.Detached = append(res.Detached, l.Path)
-		}
-	}
-	return nil
-}
-
-func tempName(path string) string {
-	return filepath.Join(filepath.Dir(path), "."+filepath.Base(path)+".vhdfs-merge")
-}
-
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	if err := d.Sync(); err != nil {
-		return fmt.Errorf("fsync %s: %w", dir, err)
 	}
 	return nil
 }

@@ -12,6 +12,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"testing"
 
 	"github.com/vhdfs/vhdfs/chain"
@@ -491,13 +492,15 @@ func testMergeFromTop(t *testing.T, f *fixture, depth int) {
 			c.Close()
 		}
 	}()
+	oldTopID := c.Layers()[0].Image.Footer().UniqueID
+	oldTargetID := c.Layers()[depth].Image.Footer().UniqueID
 	assertSame(t, "view before the merge", readView(t, c), f.model)
 	var points []string
 	res, err := Merge(context.Background(), c, Options{Depth: depth, Hook: func(p string) { points = append(points, p) }})
 	if err != nil {
 		t.Fatalf("merge depth=%d: %v", depth, err)
 	}
-	if want := []string{"copy-start", "copy-half", "copy-done", "relink-before", "relink-after"}; !slices.Equal(points, want) {
+	if want := []string{"push", "copy-start", "copy-half", "copy-done", "relink-before", "relink-parent", "relink-id", "relink-target", "relink-after"}; !slices.Equal(points, want) {
 		t.Errorf("hook points %v, want %v", points, want)
 	}
 	if res.Target != targetPath {
@@ -530,6 +533,14 @@ func testMergeFromTop(t *testing.T, f *fixture, depth int) {
 	if h.ParentUniqueID != targetImg.Footer().UniqueID {
 		t.Errorf("new top's parent unique ID %s, want the target's %s", h.ParentUniqueID, targetImg.Footer().UniqueID)
 	}
+	// Identity: the new top is the old top's stand-in (same view), so it keeps the
+	// old top's ID; the target changed, so it has a new one.
+	if got := top.Footer().UniqueID; got != oldTopID {
+		t.Errorf("new top's unique ID %s, want the old top's %s", got, oldTopID)
+	}
+	if got := targetImg.Footer().UniqueID; got == oldTargetID {
+		t.Errorf("target kept its unique ID %s after being merged into", got)
+	}
 	switch {
 	case wantBits != nil:
 		got := presentSectors(t, targetImg)
@@ -559,6 +570,16 @@ func testMergeFromTop(t *testing.T, f *fixture, depth int) {
 
 	// The target alone shows the merged view.
 	assertView(t, "the target's view", targetPath, f.model)
+	// The images merged away no longer open: their chain runs into the target,
+	// whose unique ID changed.
+	for _, p := range f.paths[1:depth] {
+		if c, err := chain.Open(p, false); !errors.Is(err, vhd.ErrParentMismatch) || !strings.Contains(err.Error(), "no longer valid") {
+			if err == nil {
+				c.Close()
+			}
+			t.Errorf("open merged-away %s: %v, want ErrParentMismatch saying it is no longer valid", p, err)
+		}
+	}
 
 	// The new top takes writes.
 	w := bytes.Repeat([]byte{0x5a}, 1000)
@@ -838,7 +859,7 @@ func TestMergeRejects(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if err := w.SetParent(p, small, mid); err != nil {
+		if err := w.SetParent(p.Footer().UniqueID, small, mid); err != nil {
 			t.Fatal(err)
 		}
 		p.Close()

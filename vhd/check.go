@@ -5,6 +5,9 @@ import (
 	"fmt"
 	"os"
 	"strings"
+	"syscall"
+
+	"github.com/vhdfs/vhdfs/internal/imagelock"
 )
 
 // Severity of a problem found by Check.
@@ -146,7 +149,20 @@ func (img *Image) Check() []Problem {
 // last block or metadata; a damaged tail past it is cut off. It reports whether it
 // wrote anything. The image must not be open elsewhere.
 func RepairFooter(name string) (bool, error) {
-	img, err := Open(name, false)
+	f, err := os.OpenFile(name, os.O_RDWR|syscall.O_NONBLOCK|syscall.O_NOCTTY, 0)
+	if err != nil {
+		return false, err
+	}
+	defer f.Close()
+	if st, err := f.Stat(); err != nil || !st.Mode().IsRegular() {
+		return false, fmt.Errorf("%s: not a regular file: %w", name, ErrNotVHD)
+	}
+	lock, err := imagelock.Acquire(f, name, imagelock.Writer)
+	if err != nil {
+		return false, err
+	}
+	defer lock.Release()
+	img, err := open(name, name, false, true)
 	if err != nil {
 		return false, err
 	}
@@ -160,11 +176,6 @@ func RepairFooter(name string) (bool, error) {
 	if state != FooterCopyOnly {
 		return false, nil
 	}
-	f, err := os.OpenFile(name, os.O_RDWR, 0)
-	if err != nil {
-		return false, err
-	}
-	defer f.Close()
 	end := roundUp(dataEnd, SectorSize)
 	if _, err := f.WriteAt(foot.Marshal(), end); err != nil {
 		return false, fmt.Errorf("%s: write footer at %d: %w", name, end, err)

@@ -36,6 +36,11 @@ type CreateOptions struct {
 	// LocatorPath is the path the locators are computed from when the image is
 	// written somewhere else first (a temporary file renamed into place); default name.
 	LocatorPath string
+	// UniqueID of the new image; zero means a new random one. A merge gives the
+	// image that replaces a merged top that top's ID.
+	UniqueID UUID
+	// ParentID recorded in a differencing image; zero means the parent's own.
+	ParentID UUID
 }
 
 // Create writes a new image at name, which must not exist, and syncs it.
@@ -48,7 +53,11 @@ func Create(name string, opts CreateOptions) error {
 		opts.LocatorPath = name
 	}
 	if opts.Type == TypeDifferencing {
-		if b.locData, b.end, err = setParentFields(b.header, b.end, opts.Parent, opts.ParentPath, opts.LocatorPath); err != nil {
+		pid := opts.ParentID
+		if pid.IsZero() {
+			pid = opts.Parent.footer.UniqueID
+		}
+		if b.locData, b.end, err = setParentFields(b.header, b.end, pid, opts.ParentPath, opts.LocatorPath); err != nil {
 			return fmt.Errorf("create %s: %w", name, err)
 		}
 	}
@@ -88,7 +97,10 @@ func build(opts CreateOptions) (*builder, error) {
 	f.CreatorVersion = creatorVersion
 	f.CreatorHostOS = hostOSWindows
 	f.DiskType = opts.Type
-	f.UniqueID = NewUUID()
+	f.UniqueID = opts.UniqueID
+	if f.UniqueID.IsZero() {
+		f.UniqueID = NewUUID()
+	}
 
 	size := opts.Size
 	blockSize := opts.BlockSize
@@ -148,12 +160,12 @@ func build(opts CreateOptions) (*builder, error) {
 	return b, nil
 }
 
-// setParentFields points h at parent: unique ID, time stamp (the parent file's
+// setParentFields points h at the parent with unique ID parentID at parentPath: time stamp (the parent file's
 // modification time, as blktap does), name, and W2ku and W2ru locators whose data is
 // to be placed from offset end. childPath is where the child lives (locators are
 // relative to it). It returns the data by locator slot and the new end.
-func setParentFields(h *Header, end int64, parent *Image, parentPath, childPath string) (map[int][]byte, int64, error) {
-	h.ParentUniqueID = parent.footer.UniqueID
+func setParentFields(h *Header, end int64, parentID UUID, parentPath, childPath string) (map[int][]byte, int64, error) {
+	h.ParentUniqueID = parentID
 	h.ParentTimestamp = 0
 	if st, err := os.Stat(parentPath); err == nil {
 		h.ParentTimestamp = Timestamp(st.ModTime())

@@ -3,7 +3,11 @@
 // differencing header records; package chain composes images into one view.
 package vhd
 
-import "errors"
+import (
+	"errors"
+
+	"github.com/vhdfs/vhdfs/internal/imagelock"
+)
 
 // Sentinel errors; every error this package returns wraps one of these or an I/O error,
 // and names the file and the field.
@@ -19,5 +23,6 @@ var (
 	ErrParentMismatch = errors.New("parent unique ID does not match")
 	ErrParentMissing  = errors.New("parent not found")
 	ErrInvalidArg     = errors.New("invalid argument")
-	ErrLocked         = errors.New("image is open for writing by another process (mounted or merging?)")
+	ErrLocked         = imagelock.ErrLocked // another process (or handle) uses the image
+	ErrReplaced       = errors.New("image file was replaced")
 )

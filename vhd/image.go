@@ -2,10 +2,11 @@ package vhd
 
 import (
 	"encoding/binary"
-	"errors"
 	"syscall"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/vhdfs/vhdfs/internal/imagelock"
 
 	"fmt"
 	"io"
@@ -46,6 +47,8 @@ type Image struct {
 	f        File
 	name     string
 	writable bool
+	lock     *imagelock.Handle // nil for images not opened by Open
+	dev, ino uint64            // identity of the file, for SameFile
 
 	footer      Footer
 	footerState FooterState // guarded by mu once open: an allocation ends a 511-byte footer
@@ -70,8 +73,15 @@ type Image struct {
 // maxDirtyBlocks bounds the metadata kept in memory between syncs.
 const maxDirtyBlocks = 4096
 
-// Open opens the image at name, read-only unless writable.
+// Open opens the image at name, read-only unless writable, and locks it with qemu's
+// protocol (package imagelock): a writable image is shared with readers only, a
+// read-only one with other readers only. A conflict wraps ErrLocked.
 func Open(name string, writable bool) (*Image, error) {
+	return open(name, name, writable, false)
+}
+
+// open opens path, called name in errors.
+func open(path, name string, writable, joint bool) (*Image, error) {
 	// O_NONBLOCK and O_NOCTTY: a parent locator may name a FIFO or a terminal; such
 	// an open must neither hang nor take a controlling terminal. OpenFile then
 	// refuses anything but a regular file.
@@ -79,27 +89,84 @@ func Open(name string, writable bool) (*Image, error) {
 	if writable {
 		flag = os.O_RDWR | syscall.O_NONBLOCK | syscall.O_NOCTTY
 	}
-	f, err := os.OpenFile(name, flag, 0)
+	f, err := os.OpenFile(path, flag, 0)
 	if err != nil {
+		if path != name {
+			return nil, fmt.Errorf("%s: %w", name, err)
+		}
 		return nil, err
 	}
-	if writable {
-		// One writer per image: a second mount or an offline merge of a mounted
-		// chain fails here instead of corrupting it. The lock goes with the file.
-		if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
-			f.Close()
-			if errors.Is(err, syscall.EWOULDBLOCK) {
-				return nil, fmt.Errorf("%s: %w", name, ErrLocked)
-			}
-			return nil, fmt.Errorf("%s: lock: %w", name, err)
-		}
+	st, err := f.Stat()
+	if err != nil {
+		f.Close()
+		return nil, fmt.Errorf("%s: %w", name, err)
 	}
-	img, err := OpenFile(f, name, writable)
+	if !st.Mode().IsRegular() {
+		f.Close()
+		return nil, fmt.Errorf("%s: is not a regular file (%v): %w", name, st.Mode().Type(), ErrNotVHD)
+	}
+	need := imagelock.Reader
+	if writable {
+		need = imagelock.Writer
+	}
+	need.Joint = joint
+	lock, err := imagelock.Acquire(f, name, need)
 	if err != nil {
 		f.Close()
 		return nil, err
 	}
+	img, err := OpenFile(f, name, writable)
+	if err != nil {
+		lock.Release()
+		f.Close()
+		return nil, err
+	}
+	img.lock = lock
+	img.dev, img.ino = fileID(st)
 	return img, nil
+}
+
+// Reopen opens the file img has open a second time, by its descriptor rather than
+// its path, so it is the same file whatever was renamed since; writable for a merge.
+// Its lock is joint with img's. The caller checks the unique ID if it matters.
+func (img *Image) Reopen(writable bool) (*Image, error) {
+	f, ok := img.f.(*os.File)
+	if !ok {
+		return nil, fmt.Errorf("%s: reopen: %w", img.name, ErrInvalidArg)
+	}
+	r, err := open(fmt.Sprintf("/proc/self/fd/%d", f.Fd()), img.name, writable, true)
+	if err != nil {
+		return nil, err
+	}
+	if r.dev != img.dev || r.ino != img.ino {
+		r.Close()
+		return nil, fmt.Errorf("%s: reopen found another file: %w", img.name, ErrInvalidArg)
+	}
+	return r, nil
+}
+
+// SameFile reports an error unless path names the file img has open (the same
+// device and inode), following symlinks.
+func (img *Image) SameFile(path string) error {
+	st, err := os.Stat(path)
+	if err != nil {
+		return fmt.Errorf("%s: no longer there: %w", path, err)
+	}
+	dev, ino := fileID(st)
+	if dev != img.dev || ino != img.ino {
+		return fmt.Errorf("%s: is no longer the file that was opened (it was moved or replaced): %w", path, ErrReplaced)
+	}
+	return nil
+}
+
+// FileID is the device and inode of the file the image has open.
+func (img *Image) FileID() (dev, ino uint64) { return img.dev, img.ino }
+
+func fileID(st os.FileInfo) (dev, ino uint64) {
+	if sys, ok := st.Sys().(*syscall.Stat_t); ok {
+		return uint64(sys.Dev), sys.Ino
+	}
+	return 0, 0
 }
 
 // OpenFile opens an image on f. It reads and validates the footer, the dynamic header
@@ -323,7 +390,11 @@ func (img *Image) Size() int64 { return img.size }
 func (img *Image) Type() DiskType { return img.footer.DiskType }
 
 // Footer returns a copy of the footer in use.
-func (img *Image) Footer() Footer { return img.footer }
+func (img *Image) Footer() Footer {
+	img.mu.RLock() // SetUniqueID changes it
+	defer img.mu.RUnlock()
+	return img.footer
+}
 
 // Header returns a copy of the dynamic header; ok is false for fixed images.
 func (img *Image) Header() (h Header, ok bool) {
@@ -371,6 +442,7 @@ func (img *Image) Close() error {
 	if cerr := img.f.Close(); err == nil && cerr != nil {
 		err = fmt.Errorf("%s: close: %w", img.name, cerr)
 	}
+	img.lock.Release()
 	return err
 }
 

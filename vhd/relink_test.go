@@ -64,7 +64,7 @@ func TestSetParent(t *testing.T) {
 	copy(x.own[100*SectorSize:], p)
 	x.present[100] = true
 	parent := openImage(t, x.p2, false)
-	if err := img.SetParent(parent, x.p2, x.child); err != nil {
+	if err := img.SetParent(parent.Footer().UniqueID, x.p2, x.child); err != nil {
 		t.Fatalf("SetParent: %v", err)
 	}
 	h, _ := img.Header()
@@ -132,12 +132,12 @@ func TestSetParentErrors(t *testing.T) {
 	parent := openImage(t, x.p2, false)
 	before := readFile(t, x.child)
 	ro := openImage(t, x.child, false)
-	if err := ro.SetParent(parent, x.p2, x.child); !errors.Is(err, ErrReadOnly) {
+	if err := ro.SetParent(parent.Footer().UniqueID, x.p2, x.child); !errors.Is(err, ErrReadOnly) {
 		t.Errorf("SetParent on a read-only image: %v, want ErrReadOnly", err)
 	}
 	ro.Close()
 	dyn := openImage(t, x.p1, true)
-	if err := dyn.SetParent(parent, x.p2, x.p1); !errors.Is(err, ErrInvalidArg) {
+	if err := dyn.SetParent(parent.Footer().UniqueID, x.p2, x.p1); !errors.Is(err, ErrInvalidArg) {
 		t.Errorf("SetParent on a dynamic image: %v, want ErrInvalidArg", err)
 	}
 	if !bytes.Equal(readFile(t, x.child), before) {
@@ -174,7 +174,7 @@ func TestSetParentCrashOrder(t *testing.T) {
 		}
 		_, err = img.WriteAt(extra, extraSector*SectorSize)
 		if err == nil {
-			err = img.SetParent(parent, x.p2, work)
+			err = img.SetParent(parent.Footer().UniqueID, x.p2, work)
 		}
 		closeErr := img.Close()
 		if err != nil && !errors.Is(err, errInjected) || closeErr != nil && !errors.Is(closeErr, errInjected) {
@@ -281,7 +281,7 @@ func TestSetParentConcurrent(t *testing.T) {
 			}
 		}()
 	}
-	err := img.SetParent(parent, x.p2, x.child)
+	err := img.SetParent(parent.Footer().UniqueID, x.p2, x.child)
 	close(done)
 	wg.Wait()
 	if err != nil {

@@ -2,7 +2,9 @@ package vhd
 
 import (
 	"crypto/rand"
+	"encoding/hex"
 	"fmt"
+	"strings"
 )
 
 // UUID is a 16-byte unique identifier as stored on disk.
@@ -22,4 +24,17 @@ func (u UUID) IsZero() bool { return u == UUID{} }
 
 func (u UUID) String() string {
 	return fmt.Sprintf("%x-%x-%x-%x-%x", u[0:4], u[4:6], u[6:8], u[8:10], u[10:16])
+}
+
+// ParseUUID reads the form String writes.
+func ParseUUID(s string) (UUID, error) {
+	var u UUID
+	h := strings.ReplaceAll(s, "-", "")
+	if len(h) != 32 {
+		return u, fmt.Errorf("UUID %q: %w", s, ErrInvalidArg)
+	}
+	if _, err := hex.Decode(u[:], []byte(h)); err != nil {
+		return u, fmt.Errorf("UUID %q: %w", s, ErrInvalidArg)
+	}
+	return u, nil
 }

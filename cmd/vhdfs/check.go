@@ -5,6 +5,7 @@ import (
 	"os"
 
 	"github.com/vhdfs/vhdfs/chain"
+	"github.com/vhdfs/vhdfs/merge"
 	"github.com/vhdfs/vhdfs/vhd"
 )
 
@@ -15,10 +16,19 @@ func (checkFailed) Error() string { return "check found errors" }
 
 func cmdCheck(args []string) error {
 	fs := newFlags("check")
-	repair := fs.Bool("repair", false, "restore a damaged end footer from the copy at offset 0")
+	repair := fs.Bool("repair", false, "complete or roll back an interrupted merge; restore a damaged end footer from the copy at offset 0")
 	pos, err := parse(fs, args, "IMAGE")
 	if err != nil {
 		return err
+	}
+	if *repair {
+		msg, err := merge.Recover(pos[0])
+		if err != nil {
+			return err
+		}
+		if msg != "" {
+			fmt.Printf("%s: repaired: %s\n", pos[0], msg)
+		}
 	}
 	problems := chain.Check(pos[0])
 	if *repair {

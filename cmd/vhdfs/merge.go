@@ -22,6 +22,13 @@ func cmdMerge(args []string) error {
 	if *depth < 1 {
 		return usagef("--depth %d: depth must be at least 1", *depth)
 	}
+	msg, err := merge.Recover(pos[0])
+	if err != nil {
+		return err
+	}
+	if msg != "" {
+		fmt.Fprintf(os.Stderr, "vhdfs: %s: %s\n", pos[0], msg)
+	}
 	c, err := chain.Open(pos[0], true)
 	if err != nil {
 		return err

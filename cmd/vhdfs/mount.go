@@ -16,6 +16,7 @@ import (
 
 	"github.com/vhdfs/vhdfs/chain"
 	"github.com/vhdfs/vhdfs/fs"
+	"github.com/vhdfs/vhdfs/merge"
 )
 
 // notifyEnv names the file descriptor on which a background mount process reports
@@ -182,12 +183,22 @@ func hasDebug(args []string) bool {
 // serve opens the chain, mounts it and serves until unmounted or signalled. ready is
 // called once: with nil when the mount is up, or with the error that prevented it.
 func serve(m mountArgs, ready func(error)) error {
+	logger := log.New(os.Stderr, "vhdfs: ", log.LstdFlags)
+	if !m.readOnly {
+		msg, err := merge.Recover(chain.Abs(m.image))
+		if err != nil {
+			ready(err)
+			return err
+		}
+		if msg != "" {
+			logger.Printf("%s: %s", m.image, msg)
+		}
+	}
 	c, err := chain.Open(chain.Abs(m.image), !m.readOnly)
 	if err != nil {
 		ready(err)
 		return err
 	}
-	logger := log.New(os.Stderr, "vhdfs: ", log.LstdFlags)
 	srv, root, err := fs.Mount(m.mountpoint, c, fs.Options{ReadOnly: m.readOnly, AllowOther: m.allowOther, Debug: m.debug, Logger: logger, MergeHook: mergeHook()})
 	if err != nil {
 		c.Close()

@@ -1,0 +1,153 @@
+package chain
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+)
+
+// A merge journal records a merge's intent beside the chain's top image, so that a
+// merge cut short by a crash or power loss is completed or rolled back by the next
+// writer of the chain (mount, merge, check --repair), and refused by readers while
+// the chain on disk is between its old and new shape. Package merge writes and acts
+// on it; this package only finds it.
+
+// JournalSuffix ends the name of a merge journal: "top.vhd" has "top.vhd.vhdfs-journal".
+const JournalSuffix = ".vhdfs-journal"
+
+// Journal phases.
+const (
+	// PhaseCopy: a fresh top was put above the old top (a merge from the top), and
+	// the copy into the target runs. The chain on disk is valid and shows the same
+	// data; the merge completes when it is run again.
+	PhaseCopy = "copy"
+	// PhaseRelink: the copy is durable in the target and the re-link (new parent,
+	// new unique IDs) is under way. The chain on disk may be between shapes: the
+	// journal must be rolled forward before anything reads it.
+	PhaseRelink = "relink"
+)
+
+var ErrJournal = errors.New("an interrupted merge must be completed first")
+
+// FileID identifies a file: its device and inode.
+type FileID struct {
+	Dev uint64 `json:"dev"`
+	Ino uint64 `json:"ino"`
+}
+
+// Journal is the record of a merge in progress.
+type Journal struct {
+	Version int    `json:"version"`
+	Phase   string `json:"phase"`
+	Command string `json:"command"` // for people: "merge depth=2"
+	// Top is the chain's top (real path); a merge from the top puts a fresh image
+	// there (NewTopID) and moves the old one to OldTop.
+	Top      string `json:"top"`
+	OldTop   string `json:"old_top,omitempty"`
+	NewTop   string `json:"new_top,omitempty"` // the fresh top's name before it is renamed to Top
+	NewTopID string `json:"new_top_id,omitempty"`
+	Depth    int    `json:"depth"` // layers merged
+	// Above is re-linked to Target; it ends with unique ID AboveID (the old top's,
+	// for a merge from the top, so that its children stay valid).
+	Above   string `json:"above"`
+	AboveF  FileID `json:"above_file"`
+	AboveID string `json:"above_id"`
+	// Target takes unique ID TargetNewID when the re-link is done.
+	Target      string `json:"target"`
+	TargetF     FileID `json:"target_file"`
+	TargetOldID string `json:"target_old_id"`
+	TargetNewID string `json:"target_new_id"`
+}
+
+// JournalPath is where the journal of a chain whose top is at top lives: beside the
+// file top names (after symlinks).
+func JournalPath(top string) string {
+	if real, err := filepath.EvalSymlinks(top); err == nil {
+		top = real
+	}
+	return Abs(top) + JournalSuffix
+}
+
+// ReadJournal returns the journal of the chain whose top is at top, or nil if none.
+func ReadJournal(top string) (*Journal, error) {
+	p := JournalPath(top)
+	b, err := os.ReadFile(p)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("merge journal %s: %w", p, err)
+	}
+	var j Journal
+	if err := json.Unmarshal(b, &j); err != nil || j.Version != 1 || (j.Phase != PhaseCopy && j.Phase != PhaseRelink) {
+		return nil, fmt.Errorf("merge journal %s is unreadable (%v); move it away only if you know the merge it records is done", p, err)
+	}
+	return &j, nil
+}
+
+// Write stores j atomically (a temporary file, fsync, rename, fsync of the folder).
+func (j *Journal) Write(top string) error {
+	p := JournalPath(top)
+	b, err := json.MarshalIndent(j, "", "  ")
+	if err != nil {
+		return err
+	}
+	tmp := p + ".tmp"
+	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o644)
+	if err != nil {
+		return fmt.Errorf("merge journal: %w", err)
+	}
+	_, err = f.Write(append(b, '\n'))
+	if err == nil {
+		err = f.Sync()
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err == nil {
+		err = os.Rename(tmp, p)
+	}
+	if err != nil {
+		os.Remove(tmp)
+		return fmt.Errorf("merge journal %s: %w", p, err)
+	}
+	return SyncDir(filepath.Dir(p))
+}
+
+// RemoveJournal deletes the journal of the chain at top, durably.
+func RemoveJournal(top string) error {
+	p := JournalPath(top)
+	if err := os.Remove(p); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("merge journal %s: %w", p, err)
+	}
+	return SyncDir(filepath.Dir(p))
+}
+
+// SyncDir makes the entries of a folder (a rename, a new or removed file) durable.
+func SyncDir(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	if err := d.Sync(); err != nil {
+		return fmt.Errorf("fsync %s: %w", dir, err)
+	}
+	return nil
+}
+
+// checkJournal refuses a chain whose journal says the re-link was cut short: what
+// is on disk may mix the old and new chain until it is rolled forward.
+func checkJournal(top string) error {
+	j, err := ReadJournal(top)
+	if err != nil {
+		return err
+	}
+	if j != nil && j.Phase == PhaseRelink {
+		return fmt.Errorf("%s: a merge into %s was interrupted in its last step (journal %s); mount the chain read-write, run the merge again or run 'vhdfs check --repair %s' to complete it: %w",
+			top, j.Target, JournalPath(top), top, ErrJournal)
+	}
+	return nil
+}

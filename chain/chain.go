@@ -48,14 +48,24 @@ type Chain struct {
 // A chain whose merge journal says a re-link was cut short is refused (ErrJournal):
 // writers run merge.Recover first.
 func Open(path string, writable bool) (*Chain, error) {
+	return open(path, writable, false)
+}
+
+// OpenForceShare opens the chain at path read-only without taking any lock (qemu-img's
+// -U): for reading images that another process has open for writing.
+func OpenForceShare(path string) (*Chain, error) {
+	return open(path, false, true)
+}
+
+func open(path string, writable, forceShare bool) (*Chain, error) {
 	if err := checkJournal(path); err != nil {
 		return nil, err
 	}
-	top, err := vhd.Open(path, writable)
+	top, err := openImage(path, writable, forceShare)
 	if err != nil {
 		return nil, err
 	}
-	layers, err := OpenParents(&Layer{Image: top, Path: path})
+	layers, err := openParents(&Layer{Image: top, Path: path}, forceShare)
 	if err != nil {
 		top.Close()
 		return nil, err
@@ -66,6 +76,17 @@ func Open(path string, writable bool) (*Chain, error) {
 // OpenParents returns the chain that starts at top, opening each ancestor read-only.
 // On error everything it opened is closed (but not top).
 func OpenParents(top *Layer) ([]*Layer, error) {
+	return openParents(top, false)
+}
+
+func openImage(path string, writable, forceShare bool) (*vhd.Image, error) {
+	if forceShare {
+		return vhd.OpenForceShare(path)
+	}
+	return vhd.Open(path, writable)
+}
+
+func openParents(top *Layer, forceShare bool) ([]*Layer, error) {
 	layers := []*Layer{top}
 	seen := map[vhd.UUID]string{top.Image.Footer().UniqueID: top.Path}
 	cleanup := func() {
@@ -78,7 +99,7 @@ func OpenParents(top *Layer) ([]*Layer, error) {
 			cleanup()
 			return nil, fmt.Errorf("%s: more than %d images below it: %w", top.Path, MaxDepth, ErrTooDeep)
 		}
-		parent, err := FindParent(cur.Image, cur.Path)
+		parent, err := findParent(cur.Image, cur.Path, forceShare)
 		if err != nil {
 			cleanup()
 			return nil, err

@@ -10,7 +10,12 @@ import (
 // Check opens the chain at path image by image and returns every problem found, top
 // first. It writes nothing. An image that cannot be opened is one error and ends the
 // walk (its parents cannot be found without it).
-func Check(path string) []vhd.Problem {
+func Check(path string) []vhd.Problem { return check(path, false) }
+
+// CheckForceShare is Check without locks (qemu-img check -U), for a chain in use.
+func CheckForceShare(path string) []vhd.Problem { return check(path, true) }
+
+func check(path string, forceShare bool) []vhd.Problem {
 	var out []vhd.Problem
 	switch j, err := ReadJournal(path); {
 	case err != nil:
@@ -21,7 +26,7 @@ func Check(path string) []vhd.Problem {
 	case j != nil:
 		out = append(out, vhd.Problem{Severity: vhd.Warning, File: path, Message: fmt.Sprintf("merge journal %s: %q into %s is pending (a new top holds the writes made since it began); run the same merge again to complete it", JournalPath(path), j.Command, j.Target)})
 	}
-	img, err := vhd.Open(path, false)
+	img, err := openImage(path, false, forceShare)
 	if err != nil {
 		return append(out, vhd.Problem{Severity: vhd.Error, File: path, Message: err.Error()})
 	}
@@ -41,7 +46,7 @@ func Check(path string) []vhd.Problem {
 		if len(opened) >= MaxDepth {
 			return append(out, vhd.Problem{Severity: vhd.Error, File: path, Message: fmt.Sprintf("more than %d images in the chain", MaxDepth)})
 		}
-		parent, err := FindParent(cur.Image, cur.Path)
+		parent, err := findParent(cur.Image, cur.Path, forceShare)
 		if err != nil {
 			return append(out, vhd.Problem{Severity: vhd.Error, File: cur.Path, Message: err.Error()})
 		}

@@ -59,6 +59,10 @@ func candidates(child *vhd.Image, childPath string) ([]candidate, error) {
 // found but none matched, the error wraps vhd.ErrParentMismatch, and if none was
 // found, vhd.ErrParentMissing.
 func FindParent(child *vhd.Image, childPath string) (*Layer, error) {
+	return findParent(child, childPath, false)
+}
+
+func findParent(child *vhd.Image, childPath string, forceShare bool) (*Layer, error) {
 	h, _ := child.Header()
 	want := h.ParentUniqueID
 	cands, err := candidates(child, childPath)
@@ -77,7 +81,7 @@ func FindParent(child *vhd.Image, childPath string) (*Layer, error) {
 		if _, err := os.Stat(c.path); err != nil {
 			continue
 		}
-		img, err := vhd.Open(c.path, false)
+		img, err := openImage(c.path, false, forceShare)
 		if err != nil {
 			if openErr == nil {
 				openErr = err

@@ -203,6 +203,14 @@ func exportImage(t testing.TB, image string) string {
 	return out
 }
 
+// exportShared is exportImage with --force-share, for an image a mount has open.
+func exportShared(t testing.TB, image string) string {
+	t.Helper()
+	out := filepath.Join(t.TempDir(), filepath.Base(image)+".raw")
+	mustVhdfs(t, "export", "-U", image, out)
+	return out
+}
+
 // assertSameBytes compares got with want and names the first differing offset.
 func assertSameBytes(t testing.TB, what string, got, want []byte) {
 	t.Helper()

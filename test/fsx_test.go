@@ -50,6 +50,7 @@ func TestFsx(t *testing.T) {
 			}
 			c := makeChain(t, chainOptions{Depth: 3, Create: tc.create, Writes: 15, Align: 512, MaxLen: 200 << 10, Seed: seed})
 			lower := snapshotFiles(t, c.Images[:len(c.Images)-1]...)
+			block := vhdfsInfo(t, c.Top()).Layers[0].BlockSize
 			mnt := mMountpoint(t)
 			mMount(t, c.Top(), mnt)
 			x := &fsx{
@@ -58,7 +59,7 @@ func TestFsx(t *testing.T) {
 				disk:  filepath.Join(mnt, "disk.raw"),
 				model: bytes.Clone(c.Model()),
 				size:  c.Size,
-				block: vhdfsInfo(t, c.Top()).Layers[0].BlockSize,
+				block: block,
 			}
 			t.Cleanup(func() {
 				if t.Failed() {

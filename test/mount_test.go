@@ -336,7 +336,7 @@ func TestMountReadsMatchExport(t *testing.T) {
 			for depth, name := range want {
 				img := c.Images[len(c.Images)-1-depth]
 				layer := fileBytes(t, filepath.Join(mnt, "layers", name))
-				assertSameBytes(t, "layers/"+name+" vs export of "+filepath.Base(img), layer, fileBytes(t, exportImage(t, img)))
+				assertSameBytes(t, "layers/"+name+" vs export of "+filepath.Base(img), layer, fileBytes(t, exportShared(t, img)))
 				assertSameBytes(t, "layers/"+name+" vs model", layer, c.Views[len(c.Images)-1-depth])
 				if _, err := os.OpenFile(filepath.Join(mnt, "layers", name), os.O_WRONLY, 0); !errors.Is(err, syscall.EROFS) && !errors.Is(err, syscall.EACCES) {
 					t.Errorf("open layers/%s for writing: %v, want EROFS", name, err)
@@ -1158,7 +1158,7 @@ func TestMountForeground(t *testing.T) {
 			if code != 1 {
 				t.Errorf("second read-write mount: exit %d, want 1", code)
 			}
-			assertOneLineError(t, errs, c.Top(), "open for writing by another process")
+			assertOneLineError(t, errs, c.Top(), "locked for writing by another process (vhdfs, pid")
 			if mountedAt(t, mnt2) {
 				t.Errorf("the refused second mount left %s mounted", mnt2)
 			}

@@ -162,7 +162,7 @@ func RepairFooter(name string) (bool, error) {
 		return false, err
 	}
 	defer lock.Release()
-	img, err := open(name, name, false, true)
+	img, err := open(name, name, false, true, false)
 	if err != nil {
 		return false, err
 	}

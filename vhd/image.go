@@ -77,11 +77,18 @@ const maxDirtyBlocks = 4096
 // protocol (package imagelock): a writable image is shared with readers only, a
 // read-only one with other readers only. A conflict wraps ErrLocked.
 func Open(name string, writable bool) (*Image, error) {
-	return open(name, name, writable, false)
+	return open(name, name, writable, false, false)
+}
+
+// OpenForceShare opens the image at name read-only without any lock, as qemu-img's
+// -U (force-share) does: it can read an image another process writes, and may then
+// see it torn.
+func OpenForceShare(name string) (*Image, error) {
+	return open(name, name, false, false, true)
 }
 
 // open opens path, called name in errors.
-func open(path, name string, writable, joint bool) (*Image, error) {
+func open(path, name string, writable, joint, noLock bool) (*Image, error) {
 	// O_NONBLOCK and O_NOCTTY: a parent locator may name a FIFO or a terminal; such
 	// an open must neither hang nor take a controlling terminal. OpenFile then
 	// refuses anything but a regular file.
@@ -101,19 +108,25 @@ func open(path, name string, writable, joint bool) (*Image, error) {
 		f.Close()
 		return nil, fmt.Errorf("%s: %w", name, err)
 	}
+	if st.IsDir() {
+		f.Close()
+		return nil, fmt.Errorf("%s: is a directory: %w", name, ErrNotVHD)
+	}
 	if !st.Mode().IsRegular() {
 		f.Close()
 		return nil, fmt.Errorf("%s: is not a regular file (%v): %w", name, st.Mode().Type(), ErrNotVHD)
 	}
-	need := imagelock.Reader
-	if writable {
-		need = imagelock.Writer
-	}
-	need.Joint = joint
-	lock, err := imagelock.Acquire(f, name, need)
-	if err != nil {
-		f.Close()
-		return nil, err
+	var lock *imagelock.Handle
+	if !noLock {
+		need := imagelock.Reader
+		if writable {
+			need = imagelock.Writer
+		}
+		need.Joint = joint
+		if lock, err = imagelock.Acquire(f, name, need); err != nil {
+			f.Close()
+			return nil, err
+		}
 	}
 	img, err := OpenFile(f, name, writable)
 	if err != nil {
@@ -134,7 +147,7 @@ func (img *Image) Reopen(writable bool) (*Image, error) {
 	if !ok {
 		return nil, fmt.Errorf("%s: reopen: %w", img.name, ErrInvalidArg)
 	}
-	r, err := open(fmt.Sprintf("/proc/self/fd/%d", f.Fd()), img.name, writable, true)
+	r, err := open(fmt.Sprintf("/proc/self/fd/%d", f.Fd()), img.name, writable, true, img.lock == nil && !writable)
 	if err != nil {
 		return nil, err
 	}

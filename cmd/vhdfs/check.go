@@ -16,10 +16,14 @@ func (checkFailed) Error() string { return "check found errors" }
 
 func cmdCheck(args []string) error {
 	fs := newFlags("check")
+	forceShare := fs.BoolP("force-share", "U", false, "open without locks, to read images another process has open for writing (as qemu-img -U); what it reads may be torn")
 	repair := fs.Bool("repair", false, "complete or roll back an interrupted merge; restore a damaged end footer from the copy at offset 0")
 	pos, err := parse(fs, args, "IMAGE")
 	if err != nil {
 		return err
+	}
+	if *repair && *forceShare {
+		return usagef("--repair writes; it cannot be combined with --force-share")
 	}
 	if *repair {
 		msg, err := merge.Recover(pos[0])
@@ -30,7 +34,11 @@ func cmdCheck(args []string) error {
 			fmt.Printf("%s: repaired: %s\n", pos[0], msg)
 		}
 	}
-	problems := chain.Check(pos[0])
+	checkChain := chain.Check
+	if *forceShare {
+		checkChain = chain.CheckForceShare
+	}
+	problems := checkChain(pos[0])
 	if *repair {
 		repaired := false
 		done := map[string]bool{}
@@ -52,7 +60,7 @@ func cmdCheck(args []string) error {
 			}
 		}
 		if repaired {
-			problems = chain.Check(pos[0])
+			problems = checkChain(pos[0])
 		}
 	}
 	errs := 0

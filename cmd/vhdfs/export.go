@@ -9,11 +9,16 @@ import (
 
 func cmdExport(args []string) error {
 	fs := newFlags("export")
+	forceShare := fs.BoolP("force-share", "U", false, "open without locks, to read images another process has open for writing (as qemu-img -U); what it reads may be torn")
 	pos, err := parse(fs, args, "IMAGE", "OUT.raw")
 	if err != nil {
 		return err
 	}
-	c, err := chain.Open(pos[0], false)
+	open := chain.Open
+	if *forceShare {
+		open = func(p string, _ bool) (*chain.Chain, error) { return chain.OpenForceShare(p) }
+	}
+	c, err := open(pos[0], false)
 	if err != nil {
 		return err
 	}

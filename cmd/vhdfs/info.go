@@ -12,12 +12,17 @@ import (
 
 func cmdInfo(args []string) error {
 	fs := newFlags("info")
+	forceShare := fs.BoolP("force-share", "U", false, "open without locks, to read images another process has open for writing (as qemu-img -U); what it reads may be torn")
 	asJSON := fs.Bool("json", false, "print JSON")
 	pos, err := parse(fs, args, "IMAGE")
 	if err != nil {
 		return err
 	}
-	c, err := chain.Open(pos[0], false)
+	open := chain.Open
+	if *forceShare {
+		open = func(p string, _ bool) (*chain.Chain, error) { return chain.OpenForceShare(p) }
+	}
+	c, err := open(pos[0], false)
 	if err != nil {
 		return err
 	}

@@ -19,9 +19,11 @@ package imagelock
 
 import (
 	"bufio"
+	"bytes"
 	"errors"
 	"fmt"
 	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
@@ -208,15 +210,18 @@ func setByte(fd, off int, want, have bool) error {
 func (o *owner) test(name string, need Need) error {
 	for i := 0; i < numPerms; i++ {
 		bit := Perm(1) << i
-		if need.Hold&bit != 0 {
-			if pid, busy := held(o.fd, sharedBase+i); busy {
-				return fmt.Errorf("%s: cannot get the %q lock: %s uses the image and does not share %s: %w",
-					name, permNames[i], holder(pid), verb(bit), ErrLocked)
-			}
-		}
 		if need.NoShare&bit != 0 {
 			if pid, busy := held(o.fd, permBase+i); busy {
-				return fmt.Errorf("%s: locked for %s by %s: %w", name, verb(bit), holder(pid), ErrLocked)
+				return fmt.Errorf("%s: locked for %s by %s (Failed to get shared %q lock): %w", name, verb(bit), holder(pid), permNames[i], ErrLocked)
+			}
+		}
+	}
+	for i := 0; i < numPerms; i++ {
+		bit := Perm(1) << i
+		if need.Hold&bit != 0 {
+			if pid, busy := held(o.fd, sharedBase+i); busy {
+				return fmt.Errorf("%s: in use by %s that does not allow %s (Failed to get %q lock): %w",
+					name, holder(pid), verb(bit), permNames[i], ErrLocked)
 			}
 		}
 	}
@@ -261,35 +266,42 @@ func held(fd, off int) (int, bool) {
 	return pid, true
 }
 
-// lockPID finds in /proc/locks a process holding byte off of fd's file, other than
-// this one, or 0. F_OFD_GETLK reports -1 for OFD locks; /proc/locks names the
-// process that took each lock.
+// lockPID finds a process other than this one that holds byte off of fd's file, or
+// 0. F_OFD_GETLK and /proc/locks give -1 as the owner of an OFD lock, but each
+// process's /proc/PID/fdinfo lists the locks of its descriptors. Only processes this
+// user may inspect are seen.
 func lockPID(fd, off int) int {
 	var st unix.Stat_t
 	if unix.Fstat(fd, &st) != nil {
 		return 0
 	}
-	f, err := os.Open("/proc/locks")
-	if err != nil {
-		return 0
-	}
-	defer f.Close()
-	// Fields: "1: OFDLCK ADVISORY READ 1234 08:01:5678 100 100"; the device is
+	// "lock:	1: OFDLCK ADVISORY  READ -1 fe:00:9977959 100 101": the device is
 	// major:minor in hex.
 	want := fmt.Sprintf("%02x:%02x:%d", unix.Major(uint64(st.Dev)), unix.Minor(uint64(st.Dev)), st.Ino)
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
-		fl := strings.Fields(sc.Text())
-		if len(fl) < 8 || fl[1] == "->" || fl[5] != want {
+	infos, _ := filepath.Glob("/proc/[0-9]*/fdinfo/*")
+	self := strconv.Itoa(os.Getpid())
+	for _, info := range infos {
+		pid := strings.Split(info, "/")[2]
+		if pid == self {
 			continue
 		}
-		start, err1 := strconv.Atoi(fl[6])
-		end, err2 := strconv.Atoi(fl[7])
-		pid, err3 := strconv.Atoi(fl[4])
-		if err1 != nil || err2 != nil || err3 != nil || off < start || off > end || pid == os.Getpid() || pid <= 0 {
+		b, err := os.ReadFile(info)
+		if err != nil || !bytes.Contains(b, []byte(want)) {
 			continue
 		}
-		return pid
+		sc := bufio.NewScanner(bytes.NewReader(b))
+		for sc.Scan() {
+			fl := strings.Fields(sc.Text())
+			if len(fl) < 9 || fl[0] != "lock:" || fl[6] != want {
+				continue
+			}
+			start, err1 := strconv.Atoi(fl[7])
+			end, err2 := strconv.Atoi(fl[8])
+			if err1 == nil && err2 == nil && start <= off && off <= end {
+				n, _ := strconv.Atoi(pid)
+				return n
+			}
+		}
 	}
 	return 0
 }

@@ -59,15 +59,17 @@ type Image struct {
 	metaEnd    int64    // end of header, BAT and locators
 	meta       []region // footer copy, header, BAT and locator data
 
-	mu          sync.RWMutex
-	bat         batTable          // guarded by mu
-	bitmaps     map[uint32][]byte // guarded by mu: cache of on-disk plus pending bits
-	dirtyBAT    map[uint32]bool   // guarded by mu: entries not yet written to disk
-	dirtyBitmap map[uint32]bool   // guarded by mu: bitmaps not yet written to disk
-	footerOff   int64             // guarded by mu: where the end footer is; new blocks go here
+	id uint64 // names its pages in bitmapCache, which holds those clean on disk
+
+	mu         sync.RWMutex
+	bat        batTable           // guarded by mu
+	dirtyBAT   map[uint32]bool    // guarded by mu: entries not yet written to disk
+	dirty      map[pageKey][]byte // guarded by mu: bitmap pages not yet written to disk
+	dirtyBytes int64              // guarded by mu: the bytes of dirty
+	footerOff  int64              // guarded by mu: where the end footer is; new blocks go here
 }
 
-// maxDirtyBlocks bounds the metadata kept in memory between syncs.
+// maxDirtyBlocks bounds the BAT entries kept in memory between syncs.
 const maxDirtyBlocks = 4096
 
 // Open opens the image at name, read-only unless writable.
@@ -135,9 +137,9 @@ func OpenFile(f File, name string, writable bool) (*Image, error) {
 	if err := img.readBAT(); err != nil {
 		return nil, err
 	}
-	img.bitmaps = map[uint32][]byte{}
+	img.id = nextImageID.Add(1)
 	img.dirtyBAT = map[uint32]bool{}
-	img.dirtyBitmap = map[uint32]bool{}
+	img.dirty = map[pageKey][]byte{}
 	return img, nil
 }
 
@@ -367,6 +369,9 @@ func (img *Image) Close() error {
 	var err error
 	if img.writable {
 		err = img.Sync()
+	}
+	if img.header != nil {
+		bitmapCache.drop(img.id)
 	}
 	if cerr := img.f.Close(); err == nil && cerr != nil {
 		err = fmt.Errorf("%s: close: %w", img.name, cerr)

@@ -1,8 +1,8 @@
 package chain
 
 import (
+	"errors"
 	"fmt"
-	"os"
 	"path"
 	"path/filepath"
 	"strings"
@@ -74,7 +74,12 @@ func FindParent(child *vhd.Image, childPath string) (*Layer, error) {
 		}
 		done[c.path] = true
 		tried = append(tried, c.path)
-		if _, err := os.Stat(c.path); err != nil {
+		// A device or a FIFO is refused before anything opens it: opening one can
+		// have effects (a watchdog arms, a tape rewinds).
+		if err := vhd.CheckRegular(c.path); err != nil {
+			if errors.Is(err, vhd.ErrNotVHD) && openErr == nil {
+				openErr = err
+			}
 			continue
 		}
 		img, err := vhd.Open(c.path, false)

@@ -75,13 +75,13 @@ const maxDirtyBlocks = 4096
 // Open opens the image at name, read-only unless writable.
 func Open(name string, writable bool) (*Image, error) {
 	// O_NONBLOCK and O_NOCTTY: a parent locator may name a FIFO or a terminal; such
-	// an open must neither hang nor take a controlling terminal. OpenFile then
-	// refuses anything but a regular file.
+	// an open must neither hang nor take a controlling terminal, should one slip past
+	// OpenRegular's check.
 	flag := os.O_RDONLY | syscall.O_NONBLOCK | syscall.O_NOCTTY
 	if writable {
 		flag = os.O_RDWR | syscall.O_NONBLOCK | syscall.O_NOCTTY
 	}
-	f, err := os.OpenFile(name, flag, 0)
+	f, err := OpenRegular(name, flag)
 	if err != nil {
 		return nil, err
 	}

@@ -65,7 +65,7 @@ func badInputCases() []badCase {
 			p := fixed(t, dir)
 			patchFooters(t, p, footerCookieOff, []byte("notavhd!"), false)
 			return self(p)
-		}, []string{"cookie", `"notavhd!"`, "conectix"}},
+		}, []string{"no VHD footer", `cookie is not "conectix"`}},
 		{"bad cookie, dynamic image, both footers", func(t *testing.T, dir string) (string, string) {
 			p, _ := dyn(t, dir)
 			patchFooters(t, p, footerCookieOff, []byte("notavhd!"), false)

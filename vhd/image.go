@@ -193,7 +193,7 @@ func (img *Image) readFooter(fileSize int64) error {
 func (img *Image) readHeader() error {
 	name, off := img.name, int64(img.footer.DataOffset)
 	if img.footer.DataOffset > uint64(img.footerOff) || off+HeaderSize > img.footerOff {
-		return fmt.Errorf("%s: dynamic header at %d runs past the footer at %d: %w", name, off, img.footerOff, ErrTruncated)
+		return fmt.Errorf("%s: dynamic header at %d runs past the footer at %d: %w", name, img.footer.DataOffset, img.footerOff, ErrTruncated)
 	}
 	buf := make([]byte, HeaderSize)
 	if _, err := img.f.ReadAt(buf, off); err != nil {
@@ -213,10 +213,10 @@ func (img *Image) readHeader() error {
 	}
 	batOff, batLen := int64(h.TableOffset), roundUp(int64(h.MaxTableEntries)*4, SectorSize)
 	if h.TableOffset%SectorSize != 0 {
-		return fmt.Errorf("%s: BAT offset %d is not sector-aligned: %w", name, batOff, ErrCorrupt)
+		return fmt.Errorf("%s: BAT offset %d is not sector-aligned: %w", name, h.TableOffset, ErrCorrupt)
 	}
 	if h.TableOffset > uint64(img.footerOff) || batOff+int64(h.MaxTableEntries)*4 > img.footerOff {
-		return fmt.Errorf("%s: BAT at %d with %d entries runs past the footer at %d: %w", name, batOff, h.MaxTableEntries, img.footerOff, ErrTruncated)
+		return fmt.Errorf("%s: BAT at %d with %d entries runs past the footer at %d: %w", name, h.TableOffset, h.MaxTableEntries, img.footerOff, ErrTruncated)
 	}
 	if overlaps(batOff, batLen, 0, FooterSize) || overlaps(batOff, batLen, off, HeaderSize) {
 		return fmt.Errorf("%s: BAT at %d overlaps the footer copy or the dynamic header: %w", name, batOff, ErrCorrupt)
@@ -241,7 +241,7 @@ func (img *Image) readHeader() error {
 			return fmt.Errorf("%s: parent locator %d (%s) data length %d exceeds %d: %w", name, i, PlatformName(l.PlatformCode), ln, maxLocatorBytes, ErrCorrupt)
 		}
 		if lo < FooterSize || lo+ln > img.footerOff {
-			return fmt.Errorf("%s: parent locator %d (%s) data at %d+%d lies outside the file: %w", name, i, PlatformName(l.PlatformCode), lo, ln, ErrCorrupt)
+			return fmt.Errorf("%s: parent locator %d (%s) data at %d+%d lies outside the file: %w", name, i, PlatformName(l.PlatformCode), l.PlatformDataOffset, ln, ErrCorrupt)
 		}
 		if overlaps(lo, ln, off, HeaderSize) || overlaps(lo, ln, batOff, batLen) {
 			return fmt.Errorf("%s: parent locator %d (%s) data at %d overlaps the header or the BAT: %w", name, i, PlatformName(l.PlatformCode), lo, ErrCorrupt)

@@ -1,10 +1,12 @@
 package chain
 
 import (
+	"errors"
 	"fmt"
 	"os"
 	"path"
 	"path/filepath"
+	"slices"
 	"strings"
 
 	"github.com/vhdfs/vhdfs/vhd"
@@ -71,14 +73,32 @@ func findParent(child *vhd.Image, childPath string, forceShare bool) (*Layer, er
 	}
 	var mismatches, tried []string
 	var openErr error
+	// Two locators may lead to one file by different paths (relative and absolute,
+	// through a linked directory): each file is tried, and named, once.
 	done := map[string]bool{}
+	var seen []os.FileInfo
 	for _, c := range cands {
-		if done[c.path] {
+		key := c.path
+		if abs, err := filepath.Abs(c.path); err == nil {
+			key = abs
+		}
+		if done[key] {
 			continue
 		}
-		done[c.path] = true
+		done[key] = true
+		if st, err := os.Stat(c.path); err == nil {
+			if slices.ContainsFunc(seen, func(fi os.FileInfo) bool { return os.SameFile(fi, st) }) {
+				continue
+			}
+			seen = append(seen, st)
+		}
 		tried = append(tried, c.path)
-		if _, err := os.Stat(c.path); err != nil {
+		// A device or a FIFO is refused before anything opens it: opening one can
+		// have effects (a watchdog arms, a tape rewinds).
+		if err := vhd.CheckRegular(c.path); err != nil {
+			if errors.Is(err, vhd.ErrNotVHD) && openErr == nil {
+				openErr = err
+			}
 			continue
 		}
 		img, err := openImage(c.path, false, forceShare)

@@ -2,6 +2,7 @@ package test
 
 import (
 	"bytes"
+	"encoding/binary"
 	"os"
 	"path/filepath"
 	"testing"
@@ -27,6 +28,9 @@ func dynamicWithData(t testing.TB, path string) layout {
 }
 
 // fill returns n bytes of b.
+// u64 is v big-endian, as the format stores it.
+func u64(v uint64) []byte { return binary.BigEndian.AppendUint64(nil, v) }
+
 func fill(n int, b byte) []byte { return bytes.Repeat([]byte{b}, n) }
 
 // simpleChain makes base.vhd (dynamic, with data) and child.vhd (differencing, with
@@ -65,7 +69,7 @@ func badInputCases() []badCase {
 			p := fixed(t, dir)
 			patchFooters(t, p, footerCookieOff, []byte("notavhd!"), false)
 			return self(p)
-		}, []string{"cookie", `"notavhd!"`, "conectix"}},
+		}, []string{"no VHD footer", `cookie is not "conectix"`}},
 		{"bad cookie, dynamic image, both footers", func(t *testing.T, dir string) (string, string) {
 			p, _ := dyn(t, dir)
 			patchFooters(t, p, footerCookieOff, []byte("notavhd!"), false)
@@ -200,6 +204,26 @@ func badInputCases() []badCase {
 			patchLocator(t, child, i, loc)
 			return self(child)
 		}, []string{"parent locator", "W2ru", "outside the file"}},
+		// Offsets past 2^63 print as the unsigned numbers on disk, not as negative ones.
+		{"data offset past 2^63", func(t *testing.T, dir string) (string, string) {
+			p, _ := dyn(t, dir)
+			patchFooters(t, p, footerDataOffOff, u64(0xFFFFFFFFFFFFFE00), false)
+			return self(p)
+		}, []string{"dynamic header at 18446744073709551104"}},
+		{"BAT offset past 2^63", func(t *testing.T, dir string) (string, string) {
+			p, _ := dyn(t, dir)
+			patchHeader(t, p, headerTableOffOff, u64(0xFFFFFFFFFFFFFE00), false)
+			return self(p)
+		}, []string{"BAT at 18446744073709551104"}},
+		{"parent locator data offset past 2^63", func(t *testing.T, dir string) (string, string) {
+			_, child := simpleChain(t, dir)
+			l := readLayout(t, child)
+			i := l.locatorIndex(platformW2ru)
+			loc := l.Locators[i]
+			loc.Offset = 0xFFFFFFFFFFFFFE00
+			patchLocator(t, child, i, loc)
+			return self(child)
+		}, []string{"parent locator", "W2ru", "at 18446744073709551104", "outside the file"}},
 		{"parent missing", func(t *testing.T, dir string) (string, string) {
 			base, child := simpleChain(t, dir)
 			if err := os.Remove(base); err != nil {

@@ -1,6 +1,7 @@
 package test
 
 import (
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -218,5 +219,32 @@ func TestInfoText(t *testing.T) {
 	}
 	if !strings.Contains(lines[2], "differencing") || !strings.Contains(lines[4], "dynamic") {
 		t.Errorf("types missing:\n%s", out)
+	}
+}
+
+// TestCreateTooDeep: a snapshot of a chain of 128 images (chain.MaxDepth) would make
+// a chain no command opens; create refuses it and writes nothing.
+func TestCreateTooDeep(t *testing.T) {
+	t.Parallel()
+	const maxDepth = 128
+	dir := t.TempDir()
+	top := filepath.Join(dir, "0.vhd")
+	mustVhdfs(t, "create", "--size", "1M", "--block-size", "512K", top)
+	for i := 1; i < maxDepth; i++ {
+		next := filepath.Join(dir, fmt.Sprintf("%d.vhd", i))
+		mustVhdfs(t, "create", "--parent", top, next)
+		top = next
+	}
+	if got := len(vhdfsInfo(t, top).Layers); got != maxDepth {
+		t.Fatalf("info shows %d layers, want %d", got, maxDepth)
+	}
+	newImg := filepath.Join(dir, "too-deep.vhd")
+	stdout, stderr, code := vhdfs(t, "create", "--parent", top, newImg)
+	if code != 1 || stdout != "" {
+		t.Errorf("exit %d, want 1\nstdout: %s\nstderr: %s", code, stdout, stderr)
+	}
+	assertOneLineError(t, stderr, newImg, "128 images")
+	if _, err := os.Lstat(newImg); !os.IsNotExist(err) {
+		t.Errorf("create left %s behind (%v)", newImg, err)
 	}
 }

@@ -1,8 +1,11 @@
 package test
 
 import (
+	"bytes"
 	"os"
+	"os/exec"
 	"path/filepath"
+	"strings"
 	"testing"
 )
 
@@ -181,6 +184,54 @@ func TestParentLocators(t *testing.T) {
 			assertFileEquals(t, exportImage(t, child), model)
 			if stdout, stderr, code := vhdfs(t, "check", child); code != 0 {
 				t.Errorf("check: exit %d\nstdout: %s\nstderr: %s", code, stdout, stderr)
+			}
+		})
+	}
+}
+
+// TestParentNamedOnce: when the parent is missing or has another unique ID, the error
+// names each file once, however many locators lead to it (a relative W2ru path and
+// the absolute W2ku one, or a path through a symbolic link to the directory).
+func TestParentNamedOnce(t *testing.T) {
+	t.Parallel()
+	for _, tc := range []struct {
+		name    string
+		replace bool   // put an unrelated image where the parent was
+		via     string // how the child is named: "relative" or "link"
+		want    string
+	}{
+		{"missing, child named by a relative path", false, "relative", "not found"},
+		{"mismatch, child named by a relative path", true, "relative", "does not match"},
+		{"mismatch, child named through a linked directory", true, "link", "does not match"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			root := t.TempDir()
+			base, child := filepath.Join(root, "vm", "base.vhd"), filepath.Join(root, "vm", "child.vhd")
+			makePair(t, base, child)
+			if err := os.Remove(base); err != nil {
+				t.Fatal(err)
+			}
+			if tc.replace {
+				mustVhdfs(t, "create", "--size", "8M", base)
+			}
+			arg := filepath.Join("vm", "child.vhd")
+			if tc.via == "link" {
+				if err := os.Symlink(filepath.Join(root, "vm"), filepath.Join(root, "link")); err != nil {
+					t.Fatal(err)
+				}
+				arg = filepath.Join(root, "link", "child.vhd")
+			}
+			cmd := exec.Command(vhdfsBin, "info", arg)
+			cmd.Dir = root
+			var stderr bytes.Buffer
+			cmd.Stderr = &stderr
+			if err := cmd.Run(); err == nil {
+				t.Fatal("vhdfs info succeeded")
+			}
+			assertOneLineError(t, stderr.String(), tc.want)
+			if n := strings.Count(stderr.String(), "base.vhd"); n != 1 {
+				t.Errorf("stderr names the parent %d times, want once: %s", n, stderr.String())
 			}
 		})
 	}

@@ -122,7 +122,8 @@ func parseFooter(b []byte, name, what string) (*Footer, error) {
 		return nil, fmt.Errorf("%s: %s: %w", name, what, err)
 	}
 	if f.Cookie != footerCookie {
-		return nil, fmt.Errorf("%s: %s: cookie is %q, want \"conectix\": %w", name, what, printable(f.Cookie[:]), ErrNotVHD)
+		// Not a VHD, maybe not ours to show: never quote its bytes.
+		return nil, fmt.Errorf("%s: %s: no VHD footer: cookie is not \"conectix\": %w", name, what, ErrNotVHD)
 	}
 	if sum := checksum(b[:FooterSize], footerChecksumOff); sum != f.Checksum {
 		return nil, fmt.Errorf("%s: %s: checksum field is %#08x, computed %#08x: %w", name, what, f.Checksum, sum, ErrChecksum)

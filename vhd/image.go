@@ -62,15 +62,17 @@ type Image struct {
 	metaEnd    int64    // end of header, BAT and locators
 	meta       []region // footer copy, header, BAT and locator data
 
-	mu          sync.RWMutex
-	bat         batTable          // guarded by mu
-	bitmaps     map[uint32][]byte // guarded by mu: cache of on-disk plus pending bits
-	dirtyBAT    map[uint32]bool   // guarded by mu: entries not yet written to disk
-	dirtyBitmap map[uint32]bool   // guarded by mu: bitmaps not yet written to disk
-	footerOff   int64             // guarded by mu: where the end footer is; new blocks go here
+	id uint64 // names its pages in bitmapCache, which holds those clean on disk
+
+	mu         sync.RWMutex
+	bat        batTable           // guarded by mu
+	dirtyBAT   map[uint32]bool    // guarded by mu: entries not yet written to disk
+	dirty      map[pageKey][]byte // guarded by mu: bitmap pages not yet written to disk
+	dirtyBytes int64              // guarded by mu: the bytes of dirty
+	footerOff  int64              // guarded by mu: where the end footer is; new blocks go here
 }
 
-// maxDirtyBlocks bounds the metadata kept in memory between syncs.
+// maxDirtyBlocks bounds the BAT entries kept in memory between syncs.
 const maxDirtyBlocks = 4096
 
 // Open opens the image at name, read-only unless writable, and locks it with qemu's
@@ -90,13 +92,20 @@ func OpenForceShare(name string) (*Image, error) {
 // open opens path, called name in errors.
 func open(path, name string, writable, joint, noLock bool) (*Image, error) {
 	// O_NONBLOCK and O_NOCTTY: a parent locator may name a FIFO or a terminal; such
-	// an open must neither hang nor take a controlling terminal. OpenFile then
-	// refuses anything but a regular file.
+	// an open must neither hang nor take a controlling terminal, should one slip past
+	// OpenRegular's check.
 	flag := os.O_RDONLY | syscall.O_NONBLOCK | syscall.O_NOCTTY
 	if writable {
 		flag = os.O_RDWR | syscall.O_NONBLOCK | syscall.O_NOCTTY
 	}
-	f, err := os.OpenFile(path, flag, 0)
+	var f *os.File
+	var err error
+	if path == name {
+		f, err = OpenRegular(path, flag)
+	} else {
+		// Reopen: /proc/self/fd/N, a link to the file already open and checked.
+		f, err = os.OpenFile(path, flag, 0)
+	}
 	if err != nil {
 		if path != name {
 			return nil, fmt.Errorf("%s: %w", name, err)
@@ -215,9 +224,9 @@ func OpenFile(f File, name string, writable bool) (*Image, error) {
 	if err := img.readBAT(); err != nil {
 		return nil, err
 	}
-	img.bitmaps = map[uint32][]byte{}
+	img.id = nextImageID.Add(1)
 	img.dirtyBAT = map[uint32]bool{}
-	img.dirtyBitmap = map[uint32]bool{}
+	img.dirty = map[pageKey][]byte{}
 	return img, nil
 }
 
@@ -271,7 +280,7 @@ func (img *Image) readFooter(fileSize int64) error {
 func (img *Image) readHeader() error {
 	name, off := img.name, int64(img.footer.DataOffset)
 	if img.footer.DataOffset > uint64(img.footerOff) || off+HeaderSize > img.footerOff {
-		return fmt.Errorf("%s: dynamic header at %d runs past the footer at %d: %w", name, off, img.footerOff, ErrTruncated)
+		return fmt.Errorf("%s: dynamic header at %d runs past the footer at %d: %w", name, img.footer.DataOffset, img.footerOff, ErrTruncated)
 	}
 	buf := make([]byte, HeaderSize)
 	if _, err := img.f.ReadAt(buf, off); err != nil {
@@ -291,10 +300,10 @@ func (img *Image) readHeader() error {
 	}
 	batOff, batLen := int64(h.TableOffset), roundUp(int64(h.MaxTableEntries)*4, SectorSize)
 	if h.TableOffset%SectorSize != 0 {
-		return fmt.Errorf("%s: BAT offset %d is not sector-aligned: %w", name, batOff, ErrCorrupt)
+		return fmt.Errorf("%s: BAT offset %d is not sector-aligned: %w", name, h.TableOffset, ErrCorrupt)
 	}
 	if h.TableOffset > uint64(img.footerOff) || batOff+int64(h.MaxTableEntries)*4 > img.footerOff {
-		return fmt.Errorf("%s: BAT at %d with %d entries runs past the footer at %d: %w", name, batOff, h.MaxTableEntries, img.footerOff, ErrTruncated)
+		return fmt.Errorf("%s: BAT at %d with %d entries runs past the footer at %d: %w", name, h.TableOffset, h.MaxTableEntries, img.footerOff, ErrTruncated)
 	}
 	if overlaps(batOff, batLen, 0, FooterSize) || overlaps(batOff, batLen, off, HeaderSize) {
 		return fmt.Errorf("%s: BAT at %d overlaps the footer copy or the dynamic header: %w", name, batOff, ErrCorrupt)
@@ -319,7 +328,7 @@ func (img *Image) readHeader() error {
 			return fmt.Errorf("%s: parent locator %d (%s) data length %d exceeds %d: %w", name, i, PlatformName(l.PlatformCode), ln, maxLocatorBytes, ErrCorrupt)
 		}
 		if lo < FooterSize || lo+ln > img.footerOff {
-			return fmt.Errorf("%s: parent locator %d (%s) data at %d+%d lies outside the file: %w", name, i, PlatformName(l.PlatformCode), lo, ln, ErrCorrupt)
+			return fmt.Errorf("%s: parent locator %d (%s) data at %d+%d lies outside the file: %w", name, i, PlatformName(l.PlatformCode), l.PlatformDataOffset, ln, ErrCorrupt)
 		}
 		if overlaps(lo, ln, off, HeaderSize) || overlaps(lo, ln, batOff, batLen) {
 			return fmt.Errorf("%s: parent locator %d (%s) data at %d overlaps the header or the BAT: %w", name, i, PlatformName(l.PlatformCode), lo, ErrCorrupt)
@@ -451,6 +460,9 @@ func (img *Image) Close() error {
 	var err error
 	if img.writable {
 		err = img.Sync()
+	}
+	if img.header != nil {
+		bitmapCache.drop(img.id)
 	}
 	if cerr := img.f.Close(); err == nil && cerr != nil {
 		err = fmt.Errorf("%s: close: %w", img.name, cerr)

@@ -80,11 +80,13 @@ func (img *Image) Run(off, n int64) (int64, bool, error) {
 		case img.footer.DiskType != TypeDifferencing:
 			k, p = avail, true
 		default:
-			bm, err := img.bitmapRLocked(uint32(blk), e)
+			pg := in / bytesPerPageData
+			avail = min(avail, (pg+1)*bytesPerPageData-in)
+			bm, err := img.bitmapPageLocked(uint32(blk), e, uint32(pg))
 			if err != nil {
 				return 0, false, err
 			}
-			k, p = bitRun(bm, in, avail)
+			k, p = bitRun(bm, in-pg*bytesPerPageData, avail)
 		}
 		if run > 0 && p != present {
 			break
@@ -123,48 +125,37 @@ func bitRun(bm []byte, in, avail int64) (int64, bool) {
 	return min(pos, end) - in, set
 }
 
-// bitmapRLocked returns the bitmap of block blk (BAT entry e), reading it into the
-// cache on first use. The caller holds mu for reading; the cache fill takes it over
-// briefly through a separate path that re-checks.
-func (img *Image) bitmapRLocked(blk, e uint32) ([]byte, error) {
-	if bm, ok := img.bitmaps[blk]; ok {
+// bitmapPageLocked returns page pg of the bitmap of block blk (BAT entry e): the
+// pending bits if it has any, else the bits on disk, through the cache. The caller
+// holds mu, for reading at least, and must not modify the page.
+func (img *Image) bitmapPageLocked(blk, e, pg uint32) ([]byte, error) {
+	k := pageKey{img.id, blk, pg}
+	if len(img.dirty) > 0 {
+		if bm, ok := img.dirty[k]; ok {
+			return bm, nil
+		}
+	}
+	if bm := bitmapCache.get(k); bm != nil {
 		return bm, nil
 	}
-	bm := make([]byte, img.bitmapSize)
-	if _, err := img.f.ReadAt(bm, int64(e)*SectorSize); err != nil {
-		return nil, fmt.Errorf("%s: read bitmap of block %d at %d: %w", img.name, blk, int64(e)*SectorSize, err)
+	bm, err := img.readBitmapPage(k, e)
+	if err != nil {
+		return nil, err
 	}
-	img.mu.RUnlock()
-	img.mu.Lock()
-	if cached, ok := img.bitmaps[blk]; ok {
-		bm = cached
-	} else {
-		img.trimBitmapsLocked()
-		img.bitmaps[blk] = bm
-	}
-	img.mu.Unlock()
-	img.mu.RLock()
+	// No writer can change the page while we hold mu, so what we read is current.
+	bitmapCache.put(k, bm)
 	return bm, nil
 }
 
-// maxCachedBitmaps bounds the bitmap cache of one image (8 MiB of 512-byte
-// bitmaps, 32 GiB of disk in 2 MiB blocks); past it, clean bitmaps are dropped.
-const maxCachedBitmaps = 16384
-
-// trimBitmapsLocked drops clean bitmaps from a full cache, keeping those not yet
-// written to disk. The caller holds mu for writing.
-func (img *Image) trimBitmapsLocked() {
-	if len(img.bitmaps) < maxCachedBitmaps {
-		return
+// readBitmapPage reads page k of the bitmap of the block at BAT entry e from disk.
+func (img *Image) readBitmapPage(k pageKey, e uint32) ([]byte, error) {
+	start := int64(k.page) * bitmapPage
+	bm := make([]byte, min(bitmapPage, img.bitmapSize-start))
+	off := int64(e)*SectorSize + start
+	if _, err := img.f.ReadAt(bm, off); err != nil {
+		return nil, fmt.Errorf("%s: read bitmap of block %d at %d: %w", img.name, k.blk, off, err)
 	}
-	for blk := range img.bitmaps {
-		if len(img.bitmaps) <= maxCachedBitmaps*3/4 {
-			return
-		}
-		if !img.dirtyBitmap[blk] {
-			delete(img.bitmaps, blk)
-		}
-	}
+	return bm, nil
 }
 
 // WriteAt writes whole sectors: off and len(p) must be multiples of 512 and the range
@@ -200,7 +191,7 @@ func (img *Image) WriteAt(p []byte, off int64) (int, error) {
 		}
 		done += n
 	}
-	if len(img.dirtyBAT)+len(img.dirtyBitmap) > maxDirtyBlocks {
+	if len(img.dirtyBAT) > maxDirtyBlocks || img.dirtyBytes > maxDirtyBitmapBytes {
 		if err := img.syncLocked(); err != nil {
 			return len(p), err
 		}
@@ -223,19 +214,36 @@ func (img *Image) writeBlockLocked(blk uint32, in int64, p []byte) error {
 	if _, err := img.f.WriteAt(p, blockOff+img.bitmapSize+in); err != nil {
 		return fmt.Errorf("%s: write block %d at %d: %w", img.name, blk, blockOff+img.bitmapSize+in, err)
 	}
-	bm, ok := img.bitmaps[blk]
-	if !ok {
-		bm = make([]byte, img.bitmapSize)
-		if _, err := img.f.ReadAt(bm, blockOff); err != nil {
-			return fmt.Errorf("%s: read bitmap of block %d at %d: %w", img.name, blk, blockOff, err)
+	first, end := in/SectorSize, (in+int64(len(p)))/SectorSize
+	for pg := first / sectorsPerPage; pg*sectorsPerPage < end; pg++ {
+		k := pageKey{img.id, blk, uint32(pg)}
+		bm, ok := img.dirty[k]
+		if !ok {
+			var err error
+			if bm, err = img.pageToChangeLocked(k, e); err != nil {
+				return err
+			}
 		}
-		img.trimBitmapsLocked()
-		img.bitmaps[blk] = bm
-	}
-	if setBits(bm, in/SectorSize, int64(len(p))/SectorSize) {
-		img.dirtyBitmap[blk] = true
+		lo, hi := max(first, pg*sectorsPerPage), min(end, (pg+1)*sectorsPerPage)
+		switch {
+		case setBits(bm, lo-pg*sectorsPerPage, hi-lo) && !ok:
+			img.dirty[k] = bm
+			img.dirtyBytes += int64(len(bm))
+		case !ok:
+			bitmapCache.put(k, bm)
+		}
 	}
 	return nil
+}
+
+// pageToChangeLocked returns a clean bitmap page for a writer to change, taken out
+// of the cache or read from disk (a new block's bitmap lies in a hole and reads as
+// zeros). The caller holds mu for writing.
+func (img *Image) pageToChangeLocked(k pageKey, e uint32) ([]byte, error) {
+	if bm := bitmapCache.take(k); bm != nil {
+		return bm, nil
+	}
+	return img.readBitmapPage(k, e)
 }
 
 // setBits sets count bits from sector s and reports whether any changed.
@@ -302,7 +310,6 @@ func (img *Image) allocateLocked(blk uint32) (uint32, error) {
 	e := uint32(start / SectorSize)
 	img.bat.set(int64(blk), e)
 	img.dirtyBAT[blk] = true
-	img.bitmaps[blk] = make([]byte, img.bitmapSize)
 	return e, nil
 }
 
@@ -321,15 +328,17 @@ func (img *Image) syncLocked() error {
 	if err := img.f.Sync(); err != nil {
 		return fmt.Errorf("%s: fsync: %w", img.name, err)
 	}
-	if len(img.dirtyBAT) == 0 && len(img.dirtyBitmap) == 0 {
+	if len(img.dirtyBAT) == 0 && len(img.dirty) == 0 {
 		return nil
 	}
-	for blk := range img.dirtyBitmap {
-		off := int64(img.bat.get(int64(blk))) * SectorSize
-		if _, err := img.f.WriteAt(img.bitmaps[blk], off); err != nil {
-			return fmt.Errorf("%s: write bitmap of block %d at %d: %w", img.name, blk, off, err)
+	for k, bm := range img.dirty {
+		off := int64(img.bat.get(int64(k.blk)))*SectorSize + int64(k.page)*bitmapPage
+		if _, err := img.f.WriteAt(bm, off); err != nil {
+			return fmt.Errorf("%s: write bitmap of block %d at %d: %w", img.name, k.blk, off, err)
 		}
-		delete(img.dirtyBitmap, blk)
+		delete(img.dirty, k)
+		img.dirtyBytes -= int64(len(bm))
+		bitmapCache.put(k, bm)
 	}
 	// BAT entries go out a sector at a time: a sector write is atomic on disk.
 	sectors := map[int64]bool{}

@@ -1,6 +1,8 @@
 package main
 
 import (
+	"fmt"
+
 	"github.com/vhdfs/vhdfs/chain"
 	"github.com/vhdfs/vhdfs/vhd"
 )
@@ -32,6 +34,9 @@ func cmdCreate(args []string) error {
 			return err
 		}
 		defer c.Close()
+		if c.Len() >= chain.MaxDepth {
+			return fmt.Errorf("%s: the chain of %s already holds %d images, the most a chain may: %w", pos[0], *parent, c.Len(), chain.ErrTooDeep)
+		}
 		opts.Type, opts.Parent, opts.ParentPath = vhd.TypeDifferencing, c.Layers()[0].Image, *parent
 		return vhd.Create(pos[0], opts)
 	}

@@ -110,7 +110,7 @@ func findParent(child *vhd.Image, childPath string, forceShare bool) (*Layer, er
 		}
 		if got := img.Footer().UniqueID; got != want {
 			img.Close()
-			mismatches = append(mismatches, fmt.Sprintf("parent found at %s, but its unique ID changed (%s, this image expects %s): %s was modified (merged into) or replaced after this image was made; this image is no longer valid", c.path, got, want, c.path))
+			mismatches = append(mismatches, fmt.Sprintf("parent found at %s, but its unique ID changed (%s, this image expects %s): it was modified (merged into) or replaced after this image was made; this image is no longer valid", c.path, got, want))
 			continue
 		}
 		return &Layer{Image: img, Path: c.path, FoundBy: c.source}, nil

@@ -20,6 +20,7 @@ import (
 	"path/filepath"
 	"sort"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 )
@@ -65,6 +66,34 @@ func runMain(m *testing.M) int {
 		return 1
 	}
 	return m.Run()
+}
+
+var (
+	plainOnce sync.Once
+	plainBin  string
+	plainErr  error
+)
+
+// plainBinary returns vhdfs built without the race detector, for the tests that
+// measure memory or time: the detector multiplies both. Under a plain test run it is
+// the binary under test.
+func plainBinary(t testing.TB) string {
+	t.Helper()
+	if !raceEnabled {
+		return vhdfsBin
+	}
+	plainOnce.Do(func() {
+		plainBin = filepath.Join(filepath.Dir(vhdfsBin), "vhdfs-plain")
+		cmd := exec.Command(goTool(), "build", "-ldflags", "-X main.Version="+testVersion, "-o", plainBin, "./cmd/vhdfs")
+		cmd.Dir = moduleRoot
+		if out, err := cmd.CombinedOutput(); err != nil {
+			plainErr = fmt.Errorf("go build: %v: %s", err, out)
+		}
+	})
+	if plainErr != nil {
+		t.Fatal(plainErr)
+	}
+	return plainBin
 }
 
 // findModuleRoot walks up from the test's directory to the one holding go.mod.

@@ -47,22 +47,12 @@ func TestMemoryBigBlocks(t *testing.T) {
 		if err := f.Close(); err != nil {
 			t.Fatal(err)
 		}
-		if out, err := exec.Command("fusermount3", "-u", mnt).CombinedOutput(); err != nil {
-			t.Fatalf("fusermount3 -u: %v: %s", err, out)
-		}
+		// vhdfs umount waits for the mount process to let go of the images.
+		mustVhdfs(t, "umount", mnt)
 	}
 
 	// The race detector multiplies a program's memory: measure a plain build.
-	bin := vhdfsBin
-	if raceEnabled {
-		bin = filepath.Join(t.TempDir(), "vhdfs")
-		cmd := exec.Command(goTool(), "build", "-o", bin, "./cmd/vhdfs")
-		cmd.Dir = moduleRoot
-		if out, err := cmd.CombinedOutput(); err != nil {
-			t.Fatalf("go build: %v: %s", err, out)
-		}
-	}
-	mnt := mountWith(t, bin, top, "--read-only")
+	mnt := mountWith(t, plainBinary(t), top, "--read-only")
 	pid := readMergeStatus(t, mnt).PID
 
 	mustRun(t, "fio", "--name=randread", "--filename="+filepath.Join(mnt, "disk.raw"),

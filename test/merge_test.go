@@ -55,12 +55,18 @@ func readMergeStatus(t testing.TB, mnt string) mergeStatus {
 // process (a failpoint) and extra mount flags; the mount goes at the end of the test.
 func mountEnv(t testing.TB, image string, env []string, flags ...string) string {
 	t.Helper()
+	return mountEnvWith(t, vhdfsBin, image, env, flags...)
+}
+
+// mountEnvWith is mountEnv with another build of vhdfs.
+func mountEnvWith(t testing.TB, bin, image string, env []string, flags ...string) string {
+	t.Helper()
 	mnt := filepath.Join(t.TempDir(), "mnt")
 	if err := os.Mkdir(mnt, 0o755); err != nil {
 		t.Fatal(err)
 	}
 	unmountOnCleanup(t, mnt)
-	cmd := exec.Command(vhdfsBin, append(append([]string{"mount"}, flags...), image, mnt)...)
+	cmd := exec.Command(bin, append(append([]string{"mount"}, flags...), image, mnt)...)
 	cmd.Env = append(os.Environ(), env...)
 	if out, err := cmd.CombinedOutput(); err != nil {
 		t.Fatalf("vhdfs mount %s: %v: %s", image, err, out)

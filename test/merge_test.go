@@ -328,27 +328,58 @@ func TestMergeKilled(t *testing.T) {
 	cases := []struct {
 		point, cmd string
 		need       int
+		base       string // type of the base: dynamic unless said
 	}{
-		{"copy-start", "merge depth=2", 3},
-		{"copy-half", "merge depth=2", 3},
-		{"copy-done", "merge depth=1", 2},
-		{"push", "merge depth=2", 3},
-		{"relink-before", "merge depth=1", 2},
-		{"relink-parent", "merge depth=2", 3},
-		{"relink-id", "merge depth=1", 2},
-		{"relink-target", "merge depth=2", 3},
-		{"relink-after", "merge depth=1", 2},
-		{"copy-half", "merge from=1 depth=1", 3},
-		{"relink-before", "merge from=1 depth=1", 3},
-		{"relink-parent", "merge from=1 depth=1", 3},
-		{"relink-target", "merge from=1 depth=1", 3},
-		{"relink-after", "merge from=1 depth=1", 3},
+		{"copy-start", "merge depth=2", 3, ""},
+		{"copy-half", "merge depth=2", 3, ""},
+		{"copy-done", "merge depth=1", 2, ""},
+		{"push", "merge depth=2", 3, ""},
+		{"relink-before", "merge depth=1", 2, ""},
+		{"relink-parent", "merge depth=2", 3, ""},
+		{"relink-id", "merge depth=1", 2, ""},
+		{"relink-target", "merge depth=2", 3, ""},
+		{"relink-after", "merge depth=1", 2, ""},
+		{"copy-half", "merge from=1 depth=1", 3, ""},
+		{"relink-before", "merge from=1 depth=1", 3, ""},
+		{"relink-parent", "merge from=1 depth=1", 3, ""},
+		{"relink-target", "merge from=1 depth=1", 3, ""},
+		{"relink-after", "merge from=1 depth=1", 3, ""},
+		{"relink-parent", "merge depth=2", 3, "fixed"},
+		{"relink-target", "merge from=1 depth=1", 3, "fixed"},
 	}
 	for _, tc := range cases {
-		t.Run(tc.cmd+" killed at "+tc.point, func(t *testing.T) {
-			c := makeChain(t, chainOptions{Depth: 3, Create: []string{"--size", "24M"}, Writes: 25, Seed: 11})
+		name := tc.cmd + " killed at " + tc.point
+		if tc.base != "" {
+			name += " into " + tc.base
+		}
+		t.Run(name, func(t *testing.T) {
+			create := []string{"--size", "24M"}
+			if tc.base != "" {
+				create = append(create, "--type", tc.base)
+			}
+			c := makeChain(t, chainOptions{Depth: 3, Create: create, Writes: 25, Seed: 11})
 			want := md5Of(c.Model())
 			top := c.Top()
+			// Outside the mount: a child of the top (it must stay valid: the image that
+			// replaces a merged top keeps its identity), a sibling of the target and the
+			// images merged away (they must become detectably invalid).
+			from, depth := 0, 2
+			if tc.cmd == "merge depth=1" {
+				depth = 1
+			} else if tc.cmd == "merge from=1 depth=1" {
+				from, depth = 1, 1
+			}
+			target := c.Images[len(c.Images)-1-from-depth]
+			child := filepath.Join(c.Dir, "child.vhd")
+			sibling := filepath.Join(c.Dir, "sibling.vhd")
+			mustVhdfs(t, "create", "--parent", top, child)
+			mustVhdfs(t, "create", "--parent", target, sibling)
+			var mergedAway []string
+			for k := from; k < from+depth; k++ {
+				if k > 0 {
+					mergedAway = append(mergedAway, c.Images[len(c.Images)-1-k])
+				}
+			}
 			mnt := mountEnv(t, top, []string{"VHDFS_FAILPOINT=" + tc.point + ":kill"})
 			pid := readMergeStatus(t, mnt).PID
 			if e := control(mnt, tc.cmd); e == 0 {
@@ -398,8 +429,31 @@ func TestMergeKilled(t *testing.T) {
 			if out, errs, code := vhdfs(t, "check", top); code != 0 {
 				t.Errorf("check after the merge ran again: exit %d\n%s%s", code, out, errs)
 			}
+			assertFileEquals(t, exportImage(t, child), c.Model())
+			for _, p := range append([]string{sibling}, mergedAway...) {
+				if _, errs, code := vhdfs(t, "info", p); code != 1 || !strings.Contains(errs, "no longer valid") {
+					t.Errorf("info %s (a sibling of the target or merged away): exit %d, %q; want a refusal saying it is no longer valid", filepath.Base(p), code, errs)
+				}
+			}
+			if st := readDirNames(t, c.Dir); len(st) != len(c.Images)+2 {
+				t.Errorf("files left beside the chain: %v", st)
+			}
 		})
 	}
+}
+
+// readDirNames lists the names in dir.
+func readDirNames(t testing.TB, dir string) []string {
+	t.Helper()
+	es, err := os.ReadDir(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out []string
+	for _, e := range es {
+		out = append(out, e.Name())
+	}
+	return out
 }
 
 // TestMergeAbort aborts a merge halfway: the write reports ECANCELED, the chain is as it
@@ -475,8 +529,12 @@ func waitDead(t testing.TB, pid int) {
 		if err != nil {
 			return
 		}
+		// A zombie leader may still have threads tearing down its files (and with
+		// them its image locks): dead means no open file is left.
 		if i := bytes.LastIndexByte(b, ')'); i > 0 && i+2 < len(b) && b[i+2] == 'Z' {
-			return
+			if fds, err := os.ReadDir(fmt.Sprintf("/proc/%d/fd", pid)); err != nil || len(fds) == 0 {
+				return
+			}
 		}
 		if time.Now().After(deadline) {
 			t.Fatalf("process %d still running: %s", pid, b)

@@ -28,14 +28,15 @@ const maxCommand = 256
 type control struct {
 	root *Root
 
-	mu       sync.Mutex
-	state    string        // guarded by mu: "idle", "merging" or "aborting"
-	running  string        // guarded by mu: the merge command running
-	cancel   func()        // guarded by mu: aborts the running merge
-	finished chan struct{} // guarded by mu: closed when the running merge ends
-	job      *mergeJob     // guarded by mu: the running merge
-	last     *lastResult   // guarded by mu
-	detached []string      // guarded by mu: images merged away, no longer in the chain
+	mu        sync.Mutex
+	state     string        // guarded by mu: "idle", "merging" or "aborting"
+	running   string        // guarded by mu: the merge command running
+	cancel    func()        // guarded by mu: aborts the running merge
+	finished  chan struct{} // guarded by mu: closed when the running merge ends
+	job       *mergeJob     // guarded by mu: the running merge
+	unclaimed *mergeJob     // guarded by mu: the last merge, finished, if no writer got its result yet
+	last      *lastResult   // guarded by mu
+	detached  []string      // guarded by mu: images merged away, no longer in the chain
 
 	done, total atomic.Int64 // progress of the running merge
 }
@@ -127,6 +128,9 @@ func (c *control) command(line string) (*mergeJob, syscall.Errno) {
 		}
 		c.mu.Lock()
 		cancel, job := c.cancel, c.job
+		if cancel == nil {
+			c.unclaimed = nil // an abort, even a late one, is an answer to the last merge
+		}
 		c.mu.Unlock()
 		if cancel == nil {
 			return nil, c.record(line, nil, "no merge running")
@@ -138,6 +142,12 @@ func (c *control) command(line string) (*mergeJob, syscall.Errno) {
 		}
 		c.mu.Unlock()
 		<-job.finished
+		// Whoever aborts learns the result: a later write of the merge starts it anew.
+		c.mu.Lock()
+		if c.unclaimed == job {
+			c.unclaimed = nil
+		}
+		c.mu.Unlock()
 		if job.errno != syscall.ECANCELED {
 			// Past the copy a merge no longer stops: it had finished (or failed).
 			return nil, c.record(line, nil, "too late to abort: "+job.message)
@@ -185,22 +195,36 @@ func parseMerge(args []string) (merge.Options, error) {
 	return opts, nil
 }
 
-// mergeJob is a merge started by a write to control; the write waits for it.
+// mergeJob is a merge started by a write to control; the write waits for it, and so
+// do writes of the same command that join it.
 type mergeJob struct {
+	line     string // the command as written
 	finished chan struct{}
 	errno    syscall.Errno // set before finished is closed
 	message  string        // likewise
+	ended    time.Time     // likewise
 }
 
-// wait returns the merge's errno, or EINTR if ctx (the writing request) is
-// interrupted first; the merge goes on either way.
-func (j *mergeJob) wait(ctx context.Context) syscall.Errno {
+// unclaimedFor is how long the result of a merge that no writer received (each was
+// interrupted) waits for a retry of the same command, which gets it instead of
+// starting that merge again.
+const unclaimedFor = time.Minute
+
+// wait returns the merge's errno once it is done, or EINTR if ctx (the writing
+// request) is interrupted first; the merge goes on either way. A writer that gets
+// the result claims it: a later write of the same command starts a new merge.
+func (c *control) wait(ctx context.Context, j *mergeJob) syscall.Errno {
 	select {
 	case <-j.finished:
-		return j.errno
 	case <-ctx.Done():
 		return syscall.EINTR
 	}
+	c.mu.Lock()
+	if c.unclaimed == j {
+		c.unclaimed = nil
+	}
+	c.mu.Unlock()
+	return j.errno
 }
 
 func (c *control) startMerge(line string, opts merge.Options) (*mergeJob, syscall.Errno) {
@@ -212,12 +236,26 @@ func (c *control) startMerge(line string, opts merge.Options) (*mergeJob, syscal
 	}
 	c.mu.Lock()
 	if c.state != "idle" {
+		if c.job.line == line {
+			// The same command again, from any open: a script's retry after EINTR.
+			job := c.job
+			c.mu.Unlock()
+			return job, 0
+		}
 		c.mu.Unlock()
 		return nil, c.record(line, fmt.Errorf("%s is running: %w", c.running, errBusy), "")
 	}
+	if u := c.unclaimed; u != nil {
+		c.unclaimed = nil
+		if u.line == line && time.Since(u.ended) < unclaimedFor {
+			// The retry came after the merge ended: it gets the result nobody got.
+			c.mu.Unlock()
+			return u, 0
+		}
+	}
 	// The merge's own context: not the request's, which any signal interrupts.
 	mctx, cancel := context.WithCancel(context.Background())
-	job := &mergeJob{finished: make(chan struct{})}
+	job := &mergeJob{line: line, finished: make(chan struct{})}
 	c.state, c.running, c.cancel, c.finished, c.job = "merging", line, cancel, job.finished, job
 	c.done.Store(0)
 	c.total.Store(0)
@@ -245,19 +283,21 @@ func (c *control) startMerge(line string, opts merge.Options) (*mergeJob, syscal
 			job.message = res.Message()
 			c.recordErrno(line, 0, job.message)
 		}
+		job.ended = time.Now()
 		c.mu.Lock()
 		if res != nil {
 			c.detached = append(c.detached, res.Detached...)
 		}
 		c.state, c.running, c.cancel, c.finished, c.job = "idle", "", nil, nil, nil
+		c.unclaimed = job
 		c.mu.Unlock()
 		close(job.finished)
 	}()
 	return job, 0
 }
 
-// wait blocks until no merge runs.
-func (c *control) wait() {
+// waitIdle blocks until no merge runs.
+func (c *control) waitIdle() {
 	c.mu.Lock()
 	f := c.finished
 	c.mu.Unlock()
@@ -327,20 +367,19 @@ func (n *controlNode) Write(ctx context.Context, fh fs.FileHandle, data []byte, 
 	}
 	n.root.debugf("control: %q", line)
 	h, _ := fh.(*controlHandle)
-	if job := h.runningJob(line); job != nil {
-		// The same write again after EINTR (Go retries writes, and any signal,
-		// even the SIGURG of Go's scheduler, interrupts a request): wait on.
-		if e := job.wait(ctx); e != 0 {
-			return 0, e
-		}
-		return uint32(len(data)), 0
+	job := h.ownJob(line)
+	var e syscall.Errno
+	if job == nil {
+		// A merge command joins the running merge of the same command, or gets the
+		// unclaimed result of the last one (see startMerge).
+		job, e = n.root.ctl.command(line)
 	}
-	job, e := n.root.ctl.command(line)
 	if e == 0 && job != nil {
 		// The write returns when the merge is done. An interrupted writer gets EINTR
-		// and the merge goes on; `abort` stops it (ECANCELED).
+		// and the merge goes on; `abort` stops it (ECANCELED). Go retries a write on
+		// EINTR, and any signal, even the SIGURG of Go's scheduler, interrupts one.
 		h.setJob(job, line)
-		e = job.wait(ctx)
+		e = n.root.ctl.wait(ctx, job)
 	}
 	if e != 0 {
 		return 0, e
@@ -348,8 +387,9 @@ func (n *controlNode) Write(ctx context.Context, fh fs.FileHandle, data []byte, 
 	return uint32(len(data)), 0
 }
 
-// runningJob returns the merge this handle started with line, if it still runs.
-func (h *controlHandle) runningJob(line string) *mergeJob {
+// ownJob returns the merge this handle's earlier write of line started or joined,
+// running or not: the same write again after EINTR gets that merge's result.
+func (h *controlHandle) ownJob(line string) *mergeJob {
 	if h == nil {
 		return nil
 	}
@@ -358,12 +398,7 @@ func (h *controlHandle) runningJob(line string) *mergeJob {
 	if h.job == nil || h.jobLine != line {
 		return nil
 	}
-	select {
-	case <-h.job.finished:
-		return nil
-	default:
-		return h.job
-	}
+	return h.job
 }
 
 func (h *controlHandle) setJob(job *mergeJob, line string) {

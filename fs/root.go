@@ -193,13 +193,15 @@ func Mount(dir string, c *chain.Chain, opts Options) (*fuse.Server, *Root, error
 	return srv, root, nil
 }
 
-// Abort stops a running merge, if any, and waits for it (for shutdown).
-func (r *Root) Abort() {
+// Abort stops a running merge, if any, and waits for it (for shutdown). It returns
+// the command of the merge it stopped, or "" when none ran.
+func (r *Root) Abort() string {
 	r.ctl.mu.Lock()
-	cancel := r.ctl.cancel
+	cancel, running := r.ctl.cancel, r.ctl.running
 	r.ctl.mu.Unlock()
 	if cancel != nil {
 		cancel()
 	}
-	r.ctl.wait()
+	r.ctl.waitIdle()
+	return running
 }

@@ -162,8 +162,9 @@ func TestMergeDepths(t *testing.T) {
 				if got := md5Of(fileBytes(t, disk)); got != want {
 					t.Errorf("during merge: md5 %s, want %s", got, want)
 				}
-				if e := control(mnt, "merge depth=1"); e != syscall.EBUSY {
-					t.Errorf("second merge while one runs: errno %v, want EBUSY", e)
+				// Another command (the same one would join the running merge).
+				if e := control(mnt, "merge from=1 depth=1"); e != syscall.EBUSY {
+					t.Errorf("another merge while one runs: errno %v, want EBUSY", e)
 				}
 				resume()
 				if e := <-done; e != 0 {

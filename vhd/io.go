@@ -2,6 +2,7 @@ package vhd
 
 import (
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"io"
 )
@@ -289,21 +290,36 @@ func AllZero(p []byte) bool {
 //  1. the footer at its new place past the block, which extends the file: the file
 //     now ends in a valid footer, the old one stays whole in space no BAT entry
 //     references, and the new bitmap lies in the hole, reading as zeros;
-//  2. (the caller) the data, into the new, still unreferenced block;
-//  3. at Sync: fsync, then the bitmap with the written sectors' bits, then the BAT
+//  2. the space of the bitmap and the data reserved (fallocate; where the file system
+//     cannot, the zero bitmap is written instead), so that no later write into the
+//     block, the data now or the bitmap at Sync, fails for want of room: ENOSPC goes
+//     to the write that allocates, not to a flush after the writes were acknowledged;
+//  3. (the caller) the data, into the new, still unreferenced block;
+//  4. at Sync: fsync, then the bitmap with the written sectors' bits, then the BAT
 //     entry, then fsync again.
 //
-// A death before 3 leaves an unreferenced tail that reads as before; after it, the
-// block is complete. The footer copy at offset 0 never changes: its fields do not.
+// A death before 4 leaves an unreferenced tail that reads as before; after it, the
+// block is complete. If 1 or 2 fails, the file is cut back to its old end, where the
+// old footer still is, and the image is as it was (a failed cut leaves the new footer
+// at the end: valid too). The footer copy at offset 0 never changes: its fields do not.
 func (img *Image) allocateLocked(blk uint32) (uint32, error) {
 	end := img.footerOff + FooterSize // the old footer stays; a 511-byte one too
 	start := roundUp(end+img.bitmapSize, dataAlign) - img.bitmapSize
 	if start/SectorSize >= int64(unallocated) {
 		return 0, fmt.Errorf("%s: allocate block %d: file would exceed the 2 TiB a BAT can address: %w", img.name, blk, ErrOutOfRange)
 	}
+	oldSize := end
+	if img.footerState == FooterShort {
+		oldSize--
+	}
 	newFooterOff := start + img.bitmapSize + img.blockSize
 	if _, err := img.f.WriteAt(img.footer.Marshal(), newFooterOff); err != nil {
+		_ = img.f.Truncate(oldSize)
 		return 0, fmt.Errorf("%s: write footer at %d: %w", img.name, newFooterOff, err)
+	}
+	if err := img.reserveBlock(blk, start); err != nil {
+		_ = img.f.Truncate(oldSize)
+		return 0, err
 	}
 	img.footerOff = newFooterOff
 	img.footerState = FooterAtEnd
@@ -312,6 +328,33 @@ func (img *Image) allocateLocked(blk uint32) (uint32, error) {
 	img.dirtyBAT[blk] = true
 	return e, nil
 }
+
+// reserveBlock reserves the space of a new block's bitmap and data at start, or,
+// where the file system cannot, writes the zero bitmap so that at least the write at
+// Sync, which follows acknowledged writes, needs no new space. The data of a block
+// larger than maxReservedData is not reserved (a 2 GiB block would take 2 GiB of disk
+// for one sector): a data write is a write(2) of its own and gets its ENOSPC itself.
+func (img *Image) reserveBlock(blk uint32, start int64) error {
+	n := img.bitmapSize + img.blockSize
+	if img.blockSize > maxReservedData {
+		n = img.bitmapSize
+	}
+	err := reserve(img.f, start, n)
+	if errors.Is(err, errors.ErrUnsupported) {
+		if _, err := img.f.WriteAt(make([]byte, img.bitmapSize), start); err != nil {
+			return fmt.Errorf("%s: write bitmap of new block %d at %d: %w", img.name, blk, start, err)
+		}
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("%s: reserve %d bytes for block %d at %d: %w", img.name, n, blk, start, err)
+	}
+	return nil
+}
+
+// maxReservedData is the largest block whose data space is reserved at allocation:
+// the 2 MiB of Windows and qemu and well above.
+const maxReservedData = 16 << 20
 
 // Sync makes every write before it durable: data first, then bitmaps, then BAT
 // entries, each step behind an fsync so metadata never points at missing data.

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"errors"
 	"os"
 	"path/filepath"
 	"strings"
@@ -10,6 +11,7 @@ import (
 // failpointEnv names a merge point at which to stop, for crash tests:
 // "POINT:kill" kills the process with SIGKILL there; "POINT:pause=DIR" writes a line
 // to the FIFO DIR/reached and then waits for a line from the FIFO DIR/resume.
+// "close:fail" makes the mount process's final close report an error.
 const failpointEnv = "VHDFS_FAILPOINT"
 
 // mergeHook returns the hook for merge.Options, or nil when no failpoint is set.
@@ -39,4 +41,12 @@ func mergeHook() func(string) {
 			}
 		}
 	}
+}
+
+// failpointErr returns an error if the failpoint is "point:fail".
+func failpointErr(point string) error {
+	if os.Getenv(failpointEnv) == point+":fail" {
+		return errors.New("injected failure at " + point)
+	}
+	return nil
 }

@@ -26,7 +26,7 @@ var Version = "dev"
 
 const usage = `usage:
   vhdfs mount [-r|--read-only] [-f|--foreground] [--allow-other] [--debug] IMAGE MOUNTPOINT
-  vhdfs umount MOUNTPOINT
+  vhdfs umount [--abort] MOUNTPOINT
   vhdfs info [--json] IMAGE
   vhdfs create --size SIZE [--type dynamic|fixed] [--block-size SIZE] [--exact-size] IMAGE
   vhdfs create --parent PARENT IMAGE

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"log"
+	"log/syslog"
 	"os"
 	"os/exec"
 	"os/signal"
@@ -13,6 +14,7 @@ import (
 	"strconv"
 	"strings"
 	"syscall"
+	"time"
 
 	"github.com/vhdfs/vhdfs/chain"
 	"github.com/vhdfs/vhdfs/fs"
@@ -27,6 +29,7 @@ type mountArgs struct {
 	image, mountpoint string
 	readOnly          bool
 	foreground        bool
+	background        bool // this is the mount process that spawn started
 	allowOther        bool
 	debug             bool
 }
@@ -52,6 +55,7 @@ func cmdMount(args []string) error {
 			return fmt.Errorf("%s=%q: %v", notifyEnv, fdStr, err)
 		}
 		os.Unsetenv(notifyEnv)
+		m.background = true
 		notify := os.NewFile(uintptr(fd), "notify")
 		return serve(m, func(err error) {
 			if err != nil {
@@ -184,6 +188,14 @@ func hasDebug(args []string) bool {
 // called once: with nil when the mount is up, or with the error that prevented it.
 func serve(m mountArgs, ready func(error)) error {
 	logger := log.New(os.Stderr, "vhdfs: ", log.LstdFlags)
+	if m.background {
+		// A background mount: stderr is /dev/null, syslog (if there is one) is not.
+		if w, err := syslog.New(syslog.LOG_DAEMON|syslog.LOG_WARNING, "vhdfs"); err == nil {
+			defer w.Close()
+			logger = log.New(io.MultiWriter(os.Stderr, w), "vhdfs: ", log.LstdFlags)
+		}
+	}
+	os.Remove(resultFile(os.Getpid())) // a stale one of an earlier process with this PID
 	if !m.readOnly {
 		msg, err := merge.Recover(chain.Abs(m.image))
 		if err != nil {
@@ -220,29 +232,136 @@ func serve(m mountArgs, ready func(error)) error {
 	}()
 	srv.Wait()
 	signal.Stop(sigs)
-	root.Abort()
-	return c.Close()
+	var errs []error
+	if running := root.Abort(); running != "" {
+		errs = append(errs, fmt.Errorf("unmounted while %q ran: aborted it; the chain is as it was", running))
+	}
+	err = c.Close()
+	if err == nil {
+		err = failpointErr("close")
+	}
+	if err != nil {
+		errs = append(errs, fmt.Errorf("final flush: %w; writes since the last fsync may be lost", err))
+	}
+	if err := errors.Join(errs...); err != nil {
+		// umount reads this once the process is gone; it is also in syslog.
+		logger.Printf("%s: %v", m.mountpoint, oneLine(err.Error()))
+		writeResult(err)
+		return err
+	}
+	return nil
 }
 
+// resultFile is where a mount process leaves the error it ended with, for `vhdfs
+// umount`, which waits for the process, prints the error and removes the file.
+func resultFile(pid int) string {
+	dir := os.Getenv("XDG_RUNTIME_DIR")
+	switch {
+	case dir != "":
+		dir = filepath.Join(dir, "vhdfs")
+	case os.Geteuid() == 0:
+		dir = "/run/vhdfs"
+	default:
+		dir = filepath.Join(os.TempDir(), fmt.Sprintf("vhdfs-%d", os.Geteuid()))
+	}
+	return filepath.Join(dir, fmt.Sprintf("%d.err", pid))
+}
+
+func writeResult(err error) {
+	p := resultFile(os.Getpid())
+	if os.MkdirAll(filepath.Dir(p), 0o700) == nil {
+		_ = os.WriteFile(p, []byte(oneLine(err.Error())+"\n"), 0o600)
+	}
+}
+
+// readResult returns the error the mount process pid left, if any, and removes it.
+func readResult(pid int) error {
+	p := resultFile(pid)
+	b, err := os.ReadFile(p)
+	if err != nil {
+		return nil
+	}
+	os.Remove(p)
+	return errors.New(strings.TrimSpace(string(b)))
+}
+
+// cmdUmount unmounts a vhdfs mount once everything is on disk, and reports an error
+// of the mount process's last flush. It refuses while a merge runs, unless told to
+// abort it, and keeps the mount when the flush before unmounting fails: pending
+// writes then stay in the mount process, not lost.
 func cmdUmount(args []string) error {
 	fl := newFlags("umount")
+	var abort bool
+	fl.BoolVar(&abort, "abort", false, "abort a running merge (the chain stays as it was), then unmount")
 	pos, err := parse(fl, args, "MOUNTPOINT")
 	if err != nil {
 		return err
 	}
 	dir := pos[0]
 	st, err := readStatus(dir)
-	if errors.Is(err, syscall.ENOTCONN) {
+	dead := errors.Is(err, syscall.ENOTCONN)
+	if dead {
 		// The mount process is gone (killed): only the kernel's mount is left.
 		st, err = &fs.Status{}, nil
 	}
 	if err != nil {
 		return fmt.Errorf("%s is not a vhdfs mount: %v", dir, err)
 	}
-	out, err := exec.Command("fusermount3", "-u", dir).CombinedOutput()
-	if err != nil {
-		return fmt.Errorf("unmount %s: %s", dir, strings.TrimSpace(string(out)))
+	aborted := false
+	if st.State != "idle" && !dead {
+		if !abort {
+			return fmt.Errorf("%s: %q is running; wait for it, write abort to %s, or use vhdfs umount --abort",
+				dir, st.Running, filepath.Join(dir, "control"))
+		}
+		if err := writeControl(dir, "abort"); err != nil {
+			return fmt.Errorf("abort the merge on %s: %v", dir, err)
+		}
+		aborted = true
+	}
+	if !dead && !st.ReadOnly {
+		if err := writeControl(dir, "sync"); err != nil {
+			return fmt.Errorf("sync %s: %v; still mounted, nothing lost: fix the cause and run umount again", dir, err)
+		}
+	}
+	if err := fusermountU(dir, aborted); err != nil {
+		return err
 	}
 	// Wait for the mount process to finish writing and close its images.
-	return waitExit(st.PID)
+	if err := waitExit(st.PID); err != nil {
+		return err
+	}
+	if err := readResult(st.PID); err != nil {
+		return fmt.Errorf("%s: mount process: %v", dir, err)
+	}
+	return nil
+}
+
+// fusermountU unmounts dir. Just after an abort, the aborted merge's writer may hold
+// control open for a moment yet: a busy mount is then tried again for a while.
+func fusermountU(dir string, retryBusy bool) error {
+	deadline := time.Now().Add(5 * time.Second)
+	for delay := time.Millisecond; ; delay = min(2*delay, 100*time.Millisecond) {
+		out, err := exec.Command("fusermount3", "-u", dir).CombinedOutput()
+		if err == nil {
+			return nil
+		}
+		msg := strings.TrimSpace(string(out))
+		if !retryBusy || !strings.Contains(msg, "busy") || time.Now().After(deadline) {
+			return fmt.Errorf("unmount %s: %s", dir, msg)
+		}
+		time.Sleep(delay)
+	}
+}
+
+// writeControl writes one command to dir's control file; a failure says why, from
+// the status's last result.
+func writeControl(dir, cmd string) error {
+	err := os.WriteFile(filepath.Join(dir, "control"), []byte(cmd+"\n"), 0)
+	if err == nil {
+		return nil
+	}
+	if st, serr := readStatus(dir); serr == nil && st.Last != nil && st.Last.Command == cmd && st.Last.Message != "" {
+		return fmt.Errorf("%s: %s", cmd, st.Last.Message)
+	}
+	return err
 }

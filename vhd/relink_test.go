@@ -288,3 +288,75 @@ func TestSetParentConcurrent(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// TestSetUniqueIDCrashOrder cuts the writes of SetUniqueID after each one, as a power
+// loss would: the image opens without repair with its old or its new ID (the new one
+// once the call completed), and a second SetUniqueID, which a merge journal's
+// recovery runs, leaves both footers with the new ID and Check clean.
+func TestSetUniqueIDCrashOrder(t *testing.T) {
+	for _, typ := range []DiskType{TypeFixed, TypeDynamic, TypeDifferencing} {
+		t.Run(typ.String(), func(t *testing.T) {
+			dir := t.TempDir()
+			path := malformedBase(t, dir, typ)
+			orig := openImage(t, path, false)
+			oldID := orig.Footer().UniqueID
+			want := view(t, orig, nil)
+			orig.Close()
+			newID := NewUUID()
+			work := filepath.Join(dir, "work.vhd")
+			for k := 0; ; k++ {
+				if k > 20 {
+					t.Fatal("SetUniqueID never completed")
+				}
+				copyFile(t, path, work)
+				f, err := os.OpenFile(work, os.O_RDWR, 0)
+				if err != nil {
+					t.Fatal(err)
+				}
+				ff := &failFile{File: f, budget: k}
+				img, err := OpenFile(ff, work, true)
+				if err != nil {
+					t.Fatal(err)
+				}
+				err = img.SetUniqueID(newID)
+				img.Close()
+				if err != nil && !errors.Is(err, errInjected) {
+					t.Fatalf("k=%d: %v", k, err)
+				}
+				completed := !ff.failed
+
+				after, err := Open(work, false)
+				if err != nil {
+					t.Fatalf("k=%d: reopen: %v", k, err)
+				}
+				got := after.Footer().UniqueID
+				if got != oldID && got != newID || completed && got != newID {
+					t.Fatalf("k=%d (completed %v): unique ID %s, old %s, new %s", k, completed, got, oldID, newID)
+				}
+				if completed {
+					if ps := problems(after.Check(), Warning); len(ps) > 0 {
+						t.Fatalf("k=%d: Check after SetUniqueID: %v", k, ps)
+					}
+				}
+				if !bytes.Equal(view(t, after, nil), want) {
+					t.Fatalf("k=%d: the data changed", k)
+				}
+				after.Close()
+				if completed {
+					return
+				}
+				// Recovery: the same call again, with every write let through.
+				img = openImage(t, work, true)
+				if err := img.SetUniqueID(newID); err != nil {
+					t.Fatalf("k=%d: SetUniqueID again: %v", k, err)
+				}
+				img.Close()
+				again := openImage(t, work, false)
+				if ps := problems(again.Check(), Warning); len(ps) > 0 || again.Footer().UniqueID != newID {
+					t.Fatalf("k=%d: after recovery ID %s, Check %v", k, again.Footer().UniqueID, ps)
+				}
+				again.Close()
+			}
+		})
+	}
+}

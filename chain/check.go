@@ -20,8 +20,8 @@ func check(path string, forceShare bool) []vhd.Problem {
 	switch j, err := ReadJournal(path); {
 	case err != nil:
 		out = append(out, vhd.Problem{Severity: vhd.Error, File: path, Message: err.Error()})
-	case j != nil && j.Phase == PhaseRelink:
-		out = append(out, vhd.Problem{Severity: vhd.Error, File: path, Message: fmt.Sprintf("merge journal %s: %q into %s was interrupted in its last step; 'vhdfs check --repair' completes it", JournalPath(path), j.Command, j.Target)})
+	case j != nil && j.Phase != PhaseCopy:
+		out = append(out, vhd.Problem{Severity: vhd.Error, File: path, Message: fmt.Sprintf("merge journal %s: %q into %s was interrupted in its %s step; 'vhdfs check --repair' completes it", JournalPath(path), j.Command, j.Target, j.Phase)})
 		return out
 	case j != nil:
 		out = append(out, vhd.Problem{Severity: vhd.Warning, File: path, Message: fmt.Sprintf("merge journal %s: %q into %s is pending (a new top holds the writes made since it began); run the same merge again to complete it", JournalPath(path), j.Command, j.Target)})

@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+
+	"github.com/vhdfs/vhdfs/internal/faults"
 )
 
 // A merge journal records a merge's intent beside the chain's top image, so that a
@@ -23,6 +25,11 @@ const (
 	// the copy into the target runs. The chain on disk is valid and shows the same
 	// data; the merge completes when it is run again.
 	PhaseCopy = "copy"
+	// PhasePrepare: before the copy changes a byte of the target, the target takes an
+	// interim unique ID and the last merged layer records it (so that the target's
+	// siblings refuse to open from then on). Between the two writes the chain on disk
+	// is broken: the journal must be rolled forward before anything reads it.
+	PhasePrepare = "prepare"
 	// PhaseRelink: the copy is durable in the target and the re-link (new parent,
 	// new unique IDs) is under way. The chain on disk may be between shapes: the
 	// journal must be rolled forward before anything reads it.
@@ -58,7 +65,11 @@ type Journal struct {
 	Target      string `json:"target"`
 	TargetF     FileID `json:"target_file"`
 	TargetOldID string `json:"target_old_id"`
-	TargetNewID string `json:"target_new_id"`
+	TargetMidID string `json:"target_mid_id,omitempty"` // the interim ID of PhasePrepare
+	TargetNewID string `json:"target_new_id,omitempty"`
+	// Last is the merged layer right above Target, pointed at TargetMidID.
+	Last  string `json:"last,omitempty"`
+	LastF FileID `json:"last_file"`
 }
 
 // JournalPath is where the journal of a chain whose top is at top lives: beside the
@@ -81,7 +92,7 @@ func ReadJournal(top string) (*Journal, error) {
 		return nil, fmt.Errorf("merge journal %s: %w", p, err)
 	}
 	var j Journal
-	if err := json.Unmarshal(b, &j); err != nil || j.Version != 1 || (j.Phase != PhaseCopy && j.Phase != PhaseRelink) {
+	if err := json.Unmarshal(b, &j); err != nil || j.Version != 1 || (j.Phase != PhaseCopy && j.Phase != PhasePrepare && j.Phase != PhaseRelink) {
 		return nil, fmt.Errorf("merge journal %s is unreadable (%v); move it away only if you know the merge it records is done", p, err)
 	}
 	return &j, nil
@@ -95,16 +106,25 @@ func (j *Journal) Write(top string) error {
 		return err
 	}
 	tmp := p + ".tmp"
+	if err := faults.Step(); err != nil {
+		return err
+	}
 	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o644)
 	if err != nil {
 		return fmt.Errorf("merge journal: %w", err)
 	}
 	_, err = f.Write(append(b, '\n'))
 	if err == nil {
+		err = faults.Step()
+	}
+	if err == nil {
 		err = f.Sync()
 	}
 	if cerr := f.Close(); err == nil {
 		err = cerr
+	}
+	if err == nil {
+		err = faults.Step()
 	}
 	if err == nil {
 		err = os.Rename(tmp, p)
@@ -119,6 +139,9 @@ func (j *Journal) Write(top string) error {
 // RemoveJournal deletes the journal of the chain at top, durably.
 func RemoveJournal(top string) error {
 	p := JournalPath(top)
+	if err := faults.Step(); err != nil {
+		return err
+	}
 	if err := os.Remove(p); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return fmt.Errorf("merge journal %s: %w", p, err)
 	}
@@ -127,6 +150,9 @@ func RemoveJournal(top string) error {
 
 // SyncDir makes the entries of a folder (a rename, a new or removed file) durable.
 func SyncDir(dir string) error {
+	if err := faults.Step(); err != nil {
+		return err
+	}
 	d, err := os.Open(dir)
 	if err != nil {
 		return err
@@ -145,8 +171,8 @@ func checkJournal(top string) error {
 	if err != nil {
 		return err
 	}
-	if j != nil && j.Phase == PhaseRelink {
-		return fmt.Errorf("%s: a merge into %s was interrupted in its last step (journal %s); mount the chain read-write, run the merge again or run 'vhdfs check --repair %s' to complete it: %w",
+	if j != nil && j.Phase != PhaseCopy {
+		return fmt.Errorf("%s: a merge into %s was interrupted in its first or last step (journal %s); mount the chain read-write, run the merge again or run 'vhdfs check --repair %s' to complete it: %w",
 			top, j.Target, JournalPath(top), top, ErrJournal)
 	}
 	return nil

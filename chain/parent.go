@@ -102,6 +102,17 @@ func findParent(child *vhd.Image, childPath string, forceShare bool) (*Layer, er
 			continue
 		}
 		img, err := openImage(c.path, false, forceShare)
+		if errors.Is(err, vhd.ErrLocked) {
+			// Locked: if it is the parent, that ends the search (a later locator may
+			// name a copy elsewhere, which is not this chain's parent).
+			if peek, perr := vhd.OpenForceShare(c.path); perr == nil {
+				same := peek.Footer().UniqueID == want
+				peek.Close()
+				if same {
+					return nil, fmt.Errorf("%s: parent: %w", childPath, err)
+				}
+			}
+		}
 		if err != nil {
 			if openErr == nil {
 				openErr = err

@@ -20,10 +20,12 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"syscall"
 
 	"github.com/vhdfs/vhdfs/chain"
+	"github.com/vhdfs/vhdfs/internal/faults"
 	"github.com/vhdfs/vhdfs/vhd"
 )
 
@@ -244,8 +246,8 @@ func pushTop(c *chain.Chain, opts Options) (*pushed, error) {
 		return nil, err
 	}
 	fail := func(err error) (*pushed, error) {
-		os.Remove(fresh)
-		os.Remove(p.oldTop)
+		durably(func() error { return os.Remove(fresh) })
+		durably(func() error { return os.Remove(p.oldTop) })
 		if jerr := chain.RemoveJournal(real); jerr != nil {
 			err = fmt.Errorf("%w; %v", err, jerr)
 		}
@@ -271,11 +273,11 @@ func pushTop(c *chain.Chain, opts Options) (*pushed, error) {
 		img.Close()
 		return fail(err)
 	}
-	if err := os.Link(real, p.oldTop); err != nil {
+	if err := durably(func() error { return os.Link(real, p.oldTop) }); err != nil {
 		img.Close()
 		return fail(fmt.Errorf("link %s to %s: %w", real, p.oldTop, err))
 	}
-	if err := os.Rename(fresh, real); err != nil {
+	if err := durably(func() error { return os.Rename(fresh, real) }); err != nil {
 		img.Close()
 		return fail(fmt.Errorf("rename %s to %s: %w", fresh, real, err))
 	}
@@ -304,7 +306,7 @@ func (p *pushed) undo(c *chain.Chain) error {
 	if n := fresh.Image.AllocatedBytes(); n > 0 {
 		return fmt.Errorf("%d bytes were written", n)
 	}
-	if err := os.Rename(p.oldTop, p.real); err != nil {
+	if err := durably(func() error { return os.Rename(p.oldTop, p.real) }); err != nil {
 		return err
 	}
 	if err := chain.SyncDir(filepath.Dir(p.real)); err != nil {
@@ -338,6 +340,10 @@ func mergeRange(ctx context.Context, c *chain.Chain, opts Options, from int, p *
 		dst.Close()
 		return res, fmt.Errorf("%s: unique ID changed since the chain was opened: %w", target.Path, vhd.ErrReplaced)
 	}
+	if err := prepare(c, opts, from, to, dst, p); err != nil {
+		dst.Close()
+		return res, err
+	}
 	n, err := copyLayers(ctx, c, opts, from, to, dst)
 	res.Bytes = n
 	if err == nil {
@@ -353,6 +359,86 @@ func mergeRange(ctx context.Context, c *chain.Chain, opts Options, from int, p *
 	}
 	err = relink(c, opts, from, dst, p, res)
 	return res, err
+}
+
+// prepare gives the target an interim unique ID before the copy changes a byte of
+// it, and points the last merged layer at that ID: from then on the target's
+// siblings, whose view the copy changes, refuse to open, while the chain stays whole
+// (it shows the same data throughout: what the copy writes is shadowed). The two
+// writes are journaled; Recover completes them if they are cut apart. The chain gets
+// fresh read-only handles of both files.
+func prepare(c *chain.Chain, opts Options, from, to int, dst *vhd.Image, p *pushed) error {
+	layers := c.Layers()
+	last, target := layers[to-1], layers[to]
+	lastReal, err := realPath(last.Path)
+	if err != nil {
+		return err
+	}
+	if err := last.Image.SameFile(lastReal); err != nil {
+		return err
+	}
+	topReal, err := realPath(layers[0].Path)
+	if err != nil {
+		return err
+	}
+	midID := vhd.NewUUID()
+	j := &chain.Journal{Version: 1, Command: opts.Command, Top: topReal, Depth: opts.Depth}
+	if p != nil {
+		j = p.journal
+	}
+	j.Phase, j.Last, j.LastF = chain.PhasePrepare, lastReal, fileID(last.Image)
+	j.Target, j.TargetF, j.TargetOldID, j.TargetMidID = target.Path, fileID(target.Image), dst.Footer().UniqueID.String(), midID.String()
+	if err := j.Write(topReal); err != nil {
+		return err
+	}
+	opts.Hook("prepare")
+	w, err := last.Image.Reopen(true)
+	if err != nil {
+		return err
+	}
+	defer w.Close()
+	if err := w.SetParent(midID, target.Path, lastReal); err != nil {
+		return err
+	}
+	opts.Hook("prepare-parent")
+	if err := dst.SetUniqueID(midID); err != nil {
+		return err
+	}
+	tro, err := dst.Reopen(false)
+	if err != nil {
+		return err
+	}
+	lro, err := w.Reopen(false)
+	if err != nil {
+		tro.Close()
+		return err
+	}
+	newLayers := slices.Clone(layers)
+	newLayers[to-1] = &chain.Layer{Image: lro, Path: last.Path, FoundBy: last.FoundBy}
+	newLayers[to] = &chain.Layer{Image: tro, Path: target.Path, FoundBy: target.FoundBy}
+	c.Replace(newLayers)
+	last.Image.Close()
+	target.Image.Close()
+	if p != nil {
+		j.Phase = chain.PhaseCopy
+		err = j.Write(topReal)
+	} else {
+		err = chain.RemoveJournal(topReal)
+	}
+	if err != nil {
+		return err
+	}
+	opts.Logf("merge: %s has the interim unique ID %s; its other children are no longer valid", target.Path, midID)
+	return nil
+}
+
+// realPath follows symlinks to the file path names, as an absolute path.
+func realPath(path string) (string, error) {
+	real, err := filepath.EvalSymlinks(path)
+	if err != nil {
+		return "", fmt.Errorf("%s: %w", path, err)
+	}
+	return chain.Abs(real), nil
 }
 
 // copyLayers writes every sector held by layers [from, to) into dst, a writable
@@ -505,7 +591,7 @@ func relink(c *chain.Chain, opts Options, from int, dst *vhd.Image, p *pushed, r
 		aboveNew = &chain.Layer{Image: ro, Path: above.Path, FoundBy: above.FoundBy}
 	}
 	if p != nil {
-		if err := os.Remove(p.oldTop); err != nil && !errors.Is(err, os.ErrNotExist) {
+		if err := durably(func() error { return os.Remove(p.oldTop) }); err != nil && !errors.Is(err, os.ErrNotExist) {
 			opts.Logf("merge: remove %s: %v", p.oldTop, err)
 		}
 	}
@@ -528,6 +614,15 @@ func relink(c *chain.Chain, opts Options, from int, dst *vhd.Image, p *pushed, r
 		}
 	}
 	return nil
+}
+
+// durably runs a change to a folder (a link, rename or unlink) as one step that a
+// test's injected power loss can cut (package faults).
+func durably(change func() error) error {
+	if err := faults.Step(); err != nil {
+		return err
+	}
+	return change()
 }
 
 // sameOwnerAndMode gives path the permission bits and owner of like.

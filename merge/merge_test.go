@@ -500,7 +500,7 @@ func testMergeFromTop(t *testing.T, f *fixture, depth int) {
 	if err != nil {
 		t.Fatalf("merge depth=%d: %v", depth, err)
 	}
-	if want := []string{"push", "copy-start", "copy-half", "copy-done", "relink-before", "relink-parent", "relink-id", "relink-target", "relink-after"}; !slices.Equal(points, want) {
+	if want := []string{"push", "prepare", "prepare-parent", "copy-start", "copy-half", "copy-done", "relink-before", "relink-parent", "relink-id", "relink-target", "relink-after"}; !slices.Equal(points, want) {
 		t.Errorf("hook points %v, want %v", points, want)
 	}
 	if res.Target != targetPath {
@@ -557,10 +557,11 @@ func testMergeFromTop(t *testing.T, f *fixture, depth int) {
 	}
 	targetImg.Close()
 
-	// The merged-away images and those below the target are untouched; the top's
-	// path now holds another file; no temporary file is left.
+	// The merged-away images (but the one right above the target, which records the
+	// target's interim ID) and those below the target are untouched; the top's path
+	// now holds another file; no temporary file is left.
 	var untouched []string
-	for _, p := range append(f.paths[1:depth:depth], f.paths[depth+1:]...) {
+	for _, p := range append(f.paths[1:max(depth-1, 1):max(depth-1, 1)], f.paths[depth+1:]...) {
 		untouched = append(untouched, filepath.Base(p))
 	}
 	assertUnchanged(t, f.dir, before, untouched...)
@@ -651,11 +652,12 @@ func TestMergeMiddle(t *testing.T) {
 				above.Close()
 				targetImg.Close()
 
-				// Merged images and those below the target are untouched; so is the
-				// top when it is not the re-linked one.
+				// Merged images and those below the target are untouched, but for the
+				// merged layer right above the target, which records the target's interim
+				// ID; so is the top when it is not the re-linked one.
 				var untouched []string
 				for i, p := range f.paths {
-					if i != from-1 && i != to {
+					if i != from-1 && i != to && i != to-1 {
 						untouched = append(untouched, filepath.Base(p))
 					}
 				}
@@ -704,12 +706,16 @@ func TestMergeAbort(t *testing.T) {
 			sp := chainSpec(vhd.TypeDynamic, uint64(200+i))
 			sp.size, sp.writes = 16*mib, 40 // several 4 MiB chunks, so copy-half falls inside the copy
 			f := buildChain(t, sp)
-			var keep []string // the images an abort must not touch: all but the target
+			// The images an abort must not touch: all but the target and the merged
+			// layer right above it, which records the target's interim unique ID.
+			var keep []string
+			to := tc.from + tc.depth
 			for k, p := range f.paths {
-				if k != tc.from+tc.depth {
+				if k != to && k != to-1 {
 					keep = append(keep, filepath.Base(p))
 				}
 			}
+			oldTargetID := readID(t, f.paths[to])
 			before := snapshot(t, f.dir)
 			c := openChain(t, f.paths[0], true)
 			defer c.Close()
@@ -743,9 +749,13 @@ func TestMergeAbort(t *testing.T) {
 			if got, want := len(snapshot(t, f.dir)), len(before); got != want {
 				t.Errorf("%d files after abort, want %d", got, want)
 			}
-			// What is on disk is a valid chain with the same view.
+			// What is on disk is a valid chain with the same view; the target took an
+			// interim ID before the copy changed it, and the layer above records it.
 			assertClean(t, f.paths[0])
 			assertView(t, "view reopened after abort", f.paths[0], f.model)
+			if id := readID(t, f.paths[to]); id == oldTargetID {
+				t.Errorf("the target kept its unique ID %s although the copy changed it", id)
+			}
 
 			// The same merge again completes.
 			if _, err := Merge(context.Background(), c, Options{From: tc.from, Depth: tc.depth}); err != nil {
@@ -762,6 +772,17 @@ func TestMergeAbort(t *testing.T) {
 			assertClean(t, f.paths[0])
 		})
 	}
+}
+
+// readID returns the unique ID of the image at path.
+func readID(t *testing.T, path string) vhd.UUID {
+	t.Helper()
+	img, err := vhd.Open(path, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer img.Close()
+	return img.Footer().UniqueID
 }
 
 func boolInt(b bool) int {

@@ -12,66 +12,134 @@ import (
 
 // Recover acts on the merge journal of the chain whose top is at top, if there is
 // one, before a writer opens the chain. A re-link that was cut short is completed
-// (every step of it is repeated or found done); a merge from the top cut short
-// before its re-link is rolled back if nothing was written to its fresh top, and
-// otherwise left pending (the chain on disk is valid and shows the same data; the
-// same merge run again completes it). It returns a line for people saying which,
-// or "" if there was no journal.
+// (every step of it is repeated or found done), and so is the interim ID of the
+// target taken before the copy. A merge from the top cut short before its re-link is
+// rolled back if nothing was written to its fresh top, and otherwise left pending
+// (the chain on disk is valid and shows the same data; the same merge run again
+// completes it). It returns a line for people saying which, or "" if there was no
+// journal.
 func Recover(top string) (string, error) {
 	j, err := chain.ReadJournal(top)
 	if err != nil || j == nil {
 		return "", err
 	}
 	jp := chain.JournalPath(top)
-	if j.Phase == chain.PhaseCopy {
-		return recoverCopy(j, jp)
+	fail := func(err error) (string, error) {
+		return "", fmt.Errorf("%s: recovering the interrupted %q (journal %s): %w", top, j.Command, jp, err)
 	}
-	if err := rollForward(j); err != nil {
-		return "", fmt.Errorf("%s: completing the interrupted %q (journal %s): %w", top, j.Command, jp, err)
+	if j.Phase == chain.PhaseRelink {
+		if err := rollForward(j); err != nil {
+			return fail(err)
+		}
+		return fmt.Sprintf("completed the interrupted %q into %s (journal %s)", j.Command, j.Target, jp), nil
 	}
-	return fmt.Sprintf("completed the interrupted %q into %s (journal %s)", j.Command, j.Target, jp), nil
-}
-
-// recoverCopy undoes the push of a merge from the top that stopped during its copy,
-// when the fresh top holds nothing.
-func recoverCopy(j *chain.Journal, jp string) (string, error) {
+	if j.OldTop != "" {
+		pushed, err := pushDone(j)
+		if err != nil {
+			return fail(err)
+		}
+		if !pushed {
+			if err := unpush(j, false); err != nil {
+				return fail(err)
+			}
+			return fmt.Sprintf("rolled back the interrupted %q: it had not changed the chain (journal %s)", j.Command, jp), nil
+		}
+	}
+	note := ""
+	if j.Phase == chain.PhasePrepare {
+		if err := completePrepare(j); err != nil {
+			return fail(err)
+		}
+	}
+	if j.TargetMidID != "" {
+		note = fmt.Sprintf("; %s has a new unique ID, so its other children are no longer valid", j.Target)
+	}
+	if j.OldTop == "" {
+		if err := chain.RemoveJournal(j.Top); err != nil {
+			return fail(err)
+		}
+		return fmt.Sprintf("rolled back the interrupted %q: the chain is as it was%s (journal %s)", j.Command, note, jp), nil
+	}
 	cur, err := vhd.Open(j.Top, false)
 	if err != nil {
-		return "", err
+		return fail(err)
 	}
-	id := cur.Footer().UniqueID.String()
 	allocated := cur.AllocatedBytes()
 	cur.Close()
-	if id != j.NewTopID {
-		// The fresh top never took the top's name: the old chain is whole.
+	if allocated > 0 {
+		j.Phase = chain.PhaseCopy
+		if err := j.Write(j.Top); err != nil {
+			return fail(err)
+		}
+		return fmt.Sprintf("%q was interrupted during its copy; the %d bytes written since it began are in a new top image above the old one (%s); the chain shows the same data; run the same merge again to complete it%s (journal %s)",
+			j.Command, allocated, j.OldTop, note, jp), nil
+	}
+	if err := unpush(j, true); err != nil {
+		return fail(err)
+	}
+	return fmt.Sprintf("rolled back the interrupted %q: the old top is back at %s%s (journal %s)", j.Command, j.Top, note, jp), nil
+}
+
+// pushDone reports whether the fresh top of a merge from the top took the top's name.
+func pushDone(j *chain.Journal) (bool, error) {
+	cur, err := vhd.Open(j.Top, false)
+	if err != nil {
+		return false, err
+	}
+	defer cur.Close()
+	return cur.Footer().UniqueID.String() == j.NewTopID, nil
+}
+
+// unpush takes the fresh top of a merge from the top away: when it has the top's
+// name (done), the old top is renamed back over it; otherwise the fresh file and
+// the second name of the old top go. Then the journal goes.
+func unpush(j *chain.Journal, done bool) error {
+	if done {
+		if err := os.Rename(j.OldTop, j.Top); err != nil {
+			return err
+		}
+	} else {
 		os.Remove(j.NewTop)
 		if old, err := os.Stat(j.OldTop); err == nil {
 			if st, err := os.Stat(j.Top); err == nil && os.SameFile(old, st) {
 				os.Remove(j.OldTop)
 			}
 		}
-		if err := chain.SyncDir(filepath.Dir(j.Top)); err != nil {
-			return "", err
-		}
-		if err := chain.RemoveJournal(j.Top); err != nil {
-			return "", err
-		}
-		return fmt.Sprintf("rolled back the interrupted %q: it had not changed the chain (journal %s)", j.Command, jp), nil
-	}
-	if allocated > 0 {
-		return fmt.Sprintf("%q was interrupted during its copy; the %d bytes written since it began are in a new top image above the old one (%s); the chain shows the same data; run the same merge again to complete it (journal %s)",
-			j.Command, allocated, j.OldTop, jp), nil
-	}
-	if err := os.Rename(j.OldTop, j.Top); err != nil {
-		return "", err
 	}
 	if err := chain.SyncDir(filepath.Dir(j.Top)); err != nil {
-		return "", err
+		return err
 	}
-	if err := chain.RemoveJournal(j.Top); err != nil {
-		return "", err
+	return chain.RemoveJournal(j.Top)
+}
+
+// completePrepare repeats the two writes of a merge's prepare step.
+func completePrepare(j *chain.Journal) error {
+	mid, err := vhd.ParseUUID(j.TargetMidID)
+	if err != nil {
+		return err
 	}
-	return fmt.Sprintf("rolled back the interrupted %q: the old top is back at %s (journal %s)", j.Command, j.Top, jp), nil
+	target, err := openChecked(j.Target, j.TargetF)
+	if err != nil {
+		return err
+	}
+	defer target.Close()
+	last, err := openChecked(j.Last, j.LastF)
+	if err != nil {
+		return err
+	}
+	defer last.Close()
+	if h, _ := last.Header(); h.ParentUniqueID != mid {
+		if err := last.SetParent(mid, j.Target, j.Last); err != nil {
+			return err
+		}
+	}
+	if err := target.SetUniqueID(mid); err != nil {
+		return err
+	}
+	if err := last.Close(); err != nil {
+		return err
+	}
+	return target.Close()
 }
 
 // rollForward repeats the steps of a journaled re-link; each is done again or found
@@ -100,10 +168,9 @@ func rollForward(j *chain.Journal) error {
 			return err
 		}
 	}
-	if above.Footer().UniqueID != aboveID {
-		if err := above.SetUniqueID(aboveID); err != nil {
-			return err
-		}
+	// Always: the footer copy at offset 0 may lag the one at the end.
+	if err := above.SetUniqueID(aboveID); err != nil {
+		return err
 	}
 	// Also when the ID is in force: the copy at offset 0 may still have the old one.
 	if err := target.SetUniqueID(newID); err != nil {

@@ -9,6 +9,8 @@ import (
 	"path/filepath"
 	"strings"
 	"time"
+
+	"github.com/vhdfs/vhdfs/internal/faults"
 )
 
 // CreatorApp is what vhdfs writes into the footer's Creator Application field.
@@ -65,7 +67,13 @@ func Create(name string, opts CreateOptions) error {
 	if err != nil {
 		return fmt.Errorf("create %s: %w", name, err)
 	}
-	err = b.write(f)
+	err = faults.Step()
+	if err == nil {
+		err = b.write(f)
+	}
+	if err == nil {
+		err = faults.Step()
+	}
 	if err == nil {
 		err = f.Sync()
 	}

@@ -6,6 +6,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/vhdfs/vhdfs/internal/faults"
 	"github.com/vhdfs/vhdfs/internal/imagelock"
 
 	"fmt"
@@ -137,7 +138,11 @@ func open(path, name string, writable, joint, noLock bool) (*Image, error) {
 			return nil, err
 		}
 	}
-	img, err := OpenFile(f, name, writable)
+	var file File = f
+	if faults.Armed() {
+		file = faultFile{f}
+	}
+	img, err := OpenFile(file, name, writable)
 	if err != nil {
 		lock.Release()
 		f.Close()
@@ -152,7 +157,7 @@ func open(path, name string, writable, joint, noLock bool) (*Image, error) {
 // its path, so it is the same file whatever was renamed since; writable for a merge.
 // Its lock is joint with img's. The caller checks the unique ID if it matters.
 func (img *Image) Reopen(writable bool) (*Image, error) {
-	f, ok := img.f.(*os.File)
+	f, ok := osFile(img.f)
 	if !ok {
 		return nil, fmt.Errorf("%s: reopen: %w", img.name, ErrInvalidArg)
 	}
@@ -475,7 +480,7 @@ func (img *Image) Close() error {
 // waiting for them, so that a later Sync of a long sequence of writes (a merge) has
 // less left to do. A no-op for files that are not *os.File.
 func (img *Image) StartWriteback() {
-	if f, ok := img.f.(*os.File); ok {
+	if f, ok := osFile(img.f); ok {
 		StartWriteback(f)
 	}
 }

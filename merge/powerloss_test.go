@@ -1,0 +1,199 @@
+package merge
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"testing"
+
+	"github.com/vhdfs/vhdfs/chain"
+	"github.com/vhdfs/vhdfs/internal/faults"
+	"github.com/vhdfs/vhdfs/vhd"
+)
+
+// TestMergePowerLoss cuts every write, fsync, rename, link and unlink of a merge
+// after the k-th, for every k until the merge completes, as a power loss would, for
+// merges from the top and from=1 into differencing, dynamic and fixed targets. After
+// each cut the next writer's Recover leaves a chain that opens, checks clean and
+// shows the same data; the top's child still opens; once the chain has its new shape,
+// the target's sibling and the images merged away refuse to open.
+func TestMergePowerLoss(t *testing.T) {
+	cases := []struct {
+		base        vhd.DiskType
+		from, depth int
+	}{
+		{vhd.TypeDynamic, 0, 1}, // into a differencing image
+		{vhd.TypeDynamic, 0, 3}, // into the dynamic base
+		{vhd.TypeFixed, 0, 3},   // into the fixed base
+		{vhd.TypeDynamic, 1, 1},
+		{vhd.TypeFixed, 1, 2},
+	}
+	for i, tc := range cases {
+		t.Run(fmt.Sprintf("from %d depth %d into %s", tc.from, tc.depth, targetType(tc.base, tc.from+tc.depth)), func(t *testing.T) {
+			sp := spec{base: tc.base, size: 8 * mib, blockSizes: []int64{512 * kib, 256 * kib, 512 * kib, 128 * kib}, writes: 4, seed: uint64(900 + i)}
+			f := buildChain(t, sp)
+			top := f.paths[0]
+			target := f.paths[tc.from+tc.depth]
+			child := filepath.Join(f.dir, "child.vhd")
+			sibling := filepath.Join(f.dir, "sibling.vhd")
+			createChildOf(t, top, child)
+			createChildOf(t, target, sibling)
+			pristine := t.TempDir()
+			copyDir(t, f.dir, pristine)
+			var gone []string // merged away: every merged layer but a merged top, which is replaced
+			for k := max(tc.from, 1); k < tc.from+tc.depth; k++ {
+				gone = append(gone, f.paths[k])
+			}
+			newLen := len(f.paths) - tc.depth
+			if tc.from == 0 {
+				newLen++ // the fresh top
+			}
+			for k := 0; ; k++ {
+				if k > 2000 {
+					t.Fatal("the merge never completed")
+				}
+				restoreDir(t, pristine, f.dir)
+				c := openChain(t, top, true)
+				faults.Arm(k)
+				_, err := Merge(context.Background(), c, Options{From: tc.from, Depth: tc.depth})
+				c.Close() // with the power still off: nothing more reaches the disk
+				faults.Disarm()
+				completed := err == nil
+				if err != nil && !errors.Is(err, faults.ErrPowerLost) {
+					t.Fatalf("k=%d: merge: %v, want the injected power loss", k, err)
+				}
+
+				msg, err := Recover(top)
+				if err != nil {
+					t.Fatalf("k=%d: Recover: %v", k, err)
+				}
+				if ps := problemsOf(chain.Check(top), vhd.Warning); len(ps) > 0 {
+					t.Fatalf("k=%d: after Recover (%s), check: %v", k, msg, ps)
+				}
+				c2, err := chain.Open(top, false)
+				if err != nil {
+					t.Fatalf("k=%d: after Recover (%s), open: %v", k, msg, err)
+				}
+				n := c2.Len()
+				topData := c2.Layers()[0].Image.AllocatedBytes()
+				assertSame(t, fmt.Sprintf("k=%d: view after Recover (%s)", k, msg), readView(t, c2), f.model)
+				c2.Close()
+				assertView(t, fmt.Sprintf("k=%d: the top's child", k), child, f.model)
+				// A merge from the top leaves an empty top (the fresh one, with the old
+				// top's identity); the old top had data.
+				newShape := n == newLen && (tc.from > 0 || topData == 0)
+				oldShape := n == len(f.paths) && (tc.from > 0 || topData > 0)
+				switch {
+				case newShape:
+					for _, p := range append([]string{sibling}, gone...) {
+						if c, err := chain.Open(p, false); !errors.Is(err, vhd.ErrParentMismatch) {
+							if err == nil {
+								c.Close()
+							}
+							t.Fatalf("k=%d: %s opens after the merge: %v", k, filepath.Base(p), err)
+						}
+					}
+				case oldShape:
+					if completed {
+						t.Fatalf("k=%d: the merge completed but the chain has its old shape", k)
+					}
+					// Rolled back: the sibling either refuses (the target took its interim
+					// ID before the copy touched it) or sees the target untouched.
+					if c, err := chain.Open(sibling, false); err == nil {
+						got := readView(t, c)
+						c.Close()
+						assertSame(t, fmt.Sprintf("k=%d: the sibling of a target not yet touched", k), got, f.viewAt(tc.from+tc.depth))
+					} else if !errors.Is(err, vhd.ErrParentMismatch) {
+						t.Fatalf("k=%d: sibling after the rollback: %v", k, err)
+					}
+				default:
+					t.Fatalf("k=%d: chain of %d images, want %d or %d", k, n, len(f.paths), newLen)
+				}
+				if completed {
+					t.Logf("the merge took %d durable steps", k)
+					return
+				}
+			}
+		})
+	}
+}
+
+func targetType(base vhd.DiskType, depth int) string {
+	if depth == 3 {
+		return base.String()
+	}
+	return "differencing"
+}
+
+func createChildOf(t *testing.T, parent, child string) {
+	t.Helper()
+	p, err := vhd.Open(parent, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	if err := vhd.Create(child, vhd.CreateOptions{Type: vhd.TypeDifferencing, Parent: p, ParentPath: parent}); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func problemsOf(ps []vhd.Problem, min vhd.Severity) []vhd.Problem {
+	var out []vhd.Problem
+	for _, p := range ps {
+		if p.Severity >= min {
+			out = append(out, p)
+		}
+	}
+	return out
+}
+
+// copyDir copies the regular files of src into dst.
+func copyDir(t *testing.T, src, dst string) {
+	t.Helper()
+	es, err := os.ReadDir(src)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range es {
+		if e.Type().IsRegular() {
+			copyFileTo(t, filepath.Join(src, e.Name()), filepath.Join(dst, e.Name()))
+		}
+	}
+}
+
+// restoreDir makes dst hold exactly the files of src.
+func restoreDir(t *testing.T, src, dst string) {
+	t.Helper()
+	es, err := os.ReadDir(dst)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range es {
+		if err := os.Remove(filepath.Join(dst, e.Name())); err != nil {
+			t.Fatal(err)
+		}
+	}
+	copyDir(t, src, dst)
+}
+
+func copyFileTo(t *testing.T, src, dst string) {
+	t.Helper()
+	in, err := os.Open(src)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer in.Close()
+	out, err := os.Create(dst)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := io.Copy(out, in); err != nil {
+		t.Fatal(err)
+	}
+	if err := out.Close(); err != nil {
+		t.Fatal(err)
+	}
+}

@@ -565,11 +565,10 @@ func (s *qemuSession) output() string {
 // holdQemu starts `qemu-io -f vpc [flags] IMG` with commands from a pipe, sends
 // command and waits for its answer (want); the process holds the image until release
 // closes the pipe.
-func holdQemu(p *pairRun, img, command, want string, flags ...string) func() {
-	t := p.t
+func holdQemu(t testing.TB, img, command, want string, flags ...string) func() {
 	t.Helper()
 	s := &qemuSession{done: make(chan error, 1)}
-	s.cmd = exec.Command("qemu-io", append(append([]string{"-f", "vpc"}, flags...), p.path(img))...)
+	s.cmd = exec.Command("qemu-io", append(append([]string{"-f", "vpc"}, flags...), img)...)
 	s.cmd.Stdout, s.cmd.Stderr = s, s
 	var err error
 	if s.stdin, err = s.cmd.StdinPipe(); err != nil {
@@ -615,11 +614,11 @@ func holdQemu(p *pairRun, img, command, want string, flags ...string) func() {
 }
 
 func holdQemuWrite(p *pairRun, img, side string) func() {
-	release := holdQemu(p, img, qemuWriteCmd(qemuWrite1), "wrote 65536/65536")
+	release := holdQemu(p.t, p.path(img), qemuWriteCmd(qemuWrite1), "wrote 65536/65536")
 	p.written(img, qemuWrite1)
 	return release
 }
 
 func holdQemuRead(p *pairRun, img, side string) func() {
-	return holdQemu(p, img, qemuReadCmd(img), "read 65536/65536", "-r")
+	return holdQemu(p.t, p.path(img), qemuReadCmd(img), "read 65536/65536", "-r")
 }

@@ -53,6 +53,11 @@ func runMain(m *testing.M) int {
 		return 1
 	}
 	defer os.RemoveAll(dir)
+	if bin := os.Getenv("VHDFS_TEST_BIN"); bin != "" {
+		// A binary built elsewhere (an older commit, to see a regression test fail).
+		vhdfsBin = bin
+		return m.Run()
+	}
 	vhdfsBin = filepath.Join(dir, "vhdfs")
 	args := []string{"build", "-ldflags", "-X main.Version=" + testVersion, "-o", vhdfsBin}
 	if raceEnabled {

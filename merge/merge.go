@@ -392,11 +392,17 @@ func prepare(c *chain.Chain, opts Options, from, to int, dst *vhd.Image, p *push
 		return err
 	}
 	opts.Hook("prepare")
-	w, err := last.Image.Reopen(true)
-	if err != nil {
-		return err
+	// The old top of a merge from the top is still open for writing in the chain (an
+	// undone merge puts it back on top): it writes through that handle, so its cached
+	// layout stays true. Another layer is written through a joint handle of its own,
+	// and the chain gets a fresh read-only one.
+	w := last.Image
+	if !w.Writable() {
+		if w, err = last.Image.Reopen(true); err != nil {
+			return err
+		}
+		defer w.Close()
 	}
-	defer w.Close()
 	if err := w.SetParent(midID, target.Path, lastReal); err != nil {
 		return err
 	}
@@ -408,16 +414,20 @@ func prepare(c *chain.Chain, opts Options, from, to int, dst *vhd.Image, p *push
 	if err != nil {
 		return err
 	}
-	lro, err := w.Reopen(false)
-	if err != nil {
-		tro.Close()
-		return err
-	}
 	newLayers := slices.Clone(layers)
-	newLayers[to-1] = &chain.Layer{Image: lro, Path: last.Path, FoundBy: last.FoundBy}
 	newLayers[to] = &chain.Layer{Image: tro, Path: target.Path, FoundBy: target.FoundBy}
+	if w != last.Image {
+		lro, err := w.Reopen(false)
+		if err != nil {
+			tro.Close()
+			return err
+		}
+		newLayers[to-1] = &chain.Layer{Image: lro, Path: last.Path, FoundBy: last.FoundBy}
+	}
 	c.Replace(newLayers)
-	last.Image.Close()
+	if w != last.Image {
+		last.Image.Close()
+	}
 	target.Image.Close()
 	if p != nil {
 		j.Phase = chain.PhaseCopy

@@ -118,28 +118,7 @@ func completePrepare(j *chain.Journal) error {
 	if err != nil {
 		return err
 	}
-	target, err := openChecked(j.Target, j.TargetF)
-	if err != nil {
-		return err
-	}
-	defer target.Close()
-	last, err := openChecked(j.Last, j.LastF)
-	if err != nil {
-		return err
-	}
-	defer last.Close()
-	if h, _ := last.Header(); h.ParentUniqueID != mid {
-		if err := last.SetParent(mid, j.Target, j.Last); err != nil {
-			return err
-		}
-	}
-	if err := target.SetUniqueID(mid); err != nil {
-		return err
-	}
-	if err := last.Close(); err != nil {
-		return err
-	}
-	return target.Close()
+	return repoint(j.Target, j.TargetF, mid, j.Last, j.LastF, nil)
 }
 
 // rollForward repeats the steps of a journaled re-link; each is done again or found
@@ -153,27 +132,7 @@ func rollForward(j *chain.Journal) error {
 	if err != nil {
 		return err
 	}
-	target, err := openChecked(j.Target, j.TargetF)
-	if err != nil {
-		return err
-	}
-	defer target.Close()
-	above, err := openChecked(j.Above, j.AboveF)
-	if err != nil {
-		return err
-	}
-	defer above.Close()
-	if h, _ := above.Header(); h.ParentUniqueID != newID {
-		if err := above.SetParent(newID, j.Target, j.Above); err != nil {
-			return err
-		}
-	}
-	// Always: the footer copy at offset 0 may lag the one at the end.
-	if err := above.SetUniqueID(aboveID); err != nil {
-		return err
-	}
-	// Also when the ID is in force: the copy at offset 0 may still have the old one.
-	if err := target.SetUniqueID(newID); err != nil {
+	if err := repoint(j.Target, j.TargetF, newID, j.Above, j.AboveF, &aboveID); err != nil {
 		return err
 	}
 	if j.OldTop != "" {
@@ -181,13 +140,39 @@ func rollForward(j *chain.Journal) error {
 			return err
 		}
 	}
-	if err := above.Close(); err != nil {
-		return err
-	}
-	if err := target.Close(); err != nil {
-		return err
-	}
 	return chain.RemoveJournal(j.Top)
+}
+
+// repoint makes the image child record targetID as its parent's unique ID (with
+// locators to target), gives it childID if that is set, and then gives the target
+// targetID, in the order a merge does; each write is repeated or found done. The ID
+// writes are always repeated: the footer copy at offset 0 may lag the one at the end.
+func repoint(target string, targetF chain.FileID, targetID vhd.UUID, child string, childF chain.FileID, childID *vhd.UUID) error {
+	t, err := openChecked(target, targetF)
+	if err != nil {
+		return err
+	}
+	c, err := openChecked(child, childF)
+	if err != nil {
+		t.Close()
+		return err
+	}
+	if h, _ := c.Header(); h.ParentUniqueID != targetID {
+		err = c.SetParent(targetID, target, child)
+	}
+	if err == nil && childID != nil {
+		err = c.SetUniqueID(*childID)
+	}
+	if err == nil {
+		err = t.SetUniqueID(targetID)
+	}
+	if cerr := c.Close(); err == nil {
+		err = cerr
+	}
+	if cerr := t.Close(); err == nil {
+		err = cerr
+	}
+	return err
 }
 
 func openChecked(path string, id chain.FileID) (*vhd.Image, error) {

@@ -196,6 +196,17 @@ func virtualSize(t testing.TB, image string) int64 {
 
 // exportImage runs `vhdfs export image` into a new file in a temporary directory and
 // returns its path.
+// sharedInfo is vhdfsInfo with --force-share, for an image a mount has open.
+func sharedInfo(t testing.TB, image string) infoJSON {
+	t.Helper()
+	var info infoJSON
+	out := mustVhdfs(t, "info", "-U", "--json", image)
+	if err := json.Unmarshal([]byte(out), &info); err != nil {
+		t.Fatalf("vhdfs info -U --json %s: %v\n%s", image, err, out)
+	}
+	return info
+}
+
 func exportImage(t testing.TB, image string) string {
 	t.Helper()
 	out := filepath.Join(t.TempDir(), filepath.Base(image)+".raw")

@@ -46,8 +46,9 @@ func TestUmountFinalFlushError(t *testing.T) {
 // it aborts the merge, waits and unmounts, and the chain is as it was.
 func TestUmountRunningMerge(t *testing.T) {
 	c := makeChain(t, chainOptions{Depth: 3, Create: []string{"--size", "16M"}, Writes: 20, Seed: 62})
-	// The merged layers stay as they were; the target took copies the chain ignores.
-	files := snapshotFiles(t, c.Images[1:]...)
+	// The merged layers stay as they were, but for the one right above the target,
+	// which records the target's interim ID; the target took copies the chain ignores.
+	files := snapshotFiles(t, c.Images[2:]...)
 	env, reached, resume := pausePoint(t, "copy-half")
 	mnt := mountEnv(t, c.Top(), []string{env})
 	interruptedWrite(t, mnt, "merge depth=2", reached)

@@ -70,10 +70,10 @@ func (img *Image) Check() []Problem {
 	if f.UniqueID.IsZero() {
 		add(Warning, "footer unique ID is zero")
 	}
-	if g := CHS(img.size); f.Geometry != g && f.Geometry != (Geometry{65535, 16, 255}) {
+	if g := CHS(img.size); f.Geometry != g && f.Geometry != MaxGeometry {
 		add(Note, "footer geometry %d/%d/%d differs from the %d/%d/%d computed for the size", f.Geometry.Cylinders, f.Geometry.Heads, f.Geometry.Sectors, g.Cylinders, g.Heads, g.Sectors)
 	}
-	if f.Geometry.Bytes() != img.size && f.Geometry != (Geometry{65535, 16, 255}) {
+	if f.Geometry.Bytes() != img.size && f.Geometry != MaxGeometry {
 		add(Note, "geometry describes %d bytes but the current size is %d: tools that size disks by geometry (Virtual PC, older qemu) see a different disk", f.Geometry.Bytes(), img.size)
 	}
 	if img.header == nil {

@@ -124,6 +124,12 @@ func build(opts CreateOptions) (*builder, error) {
 			return nil, fmt.Errorf("exact size %d is not a multiple of 512: %w", size, ErrInvalidArg)
 		}
 		f.Geometry = CHS(size)
+		if f.Geometry.Bytes() != size {
+			// No geometry describes an exact size: write the 65535/16/255 marker,
+			// as qemu's force_size and Azure do, which tells qemu (and every tool
+			// that sizes by geometry) to use the current size instead.
+			f.Geometry = MaxGeometry
+		}
 	default:
 		return nil, fmt.Errorf("disk type %v: %w", opts.Type, ErrInvalidArg)
 	}

@@ -99,8 +99,9 @@ func (img *Image) Check() []Problem {
 		add(Note, "block size %d: Microsoft's tools use only 2 MiB and 512 KiB", img.blockSize)
 	}
 	img.mu.RLock()
-	dataEnd := img.metaEnd
+	dataEnd, blocks := img.metaEnd, false
 	for i, e := range img.bat.allocated() {
+		blocks = true
 		if int64(i) >= need {
 			add(Warning, "BAT entry %d is allocated but lies past the disk size", i)
 		}
@@ -115,7 +116,8 @@ func (img *Image) Check() []Problem {
 			add(Note, "BAT padding after entry %d is not 0xFFFFFFFF", h.MaxTableEntries)
 		}
 	}
-	if state == FooterAtEnd && footerOff > roundUp(dataEnd, SectorSize)+dataAlign {
+	// Without blocks, the space before the footer is room for parent locators.
+	if state == FooterAtEnd && blocks && footerOff > roundUp(dataEnd, SectorSize)+dataAlign {
 		add(Note, "%d bytes between the last block and the footer belong to no block (left by an interrupted allocation)", footerOff-dataEnd)
 	}
 	if img.footer.DiskType == TypeDifferencing {

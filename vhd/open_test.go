@@ -214,37 +214,34 @@ func problemText(ps []Problem) string {
 
 func TestFooterCopyOnlyAndRepair(t *testing.T) {
 	tests := []struct {
-		name     string
-		damage   func(t *testing.T, path string)
-		wantSize int64 // file size after repair
+		name   string
+		damage func(t *testing.T, path string, size int64)
 	}{
-		{"footer at the end damaged", func(t *testing.T, p string) {
-			patchAt(t, p, mbFileSize-FooterSize+300, []byte{0xff})
-		}, mbFileSize},
-		{"footer at the end zeroed", func(t *testing.T, p string) {
-			patchAt(t, p, mbFileSize-FooterSize, make([]byte, FooterSize))
-		}, mbFileSize},
-		{"torn tail after a crash: half a block and no footer", func(t *testing.T, p string) {
-			patchAt(t, p, mbFileSize-FooterSize, bytes.Repeat([]byte{0xc7}, 6000))
-		}, mbFileSize},
-		{"file cut inside the footer", func(t *testing.T, p string) {
-			if err := os.Truncate(p, mbFileSize-100); err != nil {
+		{"footer at the end damaged", func(t *testing.T, p string, size int64) {
+			patchAt(t, p, size-FooterSize+300, []byte{0xff})
+		}},
+		{"footer at the end zeroed", func(t *testing.T, p string, size int64) {
+			patchAt(t, p, size-FooterSize, make([]byte, FooterSize))
+		}},
+		{"torn tail after a crash: half a block and no footer", func(t *testing.T, p string, size int64) {
+			patchAt(t, p, size-FooterSize, bytes.Repeat([]byte{0xc7}, 6000))
+		}},
+		{"file cut inside the footer", func(t *testing.T, p string, size int64) {
+			if err := os.Truncate(p, size-100); err != nil {
 				t.Fatal(err)
 			}
-		}, mbFileSize},
+		}},
 	}
 	for _, typ := range []DiskType{TypeDynamic, TypeDifferencing} {
 		for _, tc := range tests {
 			t.Run(tc.name+"/"+typ.String(), func(t *testing.T) {
 				dir := t.TempDir()
 				path := malformedBase(t, dir, typ)
-				if got := fileSize(t, path); got != mbFileSize {
-					t.Fatalf("base image is %d bytes, the test expects %d", got, mbFileSize)
-				}
+				size := fileSize(t, path)
 				orig := openImage(t, path, false)
 				want := view(t, orig, nil)
 				orig.Close()
-				tc.damage(t, path)
+				tc.damage(t, path, size)
 
 				img := openImage(t, path, false)
 				st, why := img.FooterState()
@@ -269,8 +266,8 @@ func TestFooterCopyOnlyAndRepair(t *testing.T) {
 				if err != nil || !wrote {
 					t.Fatalf("RepairFooter = %v, %v; want true, nil", wrote, err)
 				}
-				if got := fileSize(t, path); got != tc.wantSize {
-					t.Errorf("repaired file is %d bytes, want %d", got, tc.wantSize)
+				if got := fileSize(t, path); got != size {
+					t.Errorf("repaired file is %d bytes, want %d", got, size)
 				}
 				img = openImage(t, path, false)
 				if st, _ := img.FooterState(); st != FooterAtEnd {

@@ -2,11 +2,13 @@ package vhd
 
 import (
 	"bytes"
+	"encoding/binary"
 	"errors"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 )
 
 // Layout of the dynamic image malformedBase makes (4 KiB blocks, data 4 KiB-aligned):
@@ -319,6 +321,28 @@ func TestCheckFindings(t *testing.T) {
 			editHeader(t, p, func(h *Header) { h.ParentLocators[1].PlatformDataSpace = 1 }) // one sector
 			editHeader(t, p, func(h *Header) { h.ParentLocators[1].PlatformDataLength = 600 })
 		}, Warning, "exceeds its data space"},
+		// The rules of blktap's vhd-util check.
+		{"footer reserved bytes set", TypeDynamic, func(t *testing.T, p string) { editFooter(t, p, func(f *Footer) { f.Reserved[5] = 1 }) }, Warning, "reserved bytes 85-511"},
+		{"hidden byte 2", TypeFixed, func(t *testing.T, p string) { editFooter(t, p, func(f *Footer) { f.Reserved[0] = 2 }) }, Warning, "reserved bytes 85-511"},
+		{"header reserved field set", TypeDynamic, func(t *testing.T, p string) { editHeader(t, p, func(h *Header) { h.Reserved1 = 7 }) }, Warning, "invalid reserved bits"},
+		{"creation time in the future", TypeFixed, func(t *testing.T, p string) {
+			editFooter(t, p, func(f *Footer) { f.Timestamp = Timestamp(time.Now().Add(24 * time.Hour)) })
+		}, Warning, "creation time in future"},
+		{"geometry marker", TypeFixed, func(t *testing.T, p string) { editFooter(t, p, func(f *Footer) { f.Geometry = MaxGeometry }) }, Note, "geometry too large"},
+		{"locator space reaching into a block", TypeDifferencing, func(t *testing.T, p string) {
+			editHeader(t, p, func(h *Header) { h.ParentLocators[1].PlatformDataSpace = 32 * kib })
+		}, Warning, "clobbers headers"},
+		{"locator name differs from the parent name", TypeDifferencing, func(t *testing.T, p string) {
+			editHeader(t, p, func(h *Header) {
+				h.ParentUnicodeName = [512]byte{}
+				copy(h.ParentUnicodeName[:], utf16BE("other.vhd"))
+			})
+		}, Warning, "header's parent name is"},
+		{"dynamic data under a clear bitmap bit", TypeDynamic, func(t *testing.T, p string) {
+			b := readFile(t, p)
+			e := int64(binary.BigEndian.Uint32(b[FooterSize+HeaderSize:])) * SectorSize
+			patchAt(t, p, e, []byte{0x7f}) // sector 0 of block 0 unwritten, its 0x5a data stays
+		}, Warning, "has data where bitmap is clear"},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {

@@ -2,8 +2,12 @@ package test
 
 import (
 	"bytes"
+	"encoding/binary"
+	"fmt"
 	"path/filepath"
+	"strings"
 	"testing"
+	"unicode/utf16"
 )
 
 // TestExactSizeInQemu: an --exact-size image whose size no CHS geometry describes
@@ -34,4 +38,167 @@ func TestExactSizeInQemu(t *testing.T) {
 			assertSameBytes(t, "vhdfs export", fileBytes(t, exportImage(t, img)), model)
 		})
 	}
+}
+
+// TestCreateBlockSizeWarning: a block size above 2 MiB is accepted with one warning
+// line that names who cannot open the image; 2 MiB and below, none.
+func TestCreateBlockSizeWarning(t *testing.T) {
+	t.Parallel()
+	dir := t.TempDir()
+	_, stderr, code := vhdfs(t, "create", "--size", "64M", "--block-size", "4M", filepath.Join(dir, "big.vhd"))
+	if code != 0 || strings.Count(stderr, "\n") != 1 || !strings.Contains(stderr, "blktap") || !strings.Contains(stderr, "warning") {
+		t.Errorf("create --block-size 4M: exit %d, stderr %q; want success and one warning line naming blktap", code, stderr)
+	}
+	if _, stderr, code := vhdfs(t, "create", "--size", "64M", "--block-size", "2M", filepath.Join(dir, "ok.vhd")); code != 0 || stderr != "" {
+		t.Errorf("create --block-size 2M: exit %d, stderr %q; want silence", code, stderr)
+	}
+}
+
+// TestDifferencingParentFields: a differencing image vhdfs creates names its parent
+// by base name, holds W2ru and MacX locators relative to itself (no W2ku: no Windows
+// absolute path can be formed on Linux), which info --json shows, and passes the
+// spec checker: room for its locators before any data block.
+func TestDifferencingParentFields(t *testing.T) {
+	t.Parallel()
+	dir := t.TempDir()
+	base, child := filepath.Join(dir, "base.vhd"), filepath.Join(dir, "child.vhd")
+	mustVhdfs(t, "create", "--size", "16M", base)
+	mustVhdfs(t, "create", "--parent", base, child)
+	l := vhdfsInfo(t, child).Layers[0]
+	if l.ParentName != "base.vhd" {
+		t.Errorf("parent name %q, want base.vhd", l.ParentName)
+	}
+	var got []string
+	for _, loc := range l.Locators {
+		got = append(got, loc.Platform+"="+loc.Path)
+	}
+	if want := []string{`W2ru=.\base.vhd`, "MacX=file://./base.vhd"}; strings.Join(got, " ") != strings.Join(want, " ") {
+		t.Errorf("info --json locators %q, want %q", got, want)
+	}
+	specCheck(t, child)
+}
+
+// specCheck is an independent reading of the VHD specification (and of the rules
+// blktap's vhd-util check adds) for an image vhdfs wrote: footer and header
+// checksums, the footer copy, parent name = the base name of every path locator,
+// locator data inside its space and before the first data block, no block
+// overlapping metadata, another block or the footer.
+func specCheck(t testing.TB, path string) {
+	t.Helper()
+	b := fileBytes(t, path)
+	if len(b) < 512 || len(b)%512 != 0 {
+		t.Fatalf("%s: size %d is not a whole number of sectors", path, len(b))
+	}
+	foot := b[len(b)-512:]
+	be := binary.BigEndian
+	sum := func(p []byte, at int) uint32 {
+		var s uint32
+		for i, c := range p {
+			if i < at || i >= at+4 {
+				s += uint32(c)
+			}
+		}
+		return ^s
+	}
+	if string(foot[:8]) != "conectix" || sum(foot, 64) != be.Uint32(foot[64:]) {
+		t.Fatalf("%s: footer cookie or checksum bad", path)
+	}
+	if be.Uint32(foot[8:])&2 == 0 || !allZero(foot[86:]) || foot[85] > 1 {
+		t.Errorf("%s: footer features or reserved bytes", path)
+	}
+	typ := be.Uint32(foot[60:])
+	if typ == 2 {
+		if int64(len(b)) != int64(be.Uint64(foot[48:]))+512 {
+			t.Errorf("%s: fixed image of %d bytes for size %d", path, len(b), be.Uint64(foot[48:]))
+		}
+		return
+	}
+	if !bytes.Equal(b[:512], foot) {
+		t.Errorf("%s: footer copy at 0 differs from the footer", path)
+	}
+	hdrOff := int(be.Uint64(foot[16:]))
+	h := b[hdrOff : hdrOff+1024]
+	if string(h[:8]) != "cxsparse" || sum(h, 36) != be.Uint32(h[36:]) || be.Uint32(h[60:]) != 0 || !allZero(h[768:]) {
+		t.Fatalf("%s: dynamic header cookie, checksum or reserved fields bad", path)
+	}
+	batOff, entries, blockSize := int64(be.Uint64(h[16:])), int64(be.Uint32(h[28:])), int64(be.Uint32(h[32:]))
+	bitmap := (blockSize/512/8 + 511) / 512 * 512
+	type rng struct {
+		off, end int64
+		what     string
+	}
+	meta := []rng{{0, 512, "footer copy"}, {int64(hdrOff), int64(hdrOff) + 1024, "header"}, {batOff, batOff + (entries*4+511)/512*512, "BAT"}}
+	if typ == 4 {
+		name := decodeUTF16BE(h[64:576])
+		if name == "" || strings.ContainsAny(name, `\/`) {
+			t.Errorf("%s: parent name %q is not a base name", path, name)
+		}
+		for i := 0; i < 8; i++ {
+			e := h[576+24*i:][:24]
+			code, space, length, off := be.Uint32(e), int64(be.Uint32(e[4:])), int64(be.Uint32(e[8:])), int64(be.Uint64(e[16:]))
+			if code == 0 {
+				if !allZero(e) {
+					t.Errorf("%s: locator %d has no code but fields set", path, i)
+				}
+				continue
+			}
+			if space < 512 {
+				space *= 512
+			}
+			if length == 0 || length > space || space%512 != 0 || be.Uint32(e[12:]) != 0 {
+				t.Errorf("%s: locator %d: length %d, space %d", path, i, length, space)
+			}
+			data := b[off : off+length]
+			var p string
+			switch code {
+			case platformW2ru, platformW2ku:
+				p = strings.ReplaceAll(decodeUTF16LE(data), `\`, "/")
+			case platformMacX:
+				p = strings.TrimPrefix(string(data), "file://")
+			}
+			if filepath.Base(p) != name {
+				t.Errorf("%s: locator %d names %q, the header %q", path, i, filepath.Base(p), name)
+			}
+			meta = append(meta, rng{off, off + space, fmt.Sprintf("locator %d", i)})
+		}
+	}
+	var blocks []rng
+	for i := int64(0); i < entries; i++ {
+		e := be.Uint32(b[batOff+4*i:])
+		if e == 0xffffffff {
+			continue
+		}
+		o := int64(e) * 512
+		blocks = append(blocks, rng{o, o + bitmap + blockSize, fmt.Sprintf("block %d", i)})
+	}
+	for _, blk := range blocks {
+		if blk.end > int64(len(b))-512 {
+			t.Errorf("%s: %s runs into the footer", path, blk.what)
+		}
+		for _, m := range append(meta, blocks...) {
+			if m != blk && blk.off < m.end && m.off < blk.end {
+				t.Errorf("%s: %s at %d overlaps %s at %d", path, blk.what, blk.off, m.what, m.off)
+			}
+		}
+	}
+}
+
+func decodeUTF16BE(b []byte) string {
+	var u []uint16
+	for i := 0; i+1 < len(b); i += 2 {
+		c := binary.BigEndian.Uint16(b[i:])
+		if c == 0 {
+			break
+		}
+		u = append(u, c)
+	}
+	return string(utf16.Decode(u))
+}
+
+func decodeUTF16LE(b []byte) string {
+	var u []uint16
+	for i := 0; i+1 < len(b); i += 2 {
+		u = append(u, binary.LittleEndian.Uint16(b[i:]))
+	}
+	return string(utf16.Decode(u))
 }

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/binary"
 	"fmt"
+	"os"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -201,4 +202,123 @@ func decodeUTF16LE(b []byte) string {
 		u = append(u, binary.LittleEndian.Uint16(b[i:]))
 	}
 	return string(utf16.Decode(u))
+}
+
+// TestInteropMatrix: after each way vhdfs creates or changes images, every image of
+// the chain passes the spec checker and vhdfs check, and the virtual size and the
+// bytes agree between vhdfs export, libvhdi's vhdimount (data written 4 KiB-aligned,
+// which it resolves right) and, for images qemu reads the type of (fixed and dynamic:
+// qemu reads differencing images as dynamic ones without their parent), qemu-img.
+func TestInteropMatrix(t *testing.T) {
+	t.Parallel()
+	requireTool(t, "qemu-img")
+	requireTool(t, "vhdimount")
+	for _, base := range []struct {
+		name string
+		args []string
+	}{
+		{"dynamic", []string{"--size", "24M"}},
+		{"fixed", []string{"--size", "24M", "--type", "fixed"}},
+		{"dynamic exact size", []string{"--size", "24577K", "--exact-size"}},
+	} {
+		t.Run(base.name, func(t *testing.T) {
+			t.Parallel()
+			dir := t.TempDir()
+			imgs := []string{filepath.Join(dir, "base.vhd")}
+			mustVhdfs(t, append(append([]string{"create"}, base.args...), imgs[0])...)
+			size := vhdfsInfo(t, imgs[0]).VirtualSize
+			model := make([]byte, size)
+			verify := func(step string) {
+				t.Helper()
+				top := imgs[len(imgs)-1]
+				for _, img := range imgs {
+					specCheck(t, img)
+				}
+				if out, _, code := vhdfs(t, "check", top); code != 0 {
+					t.Errorf("%s: vhdfs check: exit %d\n%s", step, code, out)
+				}
+				assertSameBytes(t, step+": vhdfs export", fileBytes(t, exportImage(t, top)), model)
+				assertSameBytes(t, step+": vhdimount", fileBytes(t, vhdimountView(t, top)), model)
+				if _, n := vhdiinfo(t, top); n != size {
+					t.Errorf("%s: vhdiinfo sees %d bytes, want %d", step, n, size)
+				}
+				for _, img := range imgs {
+					if q := qemuImgInfo(t, "-f", "vpc", img).VirtualSize; q != size {
+						t.Errorf("%s: qemu-img info %s: %d bytes, want %d", step, filepath.Base(img), q, size)
+					}
+				}
+				if len(imgs) == 1 {
+					assertSameBytes(t, step+": qemu-img convert", qemuConvert(t, top), model)
+				}
+			}
+			// Writes at odd offsets (4 KiB-aligned for libvhdi), across block
+			// boundaries, through a mount.
+			write := func(seed uint64) {
+				t.Helper()
+				mnt := mMountpoint(t)
+				mMount(t, imgs[len(imgs)-1], mnt)
+				f, err := os.OpenFile(filepath.Join(mnt, "disk.raw"), os.O_RDWR, 0)
+				if err != nil {
+					t.Fatal(err)
+				}
+				for _, w := range newWriteGen(seed, size, 4096, 3*mib).writes(6) {
+					if _, err := f.WriteAt(w.Data, w.Off); err != nil {
+						t.Fatal(err)
+					}
+					copy(model[w.Off:], w.Data)
+				}
+				tail := bytes.Repeat([]byte{byte(seed)}, 4096)
+				if _, err := f.WriteAt(tail, size-4096); err != nil {
+					t.Fatal(err)
+				}
+				copy(model[size-4096:], tail)
+				if err := f.Close(); err != nil {
+					t.Fatal(err)
+				}
+				mUmount(t, mnt)
+			}
+			snapshot := func() {
+				t.Helper()
+				next := filepath.Join(dir, fmt.Sprintf("s%d.vhd", len(imgs)))
+				mustVhdfs(t, "create", "--parent", imgs[len(imgs)-1], next)
+				imgs = append(imgs, next)
+			}
+			merge := func(cmd string, drop ...int) {
+				t.Helper()
+				mnt := mMountpoint(t)
+				mMount(t, imgs[len(imgs)-1], mnt)
+				if err := control(mnt, cmd); err != 0 {
+					t.Fatalf("%s: %v", cmd, err)
+				}
+				mUmount(t, mnt)
+				for k := len(drop) - 1; k >= 0; k-- {
+					imgs = append(imgs[:drop[k]], imgs[drop[k]+1:]...)
+				}
+			}
+
+			verify("create")
+			write(1)
+			verify("writes into the base")
+			snapshot()
+			verify("create --parent")
+			write(2)
+			snapshot()
+			write(3)
+			snapshot()
+			write(4)
+			verify("writes into a chain of 4")
+			// imgs: base s1 s2 s3 (top). from=1 merges s2 into s1, re-links s3.
+			merge("merge from=1 depth=1", 2)
+			verify("merge from=1 (re-link into the room)")
+			merge("merge depth=1") // s3 into s1; a new top at s3's path
+			verify("merge depth=1 (the new top)")
+			write(5)
+			merge("merge depth=2", 1) // the top and s1 into base; a new top
+			verify("merge depth=2")
+			if out, _, code := vhdfs(t, "check", "--repair", imgs[len(imgs)-1]); code != 0 {
+				t.Errorf("check --repair: exit %d\n%s", code, out)
+			}
+			verify("check --repair")
+		})
+	}
 }

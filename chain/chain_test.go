@@ -410,8 +410,8 @@ func TestDescribe(t *testing.T) {
 		if g.Creator != "vhdf 1.0" || g.UniqueID != c.Layers()[i].Image.Footer().UniqueID.String() {
 			t.Errorf("layer %d creator %q unique ID %q", i, g.Creator, g.UniqueID)
 		}
-		if w.Type == "differencing" && (g.ParentName == "" || g.ParentTimestamp == "") {
-			t.Errorf("layer %d has no parent name or time stamp: %+v", i, g)
+		if w.Type == "differencing" && g.ParentName != filepath.Base(c.Layers()[i+1].Path) {
+			t.Errorf("layer %d's parent name is not its parent's base name: %+v", i, g)
 		}
 	}
 }

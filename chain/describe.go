@@ -21,6 +21,19 @@ type LayerInfo struct {
 	ParentTimestamp string `json:"parent_timestamp,omitempty"`
 	ParentName      string `json:"parent_name,omitempty"`
 	FoundBy         string `json:"found_by,omitempty"`
+	// Locators are the parent locators of a differencing image, in slot order.
+	Locators []LocatorInfo `json:"locators,omitempty"`
+}
+
+// LocatorInfo is one parent locator: its platform code and the path it holds, and
+// where its data lies in the file.
+type LocatorInfo struct {
+	Slot     int    `json:"slot"`
+	Platform string `json:"platform"`
+	Path     string `json:"path,omitempty"`
+	Offset   uint64 `json:"offset"`
+	Space    int64  `json:"space"`
+	Length   uint32 `json:"length"`
 }
 
 // Info describes a chain.
@@ -59,6 +72,14 @@ func DescribeLayer(depth int, l *Layer) LayerInfo {
 		li.ParentName = h.ParentName()
 		if h.ParentTimestamp != 0 {
 			li.ParentTimestamp = vhd.Time(h.ParentTimestamp).Format("2006-01-02T15:04:05Z")
+		}
+		for i, l := range h.ParentLocators {
+			if l.PlatformCode == vhd.PlatformNone {
+				continue
+			}
+			sp, _ := l.SpaceBytes()
+			li.Locators = append(li.Locators, LocatorInfo{Slot: i, Platform: vhd.PlatformName(l.PlatformCode), Path: img.LocatorPath(i),
+				Offset: l.PlatformDataOffset, Space: sp, Length: l.PlatformDataLength})
 		}
 	}
 	return li

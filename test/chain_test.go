@@ -174,6 +174,10 @@ type infoJSON struct {
 		ParentUniqueID string `json:"parent_unique_id"`
 		ParentName     string `json:"parent_name"`
 		FoundBy        string `json:"found_by"`
+		Locators       []struct {
+			Platform string `json:"platform"`
+			Path     string `json:"path"`
+		} `json:"locators"`
 	} `json:"layers"`
 }
 

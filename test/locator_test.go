@@ -34,9 +34,13 @@ func setLocatorData(t testing.TB, path string, code uint32, data []byte) {
 	l := readLayout(t, path)
 	i := l.locatorIndex(code)
 	if i < 0 {
-		t.Fatalf("%s has no locator %#x", path, code)
+		// vhdfs writes W2ru and MacX: the MacX entry's room takes another code.
+		if i = l.locatorIndex(platformMacX); i < 0 {
+			t.Fatalf("%s has no locator %#x", path, code)
+		}
 	}
 	loc := l.Locators[i]
+	loc.Code = code
 	if int64(len(data)) > int64(loc.Space) {
 		t.Fatalf("%d bytes do not fit the %d bytes of locator %d", len(data), loc.Space, i)
 	}
@@ -50,7 +54,7 @@ func dropLocator(t testing.TB, path string, code uint32) {
 	t.Helper()
 	i := readLayout(t, path).locatorIndex(code)
 	if i < 0 {
-		t.Fatalf("%s has no locator %#x", path, code)
+		return
 	}
 	patchLocator(t, path, i, locator{})
 }
@@ -93,6 +97,7 @@ func TestParentLocators(t *testing.T) {
 			dir := filepath.Join(root, "vm")
 			child := filepath.Join(dir, "child.vhd")
 			m := makePair(t, filepath.Join(dir, "base.vhd"), child)
+			setLocatorData(t, child, platformW2ku, utf16le(strings.ReplaceAll(filepath.Join(dir, "base.vhd"), "/", `\`)))
 			dropLocator(t, child, platformW2ru)
 			patchParentName(t, child, "")
 			dir = moveDir(t, dir)
@@ -111,6 +116,7 @@ func TestParentLocators(t *testing.T) {
 			dir := filepath.Join(root, "vm")
 			child := filepath.Join(dir, "child.vhd")
 			m := makePair(t, filepath.Join(dir, "base.vhd"), child)
+			setLocatorData(t, child, platformW2ku, utf16le(strings.ReplaceAll(filepath.Join(dir, "base.vhd"), "/", `\`)))
 			setLocatorData(t, child, platformW2ru, utf16le(`.\gone.vhd`))
 			return child, filepath.Join(dir, "base.vhd"), m
 		}},
@@ -119,6 +125,7 @@ func TestParentLocators(t *testing.T) {
 			child := filepath.Join(dir, "child.vhd")
 			m := makePair(t, filepath.Join(dir, "base.vhd"), child)
 			mustVhdfs(t, "create", "--size", "8M", filepath.Join(dir, "other.vhd"))
+			setLocatorData(t, child, platformW2ku, utf16le(strings.ReplaceAll(filepath.Join(dir, "base.vhd"), "/", `\`)))
 			setLocatorData(t, child, platformW2ru, utf16le(`.\other.vhd`))
 			return child, filepath.Join(dir, "base.vhd"), m
 		}},
@@ -127,7 +134,7 @@ func TestParentLocators(t *testing.T) {
 			child := filepath.Join(dir, "child.vhd")
 			m := makePair(t, filepath.Join(dir, "base.vhd"), child)
 			dropLocator(t, child, platformW2ru)
-			dropLocator(t, child, platformW2ku)
+			dropLocator(t, child, platformMacX)
 			patchParentName(t, child, `C:\Users\someone\Documents\base.vhd`)
 			return child, filepath.Join(dir, "base.vhd"), m
 		}},
@@ -136,7 +143,7 @@ func TestParentLocators(t *testing.T) {
 			child := filepath.Join(dir, "child.vhd")
 			m := makePair(t, filepath.Join(dir, "base.vhd"), child)
 			dropLocator(t, child, platformW2ru)
-			dropLocator(t, child, platformW2ku)
+			dropLocator(t, child, platformMacX)
 			patchParentName(t, child, "base.vhd")
 			dir = moveDir(t, dir)
 			return filepath.Join(dir, "child.vhd"), filepath.Join(dir, "base.vhd"), m
@@ -145,13 +152,8 @@ func TestParentLocators(t *testing.T) {
 			dir := filepath.Join(root, "vm")
 			child := filepath.Join(dir, "child.vhd")
 			m := makePair(t, filepath.Join(dir, "base.vhd"), child)
-			l := readLayout(t, child)
-			i := l.locatorIndex(platformW2ru)
-			loc := l.Locators[i]
-			loc.Code = platformMacX
-			patchLocator(t, child, i, loc)
 			setLocatorData(t, child, platformMacX, []byte("file://./base.vhd"))
-			dropLocator(t, child, platformW2ku)
+			dropLocator(t, child, platformW2ru)
 			patchParentName(t, child, "")
 			return child, filepath.Join(dir, "base.vhd"), m
 		}},

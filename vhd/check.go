@@ -4,8 +4,10 @@ import (
 	"bytes"
 	"fmt"
 	"os"
+	"path"
 	"strings"
 	"syscall"
+	"time"
 
 	"github.com/vhdfs/vhdfs/internal/imagelock"
 )
@@ -57,7 +59,22 @@ func (img *Image) Check() []Problem {
 		add(Note, "511-byte footer, as images made before Virtual PC 2004 have")
 	}
 	if f.Features&featureReserved == 0 {
-		add(Warning, "footer features %#08x lacks the reserved bit 0x2 the specification requires", f.Features)
+		add(Warning, "footer features %#08x lacks the reserved bit 0x2 the specification requires (blktap's vhd-util check rejects it: \"invalid 'reserved' feature\")", f.Features)
+	}
+	// Byte 85 is blktap's "hidden" flag, 0 or 1; the rest must be zero.
+	if f.Reserved[0] > 1 || !AllZero(f.Reserved[1:]) {
+		add(Warning, "footer reserved bytes 85-511 are not zero (blktap's vhd-util check rejects it: \"invalid 'reserved' bits\")")
+	}
+	now := Timestamp(time.Now())
+	if f.Timestamp > now+timestampSlack {
+		add(Warning, "footer time stamp %s lies in the future (blktap's vhd-util check rejects it: \"creation time in future\")", Time(f.Timestamp).Format(time.RFC3339))
+	}
+	if chsPacked(f.Geometry) > chsPacked(CHS(img.size)) {
+		what := fmt.Sprintf("footer geometry %d/%d/%d", f.Geometry.Cylinders, f.Geometry.Heads, f.Geometry.Sectors)
+		if f.Geometry == MaxGeometry {
+			what = "footer geometry is the 65535/16/255 marker for an exact size (as qemu's force_size and Azure write)"
+		}
+		add(Note, "%s: blktap's vhd-util check, stricter than the format, calls it \"geometry too large\"", what)
 	}
 	if f.Features&^uint32(0x3) != 0 {
 		add(Warning, "footer features %#08x has unknown bits", f.Features)
@@ -70,10 +87,10 @@ func (img *Image) Check() []Problem {
 	if f.UniqueID.IsZero() {
 		add(Warning, "footer unique ID is zero")
 	}
-	if g := CHS(img.size); f.Geometry != g && f.Geometry != (Geometry{65535, 16, 255}) {
+	if g := CHS(img.size); f.Geometry != g && f.Geometry != MaxGeometry {
 		add(Note, "footer geometry %d/%d/%d differs from the %d/%d/%d computed for the size", f.Geometry.Cylinders, f.Geometry.Heads, f.Geometry.Sectors, g.Cylinders, g.Heads, g.Sectors)
 	}
-	if f.Geometry.Bytes() != img.size && f.Geometry != (Geometry{65535, 16, 255}) {
+	if f.Geometry.Bytes() != img.size && f.Geometry != MaxGeometry {
 		add(Note, "geometry describes %d bytes but the current size is %d: tools that size disks by geometry (Virtual PC, older qemu) see a different disk", f.Geometry.Bytes(), img.size)
 	}
 	if img.header == nil {
@@ -89,18 +106,22 @@ func (img *Image) Check() []Problem {
 		add(Warning, "dynamic header data offset is %#x, want all ones", h.DataOffset)
 	}
 	if h.Reserved1 != 0 || !AllZero(h.Reserved2[:]) {
-		add(Warning, "dynamic header reserved fields are not zero")
+		add(Warning, "dynamic header reserved fields are not zero (blktap's vhd-util check rejects it: \"invalid reserved bits\")")
+	}
+	if img.blockSize > DefaultBlockSize {
+		add(Note, "block size %d is above 2 MiB: blktap (XCP-ng, XenServer) cannot open it", img.blockSize)
 	}
 	need := (img.size + img.blockSize - 1) / img.blockSize
 	if int64(h.MaxTableEntries) != need {
 		add(Note, "BAT has %d entries, the size needs %d", h.MaxTableEntries, need)
 	}
-	if img.blockSize != DefaultBlockSize && img.blockSize != 512<<10 {
+	if img.blockSize != DefaultBlockSize && img.blockSize != 512<<10 && img.blockSize <= DefaultBlockSize {
 		add(Note, "block size %d: Microsoft's tools use only 2 MiB and 512 KiB", img.blockSize)
 	}
 	img.mu.RLock()
-	dataEnd := img.metaEnd
+	dataEnd, blocks := img.metaEnd, false
 	for i, e := range img.bat.allocated() {
+		blocks = true
 		if int64(i) >= need {
 			add(Warning, "BAT entry %d is allocated but lies past the disk size", i)
 		}
@@ -115,7 +136,8 @@ func (img *Image) Check() []Problem {
 			add(Note, "BAT padding after entry %d is not 0xFFFFFFFF", h.MaxTableEntries)
 		}
 	}
-	if state == FooterAtEnd && footerOff > roundUp(dataEnd, SectorSize)+dataAlign {
+	// Without blocks, the space before the footer is room for parent locators.
+	if state == FooterAtEnd && blocks && footerOff > roundUp(dataEnd, SectorSize)+dataAlign {
 		add(Note, "%d bytes between the last block and the footer belong to no block (left by an interrupted allocation)", footerOff-dataEnd)
 	}
 	if img.footer.DiskType == TypeDifferencing {
@@ -131,15 +153,30 @@ func (img *Image) Check() []Problem {
 				add(Warning, "parent locator %d repeats platform code %s", i, PlatformName(l.PlatformCode))
 			}
 			seen[l.PlatformCode] = true
-			if sp, ok := l.SpaceBytes(); !ok || int64(l.PlatformDataLength) > sp {
+			sp, ok := l.SpaceBytes()
+			if !ok || int64(l.PlatformDataLength) > sp {
 				add(Warning, "parent locator %d (%s) data length %d exceeds its data space %d", i, PlatformName(l.PlatformCode), l.PlatformDataLength, l.PlatformDataSpace)
+			}
+			if l.PlatformDataOffset == 0 || l.PlatformDataSpace == 0 || l.PlatformDataLength == 0 {
+				add(Warning, "parent locator %d (%s) has a zero data offset, space or length (blktap's vhd-util check rejects it)", i, PlatformName(l.PlatformCode))
+			}
+			if ok && int64(l.PlatformDataOffset)+sp > footerOff {
+				add(Warning, "parent locator %d (%s) data space at %d+%d runs past the footer at %d (blktap's vhd-util check rejects it: \"invalid size\")", i, PlatformName(l.PlatformCode), l.PlatformDataOffset, sp, footerOff)
+			}
+			if l.Reserved != 0 {
+				add(Warning, "parent locator %d (%s) reserved field is not zero (blktap's vhd-util check rejects it)", i, PlatformName(l.PlatformCode))
 			}
 		}
 		if !seen[PlatformW2ru] && !seen[PlatformW2ku] && !seen[PlatformMacX] {
 			add(Warning, "no W2ru, W2ku or MacX parent locator: only the parent name can find the parent")
 		}
-	} else if !h.ParentUniqueID.IsZero() || h.ParentTimestamp != 0 {
-		add(Note, "dynamic image has parent fields set")
+		img.checkLocatorNames(add)
+	} else if !h.ParentUniqueID.IsZero() || h.ParentTimestamp != 0 || !AllZero(h.ParentUnicodeName[:]) || h.ParentLocators != [8]Locator{} {
+		add(Warning, "dynamic image has parent fields set (blktap's vhd-util check rejects it)")
+	}
+	img.checkBlocksAfterHeaders(add)
+	if img.footer.DiskType == TypeDynamic {
+		img.checkClearBits(add)
 	}
 	return out
 }
@@ -190,4 +227,116 @@ func RepairFooter(name string) (bool, error) {
 		return false, fmt.Errorf("%s: fsync: %w", name, err)
 	}
 	return true, nil
+}
+
+// timestampSlack is how far in the future blktap lets a time stamp lie (NFS clocks).
+const timestampSlack = 1800
+
+// chsPacked is the geometry as blktap compares it: C<<16 | H<<8 | S.
+func chsPacked(g Geometry) uint32 {
+	return uint32(g.Cylinders)<<16 | uint32(g.Heads)<<8 | uint32(g.Sectors)
+}
+
+// checkLocatorNames compares the file name each path locator names with the
+// header's parent name, as blktap's vhd-util check does. blktap compares with the
+// whole name, which for Windows-made images is a full path: that is a note.
+func (img *Image) checkLocatorNames(add func(Severity, string, ...any)) {
+	h, _ := img.Header()
+	name := h.ParentName()
+	base := path.Base(WindowsToSlash(name))
+	if name != base {
+		add(Note, "parent name %q is a full path, as Windows writes it: blktap's vhd-util check compares the locators' file names with all of it and rejects the image", name)
+	}
+	locs, err := img.ParentLocations()
+	if err != nil {
+		add(Warning, "%v", err)
+		return
+	}
+	for _, l := range locs {
+		if l.Source == "name" {
+			continue
+		}
+		p := WindowsToSlash(l.Path)
+		if l.Source == "MacX" {
+			p = MacXToPath(l.Path)
+		}
+		if b := path.Base(p); b != base {
+			add(Warning, "%s parent locator names %q but the header's parent name is %q (blktap's vhd-util check rejects it)", l.Source, b, base)
+		}
+	}
+}
+
+// checkBlocksAfterHeaders reports data blocks that start before the end of the
+// metadata as blktap computes it: the header, the BAT and every parent locator's
+// whole data space. blktap's vhd-util check rejects such an image ("block N clobbers
+// headers"); old vhdfs re-links put locators past the blocks like this.
+func (img *Image) checkBlocksAfterHeaders(add func(Severity, string, ...any)) {
+	h, _ := img.Header()
+	eoh := max(int64(img.footer.DataOffset)+HeaderSize, int64(h.TableOffset)+roundUp(int64(h.MaxTableEntries)*4, SectorSize))
+	if img.footer.DiskType == TypeDifferencing {
+		for _, l := range h.ParentLocators {
+			if l.PlatformCode == PlatformNone {
+				continue
+			}
+			sp, ok := l.SpaceBytes()
+			if !ok {
+				sp = int64(l.PlatformDataLength)
+			}
+			eoh = max(eoh, int64(l.PlatformDataOffset)+sp)
+		}
+	}
+	img.mu.RLock()
+	defer img.mu.RUnlock()
+	for i, e := range img.bat.allocated() {
+		if off := int64(e) * SectorSize; off < eoh {
+			add(Warning, "block %d at %d lies before the end of the header, BAT and parent locator space at %d (blktap's vhd-util check rejects it: \"block %d clobbers headers\")", i, off, eoh, i)
+			return
+		}
+	}
+}
+
+// checkClearBits reports data in the sectors of a dynamic image's blocks whose
+// bitmap bit is clear. The specification says they are zero; vhdfs and qemu return
+// what the block holds, blktap and libvhdi return zeros, so the readers disagree.
+func (img *Image) checkClearBits(add func(Severity, string, ...any)) {
+	img.mu.RLock()
+	type blk struct {
+		i int
+		e uint32
+	}
+	var blocks []blk
+	for i, e := range img.bat.allocated() {
+		blocks = append(blocks, blk{i, e})
+	}
+	img.mu.RUnlock()
+	bm := make([]byte, img.bitmapSize)
+	sec := make([]byte, 64<<10)
+	for _, b := range blocks {
+		off := int64(b.e) * SectorSize
+		if _, err := img.f.ReadAt(bm, off); err != nil {
+			add(Error, "read bitmap of block %d at %d: %v", b.i, off, err)
+			return
+		}
+		spb := img.blockSize / SectorSize
+		for s := int64(0); s < spb; {
+			if bm[s/8]&(0x80>>(s%8)) != 0 {
+				s++
+				continue
+			}
+			e := s
+			for e < spb && bm[e/8]&(0x80>>(e%8)) == 0 && (e-s)*SectorSize < int64(len(sec)) {
+				e++
+			}
+			p := sec[:(e-s)*SectorSize]
+			if _, err := img.f.ReadAt(p, off+img.bitmapSize+s*SectorSize); err != nil {
+				add(Error, "read block %d at %d: %v", b.i, off, err)
+				return
+			}
+			if !AllZero(p) {
+				add(Warning, "block %d has data in sectors its bitmap marks unwritten: vhdfs and qemu return that data, blktap and libvhdi return zeros (blktap's vhd-util check -b: \"has data where bitmap is clear\")", b.i)
+				break
+			}
+			s = e
+		}
+	}
 }

@@ -2,12 +2,9 @@ package vhd
 
 import (
 	"bytes"
-	"encoding/binary"
 	"fmt"
 	"math/bits"
 	"os"
-	"path/filepath"
-	"strings"
 	"time"
 
 	"github.com/vhdfs/vhdfs/internal/faults"
@@ -59,9 +56,11 @@ func Create(name string, opts CreateOptions) error {
 		if pid.IsZero() {
 			pid = opts.Parent.footer.UniqueID
 		}
-		if b.locData, b.end, err = setParentFields(b.header, b.end, pid, opts.ParentPath, opts.LocatorPath); err != nil {
+		locs, err := parentFields(b.header, pid, opts.ParentPath, opts.LocatorPath)
+		if err != nil {
 			return fmt.Errorf("create %s: %w", name, err)
 		}
+		b.locData, b.end = reserveLocators(b.header, locs, b.end)
 	}
 	f, err := os.OpenFile(name, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o644)
 	if err != nil {
@@ -132,6 +131,12 @@ func build(opts CreateOptions) (*builder, error) {
 			return nil, fmt.Errorf("exact size %d is not a multiple of 512: %w", size, ErrInvalidArg)
 		}
 		f.Geometry = CHS(size)
+		if f.Geometry.Bytes() != size {
+			// No geometry describes an exact size: write the 65535/16/255 marker,
+			// as qemu's force_size and Azure do, which tells qemu (and every tool
+			// that sizes by geometry) to use the current size instead.
+			f.Geometry = MaxGeometry
+		}
 	default:
 		return nil, fmt.Errorf("disk type %v: %w", opts.Type, ErrInvalidArg)
 	}
@@ -166,66 +171,6 @@ func build(opts CreateOptions) (*builder, error) {
 	b.header = h
 	b.end = int64(h.TableOffset) + roundUp(entries*4, SectorSize)
 	return b, nil
-}
-
-// setParentFields points h at the parent with unique ID parentID at parentPath: time stamp (the parent file's
-// modification time, as blktap does), name, and W2ku and W2ru locators whose data is
-// to be placed from offset end. childPath is where the child lives (locators are
-// relative to it). It returns the data by locator slot and the new end.
-func setParentFields(h *Header, end int64, parentID UUID, parentPath, childPath string) (map[int][]byte, int64, error) {
-	h.ParentUniqueID = parentID
-	h.ParentTimestamp = 0
-	if st, err := os.Stat(parentPath); err == nil {
-		h.ParentTimestamp = Timestamp(st.ModTime())
-	}
-	parentAbs, err := filepath.Abs(parentPath)
-	if err != nil {
-		return nil, 0, err
-	}
-	childAbs, err := filepath.Abs(childPath)
-	if err != nil {
-		return nil, 0, err
-	}
-	rel, err := filepath.Rel(filepath.Dir(childAbs), parentAbs)
-	if err != nil {
-		return nil, 0, err
-	}
-	relWin := strings.ReplaceAll(rel, "/", `\`)
-	if !strings.HasPrefix(relWin, `..\`) {
-		relWin = `.\` + relWin
-	}
-	absWin := strings.ReplaceAll(parentAbs, "/", `\`)
-	// Windows stores the full path as the name; readers use what follows the last '\'.
-	name := encodeUTF16(absWin, binary.BigEndian)
-	if len(name) > len(h.ParentUnicodeName) {
-		name = encodeUTF16(filepath.Base(parentAbs), binary.BigEndian)
-		if len(name) > len(h.ParentUnicodeName) {
-			return nil, 0, fmt.Errorf("parent file name %q is too long for the header: %w", filepath.Base(parentAbs), ErrInvalidArg)
-		}
-	}
-	h.ParentUnicodeName = [512]byte{}
-	copy(h.ParentUnicodeName[:], name)
-	h.ParentLocators = [8]Locator{}
-	data := map[int][]byte{}
-	for slot, l := range []struct {
-		code uint32
-		path string
-	}{{PlatformW2ku, absWin}, {PlatformW2ru, relWin}} {
-		d := encodeUTF16(l.path, binary.LittleEndian)
-		if len(d) > maxLocatorBytes {
-			return nil, 0, fmt.Errorf("parent path %q is too long for a locator: %w", l.path, ErrInvalidArg)
-		}
-		space := roundUp(int64(len(d)), SectorSize)
-		h.ParentLocators[slot] = Locator{
-			PlatformCode:       l.code,
-			PlatformDataSpace:  uint32(space), // in bytes, as Windows writes it
-			PlatformDataLength: uint32(len(d)),
-			PlatformDataOffset: uint64(end),
-		}
-		data[slot] = d
-		end += space
-	}
-	return data, end, nil
 }
 
 func (b *builder) write(f *os.File) error {

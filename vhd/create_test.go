@@ -25,6 +25,15 @@ func sumBytes(b []byte, skip int) uint32 {
 	return ^s
 }
 
+// exactGeometry is the geometry Create writes for an exact size: the size's own when
+// one describes it, else the 65535/16/255 marker.
+func exactGeometry(size int64) Geometry {
+	if g := CHS(size); g.Bytes() == size {
+		return g
+	}
+	return MaxGeometry
+}
+
 func TestCreate(t *testing.T) {
 	dir := t.TempDir()
 	dynParent := createImage(t, dir, "parent-dyn.vhd", CreateOptions{Type: TypeDynamic, Size: 4 * mib, ExactSize: true, BlockSize: 64 * kib})
@@ -41,25 +50,25 @@ func TestCreate(t *testing.T) {
 		{name: "fixed, 40 MiB rounded up to CHS as qemu does", opts: CreateOptions{Type: TypeFixed, Size: 40 * mib},
 			wantSize: 41953280, wantGeom: Geometry{964, 5, 17}},
 		{name: "fixed, 40 MiB exact", opts: CreateOptions{Type: TypeFixed, Size: 40 * mib, ExactSize: true},
-			wantSize: 40 * mib, wantGeom: Geometry{963, 5, 17}},
+			wantSize: 40 * mib, wantGeom: MaxGeometry},
 		{name: "dynamic, default block size", opts: CreateOptions{Type: TypeDynamic, Size: 10 * mib},
 			wantSize: 10514432, wantBlock: 2 * mib, wantGeom: Geometry{302, 4, 17}},
 		{name: "dynamic, 512-byte blocks", opts: CreateOptions{Type: TypeDynamic, Size: 1 * mib, ExactSize: true, BlockSize: 512},
-			wantSize: 1 * mib, wantBlock: 512, wantGeom: CHS(1 * mib)},
+			wantSize: 1 * mib, wantBlock: 512, wantGeom: exactGeometry(1 * mib)},
 		{name: "dynamic, 4 KiB blocks", opts: CreateOptions{Type: TypeDynamic, Size: 3*mib + 512, ExactSize: true, BlockSize: 4 * kib},
-			wantSize: 3*mib + 512, wantBlock: 4 * kib, wantGeom: CHS(3*mib + 512)},
+			wantSize: 3*mib + 512, wantBlock: 4 * kib, wantGeom: exactGeometry(3*mib + 512)},
 		{name: "dynamic, 64 KiB blocks", opts: CreateOptions{Type: TypeDynamic, Size: 5 * mib, ExactSize: true, BlockSize: 64 * kib},
-			wantSize: 5 * mib, wantBlock: 64 * kib, wantGeom: CHS(5 * mib)},
+			wantSize: 5 * mib, wantBlock: 64 * kib, wantGeom: exactGeometry(5 * mib)},
 		{name: "dynamic, 2 MiB blocks", opts: CreateOptions{Type: TypeDynamic, Size: 5 * mib, ExactSize: true, BlockSize: 2 * mib},
-			wantSize: 5 * mib, wantBlock: 2 * mib, wantGeom: CHS(5 * mib)},
+			wantSize: 5 * mib, wantBlock: 2 * mib, wantGeom: exactGeometry(5 * mib)},
 		{name: "dynamic, 8 MiB blocks, disk smaller than a block", opts: CreateOptions{Type: TypeDynamic, Size: 3 * mib, ExactSize: true, BlockSize: 8 * mib},
-			wantSize: 3 * mib, wantBlock: 8 * mib, wantGeom: CHS(3 * mib)},
+			wantSize: 3 * mib, wantBlock: 8 * mib, wantGeom: exactGeometry(3 * mib)},
 		{name: "differencing takes its dynamic parent's size and block size", opts: CreateOptions{Type: TypeDifferencing, Size: 1, ExactSize: true},
-			parentPath: dynParent, wantSize: 4 * mib, wantBlock: 64 * kib, wantGeom: CHS(4 * mib)},
+			parentPath: dynParent, wantSize: 4 * mib, wantBlock: 64 * kib, wantGeom: exactGeometry(4 * mib)},
 		{name: "differencing with its own block size", opts: CreateOptions{Type: TypeDifferencing, BlockSize: 4 * kib},
-			parentPath: dynParent, wantSize: 4 * mib, wantBlock: 4 * kib, wantGeom: CHS(4 * mib)},
+			parentPath: dynParent, wantSize: 4 * mib, wantBlock: 4 * kib, wantGeom: exactGeometry(4 * mib)},
 		{name: "differencing of a fixed parent gets 2 MiB blocks", opts: CreateOptions{Type: TypeDifferencing},
-			parentPath: fixedParent, wantSize: 3 * mib, wantBlock: 2 * mib, wantGeom: CHS(3 * mib)},
+			parentPath: fixedParent, wantSize: 3 * mib, wantBlock: 2 * mib, wantGeom: exactGeometry(3 * mib)},
 	}
 	for i, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -161,8 +170,9 @@ func TestCreate(t *testing.T) {
 				}
 				wantFile = 1536 + batLen + FooterSize
 				if opts.Type == TypeDifferencing {
+					// The locators' spaces, then as much room again for a re-link.
 					for _, l := range h.ParentLocators[:2] {
-						wantFile += int64(l.PlatformDataSpace)
+						wantFile += 2 * int64(l.PlatformDataSpace)
 					}
 				}
 			}
@@ -174,15 +184,10 @@ func TestCreate(t *testing.T) {
 				if h.ParentUniqueID != pf.UniqueID {
 					t.Errorf("parent unique ID %v, want %v", h.ParentUniqueID, pf.UniqueID)
 				}
-				st, err := os.Stat(tc.parentPath)
-				if err != nil {
-					t.Fatal(err)
+				if h.ParentTimestamp != 0 {
+					t.Errorf("parent time stamp %v, want 0 as Windows writes", Time(h.ParentTimestamp))
 				}
-				if h.ParentTimestamp != Timestamp(st.ModTime()) {
-					t.Errorf("parent time stamp %v, want the parent's mtime %v", Time(h.ParentTimestamp), st.ModTime())
-				}
-				abs, _ := filepath.Abs(tc.parentPath)
-				if got, want := h.ParentName(), strings.ReplaceAll(abs, "/", `\`); got != want {
+				if got, want := h.ParentName(), filepath.Base(tc.parentPath); got != want {
 					t.Errorf("parent name %q, want %q", got, want)
 				}
 			} else if !h.ParentUniqueID.IsZero() || h.ParentTimestamp != 0 || h.ParentName() != "" || h.ParentLocators != [8]Locator{} {

@@ -3,6 +3,11 @@ package vhd
 // maxCHSSectors is the largest disk CHS can describe: 65535 × 16 × 255.
 const maxCHSSectors = 65535 * 16 * 255
 
+// MaxGeometry is the largest CHS geometry, which qemu, Hyper-V and Azure take as a
+// marker meaning "the size is the footer's current size, not the geometry's".
+// blktap's vhd-util check calls it "geometry too large" for disks under 127 GiB.
+var MaxGeometry = Geometry{Cylinders: 65535, Heads: 16, Sectors: 255}
+
 // CHS computes the geometry for a size in bytes with the algorithm from the
 // specification's appendix. The geometry rounds down: Bytes() may be less than size.
 func CHS(size int64) Geometry {

@@ -152,3 +152,22 @@ func (img *Image) ParentLocations() ([]ParentLocation, error) {
 	}
 	return out, nil
 }
+
+// LocatorPath is the path parent locator slot i holds, decoded ("" for codes that
+// hold no path, or when it cannot be read).
+func (img *Image) LocatorPath(i int) string {
+	h, ok := img.Header()
+	if !ok || i < 0 || i >= len(h.ParentLocators) || img.footer.DiskType != TypeDifferencing {
+		return ""
+	}
+	l := h.ParentLocators[i]
+	if l.PlatformDataLength == 0 || l.PlatformDataLength > maxLocatorBytes {
+		return ""
+	}
+	buf := make([]byte, l.PlatformDataLength)
+	if _, err := img.f.ReadAt(buf, int64(l.PlatformDataOffset)); err != nil {
+		return ""
+	}
+	loc, _ := decodeLocator(l.PlatformCode, buf)
+	return loc.Path
+}

@@ -105,12 +105,12 @@ func TestCreatedLocators(t *testing.T) {
 				t.Fatal(err)
 			}
 			img := openImage(t, cp, false)
-			absWin := strings.ReplaceAll(pp, "/", `\`)
+			macx := "file://" + strings.ReplaceAll(tc.wantRel, `\`, "/")
 			got, err := img.ParentLocations()
 			if err != nil {
 				t.Fatal(err)
 			}
-			want := []ParentLocation{{"W2ru", tc.wantRel}, {"W2ku", absWin}, {"name", absWin}}
+			want := []ParentLocation{{"W2ru", tc.wantRel}, {"MacX", macx}, {"name", filepath.Base(pp)}}
 			if !reflect.DeepEqual(got, want) {
 				t.Fatalf("ParentLocations = %q, want %q", got, want)
 			}
@@ -123,7 +123,7 @@ func TestCreatedLocators(t *testing.T) {
 			for slot, w := range []struct {
 				code uint32
 				data []byte
-			}{{PlatformW2ku, utf16LE(absWin)}, {PlatformW2ru, utf16LE(tc.wantRel)}} {
+			}{{PlatformW2ru, utf16LE(tc.wantRel)}, {PlatformMacX, []byte(macx)}} {
 				l := h.ParentLocators[slot]
 				if l.PlatformCode != w.code || int(l.PlatformDataLength) != len(w.data) {
 					t.Errorf("locator %d: code %s length %d; want %s, %d", slot, PlatformName(l.PlatformCode), l.PlatformDataLength, PlatformName(w.code), len(w.data))
@@ -144,7 +144,7 @@ func TestCreatedLocators(t *testing.T) {
 				}
 			}
 			name := raw[FooterSize+64 : FooterSize+64+512]
-			wantName := utf16BE(absWin)
+			wantName := utf16BE(filepath.Base(pp))
 			if !bytes.Equal(name[:len(wantName)], wantName) || !AllZero(name[len(wantName):]) {
 				t.Errorf("parent name field % x, want UTF-16BE % x then zeros", name[:len(wantName)+4], wantName)
 			}

@@ -2,11 +2,13 @@ package vhd
 
 import (
 	"bytes"
+	"encoding/binary"
 	"errors"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 )
 
 // Layout of the dynamic image malformedBase makes (4 KiB blocks, data 4 KiB-aligned):
@@ -214,37 +216,34 @@ func problemText(ps []Problem) string {
 
 func TestFooterCopyOnlyAndRepair(t *testing.T) {
 	tests := []struct {
-		name     string
-		damage   func(t *testing.T, path string)
-		wantSize int64 // file size after repair
+		name   string
+		damage func(t *testing.T, path string, size int64)
 	}{
-		{"footer at the end damaged", func(t *testing.T, p string) {
-			patchAt(t, p, mbFileSize-FooterSize+300, []byte{0xff})
-		}, mbFileSize},
-		{"footer at the end zeroed", func(t *testing.T, p string) {
-			patchAt(t, p, mbFileSize-FooterSize, make([]byte, FooterSize))
-		}, mbFileSize},
-		{"torn tail after a crash: half a block and no footer", func(t *testing.T, p string) {
-			patchAt(t, p, mbFileSize-FooterSize, bytes.Repeat([]byte{0xc7}, 6000))
-		}, mbFileSize},
-		{"file cut inside the footer", func(t *testing.T, p string) {
-			if err := os.Truncate(p, mbFileSize-100); err != nil {
+		{"footer at the end damaged", func(t *testing.T, p string, size int64) {
+			patchAt(t, p, size-FooterSize+300, []byte{0xff})
+		}},
+		{"footer at the end zeroed", func(t *testing.T, p string, size int64) {
+			patchAt(t, p, size-FooterSize, make([]byte, FooterSize))
+		}},
+		{"torn tail after a crash: half a block and no footer", func(t *testing.T, p string, size int64) {
+			patchAt(t, p, size-FooterSize, bytes.Repeat([]byte{0xc7}, 6000))
+		}},
+		{"file cut inside the footer", func(t *testing.T, p string, size int64) {
+			if err := os.Truncate(p, size-100); err != nil {
 				t.Fatal(err)
 			}
-		}, mbFileSize},
+		}},
 	}
 	for _, typ := range []DiskType{TypeDynamic, TypeDifferencing} {
 		for _, tc := range tests {
 			t.Run(tc.name+"/"+typ.String(), func(t *testing.T) {
 				dir := t.TempDir()
 				path := malformedBase(t, dir, typ)
-				if got := fileSize(t, path); got != mbFileSize {
-					t.Fatalf("base image is %d bytes, the test expects %d", got, mbFileSize)
-				}
+				size := fileSize(t, path)
 				orig := openImage(t, path, false)
 				want := view(t, orig, nil)
 				orig.Close()
-				tc.damage(t, path)
+				tc.damage(t, path, size)
 
 				img := openImage(t, path, false)
 				st, why := img.FooterState()
@@ -269,8 +268,8 @@ func TestFooterCopyOnlyAndRepair(t *testing.T) {
 				if err != nil || !wrote {
 					t.Fatalf("RepairFooter = %v, %v; want true, nil", wrote, err)
 				}
-				if got := fileSize(t, path); got != tc.wantSize {
-					t.Errorf("repaired file is %d bytes, want %d", got, tc.wantSize)
+				if got := fileSize(t, path); got != size {
+					t.Errorf("repaired file is %d bytes, want %d", got, size)
 				}
 				img = openImage(t, path, false)
 				if st, _ := img.FooterState(); st != FooterAtEnd {
@@ -322,6 +321,28 @@ func TestCheckFindings(t *testing.T) {
 			editHeader(t, p, func(h *Header) { h.ParentLocators[1].PlatformDataSpace = 1 }) // one sector
 			editHeader(t, p, func(h *Header) { h.ParentLocators[1].PlatformDataLength = 600 })
 		}, Warning, "exceeds its data space"},
+		// The rules of blktap's vhd-util check.
+		{"footer reserved bytes set", TypeDynamic, func(t *testing.T, p string) { editFooter(t, p, func(f *Footer) { f.Reserved[5] = 1 }) }, Warning, "reserved bytes 85-511"},
+		{"hidden byte 2", TypeFixed, func(t *testing.T, p string) { editFooter(t, p, func(f *Footer) { f.Reserved[0] = 2 }) }, Warning, "reserved bytes 85-511"},
+		{"header reserved field set", TypeDynamic, func(t *testing.T, p string) { editHeader(t, p, func(h *Header) { h.Reserved1 = 7 }) }, Warning, "invalid reserved bits"},
+		{"creation time in the future", TypeFixed, func(t *testing.T, p string) {
+			editFooter(t, p, func(f *Footer) { f.Timestamp = Timestamp(time.Now().Add(24 * time.Hour)) })
+		}, Warning, "creation time in future"},
+		{"geometry marker", TypeFixed, func(t *testing.T, p string) { editFooter(t, p, func(f *Footer) { f.Geometry = MaxGeometry }) }, Note, "geometry too large"},
+		{"locator space reaching into a block", TypeDifferencing, func(t *testing.T, p string) {
+			editHeader(t, p, func(h *Header) { h.ParentLocators[1].PlatformDataSpace = 32 * kib })
+		}, Warning, "clobbers headers"},
+		{"locator name differs from the parent name", TypeDifferencing, func(t *testing.T, p string) {
+			editHeader(t, p, func(h *Header) {
+				h.ParentUnicodeName = [512]byte{}
+				copy(h.ParentUnicodeName[:], utf16BE("other.vhd"))
+			})
+		}, Warning, "header's parent name is"},
+		{"dynamic data under a clear bitmap bit", TypeDynamic, func(t *testing.T, p string) {
+			b := readFile(t, p)
+			e := int64(binary.BigEndian.Uint32(b[FooterSize+HeaderSize:])) * SectorSize
+			patchAt(t, p, e, []byte{0x7f}) // sector 0 of block 0 unwritten, its 0x5a data stays
+		}, Warning, "has data where bitmap is clear"},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {

@@ -2,6 +2,7 @@ package main
 
 import (
 	"fmt"
+	"os"
 
 	"github.com/vhdfs/vhdfs/chain"
 	"github.com/vhdfs/vhdfs/vhd"
@@ -22,6 +23,9 @@ func cmdCreate(args []string) error {
 	if *blockStr != "" {
 		if opts.BlockSize, err = parseSize(*blockStr); err != nil {
 			return usagef("--block-size: %v", err)
+		}
+		if opts.BlockSize > vhd.DefaultBlockSize {
+			fmt.Fprintf(os.Stderr, "vhdfs create: warning: block size %s is above 2 MiB: blktap (XCP-ng, XenServer, Xen Orchestra's imports) cannot open the image, and Microsoft's tools are reported to handle 2 MiB only\n", *blockStr)
 		}
 	}
 	if *parent != "" {

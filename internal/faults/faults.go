@@ -15,13 +15,18 @@ var ErrPowerLost = errors.New("injected power loss")
 var (
 	armed  atomic.Bool
 	budget atomic.Int64
+	start  atomic.Int64
 )
 
 // Arm lets n more steps through; every later one fails.
 func Arm(n int) {
 	budget.Store(int64(n))
+	start.Store(int64(n))
 	armed.Store(true)
 }
+
+// Used is how many steps were taken since Arm (failed ones included).
+func Used() int { return int(start.Load() - budget.Load()) }
 
 // Disarm lets every step through again.
 func Disarm() { armed.Store(false) }

@@ -2,6 +2,7 @@ package vhd
 
 import (
 	"bytes"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"os"
@@ -433,5 +434,96 @@ func TestSetParentInRoom(t *testing.T) {
 	}
 	if ps := problems(openImage(t, x.child, false).Check(), Warning); len(ps) > 0 {
 		t.Errorf("Check: %v", ps)
+	}
+}
+
+// TestSetParentNoRoom re-links an image made by a tool that reserves no locator room:
+// its locators are packed after the BAT and its first block follows them at once.
+// SetParent then appends the locators past the end: the image opens, its block is
+// intact, its locators name the new parent, and check warns about the placement
+// blktap rejects (and errs about nothing).
+func TestSetParentNoRoom(t *testing.T) {
+	x := newRelinkFixture(t)
+	path := createDiff(t, x.dir, "packed.vhd", x.p1, 4*kib)
+	img := openImage(t, path, false)
+	h, _ := img.Header()
+	foot := img.Footer()
+	img.Close()
+	b := readFile(t, path)
+	batEnd := int64(h.TableOffset) + roundUp(int64(h.MaxTableEntries)*4, SectorSize)
+	cur := batEnd
+	packed := make([]byte, batEnd)
+	copy(packed, b[:batEnd])
+	for i, l := range h.ParentLocators {
+		if l.PlatformCode == PlatformNone {
+			continue
+		}
+		data := b[l.PlatformDataOffset : l.PlatformDataOffset+uint64(l.PlatformDataLength)]
+		space := roundUp(int64(len(data)), SectorSize)
+		packed = append(packed, make([]byte, space)...)
+		copy(packed[cur:], data)
+		h.ParentLocators[i].PlatformDataOffset = uint64(cur)
+		h.ParentLocators[i].PlatformDataSpace = uint32(space)
+		cur += space
+	}
+	// Block 0 right after the locators: a bitmap with sector 0 set, then the data.
+	bm := make([]byte, bitmapBytes(h.BlockSize))
+	bm[0] = 0x80
+	data := bytes.Repeat([]byte{0x5e}, int(h.BlockSize))
+	blockAt := cur
+	packed = append(append(packed, bm...), data...)
+	binary.BigEndian.PutUint32(packed[h.TableOffset:], uint32(blockAt/SectorSize))
+	copy(packed[foot.DataOffset:], h.Marshal())
+	packed = append(packed, foot.Marshal()...)
+	writeFile(t, path, packed)
+
+	before := openImage(t, path, false)
+	if ps := problems(before.Check(), Error); len(ps) > 0 {
+		t.Fatalf("the packed image does not check: %v", ps)
+	}
+	before.Close()
+	p2 := openImage(t, x.p2, false)
+	id2 := p2.Footer().UniqueID
+	p2.Close()
+	w := openImage(t, path, true)
+	if err := w.SetParent(id2, x.p2, path); err != nil {
+		t.Fatalf("SetParent without room: %v", err)
+	}
+	if err := w.Close(); err != nil {
+		t.Fatal(err)
+	}
+	after := openImage(t, path, false)
+	hh, _ := after.Header()
+	if hh.ParentUniqueID != id2 {
+		t.Errorf("parent unique ID %s, want p2's %s", hh.ParentUniqueID, id2)
+	}
+	for i, l := range hh.ParentLocators {
+		if l.PlatformCode != PlatformNone && int64(l.PlatformDataOffset) < blockAt {
+			t.Errorf("locator %d at %d: there was no room before the block at %d, it should have been appended", i, l.PlatformDataOffset, blockAt)
+		}
+	}
+	locs, err := after.ParentLocations()
+	if err != nil || len(locs) == 0 {
+		t.Fatalf("ParentLocations: %v, %v", locs, err)
+	}
+	for _, l := range locs {
+		if !strings.HasSuffix(l.Path, "p2.vhd") {
+			t.Errorf("%s locator %q does not name p2.vhd", l.Source, l.Path)
+		}
+	}
+	got := make([]byte, SectorSize)
+	if n, present, err := after.Run(0, SectorSize); err != nil || !present || n != SectorSize {
+		t.Fatalf("Run(0) = %d, %v, %v; want the block's sector present", n, present, err)
+	}
+	if _, err := after.ReadAt(got, 0); err != nil || !bytes.Equal(got, data[:SectorSize]) {
+		t.Errorf("the block's data after the re-link: %v, %x…", err, got[:8])
+	}
+	ps := after.Check()
+	if e := problems(ps, Error); len(e) > 0 {
+		t.Errorf("Check after the re-link: %v", e)
+	}
+	if !strings.Contains(problemText(ps), "clobber") && !strings.Contains(problemText(ps), "after the first data block") {
+		t.Logf("check says: %s", problemText(ps))
+		t.Errorf("Check does not warn that the locators lie past a data block")
 	}
 }

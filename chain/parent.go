@@ -25,16 +25,24 @@ func candidates(child *vhd.Image, childPath string) ([]candidate, error) {
 	if err != nil {
 		return nil, err
 	}
-	dir := filepath.Dir(childPath)
+	// Relative paths are relative to the file the child is (as blktap resolves them,
+	// through realpath), then to the link that named it, if that is elsewhere.
+	dirs := []string{filepath.Dir(childPath)}
+	if real, err := filepath.EvalSymlinks(childPath); err == nil && filepath.Dir(real) != dirs[0] {
+		dirs = []string{filepath.Dir(real), dirs[0]}
+	}
 	var out []candidate
 	add := func(p, src string) {
 		if p == "" || p == "." || p == "/" {
 			return
 		}
-		if !filepath.IsAbs(p) {
-			p = filepath.Join(dir, p)
+		if filepath.IsAbs(p) {
+			out = append(out, candidate{filepath.Clean(p), src})
+			return
 		}
-		out = append(out, candidate{filepath.Clean(p), src})
+		for _, dir := range dirs {
+			out = append(out, candidate{filepath.Clean(filepath.Join(dir, p)), src})
+		}
 	}
 	for _, l := range locs {
 		switch l.Source {

@@ -532,10 +532,10 @@ func waitDead(t testing.TB, pid int) {
 		if err != nil {
 			return
 		}
-		// A zombie leader may still have threads tearing down its files (and with
-		// them its image locks): dead means no open file is left.
+		// A zombie leader may still have threads holding its files (and with them
+		// its image locks): dead means the leader is a zombie and no thread is left.
 		if i := bytes.LastIndexByte(b, ')'); i > 0 && i+2 < len(b) && b[i+2] == 'Z' {
-			if fds, err := os.ReadDir(fmt.Sprintf("/proc/%d/fd", pid)); err != nil || len(fds) == 0 {
+			if tasks, err := os.ReadDir(fmt.Sprintf("/proc/%d/task", pid)); err != nil || len(tasks) <= 1 {
 				return
 			}
 		}

@@ -66,7 +66,10 @@ var commands = map[string]func(args []string) error{
 
 func main() {
 	stop := startProfile()
-	code := run(helperArgs(os.Args[0], os.Args[1:]))
+	code := run(helperArgs(os.Args[0], os.Args[1:], func(p string) bool {
+		_, err := os.Stat(p)
+		return err == nil
+	}))
 	stop()
 	os.Exit(code)
 }

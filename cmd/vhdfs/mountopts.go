@@ -8,14 +8,15 @@ import (
 // helperArgs turns the command line of a mount helper into vhdfs's own. mount(8)
 // runs mount.fuse3 for `-t fuse.vhdfs` and fstab lines, which runs
 // `vhdfs IMAGE MOUNTPOINT -o OPTS`; a program named mount.vhdfs or mount.fuse.vhdfs
-// is always a mount. Anything else is left as it is.
-func helperArgs(argv0 string, args []string) []string {
+// is always a mount. The helper form needs an existing IMAGE (exists tells), so a
+// mistyped command stays an unknown command. Anything else is left as it is.
+func helperArgs(argv0 string, args []string, exists func(string) bool) []string {
 	name := filepath.Base(argv0)
 	if strings.HasPrefix(name, "mount.") {
 		return append([]string{"mount"}, args...)
 	}
 	if len(args) >= 2 && commands[args[0]] == nil && args[0] != "help" &&
-		!strings.HasPrefix(args[0], "-") && !strings.HasPrefix(args[1], "-") {
+		!strings.HasPrefix(args[0], "-") && !strings.HasPrefix(args[1], "-") && exists(args[0]) {
 		return append([]string{"mount"}, args...)
 	}
 	return args

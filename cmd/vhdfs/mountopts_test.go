@@ -7,6 +7,7 @@ import (
 )
 
 func TestHelperArgs(t *testing.T) {
+	exists := func(p string) bool { return p != "frobnicate" }
 	for _, tc := range []struct {
 		name  string
 		argv0 string
@@ -21,10 +22,11 @@ func TestHelperArgs(t *testing.T) {
 		{"unknown command with one word", "vhdfs", []string{"snap3.vhd"}, []string{"snap3.vhd"}},
 		{"flags first stay", "vhdfs", []string{"--help"}, []string{"--help"}},
 		{"help stays", "vhdfs", []string{"help", "mount"}, []string{"help", "mount"}},
+		{"an unknown word that is no file stays", "vhdfs", []string{"frobnicate", "a.vhd"}, []string{"frobnicate", "a.vhd"}},
 		{"a command word with two arguments stays", "vhdfs", []string{"export", "a.vhd", "b.raw"}, []string{"export", "a.vhd", "b.raw"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			if got := helperArgs(tc.argv0, tc.args); !slices.Equal(got, tc.want) {
+			if got := helperArgs(tc.argv0, tc.args, exists); !slices.Equal(got, tc.want) {
 				t.Errorf("helperArgs(%q, %q) = %q, want %q", tc.argv0, tc.args, got, tc.want)
 			}
 		})

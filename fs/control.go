@@ -261,6 +261,7 @@ func (c *control) startMerge(line string, opts merge.Options) (*mergeJob, syscal
 	c.total.Store(0)
 	c.mu.Unlock()
 	c.recordErrno(line, 0, "started")
+	c.root.opts.Logger.Printf("%s: started", line)
 
 	opts.Progress = func(done, total int64) {
 		c.done.Store(done)
@@ -283,6 +284,7 @@ func (c *control) startMerge(line string, opts merge.Options) (*mergeJob, syscal
 			job.message = res.Message()
 			c.recordErrno(line, 0, job.message)
 		}
+		c.root.opts.Logger.Printf("%s: %s", line, map[bool]string{true: "done: ", false: ""}[err == nil]+job.message)
 		job.ended = time.Now()
 		c.mu.Lock()
 		if res != nil {
@@ -325,7 +327,6 @@ var _ = (fs.NodeGetattrer)((*controlNode)(nil))
 
 func (n *controlNode) Getattr(ctx context.Context, fh fs.FileHandle, out *fuse.AttrOut) syscall.Errno {
 	n.root.fillAttr(&out.Attr, true)
-	out.Mode = syscall.S_IFREG | 0o644
 	if h, ok := fh.(*controlHandle); ok {
 		out.Size = uint64(len(h.content))
 	}
@@ -414,5 +415,8 @@ var _ = (fs.NodeSetattrer)((*controlNode)(nil))
 
 // Setattr accepts the truncate of `echo cmd > control` and nothing changes.
 func (n *controlNode) Setattr(ctx context.Context, fh fs.FileHandle, in *fuse.SetAttrIn, out *fuse.AttrOut) syscall.Errno {
+	if e := setattrErrno(in); e != 0 {
+		return e
+	}
 	return n.Getattr(ctx, fh, out)
 }

@@ -104,6 +104,9 @@ func (n *diskNode) Write(ctx context.Context, fh fs.FileHandle, data []byte, off
 var _ = (fs.NodeSetattrer)((*diskNode)(nil))
 
 func (n *diskNode) Setattr(ctx context.Context, fh fs.FileHandle, in *fuse.SetAttrIn, out *fuse.AttrOut) syscall.Errno {
+	if e := setattrErrno(in); e != 0 {
+		return e
+	}
 	if sz, ok := in.GetSize(); ok && int64(sz) != n.size() {
 		// open(O_TRUNC) arrives as a size change with no handle: a block device
 		// ignores O_TRUNC, and so do we. ftruncate and truncate to a size fail.

@@ -66,7 +66,15 @@ func (d *layersDir) Lookup(ctx context.Context, name string, out *fuse.EntryOut)
 var _ = (fs.NodeGetattrer)((*layersDir)(nil))
 
 func (d *layersDir) Getattr(ctx context.Context, fh fs.FileHandle, out *fuse.AttrOut) syscall.Errno {
-	d.root.fillAttr(&out.Attr, false)
-	out.Mode = syscall.S_IFDIR | 0o555
+	d.root.fillDirAttr(&out.Attr, 2, false)
 	return 0
+}
+
+var _ = (fs.NodeSetattrer)((*layersDir)(nil))
+
+func (d *layersDir) Setattr(ctx context.Context, fh fs.FileHandle, in *fuse.SetAttrIn, out *fuse.AttrOut) syscall.Errno {
+	if e := setattrErrno(in); e != 0 {
+		return e
+	}
+	return d.Getattr(ctx, fh, out)
 }

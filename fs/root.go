@@ -29,6 +29,18 @@ type Options struct {
 	Logger *log.Logger
 	// MergeHook is passed to every merge as merge.Options.Hook.
 	MergeHook func(point string)
+	// Access gives the owner and mode of disk.raw; nil: the mounting user, 0644.
+	Access *Access
+	// FsName is the source the mount table shows; default: the top image's path.
+	FsName string
+}
+
+// Access is the owner and the permission bits of disk.raw and control. The files of
+// layers/ (and all files of a read-only mount) lose the write bits; directories get
+// x wherever r is set.
+type Access struct {
+	Uid, Gid uint32
+	Perm     uint32 // 0o666 at most
 }
 
 // Root is the root directory of a mount and the state behind it.
@@ -36,8 +48,6 @@ type Root struct {
 	fs.Inode
 	chain *chain.Chain
 	opts  Options
-	uid   uint32
-	gid   uint32
 	mtime time.Time
 
 	ctl *control
@@ -73,7 +83,10 @@ func NewRoot(c *chain.Chain, opts Options) *Root {
 	if opts.Logger == nil {
 		opts.Logger = log.Default()
 	}
-	r := &Root{chain: c, opts: opts, uid: uint32(os.Getuid()), gid: uint32(os.Getgid()), mtime: time.Now()}
+	if opts.Access == nil {
+		opts.Access = &Access{Uid: uint32(os.Getuid()), Gid: uint32(os.Getgid()), Perm: 0o644}
+	}
+	r := &Root{chain: c, opts: opts, mtime: time.Now()}
 	r.ctl = newControl(r)
 	return r
 }
@@ -125,18 +138,47 @@ const entryTimeout = time.Second
 var _ = (fs.NodeGetattrer)((*Root)(nil))
 
 func (r *Root) Getattr(ctx context.Context, fh fs.FileHandle, out *fuse.AttrOut) syscall.Errno {
-	r.fillAttr(&out.Attr, true)
-	out.Mode = syscall.S_IFDIR | 0o755
+	r.fillDirAttr(&out.Attr, 3, !r.opts.ReadOnly)
 	return 0
 }
 
+// fillAttr fills the attributes of a regular file: the mount's owner, its mode less
+// the write bits unless writable, one link.
 func (r *Root) fillAttr(a *fuse.Attr, writable bool) {
-	a.Mode = 0o444
-	if writable {
-		a.Mode = 0o644
+	perm := r.opts.Access.Perm & 0o666
+	if !writable || r.opts.ReadOnly {
+		perm &= 0o444
 	}
-	a.Owner = fuse.Owner{Uid: r.uid, Gid: r.gid}
+	a.Mode = syscall.S_IFREG | perm
+	a.Nlink = 1
+	a.Owner = fuse.Owner{Uid: r.opts.Access.Uid, Gid: r.opts.Access.Gid}
 	a.SetTimes(nil, &r.mtime, &r.mtime)
+}
+
+// fillDirAttr fills the attributes of a directory with nlink links.
+func (r *Root) fillDirAttr(a *fuse.Attr, nlink uint32, writable bool) {
+	r.fillAttr(a, writable)
+	perm := a.Mode & 0o777
+	a.Mode = syscall.S_IFDIR | perm | (perm&0o444)>>2
+	a.Nlink = nlink
+}
+
+// setattrErrno refuses chmod and chown: the owner and mode come from the image file
+// or the mount options.
+func setattrErrno(in *fuse.SetAttrIn) syscall.Errno {
+	if in.Valid&(fuse.FATTR_MODE|fuse.FATTR_UID|fuse.FATTR_GID) != 0 {
+		return syscall.EPERM
+	}
+	return 0
+}
+
+var _ = (fs.NodeSetattrer)((*Root)(nil))
+
+func (r *Root) Setattr(ctx context.Context, fh fs.FileHandle, in *fuse.SetAttrIn, out *fuse.AttrOut) syscall.Errno {
+	if e := setattrErrno(in); e != 0 {
+		return e
+	}
+	return r.Getattr(ctx, fh, out)
 }
 
 // maxErrors is how many error lines the status keeps.
@@ -169,20 +211,28 @@ func Mount(dir string, c *chain.Chain, opts Options) (*fuse.Server, *Root, error
 	root := NewRoot(c, opts)
 	sec := time.Second
 	top := c.Layers()[0].Path
+	fsname := opts.FsName
+	if fsname == "" {
+		fsname = chain.Abs(top)
+	}
+	// The kernel checks the mode bits (the only access control there is), which
+	// matters with allow_other; ro sets the kernel's read-only flag.
+	kopts := []string{"default_permissions"}
+	if opts.ReadOnly {
+		kopts = append(kopts, "ro")
+	}
 	fsopts := &fs.Options{
 		// No default entry timeout: the lookups set theirs, control's is zero.
 		AttrTimeout: &sec,
 		MountOptions: fuse.MountOptions{
 			AllowOther:    opts.AllowOther,
-			FsName:        strings.ReplaceAll(chain.Abs(top), ",", "_"),
+			FsName:        strings.ReplaceAll(fsname, ",", "_"),
 			Name:          "vhdfs",
 			MaxWrite:      1 << 20,
 			MaxReadAhead:  1 << 20,
 			Debug:         opts.Debug,
 			DisableXAttrs: true,
-			// The kernel checks the mode bits (the only access control there is),
-			// which matters with --allow-other.
-			Options: []string{"default_permissions"},
+			Options:       kopts,
 		},
 		Logger: opts.Logger,
 	}

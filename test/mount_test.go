@@ -1075,15 +1075,17 @@ func TestMountBadInput(t *testing.T) {
 		if err := os.Truncate(disk, 0); err == nil {
 			t.Errorf("truncate of a read-only disk.raw succeeded")
 		}
-		if err := mControl(t, mnt, "merge"); !errors.Is(err, syscall.EROFS) {
+		if err := control(mnt, "merge"); err != syscall.EROFS {
 			t.Errorf("merge on a read-only mount: %v, want EROFS", err)
 		}
 		st := mStatus(t, mnt)
 		if !st.ReadOnly {
 			t.Errorf("control does not say read_only")
 		}
-		if st.Last == nil || st.Last.Errno != int(syscall.EROFS) || st.Last.Message == "" {
-			t.Errorf("last result after merge on -r: %+v, want errno EROFS and a message", st.Last)
+		// The kernel's ro flag refuses the open of control for writing: the command
+		// never reaches vhdfs, so the status records nothing.
+		if opts := findmntOptions(t, mnt); !slices.Contains(opts, "ro") {
+			t.Errorf("findmnt options %v of a -r mount lack ro", opts)
 		}
 		assertSameBytes(t, "read-only disk.raw", fileBytes(t, disk), c.Model())
 		mUmount(t, mnt)

@@ -25,7 +25,8 @@ const (
 var Version = "dev"
 
 const usage = `usage:
-  vhdfs mount [-r|--read-only] [-f|--foreground] [--allow-other] [--debug] IMAGE MOUNTPOINT
+  vhdfs mount [-r|--read-only] [-f|--foreground] [--allow-other] [--debug] [-o OPTS] IMAGE MOUNTPOINT
+  vhdfs IMAGE MOUNTPOINT [-o OPTS]   (as mount.fuse3 runs it for mount -t fuse.vhdfs)
   vhdfs umount [--abort] MOUNTPOINT
   vhdfs info [--json] IMAGE
   vhdfs create --size SIZE [--type dynamic|fixed] [--block-size SIZE] [--exact-size] IMAGE
@@ -35,6 +36,10 @@ const usage = `usage:
   vhdfs export IMAGE OUT.raw
   vhdfs version
 `
+
+// reported is an error already told where it belongs (a background mount process's
+// startup error, sent to the command that started it): it is not printed again.
+type reported struct{ error }
 
 // usageError is a mistake on the command line.
 type usageError struct{ msg string }
@@ -61,7 +66,10 @@ var commands = map[string]func(args []string) error{
 
 func main() {
 	stop := startProfile()
-	code := run(os.Args[1:])
+	code := run(helperArgs(os.Args[0], os.Args[1:], func(p string) bool {
+		_, err := os.Stat(p)
+		return err == nil
+	}))
 	stop()
 	os.Exit(code)
 }
@@ -120,6 +128,8 @@ func run(args []string) int {
 		return exitUsage
 	case errors.As(err, &ce):
 		return exitCheck
+	case errors.As(err, &reported{}):
+		return exitError
 	}
 	fmt.Fprintf(os.Stderr, "vhdfs %s: %s\n", args[0], oneLine(err.Error()))
 	return exitError

@@ -2,6 +2,7 @@ package main
 
 import (
 	"bufio"
+	"bytes"
 	"errors"
 	"fmt"
 	"io"
@@ -10,9 +11,11 @@ import (
 	"os"
 	"os/exec"
 	"os/signal"
+	"os/user"
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 
@@ -32,21 +35,37 @@ type mountArgs struct {
 	background        bool // this is the mount process that spawn started
 	allowOther        bool
 	debug             bool
+	nonempty          bool
+	uid, gid, umask   string
+	fsname            string
 }
 
 func cmdMount(args []string) error {
+	args, err := rewriteOptions(args)
+	if err != nil {
+		return err
+	}
 	fl := newFlags("mount")
 	var m mountArgs
-	fl.BoolVarP(&m.readOnly, "read-only", "r", false, "mount read-only")
+	fl.BoolVarP(&m.readOnly, "read-only", "r", false, "mount read-only (the kernel's ro flag too)")
 	fl.BoolVarP(&m.foreground, "foreground", "f", false, "stay in the foreground; unmount on SIGINT/SIGTERM")
-	fl.BoolVar(&m.allowOther, "allow-other", false, "let other users access the mount")
-	fl.BoolVar(&m.debug, "debug", false, "log every FUSE request to stderr")
+	fl.BoolVar(&m.allowOther, "allow-other", false, "let other users access the mount, as the mode bits allow")
+	fl.BoolVar(&m.debug, "debug", false, "log every FUSE request to stderr; implies -f")
+	fl.BoolVar(&m.nonempty, "nonempty", false, "mount on a directory that is not empty")
+	fl.StringVar(&m.uid, "uid", "", "owner of disk.raw and layers/ (user name or number; default: the image's)")
+	fl.StringVar(&m.gid, "gid", "", "group of disk.raw and layers/ (group name or number; default: the image's)")
+	fl.StringVar(&m.umask, "umask", "", "octal umask for disk.raw and layers/ (default: the image's mode)")
+	fl.StringVar(&m.fsname, "fsname", "", "source name the mount table shows (default: the top image's path)")
 	pos, err := parse(fl, args, "IMAGE", "MOUNTPOINT")
 	if err != nil {
 		return err
 	}
-	m.image, m.mountpoint = pos[0], pos[1]
-	if err := checkMountpoint(m.mountpoint); err != nil {
+	m.image, m.mountpoint = chain.Abs(pos[0]), chain.Abs(pos[1])
+	m.foreground = m.foreground || m.debug
+	if _, err := mountAccess(m); err != nil {
+		return err
+	}
+	if err := checkMountpoint(m.mountpoint, m.nonempty); err != nil {
 		return err
 	}
 	if fdStr := os.Getenv(notifyEnv); fdStr != "" {
@@ -56,25 +75,74 @@ func cmdMount(args []string) error {
 		}
 		os.Unsetenv(notifyEnv)
 		m.background = true
-		notify := os.NewFile(uintptr(fd), "notify")
-		return serve(m, func(err error) {
-			if err != nil {
-				fmt.Fprintf(notify, "%s\n", oneLine(err.Error()))
-			} else {
-				fmt.Fprintln(notify, "ok")
-			}
-			notify.Close()
-		})
+		if err := serve(m, newNotifier(os.NewFile(uintptr(fd), "notify"))); err != nil {
+			return reported{err}
+		}
+		return nil
 	}
 	if m.foreground {
-		return serve(m, func(error) {})
+		return serve(m, nil)
 	}
 	return spawn(args)
 }
 
+// mountAccess returns the owner and mode bits of disk.raw: the top image's, or those
+// the uid, gid and umask options give.
+func mountAccess(m mountArgs) (*fs.Access, error) {
+	st, err := os.Stat(m.image)
+	if err != nil {
+		return nil, err
+	}
+	sys := st.Sys().(*syscall.Stat_t)
+	a := &fs.Access{Uid: sys.Uid, Gid: sys.Gid, Perm: uint32(st.Mode().Perm()) & 0o666}
+	if m.uid != "" {
+		if a.Uid, err = lookupID(m.uid, func(n string) (string, error) {
+			u, err := user.Lookup(n)
+			if err != nil {
+				return "", err
+			}
+			return u.Uid, nil
+		}); err != nil {
+			return nil, usagef("uid=%s: %v", m.uid, err)
+		}
+	}
+	if m.gid != "" {
+		if a.Gid, err = lookupID(m.gid, func(n string) (string, error) {
+			g, err := user.LookupGroup(n)
+			if err != nil {
+				return "", err
+			}
+			return g.Gid, nil
+		}); err != nil {
+			return nil, usagef("gid=%s: %v", m.gid, err)
+		}
+	}
+	if m.umask != "" {
+		u, err := strconv.ParseUint(m.umask, 8, 32)
+		if err != nil || u > 0o777 {
+			return nil, usagef("umask=%s: want an octal number up to 0777", m.umask)
+		}
+		a.Perm = 0o666 &^ uint32(u)
+	}
+	return a, nil
+}
+
+// lookupID parses a numeric ID or looks a name up.
+func lookupID(s string, lookup func(string) (string, error)) (uint32, error) {
+	if n, err := strconv.ParseUint(s, 10, 32); err == nil {
+		return uint32(n), nil
+	}
+	id, err := lookup(s)
+	if err != nil {
+		return 0, err
+	}
+	n, err := strconv.ParseUint(id, 10, 32)
+	return uint32(n), err
+}
+
 // checkMountpoint refuses a missing mount point, a file, and one that is already a
 // mount point (busy), before anything is mounted.
-func checkMountpoint(dir string) error {
+func checkMountpoint(dir string, nonempty bool) error {
 	st, err := os.Stat(dir)
 	if err != nil {
 		return fmt.Errorf("mount point %s: %w", dir, err)
@@ -86,31 +154,51 @@ func checkMountpoint(dir string) error {
 	if err != nil {
 		return err
 	}
-	mounted, err := isMountpoint(abs)
+	fstype, err := mountType(abs)
 	if err != nil {
 		return err
 	}
-	if mounted {
+	if fstype != "" {
 		return fmt.Errorf("mount point %s is busy: something is already mounted there", dir)
+	}
+	if !nonempty {
+		f, err := os.Open(dir)
+		if err != nil {
+			return fmt.Errorf("mount point %s: %w", dir, err)
+		}
+		names, _ := f.Readdirnames(1)
+		f.Close()
+		if len(names) > 0 {
+			return fmt.Errorf("mount point %s is not empty: the mount would hide its files; use -o nonempty to mount anyway", dir)
+		}
 	}
 	return nil
 }
 
-// isMountpoint reports whether dir is listed in /proc/self/mountinfo.
-func isMountpoint(dir string) (bool, error) {
+// mountType returns the file system type of the mount at dir ("fuse.vhdfs"), from
+// /proc/self/mountinfo, or "" when dir is not a mount point.
+func mountType(dir string) (string, error) {
 	f, err := os.Open("/proc/self/mountinfo")
 	if err != nil {
-		return false, err
+		return "", err
 	}
 	defer f.Close()
 	sc := bufio.NewScanner(f)
+	sc.Buffer(make([]byte, 64<<10), 1<<20)
+	typ := ""
 	for sc.Scan() {
 		fields := strings.Fields(sc.Text())
 		if len(fields) > 4 && unescapeMount(fields[4]) == dir {
-			return true, nil
+			// The last mount on dir is the one seen; its type follows the "-".
+			typ = "?"
+			for i, f := range fields {
+				if f == "-" && i+1 < len(fields) {
+					typ = fields[i+1]
+				}
+			}
 		}
 	}
-	return false, sc.Err()
+	return typ, sc.Err()
 }
 
 // unescapeMount undoes the octal escapes of mountinfo (\040 for a space).
@@ -133,7 +221,9 @@ func unescapeMount(s string) string {
 }
 
 // spawn starts this program again as the background mount process and waits for
-// it to report that the mount is ready, or why it failed.
+// it to report that the mount is ready, or why it failed. The process gets none of
+// the caller's descriptors: /dev/null for stdin and stdout, and for stderr a pipe
+// whose text (fusermount3's complaints) joins a startup error.
 func spawn(args []string) error {
 	exe, err := os.Executable()
 	if err != nil {
@@ -148,76 +238,196 @@ func spawn(args []string) error {
 		return err
 	}
 	defer devnull.Close()
+	var stderr bytes.Buffer
 	cmd := exec.Command(exe, append([]string{"mount"}, args...)...)
 	cmd.Env = append(os.Environ(), notifyEnv+"=3")
 	cmd.ExtraFiles = []*os.File{w}
-	cmd.Stdin, cmd.Stdout, cmd.Stderr = devnull, devnull, devnull
-	if hasDebug(args) {
-		cmd.Stderr = os.Stderr
-	}
+	cmd.Stdin, cmd.Stdout, cmd.Stderr = devnull, devnull, &stderr
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	closeOnExec()
 	if err := cmd.Start(); err != nil {
 		w.Close()
 		r.Close()
 		return err
 	}
 	w.Close()
-	msg, _ := io.ReadAll(io.LimitReader(r, 64<<10))
+	var last string
+	sc := bufio.NewScanner(io.LimitReader(r, 64<<10))
+	for sc.Scan() {
+		if msg, ok := strings.CutPrefix(sc.Text(), "log: "); ok {
+			fmt.Fprintf(os.Stderr, "vhdfs: %s\n", msg)
+			continue
+		}
+		last = sc.Text()
+	}
 	r.Close()
-	line := strings.TrimSpace(string(msg))
-	if line == "ok" {
+	if last == "ok" {
 		return cmd.Process.Release()
 	}
-	werr := cmd.Wait()
-	if line == "" {
+	werr := cmd.Wait() // also waits for the end of the process's stderr
+	why := oneLine(strings.TrimSpace(stderr.String()))
+	switch {
+	case last == "" && why == "":
 		return fmt.Errorf("mount process ended before the mount was ready: %v", werr)
+	case last == "":
+		return fmt.Errorf("mount process ended before the mount was ready: %v: %s", werr, why)
+	case why != "":
+		return fmt.Errorf("%s: %s", last, why)
 	}
-	return errors.New(line)
+	return errors.New(last)
 }
 
-func hasDebug(args []string) bool {
-	for _, a := range args {
-		if a == "--debug" {
-			return true
+// closeOnExec marks every descriptor above stderr close-on-exec: those this process
+// inherited from its caller (a shell's, mount's) must not reach the mount process.
+func closeOnExec() {
+	ents, _ := os.ReadDir("/proc/self/fd")
+	for _, e := range ents {
+		if fd, err := strconv.Atoi(e.Name()); err == nil && fd > 2 {
+			syscall.CloseOnExec(fd)
 		}
 	}
-	return false
 }
 
-// serve opens the chain, mounts it and serves until unmounted or signalled. ready is
-// called once: with nil when the mount is up, or with the error that prevented it.
-func serve(m mountArgs, ready func(error)) error {
-	logger := log.New(os.Stderr, "vhdfs: ", log.LstdFlags)
+// notifier is a background mount process's line to the command that started it:
+// log lines until the mount is ready, then "ok" or the error.
+type notifier struct {
+	mu sync.Mutex
+	f  *os.File // guarded by mu; nil once done
+}
+
+func newNotifier(f *os.File) *notifier { return &notifier{f: f} }
+
+func (n *notifier) log(line string) {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if n.f != nil {
+		fmt.Fprintf(n.f, "log: %s\n", oneLine(line))
+	}
+}
+
+func (n *notifier) done(err error) {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if n.f == nil {
+		return
+	}
+	if err != nil {
+		fmt.Fprintf(n.f, "%s\n", oneLine(err.Error()))
+	} else {
+		fmt.Fprintln(n.f, "ok")
+	}
+	n.f.Close()
+	n.f = nil
+}
+
+// daemonLog is where a mount process logs: syslog (if there is one) and, until the
+// mount is ready, the caller's stderr through the notifier; in the foreground, stderr.
+type daemonLog struct {
+	syslog *syslog.Writer
+	notify *notifier
+	stderr bool
+}
+
+func (d *daemonLog) Write(p []byte) (int, error) {
+	line := strings.TrimSuffix(string(p), "\n")
+	if d.syslog != nil {
+		d.syslog.Info(line)
+	}
+	if d.notify != nil {
+		d.notify.log(line)
+	}
+	if d.stderr {
+		// A closed stderr (its reader gone) must not stop the mount: SIGPIPE is ignored.
+		fmt.Fprintf(os.Stderr, "vhdfs: %s %s\n", time.Now().Format("2006/01/02 15:04:05"), line)
+	}
+	return len(p), nil
+}
+
+// openWritable reports whether the top image can be opened for writing; when it
+// cannot for want of permission or on read-only media, the mount falls back to
+// read-only, as ntfs-3g does.
+func openWritable(image string) (bool, error) {
+	f, err := os.OpenFile(image, os.O_RDWR, 0)
+	switch {
+	case err == nil:
+		f.Close()
+		return true, nil
+	case errors.Is(err, syscall.EACCES), errors.Is(err, syscall.EROFS), errors.Is(err, syscall.EPERM):
+		return false, err
+	}
+	return true, nil // the open of the chain reports it
+}
+
+// serve opens the chain, mounts it and serves until unmounted or signalled. notify
+// (nil in the foreground) hears of the mount's start: nil once it is ready, or the
+// error that prevented it.
+func serve(m mountArgs, notify *notifier) (err error) {
+	signal.Ignore(syscall.SIGPIPE)
+	dlog := &daemonLog{stderr: !m.background}
 	if m.background {
-		// A background mount: stderr is /dev/null, syslog (if there is one) is not.
-		if w, err := syslog.New(syslog.LOG_DAEMON|syslog.LOG_WARNING, "vhdfs"); err == nil {
+		dlog.notify = notify
+		if w, err := syslog.New(syslog.LOG_DAEMON|syslog.LOG_INFO, "vhdfs"); err == nil {
 			defer w.Close()
-			logger = log.New(io.MultiWriter(os.Stderr, w), "vhdfs: ", log.LstdFlags)
+			dlog.syslog = w
 		}
 	}
-	os.Remove(resultFile(os.Getpid())) // a stale one of an earlier process with this PID
-	if !m.readOnly {
-		msg, err := merge.Recover(chain.Abs(m.image))
+	logger := log.New(dlog, "", 0)
+	ready := func(err error) {
+		if notify == nil {
+			return
+		}
+		if err == nil {
+			// From here on the process writes to no descriptor of the caller's.
+			err = detachStdio()
+		}
+		notify.done(err)
+	}
+	defer func() {
 		if err != nil {
 			ready(err)
+		}
+	}()
+	os.Remove(resultFile(os.Getpid())) // a stale one of an earlier process with this PID
+	access, err := mountAccess(m)
+	if err != nil {
+		return err
+	}
+	if !m.readOnly {
+		if ok, werr := openWritable(m.image); !ok {
+			logger.Printf("warning: %v: mounting read-only", werr)
+			m.readOnly = true
+		}
+	}
+	if !m.readOnly {
+		msg, err := merge.Recover(m.image)
+		if err != nil {
 			return err
 		}
 		if msg != "" {
 			logger.Printf("%s: %s", m.image, msg)
 		}
 	}
-	c, err := chain.Open(chain.Abs(m.image), !m.readOnly)
+	c, err := chain.Open(m.image, !m.readOnly)
 	if err != nil {
-		ready(err)
 		return err
 	}
-	srv, root, err := fs.Mount(m.mountpoint, c, fs.Options{ReadOnly: m.readOnly, AllowOther: m.allowOther, Debug: m.debug, Logger: logger, MergeHook: mergeHook()})
+	srv, root, err := fs.Mount(m.mountpoint, c, fs.Options{
+		ReadOnly: m.readOnly, AllowOther: m.allowOther, Debug: m.debug, Logger: logger,
+		MergeHook: mergeHook(), Access: access, FsName: m.fsname,
+	})
 	if err != nil {
 		c.Close()
-		ready(err)
+		return err
+	}
+	// Every path the process needs is absolute: leave the caller's directory, which
+	// the mount would otherwise keep busy.
+	if err := os.Chdir("/"); err != nil {
+		srv.Unmount()
+		c.Close()
 		return err
 	}
 	ready(nil)
+	logger.Printf("mounted %s on %s (%s)", m.image, m.mountpoint, map[bool]string{true: "read-only", false: "read-write"}[m.readOnly])
 	sigs := make(chan os.Signal, 1)
 	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP)
 	go func() {
@@ -248,6 +458,23 @@ func serve(m mountArgs, ready func(error)) error {
 		logger.Printf("%s: %v", m.mountpoint, oneLine(err.Error()))
 		writeResult(err)
 		return err
+	}
+	logger.Printf("unmounted %s", m.mountpoint)
+	return nil
+}
+
+// detachStdio points stdin, stdout and stderr at /dev/null, so the background
+// process holds nothing of the terminal or pipe of the command that started it.
+func detachStdio() error {
+	devnull, err := os.OpenFile(os.DevNull, os.O_RDWR, 0)
+	if err != nil {
+		return err
+	}
+	defer devnull.Close()
+	for fd := 0; fd <= 2; fd++ {
+		if err := syscall.Dup3(int(devnull.Fd()), fd, 0); err != nil {
+			return fmt.Errorf("redirect descriptor %d to /dev/null: %w", fd, err)
+		}
 	}
 	return nil
 }
@@ -299,7 +526,13 @@ func cmdUmount(args []string) error {
 	}
 	dir := pos[0]
 	st, err := readStatus(dir)
-	dead := errors.Is(err, syscall.ENOTCONN)
+	var en syscall.Errno
+	dead := errors.Is(err, syscall.ENOTCONN) || errors.Is(err, syscall.ECONNABORTED)
+	if !dead && errors.As(err, &en) {
+		// Whatever the errno, a vhdfs mount that cannot answer has lost its process.
+		typ, _ := mountType(chain.Abs(dir))
+		dead = typ == "fuse.vhdfs"
+	}
 	if dead {
 		// The mount process is gone (killed): only the kernel's mount is left.
 		st, err = &fs.Status{}, nil

@@ -21,6 +21,8 @@ var (
 	ErrTooDeep  = errors.New("parent chain too deep")
 	ErrNoSpace  = errors.New("write past the end of the disk")
 	ErrReadOnly = errors.New("chain is read-only")
+	// ErrPending: a merge journal names the top, so it cannot stop being the top.
+	ErrPending = errors.New("a merge of the top is pending")
 )
 
 // Layer is one image of a chain.

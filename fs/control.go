@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
@@ -29,7 +30,7 @@ type control struct {
 	root *Root
 
 	mu        sync.Mutex
-	state     string        // guarded by mu: "idle", "merging" or "aborting"
+	state     string        // guarded by mu: "idle", "merging", "aborting" or "snapshotting"
 	running   string        // guarded by mu: the merge command running
 	cancel    func()        // guarded by mu: aborts the running merge
 	finished  chan struct{} // guarded by mu: closed when the running merge ends
@@ -74,7 +75,7 @@ func (c *control) status() Status {
 	c.mu.Lock()
 	st := Status{PID: pid, ReadOnly: c.root.opts.ReadOnly, State: c.state, Running: c.running, Last: c.last,
 		Detached: append([]string(nil), c.detached...), Errors: c.root.recentErrors()}
-	if c.state != "idle" {
+	if c.job != nil {
 		st.Progress = &Progress{Done: c.done.Load(), Total: c.total.Load()}
 	}
 	c.mu.Unlock()
@@ -159,8 +160,11 @@ func (c *control) command(line string) (*mergeJob, syscall.Errno) {
 			return nil, c.record(line, err, "")
 		}
 		return c.startMerge(line, opts)
+	case "snapshot":
+		name := strings.TrimSpace(strings.TrimPrefix(strings.TrimSpace(line), "snapshot"))
+		return nil, c.snapshot(line, name)
 	}
-	return nil, c.record(line, fmt.Errorf("unknown command %q (want merge, abort or sync): %w", fields[0], errInvalid), "")
+	return nil, c.record(line, fmt.Errorf("unknown command %q (want merge, abort, sync or snapshot): %w", fields[0], errInvalid), "")
 }
 
 func parseMerge(args []string) (merge.Options, error) {
@@ -236,14 +240,14 @@ func (c *control) startMerge(line string, opts merge.Options) (*mergeJob, syscal
 	}
 	c.mu.Lock()
 	if c.state != "idle" {
-		if c.job.line == line {
+		if c.job != nil && c.job.line == line {
 			// The same command again, from any open: a script's retry after EINTR.
 			job := c.job
 			c.mu.Unlock()
 			return job, 0
 		}
 		c.mu.Unlock()
-		return nil, c.record(line, fmt.Errorf("%s is running: %w", c.running, errBusy), "")
+		return nil, c.record(line, fmt.Errorf("%s is running: %w", c.busyWith(), errBusy), "")
 	}
 	if u := c.unclaimed; u != nil {
 		c.unclaimed = nil
@@ -296,6 +300,52 @@ func (c *control) startMerge(line string, opts merge.Options) (*mergeJob, syscal
 		close(job.finished)
 	}()
 	return job, 0
+}
+
+// busyWith names what runs; the caller holds mu.
+func (c *control) busyWith() string {
+	if c.running != "" {
+		return c.running
+	}
+	return c.state
+}
+
+// snapshot makes name (relative to the top's directory unless absolute) a new empty
+// differencing image on the top and the top of the chain. It is refused while a merge
+// runs; a merge is refused while it runs.
+func (c *control) snapshot(line, name string) syscall.Errno {
+	if name == "" {
+		return c.record(line, fmt.Errorf("snapshot takes the path of the new image: %w", errInvalid), "")
+	}
+	if c.root.opts.ReadOnly {
+		return c.record(line, fmt.Errorf("read-only mount: %w", chain.ErrReadOnly), "")
+	}
+	top := c.root.chain.Layers()[0]
+	if !filepath.IsAbs(name) {
+		name = filepath.Join(filepath.Dir(chain.Abs(top.Path)), name)
+	}
+	name = filepath.Clean(name)
+	c.mu.Lock()
+	if c.state != "idle" {
+		defer c.mu.Unlock()
+		return c.record(line, fmt.Errorf("%s is running: %w", c.busyWith(), errBusy), "")
+	}
+	c.state = "snapshotting"
+	c.mu.Unlock()
+	_, err := c.root.chain.Snapshot(name)
+	c.mu.Lock()
+	c.state = "idle"
+	c.mu.Unlock()
+	if err != nil {
+		if errors.Is(err, chain.ErrTooDeep) || errors.Is(err, chain.ErrPending) {
+			err = fmt.Errorf("%w: %w", err, errInvalid)
+		}
+		c.root.opts.Logger.Printf("%s: %v", line, err)
+		return c.record(line, err, "")
+	}
+	msg := fmt.Sprintf("snapshot %s made; it is the top, %s below it is read-only", name, top.Path)
+	c.root.opts.Logger.Printf("%s: %s", line, msg)
+	return c.record(line, nil, msg)
 }
 
 // waitIdle blocks until no merge runs.

@@ -3,6 +3,7 @@ package fs
 import (
 	"errors"
 	"fmt"
+	"os"
 	"syscall"
 
 	"github.com/vhdfs/vhdfs/chain"
@@ -25,6 +26,8 @@ func (r *Root) errno(op string, err error) syscall.Errno {
 		return syscall.EINVAL
 	case errors.Is(err, errBusy):
 		return syscall.EBUSY
+	case errors.Is(err, os.ErrExist):
+		return syscall.EEXIST
 	case errors.Is(err, chain.ErrGone):
 		return syscall.ESTALE
 	case errors.As(err, &en) && (en == syscall.ENOSPC || en == syscall.EDQUOT || en == syscall.EINTR):

@@ -8,6 +8,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"slices"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -187,6 +188,29 @@ func TestSnapshotReadOnly(t *testing.T) {
 	}
 	if _, err := os.Stat(filepath.Join(dir, "snap.vhd")); err == nil {
 		t.Errorf("a refused snapshot left snap.vhd")
+	}
+	mustVhdfs(t, "umount", mnt)
+}
+
+// TestSnapshotOffline: `vhdfs snapshot IMAGE NEW` makes NEW on IMAGE and says so; it
+// refuses an existing NEW and the top of a mounted chain (locked for writing).
+func TestSnapshotOffline(t *testing.T) {
+	dir := t.TempDir()
+	base, snap := filepath.Join(dir, "base.vhd"), filepath.Join(dir, "snap.vhd")
+	mustVhdfs(t, "create", "--size", "8M", base)
+	out := mustVhdfs(t, "snapshot", base, snap)
+	if !strings.Contains(out, snap) || !strings.Contains(out, "differencing image on "+base) {
+		t.Errorf("snapshot output: %q", out)
+	}
+	if info := vhdfsInfo(t, snap); len(info.Layers) != 2 || info.Layers[1].Path != base {
+		t.Errorf("info of the snapshot: %+v", info)
+	}
+	if _, errs, code := vhdfs(t, "snapshot", base, snap); code != 1 || !strings.Contains(errs, "exists") {
+		t.Errorf("snapshot onto an existing file: exit %d, %q", code, errs)
+	}
+	mnt := mountEnv(t, snap, nil)
+	if _, errs, code := vhdfs(t, "snapshot", snap, filepath.Join(dir, "snap2.vhd")); code != 1 {
+		t.Errorf("snapshot of a mounted top: exit %d, %q", code, errs)
 	}
 	mustVhdfs(t, "umount", mnt)
 }

@@ -32,17 +32,7 @@ func cmdCreate(args []string) error {
 		if *sizeStr != "" || fs.Changed("type") || *exact {
 			return usagef("--parent takes the size and type from the parent: drop --size, --type and --exact-size")
 		}
-		// Opening the whole chain proves the parent is usable before we link to it.
-		c, err := chain.Open(*parent, false)
-		if err != nil {
-			return err
-		}
-		defer c.Close()
-		if c.Len() >= chain.MaxDepth {
-			return fmt.Errorf("%s: the chain of %s already holds %d images, the most a chain may: %w", pos[0], *parent, c.Len(), chain.ErrTooDeep)
-		}
-		opts.Type, opts.Parent, opts.ParentPath = vhd.TypeDifferencing, c.Layers()[0].Image, *parent
-		return vhd.Create(pos[0], opts)
+		return createChild(*parent, pos[0], opts)
 	}
 	if *sizeStr == "" {
 		return usagef("--size or --parent is required")
@@ -65,4 +55,19 @@ func cmdCreate(args []string) error {
 		return err
 	}
 	return nil
+}
+
+// createChild creates name, a new empty differencing image on parent.
+func createChild(parent, name string, opts vhd.CreateOptions) error {
+	// Opening the whole chain proves the parent is usable before we link to it.
+	c, err := chain.Open(parent, false)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	if c.Len() >= chain.MaxDepth {
+		return fmt.Errorf("%s: the chain of %s already holds %d images, the most a chain may: %w", name, parent, c.Len(), chain.ErrTooDeep)
+	}
+	opts.Type, opts.Parent, opts.ParentPath = vhd.TypeDifferencing, c.Layers()[0].Image, parent
+	return vhd.Create(name, opts)
 }

@@ -31,7 +31,8 @@ const usage = `usage:
   vhdfs info [--json] IMAGE
   vhdfs create --size SIZE [--type dynamic|fixed] [--block-size SIZE] [--exact-size] IMAGE
   vhdfs create --parent PARENT IMAGE
-  vhdfs merge [--depth N] IMAGE
+  vhdfs snapshot IMAGE NEW
+  vhdfs merge [--depth N] [--from S] IMAGE
   vhdfs check [--repair] IMAGE
   vhdfs export IMAGE OUT.raw
   vhdfs version
@@ -51,13 +52,14 @@ func usagef(format string, args ...any) error {
 }
 
 var commands = map[string]func(args []string) error{
-	"mount":  cmdMount,
-	"umount": cmdUmount,
-	"info":   cmdInfo,
-	"create": cmdCreate,
-	"merge":  cmdMerge,
-	"check":  cmdCheck,
-	"export": cmdExport,
+	"mount":    cmdMount,
+	"umount":   cmdUmount,
+	"info":     cmdInfo,
+	"create":   cmdCreate,
+	"merge":    cmdMerge,
+	"check":    cmdCheck,
+	"export":   cmdExport,
+	"snapshot": cmdSnapshot,
 	"version": func(args []string) error {
 		fmt.Println("vhdfs", Version)
 		return nil

@@ -1,0 +1,29 @@
+package main
+
+import (
+	"fmt"
+
+	"github.com/vhdfs/vhdfs/chain"
+	"github.com/vhdfs/vhdfs/vhd"
+)
+
+// cmdSnapshot is `create --parent IMAGE NEW` that says what it made. A mounted chain
+// takes its snapshots through its control file (`snapshot NEW`): its top is locked.
+func cmdSnapshot(args []string) error {
+	fl := newFlags("snapshot")
+	pos, err := parse(fl, args, "IMAGE", "NEW")
+	if err != nil {
+		return err
+	}
+	if err := createChild(pos[0], pos[1], vhd.CreateOptions{}); err != nil {
+		return err
+	}
+	img, err := vhd.Open(pos[1], false)
+	if err != nil {
+		return err
+	}
+	defer img.Close()
+	fmt.Printf("%s: differencing image on %s, virtual size %s (%d bytes), block size %s\n",
+		chain.Abs(pos[1]), chain.Abs(pos[0]), human(img.Size()), img.Size(), human(img.BlockSize()))
+	return nil
+}

@@ -10,6 +10,7 @@ import (
 func cmdExport(args []string) error {
 	fs := newFlags("export")
 	forceShare := fs.BoolP("force-share", "U", false, "open without locks, to read images another process has open for writing (as qemu-img -U); what it reads may be torn")
+	force := fs.BoolP("progress", "p", false, "show the progress bar even when stdout is not a terminal")
 	pos, err := parse(fs, args, "IMAGE", "OUT.raw")
 	if err != nil {
 		return err
@@ -34,7 +35,7 @@ func cmdExport(args []string) error {
 	if err != nil {
 		return err
 	}
-	bar := newProgress("export", c.Size())
+	bar := newProgress("export", c.Size(), *force)
 	err = chain.Export(c, out, bar.update)
 	bar.finish()
 	if cerr := out.Close(); err == nil && cerr != nil {

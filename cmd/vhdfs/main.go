@@ -32,9 +32,9 @@ const usage = `usage:
   vhdfs create --size SIZE [--type dynamic|fixed] [--block-size SIZE] [--exact-size] IMAGE
   vhdfs create --parent PARENT IMAGE
   vhdfs snapshot IMAGE NEW
-  vhdfs merge [--depth N] [--from S] IMAGE
+  vhdfs merge [-p|--progress] [--depth N] [--from S] IMAGE
   vhdfs check [--repair] IMAGE
-  vhdfs export IMAGE OUT.raw
+  vhdfs export [-p|--progress] [-U] IMAGE OUT.raw
   vhdfs version
 `
 

@@ -15,12 +15,25 @@ func cmdMerge(args []string) error {
 	fl := newFlags("merge")
 	depth := fl.Int("depth", 1, "merge the top and the N-1 images below it into the image N levels down")
 	from := fl.Int("from", 0, "merge a middle range starting at this depth (the top stays)")
+	force := fl.BoolP("progress", "p", false, "show the progress bar even when stdout is not a terminal")
 	pos, err := parse(fl, args, "IMAGE")
 	if err != nil {
 		return err
 	}
 	if *depth < 1 {
 		return usagef("--depth %d: depth must be at least 1", *depth)
+	}
+	opts := merge.Options{From: *from, Depth: *depth}
+	// A chain mounted read-write has its top locked: its mount does the merge.
+	mnt, st, err := mountOf(pos[0])
+	if err != nil {
+		return err
+	}
+	if mnt != "" && !st.ReadOnly {
+		if err := opts.Validate(len(st.Chain)); err != nil {
+			return usagef("%v", err)
+		}
+		return mergeMounted(mnt, pos[0], opts, *force)
 	}
 	msg, err := merge.Recover(pos[0])
 	if err != nil {
@@ -34,17 +47,14 @@ func cmdMerge(args []string) error {
 		return err
 	}
 	defer c.Close()
-	opts := merge.Options{From: *from, Depth: *depth, Hook: mergeHook()}
+	opts.Hook = mergeHook()
 	if err := opts.Validate(c.Len()); err != nil {
 		return usagef("%v", err)
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	bar := newProgress("merge", 0)
-	opts.Progress = func(done, total int64) {
-		bar.total = total
-		bar.update(done)
-	}
+	bar := newProgress("merge", 0, *force)
+	opts.Progress = bar.set
 	res, err := merge.Merge(ctx, c, opts)
 	bar.finish()
 	if err != nil {

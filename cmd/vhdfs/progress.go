@@ -2,26 +2,34 @@ package main
 
 import (
 	"fmt"
-	"golang.org/x/sys/unix"
 	"os"
 	"sync"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
-// progress draws a one-line progress bar on stderr while stdout is a terminal, and
-// nothing otherwise, so scripts and pipes stay quiet.
+// redrawEvery is the shortest time between two redraws of a progress bar.
+const redrawEvery = 200 * time.Millisecond
+
+// progress draws a one-line progress bar on stderr while stdout is a terminal (or
+// when forced, as qemu-img -p does), and nothing otherwise, so scripts and pipes stay
+// quiet. It redraws at most five times a second, and once more at the end.
 type progress struct {
 	label   string
-	total   int64
 	start   time.Time
 	enabled bool
 
-	mu   sync.Mutex
-	last time.Time
+	mu    sync.Mutex
+	total int64     // guarded by mu
+	done  int64     // guarded by mu: the latest count, drawn or not
+	last  time.Time // guarded by mu: the latest redraw
 }
 
-func newProgress(label string, total int64) *progress {
-	return &progress{label: label, total: total, start: time.Now(), enabled: isTerminal(os.Stdout)}
+// newProgress returns a bar for total bytes (0 when the total comes with the counts);
+// force draws it even when stdout is not a terminal.
+func newProgress(label string, total int64, force bool) *progress {
+	return &progress{label: label, total: total, start: time.Now(), enabled: force || isTerminal(os.Stdout)}
 }
 
 // isTerminal reports whether f is a terminal (not merely a character device such
@@ -31,21 +39,43 @@ func isTerminal(f *os.File) bool {
 	return err == nil
 }
 
-// update shows done bytes of total, at most ten times a second.
+// update records done bytes of the total.
 func (p *progress) update(done int64) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.done = done
+	p.drawLocked(false)
+}
+
+// set records done bytes of total, for work whose total is known only as it runs.
+func (p *progress) set(done, total int64) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.done, p.total = done, total
+	p.drawLocked(false)
+}
+
+// complete records that the work is done, for counts seen only now and then.
+func (p *progress) complete() {
+	p.mu.Lock()
+	p.done = p.total
+	p.mu.Unlock()
+}
+
+// drawLocked redraws the bar if the last redraw is old enough; the end (done ==
+// total) is drawn only by finish, so it is drawn once.
+func (p *progress) drawLocked(final bool) {
 	if !p.enabled {
 		return
 	}
-	p.mu.Lock()
-	defer p.mu.Unlock()
 	now := time.Now()
-	if now.Sub(p.last) < 100*time.Millisecond && done < p.total {
+	if !final && (now.Sub(p.last) < redrawEvery || p.done >= p.total) {
 		return
 	}
 	p.last = now
 	pct := 100.0
 	if p.total > 0 {
-		pct = float64(done) * 100 / float64(p.total)
+		pct = float64(p.done) * 100 / float64(p.total)
 	}
 	const width = 30
 	fill := int(pct * width / 100)
@@ -56,14 +86,16 @@ func (p *progress) update(done int64) {
 			bar[i] = '#'
 		}
 	}
-	rate := float64(done) / max(now.Sub(p.start).Seconds(), 1e-3)
-	fmt.Fprintf(os.Stderr, "\r%s [%s] %5.1f%% %s / %s  %s/s ", p.label, bar, pct, human(done), human(p.total), human(int64(rate)))
+	rate := float64(p.done) / max(now.Sub(p.start).Seconds(), 1e-3)
+	fmt.Fprintf(os.Stderr, "\r%s [%s] %5.1f%% %s / %s  %s/s ", p.label, bar, pct, human(p.done), human(p.total), human(int64(rate)))
 }
 
-// finish ends the line.
+// finish draws the bar as it ended and ends the line.
 func (p *progress) finish() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
 	if p.enabled {
-		p.update(p.total)
+		p.drawLocked(true)
 		fmt.Fprintln(os.Stderr)
 	}
 }

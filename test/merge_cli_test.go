@@ -1,0 +1,73 @@
+package test
+
+import (
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+// TestMergeCommandOnMount: `vhdfs merge` of the top of a chain mounted read-write
+// drives that mount's control file and returns its result; -p draws the bar although
+// stdout is a pipe, and the bar's end (100%) is drawn once, offline as through a mount.
+func TestMergeCommandOnMount(t *testing.T) {
+	dir := t.TempDir()
+	base, top := filepath.Join(dir, "base.vhd"), filepath.Join(dir, "top.vhd")
+	mustVhdfs(t, "create", "--size", "32M", base)
+	mustVhdfs(t, "create", "--parent", base, top)
+	mnt := mountEnv(t, top, nil)
+	disk := filepath.Join(mnt, "disk.raw")
+	f, err := os.OpenFile(disk, os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	chunk := []byte(strings.Repeat("vhdfs merge through the mount\n", 4096))
+	for off := int64(0); off < 16<<20; off += 1 << 20 {
+		if _, err := f.WriteAt(chunk, off); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := f.Close(); err != nil {
+		t.Fatal(err)
+	}
+	want := md5file(t, disk)
+
+	// A depth the chain does not have is a usage error, found before the mount is asked.
+	if _, errs, code := vhdfs(t, "merge", "--depth", "5", top); code != 2 {
+		t.Errorf("merge --depth 5 of a mounted chain of 2: exit %d, want 2: %s", code, errs)
+	}
+	out, errs, code := vhdfs(t, "merge", "-p", top)
+	if code != 0 {
+		t.Fatalf("vhdfs merge -p of a mounted top: exit %d\nstdout %s\nstderr %s", code, out, errs)
+	}
+	if !strings.Contains(errs, mnt) {
+		t.Errorf("merge does not say it goes through the mount at %s: %q", mnt, errs)
+	}
+	if n := strings.Count(errs, "100.0%"); n != 1 {
+		t.Errorf("the bar shows 100%% %d times, want once: %q", n, errs)
+	}
+	st := readMergeStatus(t, mnt)
+	if st.Last == nil || st.Last.Command != "merge depth=1" || st.Last.Errno != 0 || !strings.Contains(out, st.Last.Message) || st.Last.Message == "" {
+		t.Errorf("stdout %q, want the merge's result %+v", out, st.Last)
+	}
+	if got := md5file(t, disk); got != want {
+		t.Errorf("disk.raw after the merge: md5 %s, want %s", got, want)
+	}
+	if len(st.Chain) != 2 || st.Chain[1].Path != base {
+		t.Errorf("chain after the merge: %+v", st.Chain)
+	}
+	mustVhdfs(t, "umount", mnt)
+
+	// Offline, the same bar: one 100%.
+	mustVhdfs(t, "create", "--parent", top, filepath.Join(dir, "top2.vhd"))
+	out, errs, code = vhdfs(t, "merge", "--depth", "2", "--progress", filepath.Join(dir, "top2.vhd"))
+	if code != 0 {
+		t.Fatalf("offline merge: exit %d\n%s%s", code, out, errs)
+	}
+	if n := strings.Count(errs, "100.0%"); n != 1 {
+		t.Errorf("offline: the bar shows 100%% %d times, want once: %q", n, errs)
+	}
+	if got := md5file(t, exportImage(t, filepath.Join(dir, "top2.vhd"))); got != want {
+		t.Errorf("view after the offline merge: md5 %s, want %s", got, want)
+	}
+}

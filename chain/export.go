@@ -2,6 +2,7 @@ package chain
 
 import (
 	"fmt"
+	"io"
 	"os"
 	"runtime"
 	"sync"
@@ -22,6 +23,49 @@ func Export(c *Chain, out *os.File, progress func(done int64)) error {
 	if err := out.Truncate(size); err != nil {
 		return fmt.Errorf("%s: truncate to %d: %w", out.Name(), size, err)
 	}
+	return exportParallel(c, out, false, progress)
+}
+
+// ExportDevice writes the flattened chain to the start of out, a block device at least
+// as large as the chain: every byte, zeros included (what the device held before must
+// not show through), nothing past the chain's size, and no truncate.
+func ExportDevice(c *Chain, out *os.File, progress func(done int64)) error {
+	size := c.Size()
+	devSize, err := out.Seek(0, io.SeekEnd)
+	if err != nil {
+		return fmt.Errorf("%s: size: %w", out.Name(), err)
+	}
+	if devSize < size {
+		return fmt.Errorf("%s: device of %d bytes is smaller than the image (%d bytes): %w", out.Name(), devSize, size, ErrNoSpace)
+	}
+	return exportParallel(c, out, true, progress)
+}
+
+// ExportStream writes the flattened chain to w in order, every byte: for a pipe or
+// stdout, which take no seeks.
+func ExportStream(c *Chain, w io.Writer, progress func(done int64)) error {
+	size := c.Size()
+	buf := make([]byte, exportChunk)
+	for off := int64(0); off < size; {
+		p := buf[:min(exportChunk, size-off)]
+		if _, err := c.ReadAt(p, off); err != nil {
+			return err
+		}
+		if _, err := w.Write(p); err != nil {
+			return fmt.Errorf("write at %d: %w", off, err)
+		}
+		off += int64(len(p))
+		if progress != nil {
+			progress(off)
+		}
+	}
+	return nil
+}
+
+// exportParallel writes the chain to out with several workers; dense writes every
+// byte, otherwise ranges no layer stores and all-zero granules are skipped.
+func exportParallel(c *Chain, out *os.File, dense bool, progress func(done int64)) error {
+	size := c.Size()
 	chunks := (size + exportChunk - 1) / exportChunk
 	var next, done atomic.Int64
 	var firstErr error
@@ -39,7 +83,13 @@ func Export(c *Chain, out *os.File, progress func(done int64)) error {
 				if i >= chunks || failed.Load() {
 					return
 				}
-				if err := exportChunkAt(c, out, buf, i*exportChunk, size); err != nil {
+				var err error
+				if dense {
+					err = exportDenseAt(c, out, buf, i*exportChunk, size)
+				} else {
+					err = exportChunkAt(c, out, buf, i*exportChunk, size)
+				}
+				if err != nil {
 					errOnce.Do(func() { firstErr = err })
 					failed.Store(true)
 					return
@@ -58,6 +108,17 @@ func Export(c *Chain, out *os.File, progress func(done int64)) error {
 	wg.Wait()
 	// No fsync, as cp and qemu-img convert: the caller syncs if it wants to.
 	return firstErr
+}
+
+func exportDenseAt(c *Chain, out *os.File, buf []byte, off, size int64) error {
+	p := buf[:min(exportChunk, size-off)]
+	if _, err := c.ReadAt(p, off); err != nil {
+		return err
+	}
+	if _, err := out.WriteAt(p, off); err != nil {
+		return fmt.Errorf("%s: write at %d: %w", out.Name(), off, err)
+	}
+	return nil
 }
 
 func exportChunkAt(c *Chain, out *os.File, buf []byte, off, size int64) error {

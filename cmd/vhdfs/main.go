@@ -34,7 +34,7 @@ const usage = `usage:
   vhdfs snapshot IMAGE NEW
   vhdfs merge [-p|--progress] [--depth N] [--from S] IMAGE
   vhdfs check [--repair] IMAGE
-  vhdfs export [-p|--progress] [-U] IMAGE OUT.raw
+  vhdfs export [-p|--progress] [-U] IMAGE OUT.raw|-|DEVICE
   vhdfs version
 `
 

@@ -2,6 +2,7 @@ package main
 
 import (
 	"fmt"
+	"math"
 	"os"
 	"sync"
 	"time"
@@ -75,7 +76,8 @@ func (p *progress) drawLocked(final bool) {
 	p.last = now
 	pct := 100.0
 	if p.total > 0 {
-		pct = float64(p.done) * 100 / float64(p.total)
+		// Rounded down: 100.0% only at the end.
+		pct = math.Floor(float64(p.done)*1000/float64(p.total)) / 10
 	}
 	const width = 30
 	fill := int(pct * width / 100)

@@ -1,10 +1,13 @@
 package test
 
 import (
+	"bytes"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 )
 
 // TestMergeCommandOnMount: `vhdfs merge` of the top of a chain mounted read-write
@@ -70,4 +73,53 @@ func TestMergeCommandOnMount(t *testing.T) {
 	if got := md5file(t, exportImage(t, filepath.Join(dir, "top2.vhd"))); got != want {
 		t.Errorf("view after the offline merge: md5 %s, want %s", got, want)
 	}
+}
+
+// TestMergeCommandOnMountInterrupted: Ctrl-C on a `vhdfs merge` that drives a mount
+// aborts the mount's merge, as it stops an offline one: exit 1, the chain as it was.
+func TestMergeCommandOnMountInterrupted(t *testing.T) {
+	dir := t.TempDir()
+	base, top := filepath.Join(dir, "base.vhd"), filepath.Join(dir, "top.vhd")
+	mustVhdfs(t, "create", "--size", "16M", base)
+	mustVhdfs(t, "create", "--parent", base, top)
+	env, reached, resume := pausePoint(t, "copy-start")
+	mnt := mountEnv(t, top, []string{env})
+	if err := os.WriteFile(filepath.Join(mnt, "disk.raw"), []byte("written before the merge"), 0); err != nil {
+		t.Fatal(err)
+	}
+	want := md5file(t, filepath.Join(mnt, "disk.raw"))
+	cmd := exec.Command(vhdfsBin, "merge", top)
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	waited := false
+	t.Cleanup(func() {
+		if !waited {
+			cmd.Process.Kill()
+			cmd.Wait()
+		}
+	})
+	reached()
+	if err := cmd.Process.Signal(os.Interrupt); err != nil {
+		t.Fatal(err)
+	}
+	for delay := time.Millisecond; readMergeStatus(t, mnt).State != "aborting"; delay = min(2*delay, 50*time.Millisecond) {
+		time.Sleep(delay) // polling for the abort to arrive, not a synchronisation by itself
+	}
+	resume()
+	err := cmd.Wait()
+	waited = true
+	if code := cmd.ProcessState.ExitCode(); code != 1 || !strings.Contains(stderr.String(), "interrupted") {
+		t.Errorf("interrupted merge: %v, exit %d, %q", err, code, stderr.String())
+	}
+	st := readMergeStatus(t, mnt)
+	if st.State != "idle" || len(st.Chain) != 2 || st.Chain[0].Path != top {
+		t.Errorf("status after the abort: %+v", st)
+	}
+	if got := md5file(t, filepath.Join(mnt, "disk.raw")); got != want {
+		t.Errorf("disk.raw after the abort: md5 %s, want %s", got, want)
+	}
+	mustVhdfs(t, "umount", mnt)
 }

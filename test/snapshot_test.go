@@ -168,6 +168,17 @@ func TestSnapshotWhileWriting(t *testing.T) {
 	if want := []string{snap, top, base}; !slices.Equal(chainPaths(st), want) || st.Chain[0].AllocatedBytes != 0 {
 		t.Errorf("chain after merging the snapshot: %+v, want %v with an empty top", st.Chain, want)
 	}
+	// A merge from the top always leaves a fresh top, so depth=1 keeps three images;
+	// merging the old top too gives the chain of two the snapshot began with.
+	if e := control(mnt, "merge depth=2"); e != 0 {
+		t.Fatalf("merge depth=2: %v: %+v", e, readSnapshotStatus(t, mnt).Last)
+	}
+	if got := md5file(t, disk); got != want {
+		t.Errorf("disk.raw after merge depth=2: md5 %s, want %s", got, want)
+	}
+	if st := readSnapshotStatus(t, mnt); !slices.Equal(chainPaths(st), []string{snap, base}) {
+		t.Errorf("chain after merge depth=2: %v, want %v", chainPaths(st), []string{snap, base})
+	}
 	mustVhdfs(t, "umount", mnt)
 	if got := md5file(t, exportImage(t, snap)); got != want {
 		t.Errorf("export after umount: md5 %s, want %s", got, want)

@@ -541,7 +541,7 @@ func cmdUmount(args []string) error {
 		return fmt.Errorf("%s is not a vhdfs mount: %v", dir, err)
 	}
 	aborted := false
-	if st.State != "idle" && !dead {
+	if st.Running != "" && !dead { // a merge; a snapshot is over in a moment
 		if !abort {
 			return fmt.Errorf("%s: %q is running; wait for it, write abort to %s, or use vhdfs umount --abort",
 				dir, st.Running, filepath.Join(dir, "control"))

@@ -58,7 +58,7 @@ func TestUsageErrors(t *testing.T) {
 			assertUnchanged(t, snap)
 		})
 	}
-	if stdout, stderr, code := vhdfs(t, "help"); code != 0 || stdout != "" || !strings.Contains(stderr, "usage:") {
+	if stdout, stderr, code := vhdfs(t, "help"); code != 0 || stderr != "" || !strings.Contains(stdout, "Usage:") {
 		t.Errorf("help: exit %d, stdout %q, stderr %q", code, stdout, stderr)
 	}
 }

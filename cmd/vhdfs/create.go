@@ -1,6 +1,7 @@
 package main
 
 import (
+	"errors"
 	"fmt"
 	"os"
 
@@ -10,11 +11,11 @@ import (
 
 func cmdCreate(args []string) error {
 	fs := newFlags("create")
-	sizeStr := fs.String("size", "", "virtual size (512M, 10G, 2T or bytes)")
+	sizeStr := fs.String("size", "", "virtual `SIZE`: bytes, or 1.5G, 512M, 2T (K, M, G, T count in 1024s as qemu-img does; KB, MB, GB, TB in 1000s)")
 	typ := fs.String("type", "dynamic", "dynamic or fixed")
-	blockStr := fs.String("block-size", "", "block size of a dynamic image (default 2M)")
+	blockStr := fs.String("block-size", "", "block `SIZE` of a dynamic image (default 2M)")
 	exact := fs.Bool("exact-size", false, "keep the size exact instead of rounding up to a CHS geometry")
-	parent := fs.String("parent", "", "create a differencing image (snapshot) of PARENT")
+	parent := fs.String("parent", "", "create a differencing image (a snapshot) of `PARENT`; size and type come from it")
 	pos, err := parse(fs, args, "IMAGE")
 	if err != nil {
 		return err
@@ -62,6 +63,10 @@ func cmdCreate(args []string) error {
 		return usagef("--type %q: want dynamic or fixed", *typ)
 	}
 	if err := vhd.Create(pos[0], opts); err != nil {
+		if errors.Is(err, vhd.ErrInvalidArg) {
+			// A size or block size the format cannot take: the command line is wrong.
+			return usagef("%v", err)
+		}
 		return err
 	}
 	return nil

@@ -23,7 +23,7 @@ func TestCommandHelp(t *testing.T) {
 		{"mount", []string{"--read-only", "--foreground", "--allow-other", "--debug", "--nonempty", "--uid", "--gid", "--umask", "--fsname"}},
 		{"umount", []string{"--abort"}},
 		{"info", []string{"--json", "--force-share"}},
-		{"create", []string{"--size", "--type", "--block-size", "--exact-size", "--parent"}},
+		{"create", []string{"--size", "--type", "--block-size", "--exact-size", "--parent", "--json", "--quiet"}},
 		{"merge", []string{"--depth", "--from"}},
 		{"check", []string{"--repair", "--force-share"}},
 		{"export", []string{"--force-share"}},

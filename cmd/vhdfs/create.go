@@ -1,6 +1,7 @@
 package main
 
 import (
+	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
@@ -16,6 +17,8 @@ func cmdCreate(args []string) error {
 	blockStr := fs.String("block-size", "", "block `SIZE` of a dynamic image (default 2M)")
 	exact := fs.Bool("exact-size", false, "keep the size exact instead of rounding up to a CHS geometry")
 	parent := fs.String("parent", "", "create a differencing image (a snapshot) of `PARENT`; size and type come from it")
+	asJSON := fs.Bool("json", false, "print the new image as info --json shows a layer")
+	quiet := fs.BoolP("quiet", "q", false, "print nothing")
 	pos, err := parse(fs, args, "IMAGE")
 	if err != nil {
 		return err
@@ -43,7 +46,10 @@ func cmdCreate(args []string) error {
 			return fmt.Errorf("%s: the chain of %s already holds %d images, the most a chain may: %w", pos[0], *parent, c.Len(), chain.ErrTooDeep)
 		}
 		opts.Type, opts.Parent, opts.ParentPath = vhd.TypeDifferencing, c.Layers()[0].Image, *parent
-		return vhd.Create(pos[0], opts)
+		if err := vhd.Create(pos[0], opts); err != nil {
+			return err
+		}
+		return report(pos[0], *parent, 0, *asJSON, *quiet)
 	}
 	if *sizeStr == "" {
 		return usagef("--size or --parent is required")
@@ -69,5 +75,48 @@ func cmdCreate(args []string) error {
 		}
 		return err
 	}
+	return report(pos[0], "", opts.Size, *asJSON, *quiet)
+}
+
+// report prints what create made, in one line, and a second one when the size was
+// rounded up to a CHS geometry; with asJSON, the layer entry info --json shows.
+func report(path, parent string, asked int64, asJSON, quiet bool) error {
+	if quiet && !asJSON {
+		return nil
+	}
+	img, err := vhd.Open(path, false)
+	if err != nil {
+		return err
+	}
+	defer img.Close()
+	li := chain.DescribeLayer(0, &chain.Layer{Image: img, Path: path})
+	if asJSON {
+		enc := json.NewEncoder(os.Stdout)
+		enc.SetIndent("", "  ")
+		return enc.Encode(li)
+	}
+	line := fmt.Sprintf("created %s: vhd %s, %s", path, li.Type, sizeText(li.VirtualSize))
+	if li.BlockSize > 0 {
+		line += ", block size " + human(li.BlockSize)
+	}
+	if parent != "" {
+		line += ", parent " + parent
+	}
+	fmt.Println(line)
+	if asked > 0 && li.VirtualSize != asked {
+		fmt.Printf("note: %s became %s to fit a CHS geometry, as qemu-img does; --exact-size keeps the size asked for\n",
+			sizeText(asked), human(li.VirtualSize))
+	}
 	return nil
+}
+
+// sizeText gives a size for people and in bytes: "1.5 GiB (1610612736 bytes)", "1 byte".
+func sizeText(n int64) string {
+	switch {
+	case n == 1:
+		return "1 byte"
+	case n < 1024:
+		return fmt.Sprintf("%d bytes", n)
+	}
+	return fmt.Sprintf("%s (%d bytes)", human(n), n)
 }

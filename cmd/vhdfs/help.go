@@ -2,7 +2,6 @@ package main
 
 import (
 	"errors"
-	"fmt"
 	"os"
 	"slices"
 	"strings"
@@ -32,8 +31,8 @@ func describe(name string) described {
 	d := &described{}
 	describing = d
 	defer func() { describing = nil }()
-	if err := commands[name](nil); err != nil && !errors.Is(err, errDescribed) {
-		panic(fmt.Sprintf("describe %s: %v", name, err))
+	if err := commands[name](nil); !errors.Is(err, errDescribed) {
+		return described{} // a command that does not parse its flags through parse
 	}
 	return *d
 }
@@ -42,12 +41,16 @@ func describe(name string) described {
 // after them, in name order.
 var commandOrder = []string{"mount", "umount", "info", "create", "merge", "check", "export", "version"}
 
+// notDescribed are the commands that are no vhdfs command of their own: cobra makes
+// help and completion itself, and man and __complete are hidden.
+var notDescribed = []string{"help", "completion", "man", "__complete", "__completeNoDesc"}
+
 // describedCommands are the commands help, completion and man pages show.
 func describedCommands() []string {
 	names := slices.Clone(commandOrder)
 	var rest []string
 	for n := range commands {
-		if !slices.Contains(names, n) && summaries[n] != "" && n != "help" && n != "completion" {
+		if !slices.Contains(names, n) && !slices.Contains(notDescribed, n) {
 			rest = append(rest, n)
 		}
 	}
@@ -127,6 +130,9 @@ func unknownCommand(name string) error {
 }
 
 func cmdHelp(args []string) error {
+	if len(args) == 1 && (args[0] == "-h" || args[0] == "--help") {
+		return printHelp("help")
+	}
 	switch len(args) {
 	case 0:
 		return printHelp("")

@@ -28,12 +28,14 @@ const usage = `usage:
   vhdfs mount [-r|--read-only] [-f|--foreground] [--allow-other] [--debug] [-o OPTS] IMAGE MOUNTPOINT
   vhdfs IMAGE MOUNTPOINT [-o OPTS]   (as mount.fuse3 runs it for mount -t fuse.vhdfs)
   vhdfs umount [--abort] MOUNTPOINT
-  vhdfs info [--json] IMAGE
-  vhdfs create --size SIZE [--type dynamic|fixed] [--block-size SIZE] [--exact-size] IMAGE
+  vhdfs info [--json] [-U] IMAGE
+  vhdfs create --size SIZE [--type dynamic|fixed] [--block-size SIZE] [--exact-size] [--json|-q] IMAGE
   vhdfs create --parent PARENT IMAGE
-  vhdfs merge [--depth N] IMAGE
-  vhdfs check [--repair] IMAGE
-  vhdfs export IMAGE OUT.raw
+  vhdfs merge [--depth N] [--from S] IMAGE
+  vhdfs check [--repair] [-U] IMAGE
+  vhdfs export [-U] IMAGE OUT.raw
+  vhdfs help [COMMAND]               (or vhdfs COMMAND --help: every flag, described)
+  vhdfs completion bash|zsh|fish|powershell
   vhdfs version
 `
 
@@ -74,8 +76,8 @@ func init() {
 	}
 }
 
-// summaries are the one-line descriptions help shows; a command without one is
-// hidden (man, __complete). details, when given, follow in the command's own help.
+// summaries are the one-line descriptions help shows; details, when given, follow in
+// the command's own help.
 var summaries = map[string]string{
 	"mount":      "mount the chain whose top is IMAGE; MOUNTPOINT/disk.raw is the whole disk",
 	"umount":     "sync and unmount a vhdfs mount, waiting for its process to finish",

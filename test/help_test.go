@@ -140,6 +140,10 @@ func TestCompletion(t *testing.T) {
 	if !strings.Contains(out, "--read-only") {
 		t.Errorf("completing mount --re: %q", out)
 	}
+	out = mustVhdfs(t, "__complete", "create", "--type", "")
+	if !strings.Contains(out, "dynamic\nfixed\n") {
+		t.Errorf("completing create --type: %q", out)
+	}
 	if _, stderr, code := vhdfs(t, "completion", "tcsh"); code != 2 {
 		t.Errorf("completion tcsh: exit %d, stderr %q", code, stderr)
 	}

@@ -58,6 +58,12 @@ func describedCommands() []string {
 	return append(names, rest...)
 }
 
+// flagValues are the values completion offers for a flag, in whichever command has it.
+var flagValues = map[string][]string{
+	"type":    {"dynamic", "fixed"},
+	"options": {"ro", "rw", "allow_other", "default_permissions", "uid=", "gid=", "umask=", "fsname=", "debug", "nonempty"},
+}
+
 // commandTree is the command line as cobra sees it: for help, completion and man pages.
 func commandTree() *cobra.Command {
 	cobra.EnableCommandSorting = false
@@ -87,6 +93,11 @@ func commandTree() *cobra.Command {
 		c.Flags().SortFlags = false
 		if d.fs != nil {
 			c.Flags().AddFlagSet(d.fs)
+		}
+		for flag, values := range flagValues {
+			if c.Flags().Lookup(flag) != nil {
+				c.RegisterFlagCompletionFunc(flag, cobra.FixedCompletions(values, cobra.ShellCompDirectiveNoFileComp))
+			}
 		}
 		root.AddCommand(c)
 	}

@@ -18,7 +18,7 @@ func cmdCreate(args []string) error {
 	exact := fs.Bool("exact-size", false, "keep the size exact instead of rounding up to a CHS geometry")
 	parent := fs.String("parent", "", "create a differencing image (a snapshot) of `PARENT`; size and type come from it")
 	asJSON := fs.Bool("json", false, "print the new image as info --json shows a layer")
-	quiet := fs.BoolP("quiet", "q", false, "print nothing")
+	quiet := fs.BoolP("quiet", "q", false, "print no line about the new image (--json still prints)")
 	pos, err := parse(fs, args, "IMAGE")
 	if err != nil {
 		return err

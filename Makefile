@@ -2,12 +2,15 @@ GO ?= go
 BIN := bin/vhdfs
 VERSION := $(shell git describe --always --dirty 2>/dev/null || echo dev)
 
-.PHONY: all build demo test deps lint bench fuzz clean
+.PHONY: all build man demo test deps lint bench fuzz clean
 
 all: build
 
 build:
 	$(GO) build -ldflags "-X main.Version=$(VERSION)" -o $(BIN) ./cmd/vhdfs
+
+man: build
+	mkdir -p man && $(BIN) man man
 
 deps:
 	@scripts/deps.sh

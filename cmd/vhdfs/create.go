@@ -1,6 +1,8 @@
 package main
 
 import (
+	"encoding/json"
+	"errors"
 	"fmt"
 	"os"
 
@@ -10,11 +12,13 @@ import (
 
 func cmdCreate(args []string) error {
 	fs := newFlags("create")
-	sizeStr := fs.String("size", "", "virtual size (512M, 10G, 2T or bytes)")
+	sizeStr := fs.String("size", "", "virtual `SIZE`: bytes, or 1.5G, 512M, 2T (K, M, G, T count in 1024s as qemu-img does; KB, MB, GB, TB in 1000s)")
 	typ := fs.String("type", "dynamic", "dynamic or fixed")
-	blockStr := fs.String("block-size", "", "block size of a dynamic image (default 2M)")
+	blockStr := fs.String("block-size", "", "block `SIZE` of a dynamic image (default 2M)")
 	exact := fs.Bool("exact-size", false, "keep the size exact instead of rounding up to a CHS geometry")
-	parent := fs.String("parent", "", "create a differencing image (snapshot) of PARENT")
+	parent := fs.String("parent", "", "create a differencing image (a snapshot) of `PARENT`; size and type come from it")
+	asJSON := fs.Bool("json", false, "print the new image as info --json shows a layer")
+	quiet := fs.BoolP("quiet", "q", false, "print no line about the new image (--json still prints)")
 	pos, err := parse(fs, args, "IMAGE")
 	if err != nil {
 		return err
@@ -32,7 +36,10 @@ func cmdCreate(args []string) error {
 		if *sizeStr != "" || fs.Changed("type") || *exact {
 			return usagef("--parent takes the size and type from the parent: drop --size, --type and --exact-size")
 		}
-		return createChild(*parent, pos[0], opts)
+		if err := createChild(*parent, pos[0], opts); err != nil {
+			return err
+		}
+		return report(pos[0], *parent, 0, *asJSON, *quiet)
 	}
 	if *sizeStr == "" {
 		return usagef("--size or --parent is required")
@@ -52,7 +59,43 @@ func cmdCreate(args []string) error {
 		return usagef("--type %q: want dynamic or fixed", *typ)
 	}
 	if err := vhd.Create(pos[0], opts); err != nil {
+		if errors.Is(err, vhd.ErrInvalidArg) {
+			// A size or block size the format cannot take: the command line is wrong.
+			return usagef("%v", err)
+		}
 		return err
+	}
+	return report(pos[0], "", opts.Size, *asJSON, *quiet)
+}
+
+// report prints what create made, in one line, and a second one when the size was
+// rounded up to a CHS geometry; with asJSON, the layer entry info --json shows.
+func report(path, parent string, asked int64, asJSON, quiet bool) error {
+	if quiet && !asJSON {
+		return nil
+	}
+	img, err := vhd.Open(path, false)
+	if err != nil {
+		return err
+	}
+	defer img.Close()
+	li := chain.DescribeLayer(0, &chain.Layer{Image: img, Path: path})
+	if asJSON {
+		enc := json.NewEncoder(os.Stdout)
+		enc.SetIndent("", "  ")
+		return enc.Encode(li)
+	}
+	line := fmt.Sprintf("created %s: vhd %s, %s", path, li.Type, sizeText(li.VirtualSize))
+	if li.BlockSize > 0 {
+		line += ", block size " + human(li.BlockSize)
+	}
+	if parent != "" {
+		line += ", parent " + parent
+	}
+	fmt.Println(line)
+	if asked > 0 && li.VirtualSize != asked {
+		fmt.Printf("note: %s became %s to fit a CHS geometry, as qemu-img does; --exact-size keeps the size asked for\n",
+			sizeText(asked), human(li.VirtualSize))
 	}
 	return nil
 }
@@ -70,4 +113,15 @@ func createChild(parent, name string, opts vhd.CreateOptions) error {
 	}
 	opts.Type, opts.Parent, opts.ParentPath = vhd.TypeDifferencing, c.Layers()[0].Image, parent
 	return vhd.Create(name, opts)
+}
+
+// sizeText gives a size for people and in bytes: "1.5 GiB (1610612736 bytes)", "1 byte".
+func sizeText(n int64) string {
+	switch {
+	case n == 1:
+		return "1 byte"
+	case n < 1024:
+		return fmt.Sprintf("%d bytes", n)
+	}
+	return fmt.Sprintf("%s (%d bytes)", human(n), n)
 }

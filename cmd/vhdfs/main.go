@@ -28,13 +28,15 @@ const usage = `usage:
   vhdfs mount [-r|--read-only] [-f|--foreground] [--allow-other] [--debug] [-o OPTS] IMAGE MOUNTPOINT
   vhdfs IMAGE MOUNTPOINT [-o OPTS]   (as mount.fuse3 runs it for mount -t fuse.vhdfs)
   vhdfs umount [--abort] MOUNTPOINT
-  vhdfs info [--json] IMAGE
-  vhdfs create --size SIZE [--type dynamic|fixed] [--block-size SIZE] [--exact-size] IMAGE
+  vhdfs info [--json] [-U] IMAGE
+  vhdfs create --size SIZE [--type dynamic|fixed] [--block-size SIZE] [--exact-size] [--json|-q] IMAGE
   vhdfs create --parent PARENT IMAGE
   vhdfs snapshot IMAGE NEW
   vhdfs merge [-p|--progress] [--depth N] [--from S] IMAGE
-  vhdfs check [--repair] IMAGE
+  vhdfs check [--repair] [-U] IMAGE
   vhdfs export [-p|--progress] [-U] IMAGE OUT.raw|-|DEVICE
+  vhdfs help [COMMAND]               (or vhdfs COMMAND --help: every flag, described)
+  vhdfs completion bash|zsh|fish|powershell
   vhdfs version
 `
 
@@ -51,19 +53,62 @@ func usagef(format string, args ...any) error {
 	return usageError{fmt.Sprintf(format, args...)}
 }
 
-var commands = map[string]func(args []string) error{
-	"mount":    cmdMount,
-	"umount":   cmdUmount,
-	"info":     cmdInfo,
-	"create":   cmdCreate,
-	"merge":    cmdMerge,
-	"check":    cmdCheck,
-	"export":   cmdExport,
-	"snapshot": cmdSnapshot,
-	"version": func(args []string) error {
-		fmt.Println("vhdfs", Version)
-		return nil
-	},
+// commands maps each command to the function that runs it (filled in init: help and
+// completion describe the commands, which would be an initialization cycle).
+var commands map[string]func(args []string) error
+
+func init() {
+	commands = map[string]func(args []string) error{
+		"mount":      cmdMount,
+		"umount":     cmdUmount,
+		"info":       cmdInfo,
+		"create":     cmdCreate,
+		"merge":      cmdMerge,
+		"check":      cmdCheck,
+		"export":     cmdExport,
+		"snapshot":   cmdSnapshot,
+		"version":    cmdVersion,
+		"help":       cmdHelp,
+		"completion": cmdCompletion,
+		"man":        cmdMan,
+		"__complete": func(args []string) error { return runTree(append([]string{"__complete"}, args...)) },
+		"__completeNoDesc": func(args []string) error {
+			return runTree(append([]string{"__completeNoDesc"}, args...))
+		},
+	}
+}
+
+// summaries are the one-line descriptions help shows; details, when given, follow in
+// the command's own help.
+var summaries = map[string]string{
+	"mount":      "mount the chain whose top is IMAGE; MOUNTPOINT/disk.raw is the whole disk",
+	"umount":     "sync and unmount a vhdfs mount, waiting for its process to finish",
+	"info":       "show every image of the chain, top to base",
+	"create":     "create a dynamic or fixed image, or a differencing image of a parent (--parent)",
+	"merge":      "merge the top image (or a range) into its parent, offline",
+	"check":      "check the structure of every image in the chain",
+	"export":     "write the whole chain as one raw file, to a file, stdout (-) or a block device",
+	"snapshot":   "create a new, empty differencing image on IMAGE (a checkpoint)",
+	"version":    "print the version",
+	"help":       "show the help of vhdfs or of one command",
+	"completion": "print a bash, zsh, fish or powershell completion script",
+}
+
+var details = map[string]string{
+	"create": "Sizes are bytes or a number with a unit, decimals allowed (1.5G):\n" +
+		"  K, M, G, T (also KiB, MiB, GiB, TiB) are powers of 1024, as in qemu-img;\n" +
+		"  KB, MB, GB, TB are powers of 1000.\n" +
+		"Without --exact-size the size is rounded up to a CHS geometry, as qemu-img does.",
+	"completion": "bash:  source <(vhdfs completion bash)\n" +
+		"zsh:   vhdfs completion zsh > \"${fpath[1]}/_vhdfs\"",
+}
+
+func cmdVersion(args []string) error {
+	if _, err := parse(newFlags("version"), args); err != nil {
+		return err
+	}
+	fmt.Println("vhdfs", Version)
+	return nil
 }
 
 func main() {
@@ -105,17 +150,19 @@ func startProfile() func() {
 }
 
 func run(args []string) int {
-	if len(args) == 0 || args[0] == "-h" || args[0] == "--help" || args[0] == "help" {
+	if len(args) == 0 {
 		fmt.Fprint(os.Stderr, usage)
-		if len(args) == 0 {
-			return exitUsage
-		}
-		return exitOK
+		return exitUsage
+	}
+	switch args[0] {
+	case "-h", "--help":
+		args[0] = "help"
+	case "--version":
+		args[0] = "version"
 	}
 	cmd, ok := commands[args[0]]
 	if !ok {
-		fmt.Fprintf(os.Stderr, "vhdfs: unknown command %q\n%s", args[0], usage)
-		return exitUsage
+		cmd = func([]string) error { return unknownCommand(args[0]) }
 	}
 	err := cmd(args[1:])
 	var ue usageError
@@ -125,6 +172,9 @@ func run(args []string) int {
 		return exitOK
 	case errors.Is(err, pflag.ErrHelp):
 		return exitOK
+	case errors.As(err, &ue) && !ok:
+		fmt.Fprintf(os.Stderr, "vhdfs: %s\n%s", ue.msg, usage)
+		return exitUsage
 	case errors.As(err, &ue):
 		fmt.Fprintf(os.Stderr, "vhdfs %s: %s\n%s", args[0], ue.msg, usage)
 		return exitUsage
@@ -150,9 +200,15 @@ func newFlags(name string) *pflag.FlagSet {
 
 // parse parses args and checks the number of positional arguments.
 func parse(fs *pflag.FlagSet, args []string, names ...string) ([]string, error) {
+	if describing != nil {
+		*describing = described{fs, names}
+		return nil, errDescribed
+	}
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, pflag.ErrHelp) {
-			fmt.Fprint(os.Stderr, usage)
+			if herr := printHelp(fs.Name()); herr != nil {
+				return nil, herr
+			}
 			return nil, err
 		}
 		return nil, usagef("%v", err)

@@ -47,6 +47,7 @@ func cmdMount(args []string) error {
 	}
 	fl := newFlags("mount")
 	var m mountArgs
+	fl.StringP("options", "o", "", "mount options, comma-separated: ro, rw, allow_other, default_permissions, uid=, gid=, umask=, fsname=, debug, nonempty; noauto, nofail, _netdev, x-* and the like are ignored")
 	fl.BoolVarP(&m.readOnly, "read-only", "r", false, "mount read-only (the kernel's ro flag too)")
 	fl.BoolVarP(&m.foreground, "foreground", "f", false, "stay in the foreground; unmount on SIGINT/SIGTERM")
 	fl.BoolVar(&m.allowOther, "allow-other", false, "let other users access the mount, as the mode bits allow")

@@ -8,8 +8,10 @@ require (
 )
 
 require (
+	github.com/moby/sys/mountinfo v0.7.2
 	github.com/spf13/cobra v1.10.2
-	golang.org/x/sys v0.28.0
+	golang.org/x/sys v0.50.0
+	golang.org/x/term v0.48.0
 )
 
 require (

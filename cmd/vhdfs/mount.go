@@ -19,6 +19,8 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/moby/sys/mountinfo"
+
 	"github.com/vhdfs/vhdfs/chain"
 	"github.com/vhdfs/vhdfs/fs"
 	"github.com/vhdfs/vhdfs/merge"
@@ -176,49 +178,14 @@ func checkMountpoint(dir string, nonempty bool) error {
 	return nil
 }
 
-// mountType returns the file system type of the mount at dir ("fuse.vhdfs"), from
-// /proc/self/mountinfo, or "" when dir is not a mount point.
+// mountType returns the file system type of the mount at dir ("fuse.vhdfs"), or ""
+// when dir is not a mount point; the last mount on dir is the one seen.
 func mountType(dir string) (string, error) {
-	f, err := os.Open("/proc/self/mountinfo")
-	if err != nil {
+	ms, err := mountinfo.GetMounts(mountinfo.SingleEntryFilter(dir))
+	if err != nil || len(ms) == 0 {
 		return "", err
 	}
-	defer f.Close()
-	sc := bufio.NewScanner(f)
-	sc.Buffer(make([]byte, 64<<10), 1<<20)
-	typ := ""
-	for sc.Scan() {
-		fields := strings.Fields(sc.Text())
-		if len(fields) > 4 && unescapeMount(fields[4]) == dir {
-			// The last mount on dir is the one seen; its type follows the "-".
-			typ = "?"
-			for i, f := range fields {
-				if f == "-" && i+1 < len(fields) {
-					typ = fields[i+1]
-				}
-			}
-		}
-	}
-	return typ, sc.Err()
-}
-
-// unescapeMount undoes the octal escapes of mountinfo (\040 for a space).
-func unescapeMount(s string) string {
-	if !strings.Contains(s, `\`) {
-		return s
-	}
-	var b strings.Builder
-	for i := 0; i < len(s); i++ {
-		if s[i] == '\\' && i+3 < len(s) {
-			if n, err := strconv.ParseUint(s[i+1:i+4], 8, 8); err == nil {
-				b.WriteByte(byte(n))
-				i += 3
-				continue
-			}
-		}
-		b.WriteByte(s[i])
-	}
-	return b.String()
+	return ms[len(ms)-1].FSType, nil
 }
 
 // spawn starts this program again as the background mount process and waits for

@@ -1,16 +1,16 @@
 package main
 
 import (
-	"bufio"
 	"context"
 	"errors"
 	"fmt"
 	"os"
 	"os/signal"
 	"path/filepath"
-	"strings"
 	"syscall"
 	"time"
+
+	"github.com/moby/sys/mountinfo"
 
 	"github.com/vhdfs/vhdfs/chain"
 	"github.com/vhdfs/vhdfs/fs"
@@ -23,26 +23,12 @@ import (
 func mountOf(image string) (string, *fs.Status, error) {
 	want, werr := os.Stat(image)
 	abs := chain.Abs(image)
-	f, err := os.Open("/proc/self/mountinfo")
+	ms, err := mountinfo.GetMounts(mountinfo.FSTypeFilter("fuse.vhdfs"))
 	if err != nil {
 		return "", nil, err
 	}
-	defer f.Close()
-	sc := bufio.NewScanner(f)
-	sc.Buffer(make([]byte, 64<<10), 1<<20)
-	for sc.Scan() {
-		fields := strings.Fields(sc.Text())
-		sep := -1
-		for i, fl := range fields {
-			if fl == "-" {
-				sep = i
-				break
-			}
-		}
-		if len(fields) < 5 || sep < 0 || sep+1 >= len(fields) || fields[sep+1] != "fuse.vhdfs" {
-			continue
-		}
-		mnt := unescapeMount(fields[4])
+	for _, m := range ms {
+		mnt := m.Mountpoint
 		st, err := readStatus(mnt)
 		if err != nil || len(st.Chain) == 0 {
 			continue
@@ -55,7 +41,7 @@ func mountOf(image string) (string, *fs.Status, error) {
 			return mnt, st, nil
 		}
 	}
-	return "", nil, sc.Err()
+	return "", nil, nil
 }
 
 // mergeMounted runs the merge through the control file of the mount at mnt, showing

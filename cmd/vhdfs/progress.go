@@ -7,7 +7,7 @@ import (
 	"sync"
 	"time"
 
-	"golang.org/x/sys/unix"
+	"golang.org/x/term"
 )
 
 // redrawEvery is the shortest time between two redraws of a progress bar.
@@ -34,11 +34,8 @@ func newProgress(label string, total int64, force bool) *progress {
 }
 
 // isTerminal reports whether f is a terminal (not merely a character device such
-// as /dev/null): the TCGETS ioctl succeeds only on terminals.
-func isTerminal(f *os.File) bool {
-	_, err := unix.IoctlGetTermios(int(f.Fd()), unix.TCGETS)
-	return err == nil
-}
+// as /dev/null).
+func isTerminal(f *os.File) bool { return term.IsTerminal(int(f.Fd())) }
 
 // update records done bytes of the total.
 func (p *progress) update(done int64) {

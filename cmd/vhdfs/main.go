@@ -28,13 +28,14 @@ const usage = `usage:
   vhdfs mount [-r|--read-only] [-f|--foreground] [--allow-other] [--debug] [-o OPTS] IMAGE MOUNTPOINT
   vhdfs IMAGE MOUNTPOINT [-o OPTS]   (as mount.fuse3 runs it for mount -t fuse.vhdfs)
   vhdfs umount [--abort] MOUNTPOINT
-  vhdfs info [--json] IMAGE
+  vhdfs info [--json] [--parent PARENT]... IMAGE
   vhdfs create --size SIZE [--type dynamic|fixed] [--block-size SIZE] [--exact-size] IMAGE
   vhdfs create --parent PARENT IMAGE
   vhdfs snapshot IMAGE NEW
   vhdfs merge [-p|--progress] [--depth N] [--from S] IMAGE
-  vhdfs check [--repair] IMAGE
-  vhdfs export [-p|--progress] [-U] IMAGE OUT.raw|-|DEVICE
+  vhdfs check [--repair] [--parent PARENT]... IMAGE
+  vhdfs export [-p|--progress] [-U] [--parent PARENT]... IMAGE OUT.raw|-|DEVICE
+  vhdfs relink IMAGE PARENT
   vhdfs version
 `
 
@@ -60,6 +61,7 @@ var commands = map[string]func(args []string) error{
 	"check":    cmdCheck,
 	"export":   cmdExport,
 	"snapshot": cmdSnapshot,
+	"relink":   cmdRelink,
 	"version": func(args []string) error {
 		fmt.Println("vhdfs", Version)
 		return nil

@@ -65,9 +65,13 @@ func TestParentByHand(t *testing.T) {
 	}
 
 	mnt := mMountpoint(t)
-	mMount(t, top, mnt, "-r", "--parent", moved)
+	mMount(t, top, mnt, "--parent", moved)
 	if b := fileBytes(t, filepath.Join(mnt, "disk.raw")); !bytes.Equal(b, model) {
 		t.Errorf("mount --parent: disk.raw differs from the export before the move")
+	}
+	// Mounted read-write: relink needs the image for writing, and is refused.
+	if _, stderr, code := vhdfs(t, "relink", top, moved); code != 1 || !strings.Contains(stderr, "lock") {
+		t.Errorf("relink of a mounted image: exit %d, %s", code, stderr)
 	}
 	mUmount(t, mnt)
 

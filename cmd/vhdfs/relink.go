@@ -38,6 +38,13 @@ func cmdRelink(args []string) error {
 		return err
 	}
 	image, parent := pos[0], pos[1]
+	// A merge journal names the chain as it was when the merge began: the merge
+	// (or check --repair) finishes first.
+	if j, err := chain.ReadJournal(image); err != nil {
+		return err
+	} else if j != nil {
+		return fmt.Errorf("%s: a merge into %s is pending (journal %s); run the merge again or 'vhdfs check --repair %s' first", image, j.Target, chain.JournalPath(image), image)
+	}
 	// The parent is opened (and checked) the way a chain opens it, as the only
 	// candidate; the image is opened for writing, so a mount or a qemu using it makes
 	// this fail.

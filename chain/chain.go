@@ -23,6 +23,8 @@ var (
 	ErrReadOnly = errors.New("chain is read-only")
 	// ErrPending: a merge journal names the top, so it cannot stop being the top.
 	ErrPending = errors.New("a merge of the top is pending")
+	// ErrTooManyParents: OpenOptions.Parents names more levels than the chain has.
+	ErrTooManyParents = errors.New("more parents given than the chain has")
 )
 
 // Layer is one image of a chain.
@@ -44,32 +46,50 @@ type Chain struct {
 	layers []*Layer
 }
 
+// OpenOptions says how Open opens a chain.
+type OpenOptions struct {
+	// Writable opens the top for writing; ancestors are always opened read-only.
+	Writable bool
+	// ForceShare opens every image read-only without taking any lock (qemu-img's -U):
+	// for reading images that another process has open for writing.
+	ForceShare bool
+	// Parents names the parents by hand, top down: Parents[0] is the top's parent,
+	// Parents[1] that parent's parent, and so on. A level named here is looked for
+	// at that path only, instead of through its child's locators, and is still
+	// checked by unique ID. Levels below the last one named use their locators.
+	// Naming more levels than the chain has is an error (ErrTooManyParents).
+	Parents []string
+}
+
 // Open opens the image at path and every ancestor. The top is opened for writing if
 // writable; ancestors are always opened read-only.
 //
 // A chain whose merge journal says a re-link was cut short is refused (ErrJournal):
 // writers run merge.Recover first.
 func Open(path string, writable bool) (*Chain, error) {
-	return open(path, writable, false)
+	return OpenWith(path, OpenOptions{Writable: writable})
 }
 
 // OpenForceShare opens the chain at path read-only without taking any lock (qemu-img's
 // -U): for reading images that another process has open for writing.
 func OpenForceShare(path string) (*Chain, error) {
-	return open(path, false, true)
+	return OpenWith(path, OpenOptions{ForceShare: true})
 }
 
-func open(path string, writable, forceShare bool) (*Chain, error) {
+// OpenWith is Open with options: see OpenOptions. ForceShare wins over Writable.
+func OpenWith(path string, o OpenOptions) (*Chain, error) {
 	if err := checkJournal(path); err != nil {
 		return nil, err
 	}
-	top, err := openImage(path, writable, forceShare)
+	top, err := openImage(path, o.Writable && !o.ForceShare, o.ForceShare)
 	if err != nil {
 		return nil, err
 	}
-	layers, err := openParents(&Layer{Image: top, Path: path}, forceShare)
+	layers, err := walkParents(&Layer{Image: top, Path: path}, o)
 	if err != nil {
-		top.Close()
+		for _, l := range layers {
+			l.Image.Close()
+		}
 		return nil, err
 	}
 	return &Chain{layers: layers}, nil
@@ -78,7 +98,14 @@ func open(path string, writable, forceShare bool) (*Chain, error) {
 // OpenParents returns the chain that starts at top, opening each ancestor read-only.
 // On error everything it opened is closed (but not top).
 func OpenParents(top *Layer) ([]*Layer, error) {
-	return openParents(top, false)
+	layers, err := walkParents(top, OpenOptions{})
+	if err != nil {
+		for _, l := range layers[1:] {
+			l.Image.Close()
+		}
+		return nil, err
+	}
+	return layers, nil
 }
 
 func openImage(path string, writable, forceShare bool) (*vhd.Image, error) {
@@ -88,35 +115,41 @@ func openImage(path string, writable, forceShare bool) (*vhd.Image, error) {
 	return vhd.Open(path, writable)
 }
 
-func openParents(top *Layer, forceShare bool) ([]*Layer, error) {
+// walkParents returns the chain that starts at top. On error it also returns the
+// layers it opened so far, top first, still open: the caller closes them.
+func walkParents(top *Layer, o OpenOptions) ([]*Layer, error) {
 	layers := []*Layer{top}
 	seen := map[vhd.UUID]string{top.Image.Footer().UniqueID: top.Path}
-	cleanup := func() {
-		for _, l := range layers[1:] {
-			l.Image.Close()
-		}
-	}
 	for cur := top; cur.Image.Type() == vhd.TypeDifferencing; {
 		if len(layers) >= MaxDepth {
-			cleanup()
-			return nil, fmt.Errorf("%s: more than %d images below it: %w", top.Path, MaxDepth, ErrTooDeep)
+			return layers, fmt.Errorf("%s: more than %d images below it: %w", top.Path, MaxDepth, ErrTooDeep)
 		}
-		parent, err := findParent(cur.Image, cur.Path, forceShare)
+		parent, err := findParent(cur.Image, cur.Path, givenParent(o.Parents, len(layers)-1), o.ForceShare)
 		if err != nil {
-			cleanup()
-			return nil, err
+			return layers, err
 		}
 		id := parent.Image.Footer().UniqueID
 		if prev, ok := seen[id]; ok {
 			parent.Image.Close()
-			cleanup()
-			return nil, fmt.Errorf("%s: parent %s has unique ID %s, already in the chain as %s: %w", cur.Path, parent.Path, id, prev, ErrCycle)
+			return layers, fmt.Errorf("%s: parent %s has unique ID %s, already in the chain as %s: %w", cur.Path, parent.Path, id, prev, ErrCycle)
 		}
 		seen[id] = parent.Path
 		layers = append(layers, parent)
 		cur = parent
 	}
+	if n := len(layers) - 1; len(o.Parents) > n {
+		return layers, fmt.Errorf("%s: %d parents given, but the chain has %d (the last is %s): %w", top.Path, len(o.Parents), n, layers[n].Path, ErrTooManyParents)
+	}
 	return layers, nil
+}
+
+// givenParent is the path given by hand for the parent at level i (0: the top's
+// parent), or "".
+func givenParent(parents []string, i int) string {
+	if i < len(parents) {
+		return parents[i]
+	}
+	return ""
 }
 
 // Layers returns the layers, top first. The slice is a copy; the layers are shared.

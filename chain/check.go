@@ -10,12 +10,17 @@ import (
 // Check opens the chain at path image by image and returns every problem found, top
 // first. It writes nothing. An image that cannot be opened is one error and ends the
 // walk (its parents cannot be found without it).
-func Check(path string) []vhd.Problem { return check(path, false) }
+func Check(path string) []vhd.Problem { return CheckWith(path, OpenOptions{}) }
 
 // CheckForceShare is Check without locks (qemu-img check -U), for a chain in use.
-func CheckForceShare(path string) []vhd.Problem { return check(path, true) }
+func CheckForceShare(path string) []vhd.Problem {
+	return CheckWith(path, OpenOptions{ForceShare: true})
+}
 
-func check(path string, forceShare bool) []vhd.Problem {
+// CheckWith is Check with the ForceShare and Parents of o; it never writes, whatever
+// o.Writable says.
+func CheckWith(path string, o OpenOptions) []vhd.Problem {
+	forceShare := o.ForceShare
 	var out []vhd.Problem
 	switch j, err := ReadJournal(path); {
 	case err != nil:
@@ -46,7 +51,7 @@ func check(path string, forceShare bool) []vhd.Problem {
 		if len(opened) >= MaxDepth {
 			return append(out, vhd.Problem{Severity: vhd.Error, File: path, Message: fmt.Sprintf("more than %d images in the chain", MaxDepth)})
 		}
-		parent, err := findParent(cur.Image, cur.Path, forceShare)
+		parent, err := findParent(cur.Image, cur.Path, givenParent(o.Parents, len(opened)-1), forceShare)
 		if err != nil {
 			return append(out, vhd.Problem{Severity: vhd.Error, File: cur.Path, Message: err.Error()})
 		}
@@ -68,6 +73,9 @@ func check(path string, forceShare bool) []vhd.Problem {
 			out = append(out, vhd.Problem{Severity: vhd.Warning, File: cur.Path, Message: fmt.Sprintf("virtual size %d is smaller than its parent's %d", cur.Image.Size(), parent.Image.Size())})
 		}
 		cur = parent
+	}
+	if n := len(opened) - 1; len(o.Parents) > n {
+		out = append(out, vhd.Problem{Severity: vhd.Error, File: path, Message: fmt.Sprintf("%d parents given, but the chain has %d: %v", len(o.Parents), n, ErrTooManyParents)})
 	}
 	return out
 }

@@ -1,6 +1,7 @@
 package chain
 
 import (
+	"errors"
 	"fmt"
 	"strings"
 
@@ -40,11 +41,54 @@ type LocatorInfo struct {
 type Info struct {
 	VirtualSize int64       `json:"virtual_size"`
 	Layers      []LayerInfo `json:"layers"`
+	// Error is set when the chain could not be opened past the last of Layers.
+	Error string `json:"error,omitempty"`
+	// MissingParent is set when that was because a parent was not found or did not
+	// match.
+	MissingParent *MissingParent `json:"missing_parent,omitempty"`
+}
+
+// MissingParent is a parent that was not found (or whose unique ID did not match):
+// whose parent it is, the unique ID the child records, and the paths tried, in order.
+type MissingParent struct {
+	Child    string   `json:"child"`
+	UniqueID string   `json:"unique_id"`
+	Tried    []string `json:"tried"`
+}
+
+// Inspect opens the chain at path read-only as OpenWith does, describes it and
+// closes it. When the top opens but a parent does not, it returns the description
+// of the layers it opened, with Error (and MissingParent, if it was the search that
+// failed) set, and the error; when the top does not open, only the error.
+func Inspect(path string, o OpenOptions) (Info, error) {
+	if err := checkJournal(path); err != nil {
+		return Info{}, err
+	}
+	top, err := openImage(path, false, o.ForceShare)
+	if err != nil {
+		return Info{}, err
+	}
+	layers, err := walkParents(&Layer{Image: top, Path: path}, o)
+	defer func() {
+		for _, l := range layers {
+			l.Image.Close()
+		}
+	}()
+	info := describe(layers)
+	if err != nil {
+		info.Error = err.Error()
+		var pe *ParentError
+		if errors.As(err, &pe) {
+			info.MissingParent = &MissingParent{Child: pe.Child, UniqueID: pe.UniqueID.String(), Tried: append([]string{}, pe.Tried...)}
+		}
+	}
+	return info, err
 }
 
 // Describe returns the description of every layer, top first.
-func Describe(c *Chain) Info {
-	layers := c.Layers()
+func Describe(c *Chain) Info { return describe(c.Layers()) }
+
+func describe(layers []*Layer) Info {
 	info := Info{VirtualSize: layers[0].Image.Size()}
 	for i, l := range layers {
 		info.Layers = append(info.Layers, DescribeLayer(i, l))

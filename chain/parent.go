@@ -69,17 +69,52 @@ func candidates(child *vhd.Image, childPath string) ([]candidate, error) {
 // found but none matched, the error wraps vhd.ErrParentMismatch, and if none was
 // found, vhd.ErrParentMissing.
 func FindParent(child *vhd.Image, childPath string) (*Layer, error) {
-	return findParent(child, childPath, false)
+	return findParent(child, childPath, "", false)
 }
 
-func findParent(child *vhd.Image, childPath string, forceShare bool) (*Layer, error) {
+// FindParentAt opens (read-only) the image at parentPath as the parent of child,
+// looking nowhere else, and fails as FindParent does if it is missing or its unique
+// ID is not the one the child records.
+func FindParentAt(child *vhd.Image, childPath, parentPath string) (*Layer, error) {
+	return findParent(child, childPath, parentPath, false)
+}
+
+// GivenBy is Layer.FoundBy for a parent given by hand (OpenOptions.Parents).
+const GivenBy = "--parent"
+
+// ParentError is a failed search for a parent: the child, the unique ID it records
+// for its parent, and the paths tried, in order. Err says why and wraps
+// vhd.ErrParentMissing, vhd.ErrParentMismatch or the error that opening a candidate
+// gave.
+type ParentError struct {
+	Child    string
+	UniqueID vhd.UUID
+	Tried    []string
+	Err      error
+}
+
+func (e *ParentError) Error() string { return e.Err.Error() }
+func (e *ParentError) Unwrap() error { return e.Err }
+
+// findParent looks for the parent of child at given alone if it is not "", else
+// where the locators say.
+func findParent(child *vhd.Image, childPath, given string, forceShare bool) (*Layer, error) {
 	h, _ := child.Header()
 	want := h.ParentUniqueID
-	cands, err := candidates(child, childPath)
-	if err != nil {
-		return nil, err
+	var cands []candidate
+	if given != "" {
+		cands = []candidate{{given, GivenBy}}
+	} else {
+		var err error
+		if cands, err = candidates(child, childPath); err != nil {
+			return nil, err
+		}
 	}
-	var mismatches, tried []string
+	var tried []string
+	fail := func(err error) (*Layer, error) {
+		return nil, &ParentError{Child: childPath, UniqueID: want, Tried: tried, Err: err}
+	}
+	var mismatches []string
 	var openErr error
 	// Two locators may lead to one file by different paths (relative and absolute,
 	// through a linked directory): each file is tried, and named, once.
@@ -117,7 +152,7 @@ func findParent(child *vhd.Image, childPath string, forceShare bool) (*Layer, er
 				same := peek.Footer().UniqueID == want
 				peek.Close()
 				if same {
-					return nil, fmt.Errorf("%s: parent: %w", childPath, err)
+					return fail(fmt.Errorf("%s: parent: %w", childPath, err))
 				}
 			}
 		}
@@ -136,11 +171,11 @@ func findParent(child *vhd.Image, childPath string, forceShare bool) (*Layer, er
 	}
 	switch {
 	case openErr != nil && len(mismatches) == 0:
-		return nil, fmt.Errorf("%s: parent: %w", childPath, openErr)
+		return fail(fmt.Errorf("%s: parent: %w", childPath, openErr))
 	case len(mismatches) > 0:
-		return nil, fmt.Errorf("%s: %s: %w", childPath, strings.Join(mismatches, "; "), vhd.ErrParentMismatch)
+		return fail(fmt.Errorf("%s: %s: %w", childPath, strings.Join(mismatches, "; "), vhd.ErrParentMismatch))
 	case len(tried) == 0:
-		return nil, fmt.Errorf("%s: no parent locator or parent name to find parent %s by: %w", childPath, want, vhd.ErrParentMissing)
+		return fail(fmt.Errorf("%s: no parent locator or parent name to find parent %s by: %w", childPath, want, vhd.ErrParentMissing))
 	}
-	return nil, fmt.Errorf("%s: parent %s not found (tried %s): %w", childPath, want, strings.Join(tried, ", "), vhd.ErrParentMissing)
+	return fail(fmt.Errorf("%s: parent %s not found (tried %s): %w", childPath, want, strings.Join(tried, ", "), vhd.ErrParentMissing))
 }

@@ -17,6 +17,7 @@ func (checkFailed) Error() string { return "check found errors" }
 func cmdCheck(args []string) error {
 	fs := newFlags("check")
 	forceShare := fs.BoolP("force-share", "U", false, "open without locks, to read images another process has open for writing (as qemu-img -U); what it reads may be torn")
+	parents := parentFlag(fs)
 	repair := fs.Bool("repair", false, "complete or roll back an interrupted merge; restore a damaged end footer from the copy at offset 0")
 	pos, err := parse(fs, args, "IMAGE")
 	if err != nil {
@@ -34,9 +35,8 @@ func cmdCheck(args []string) error {
 			fmt.Printf("%s: repaired: %s\n", pos[0], msg)
 		}
 	}
-	checkChain := chain.Check
-	if *forceShare {
-		checkChain = chain.CheckForceShare
+	checkChain := func(path string) []vhd.Problem {
+		return chain.CheckWith(path, chain.OpenOptions{ForceShare: *forceShare, Parents: *parents})
 	}
 	problems := checkChain(pos[0])
 	if *repair {

@@ -12,15 +12,12 @@ func cmdExport(args []string) error {
 	fs := newFlags("export")
 	forceShare := fs.BoolP("force-share", "U", false, "open without locks, to read images another process has open for writing (as qemu-img -U); what it reads may be torn")
 	force := fs.BoolP("progress", "p", false, "show the progress bar even when stdout is not a terminal")
+	parents := parentFlag(fs)
 	pos, err := parse(fs, args, "IMAGE", "OUT.raw")
 	if err != nil {
 		return err
 	}
-	open := chain.Open
-	if *forceShare {
-		open = func(p string, _ bool) (*chain.Chain, error) { return chain.OpenForceShare(p) }
-	}
-	c, err := open(pos[0], false)
+	c, err := openChain(pos[0], chain.OpenOptions{ForceShare: *forceShare, Parents: *parents})
 	if err != nil {
 		return err
 	}

@@ -14,25 +14,33 @@ func cmdInfo(args []string) error {
 	fs := newFlags("info")
 	forceShare := fs.BoolP("force-share", "U", false, "open without locks, to read images another process has open for writing (as qemu-img -U); what it reads may be torn")
 	asJSON := fs.Bool("json", false, "print JSON")
+	parents := parentFlag(fs)
 	pos, err := parse(fs, args, "IMAGE")
 	if err != nil {
 		return err
 	}
-	open := chain.Open
-	if *forceShare {
-		open = func(p string, _ bool) (*chain.Chain, error) { return chain.OpenForceShare(p) }
-	}
-	c, err := open(pos[0], false)
-	if err != nil {
+	info, err := chain.Inspect(pos[0], chain.OpenOptions{ForceShare: *forceShare, Parents: *parents})
+	if err = parentErr(err); err != nil && len(info.Layers) == 0 {
 		return err
 	}
-	defer c.Close()
-	info := chain.Describe(c)
 	if *asJSON {
 		enc := json.NewEncoder(os.Stdout)
 		enc.SetIndent("", "  ")
-		return enc.Encode(info)
+		if jerr := enc.Encode(info); jerr != nil {
+			return jerr
+		}
+		return err
 	}
+	if err := printInfo(info); err != nil {
+		return err
+	}
+	if mp := info.MissingParent; mp != nil {
+		fmt.Printf("parent %s of %s not opened; looked at: %s\n", mp.UniqueID, mp.Child, strings.Join(mp.Tried, ", "))
+	}
+	return err
+}
+
+func printInfo(info chain.Info) error {
 	fmt.Printf("chain of %d image(s), virtual size %s (%d bytes)\n", len(info.Layers), human(info.VirtualSize), info.VirtualSize)
 	w := tabwriter.NewWriter(os.Stdout, 0, 0, 2, ' ', 0)
 	fmt.Fprintln(w, "DEPTH\tPATH\tTYPE\tSIZE\tBLOCK\tALLOCATED\tCREATOR\tUNIQUE ID\tFOUND BY")

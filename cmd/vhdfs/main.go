@@ -25,16 +25,17 @@ const (
 var Version = "dev"
 
 const usage = `usage:
-  vhdfs mount [-r|--read-only] [-f|--foreground] [--allow-other] [--debug] [-o OPTS] IMAGE MOUNTPOINT
+  vhdfs mount [-r|--read-only] [-f|--foreground] [--allow-other] [--debug] [-o OPTS] [--parent PARENT]... IMAGE MOUNTPOINT
   vhdfs IMAGE MOUNTPOINT [-o OPTS]   (as mount.fuse3 runs it for mount -t fuse.vhdfs)
   vhdfs umount [--abort] MOUNTPOINT
-  vhdfs info [--json] [-U] IMAGE
+  vhdfs info [--json] [-U] [--parent PARENT]... IMAGE
   vhdfs create --size SIZE [--type dynamic|fixed] [--block-size SIZE] [--exact-size] [--json|-q] IMAGE
   vhdfs create --parent PARENT IMAGE
   vhdfs snapshot IMAGE NEW
   vhdfs merge [-p|--progress] [--depth N] [--from S] IMAGE
-  vhdfs check [--repair] [-U] IMAGE
-  vhdfs export [-p|--progress] [-U] IMAGE OUT.raw|-|DEVICE
+  vhdfs check [--repair] [-U] [--parent PARENT]... IMAGE
+  vhdfs export [-p|--progress] [-U] [--parent PARENT]... IMAGE OUT.raw|-|DEVICE
+  vhdfs relink IMAGE PARENT
   vhdfs help [COMMAND]               (or vhdfs COMMAND --help: every flag, described)
   vhdfs completion bash|zsh|fish|powershell
   vhdfs version
@@ -67,6 +68,7 @@ func init() {
 		"check":      cmdCheck,
 		"export":     cmdExport,
 		"snapshot":   cmdSnapshot,
+		"relink":     cmdRelink,
 		"version":    cmdVersion,
 		"help":       cmdHelp,
 		"completion": cmdCompletion,
@@ -89,6 +91,7 @@ var summaries = map[string]string{
 	"check":      "check the structure of every image in the chain",
 	"export":     "write the whole chain as one raw file, to a file, stdout (-) or a block device",
 	"snapshot":   "create a new, empty differencing image on IMAGE (a checkpoint)",
+	"relink":     "point IMAGE's parent locators at PARENT, once its unique ID matches (qemu-img rebase -u)",
 	"version":    "print the version",
 	"help":       "show the help of vhdfs or of one command",
 	"completion": "print a bash, zsh, fish or powershell completion script",

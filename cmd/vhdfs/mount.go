@@ -40,6 +40,7 @@ type mountArgs struct {
 	nonempty          bool
 	uid, gid, umask   string
 	fsname            string
+	parents           []string
 }
 
 func cmdMount(args []string) error {
@@ -59,11 +60,15 @@ func cmdMount(args []string) error {
 	fl.StringVar(&m.gid, "gid", "", "group of disk.raw and layers/ (group name or number; default: the image's)")
 	fl.StringVar(&m.umask, "umask", "", "octal umask for disk.raw and layers/ (default: the image's mode)")
 	fl.StringVar(&m.fsname, "fsname", "", "source name the mount table shows (default: the top image's path)")
+	parents := parentFlag(fl)
 	pos, err := parse(fl, args, "IMAGE", "MOUNTPOINT")
 	if err != nil {
 		return err
 	}
 	m.image, m.mountpoint = chain.Abs(pos[0]), chain.Abs(pos[1])
+	for _, p := range *parents {
+		m.parents = append(m.parents, chain.Abs(p))
+	}
 	m.foreground = m.foreground || m.debug
 	if _, err := mountAccess(m); err != nil {
 		return err
@@ -375,7 +380,7 @@ func serve(m mountArgs, notify *notifier) (err error) {
 			logger.Printf("%s: %s", m.image, msg)
 		}
 	}
-	c, err := chain.Open(m.image, !m.readOnly)
+	c, err := openChain(m.image, chain.OpenOptions{Writable: !m.readOnly, Parents: m.parents})
 	if err != nil {
 		return err
 	}

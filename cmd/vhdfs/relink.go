@@ -1,0 +1,78 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+
+	"github.com/spf13/pflag"
+
+	"github.com/vhdfs/vhdfs/chain"
+	"github.com/vhdfs/vhdfs/vhd"
+)
+
+// parentFlag adds the repeatable --parent flag of info, mount, export and check.
+func parentFlag(fs *pflag.FlagSet) *[]string {
+	return fs.StringArray("parent", nil, "the parent image, by hand (repeat, top down: the top's parent, then its parent, ...); still checked by unique ID")
+}
+
+// openChain opens the chain at path with o, saying which flag an excess of parents
+// came from.
+func openChain(path string, o chain.OpenOptions) (*chain.Chain, error) {
+	c, err := chain.OpenWith(path, o)
+	return c, parentErr(err)
+}
+
+func parentErr(err error) error {
+	if errors.Is(err, chain.ErrTooManyParents) {
+		return fmt.Errorf("--parent: %w", err)
+	}
+	return err
+}
+
+// cmdRelink writes into IMAGE new locators that point at PARENT, once PARENT's
+// unique ID is the one IMAGE records: qemu-img rebase -u, with the check.
+func cmdRelink(args []string) error {
+	fs := newFlags("relink")
+	pos, err := parse(fs, args, "IMAGE", "PARENT")
+	if err != nil {
+		return err
+	}
+	image, parent := pos[0], pos[1]
+	// A merge journal names the chain as it was when the merge began: the merge
+	// (or check --repair) finishes first.
+	if j, err := chain.ReadJournal(image); err != nil {
+		return err
+	} else if j != nil {
+		return fmt.Errorf("%s: a merge into %s is pending (journal %s); run the merge again or 'vhdfs check --repair %s' first", image, j.Target, chain.JournalPath(image), image)
+	}
+	// The parent is opened (and checked) the way a chain opens it, as the only
+	// candidate; the image is opened for writing, so a mount or a qemu using it makes
+	// this fail.
+	img, err := vhd.Open(image, true)
+	if err != nil {
+		return err
+	}
+	id, err := relink(img, image, parent)
+	if err != nil {
+		img.Close()
+		return err
+	}
+	if err := img.Close(); err != nil {
+		return err
+	}
+	fmt.Printf("%s: parent %s is now %s (locators and parent name rewritten)\n", image, id, parent)
+	return nil
+}
+
+func relink(img *vhd.Image, image, parent string) (vhd.UUID, error) {
+	if img.Type() != vhd.TypeDifferencing {
+		return vhd.UUID{}, fmt.Errorf("%s: a %v image has no parent", image, img.Type())
+	}
+	p, err := chain.FindParentAt(img, image, parent)
+	if err != nil {
+		return vhd.UUID{}, err
+	}
+	id := p.Image.Footer().UniqueID
+	p.Image.Close()
+	return id, img.SetParent(id, chain.Abs(parent), chain.Abs(image))
+}

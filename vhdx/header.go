@@ -63,19 +63,20 @@ func (h *Header) Marshal() []byte {
 }
 
 // parseHeader decodes and checks the header in b (4 KiB) read at off.
-func parseHeader(b []byte, name string, off int64) (*Header, error) {
+// The error does not name the file: the caller does.
+func parseHeader(b []byte, off int64) (*Header, error) {
 	var h Header
 	if _, err := binary.Decode(b, binary.LittleEndian, &h); err != nil {
-		return nil, fmt.Errorf("%s: header at %d: %w", name, off, ErrCorrupt)
+		return nil, fmt.Errorf("header at %d: %w", off, ErrCorrupt)
 	}
 	if string(h.Signature[:]) != "head" {
-		return nil, fmt.Errorf("%s: header at %d: signature is %q, want \"head\": %w", name, off, h.Signature[:], ErrCorrupt)
+		return nil, fmt.Errorf("header at %d: signature is %q, want \"head\": %w", off, h.Signature[:], ErrCorrupt)
 	}
 	if c := checksum(b, headerChecksumOff); c != h.Checksum {
-		return nil, fmt.Errorf("%s: header at %d: checksum is %#08x, computed %#08x: %w", name, off, h.Checksum, c, ErrChecksum)
+		return nil, fmt.Errorf("header at %d: checksum is %#08x, computed %#08x: %w", off, h.Checksum, c, ErrChecksum)
 	}
 	if h.Version != 1 {
-		return nil, fmt.Errorf("%s: header at %d: version is %d, want 1: %w", name, off, h.Version, ErrUnsupported)
+		return nil, fmt.Errorf("header at %d: version is %d, want 1: %w", off, h.Version, ErrUnsupported)
 	}
 	return &h, nil
 }
@@ -106,23 +107,24 @@ const (
 )
 
 // parseRegionTable decodes and checks the region table in b (64 KiB) read at off.
-func parseRegionTable(b []byte, name string, off int64) ([]RegionEntry, error) {
+// The error does not name the file: the caller does.
+func parseRegionTable(b []byte, off int64) ([]RegionEntry, error) {
 	var h regionTableHeader
 	if _, err := binary.Decode(b, binary.LittleEndian, &h); err != nil {
-		return nil, fmt.Errorf("%s: region table at %d: %w", name, off, ErrCorrupt)
+		return nil, fmt.Errorf("region table at %d: %w", off, ErrCorrupt)
 	}
 	if string(h.Signature[:]) != "regi" {
-		return nil, fmt.Errorf("%s: region table at %d: signature is %q, want \"regi\": %w", name, off, h.Signature[:], ErrCorrupt)
+		return nil, fmt.Errorf("region table at %d: signature is %q, want \"regi\": %w", off, h.Signature[:], ErrCorrupt)
 	}
 	if c := checksum(b, regionTableChecksumOff); c != h.Checksum {
-		return nil, fmt.Errorf("%s: region table at %d: checksum is %#08x, computed %#08x: %w", name, off, h.Checksum, c, ErrChecksum)
+		return nil, fmt.Errorf("region table at %d: checksum is %#08x, computed %#08x: %w", off, h.Checksum, c, ErrChecksum)
 	}
 	if h.EntryCount > maxRegions {
-		return nil, fmt.Errorf("%s: region table at %d: entry count %d exceeds %d: %w", name, off, h.EntryCount, maxRegions, ErrCorrupt)
+		return nil, fmt.Errorf("region table at %d: entry count %d exceeds %d: %w", off, h.EntryCount, maxRegions, ErrCorrupt)
 	}
 	entries := make([]RegionEntry, h.EntryCount)
 	if _, err := binary.Decode(b[regionHeaderLen:], binary.LittleEndian, entries); err != nil {
-		return nil, fmt.Errorf("%s: region table at %d: %w", name, off, ErrCorrupt)
+		return nil, fmt.Errorf("region table at %d: %w", off, ErrCorrupt)
 	}
 	return entries, nil
 }

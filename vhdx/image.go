@@ -175,11 +175,11 @@ func (img *Image) readHeaders() error {
 		if _, err := img.src.f.ReadAt(raw[i], off); err != nil {
 			return fmt.Errorf("%s: read header at %d: %w", img.name, off, err)
 		}
-		hs[i], errs[i] = parseHeader(raw[i], img.name, off)
+		hs[i], errs[i] = parseHeader(raw[i], off)
 	}
 	switch {
 	case hs[0] == nil && hs[1] == nil:
-		return fmt.Errorf("both headers are invalid: %w; %w", errs[0], errs[1])
+		return fmt.Errorf("%s: both headers are invalid: %w; %w", img.name, errs[0], errs[1])
 	case hs[1] == nil || hs[0] != nil && hs[0].SequenceNumber > hs[1].SequenceNumber:
 		img.header, img.headerSlot = *hs[0], header1Off
 	case hs[0] == nil || hs[1].SequenceNumber > hs[0].SequenceNumber:
@@ -221,7 +221,7 @@ func (img *Image) readRegions() error {
 		if err := img.src.readAt(b, off); err != nil {
 			return fmt.Errorf("%s: read region table at %d: %w", name, off, err)
 		}
-		e, err := parseRegionTable(b, name, off)
+		e, err := parseRegionTable(b, off)
 		if err == nil {
 			entries = e
 			break
@@ -229,7 +229,7 @@ func (img *Image) readRegions() error {
 		errs = append(errs, err)
 	}
 	if entries == nil && len(errs) == 2 {
-		return fmt.Errorf("both region tables are invalid: %w; %w", errs[0], errs[1])
+		return fmt.Errorf("%s: both region tables are invalid: %w; %w", name, errs[0], errs[1])
 	}
 	img.regions = entries
 	meta := []span{{0, headerSection, "the header section"}}

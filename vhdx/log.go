@@ -1,6 +1,7 @@
 package vhdx
 
 import (
+	"container/heap"
 	"encoding/binary"
 	"fmt"
 	"io"
@@ -60,7 +61,10 @@ type logEntry struct {
 func descSectors(n int64) int64 { return (n + 2 + 127) / 128 }
 
 // parseLogEntry decodes the entry at pos of the ring, or returns nil if it is not a
-// valid entry of the log guid.
+// valid entry of the log guid. The cheap checks come first and the checksum last,
+// and EntryLength must be exactly the header, descriptor and data sectors: a log in
+// which every sector claims to start a long entry would otherwise cost a checksum
+// over the whole ring at every sector.
 func parseLogEntry(ring []byte, pos int64, guid GUID) *logEntry {
 	r := int64(len(ring))
 	var h logEntryHeader
@@ -76,18 +80,12 @@ func parseLogEntry(ring []byte, pos int64, guid GUID) *logEntry {
 	if ds*logSector > n {
 		return nil
 	}
-	b := make([]byte, n) // the entry, unwrapped
-	k := copy(b, ring[pos:])
-	copy(b[k:], ring)
-	if checksum(b, logEntryChecksumOff) != h.Checksum {
-		return nil
-	}
 	descs := make([]logDescriptor, h.DescriptorCount)
-	if _, err := binary.Decode(b[logEntryHeaderLen:], binary.LittleEndian, descs); err != nil {
+	if _, err := binary.Decode(ringCopy(ring, pos, ds*logSector)[logEntryHeaderLen:], binary.LittleEndian, descs); err != nil {
 		return nil
 	}
 	e := &logEntry{pos: pos, length: n, hdr: h}
-	data := ds * logSector
+	sector := ds // the next data sector, in sectors from pos
 	for _, d := range descs {
 		if d.SequenceNumber != h.SequenceNumber || d.FileOffset%logSector != 0 || d.FileOffset > 1<<62 {
 			return nil
@@ -100,25 +98,37 @@ func parseLogEntry(ring []byte, pos int64, guid GUID) *logEntry {
 			}
 			e.ops = append(e.ops, logOp{off: int64(d.FileOffset), zeroLen: int64(z)})
 		case "desc":
-			if data+logSector > n {
+			if (sector+1)*logSector > n {
 				return nil
 			}
-			s := b[data : data+logSector]
+			at := (pos + sector*logSector) % r
+			s := ring[at : at+logSector]
 			seq := uint64(binary.LittleEndian.Uint32(s[4:]))<<32 | uint64(binary.LittleEndian.Uint32(s[logSector-4:]))
 			if string(s[:4]) != "data" || seq != h.SequenceNumber {
 				return nil
 			}
-			sector := make([]byte, logSector)
-			copy(sector, d.Leading[:])
-			copy(sector[8:], s[8:8+dataSectorPayload])
-			copy(sector[logSector-4:], d.Trailing[:])
-			e.ops = append(e.ops, logOp{off: int64(d.FileOffset), data: sector})
-			data += logSector
+			data := make([]byte, logSector)
+			copy(data, d.Leading[:])
+			copy(data[8:], s[8:8+dataSectorPayload])
+			copy(data[logSector-4:], d.Trailing[:])
+			e.ops = append(e.ops, logOp{off: int64(d.FileOffset), data: data})
+			sector++
 		default:
 			return nil
 		}
 	}
+	if sector*logSector != n || checksum(ringCopy(ring, pos, n), logEntryChecksumOff) != h.Checksum {
+		return nil
+	}
 	return e
+}
+
+// ringCopy returns n bytes of the ring from pos, wrapping around its end.
+func ringCopy(ring []byte, pos, n int64) []byte {
+	b := make([]byte, n)
+	k := copy(b, ring[pos:])
+	copy(b[k:], ring)
+	return b
 }
 
 // activeSequence finds the sequence to replay (§2.3.3): of the runs of valid entries
@@ -158,32 +168,93 @@ func activeSequence(ring []byte, guid GUID) []*logEntry {
 }
 
 // overlay is the replayed log held in memory: the 4 KiB sectors it writes and the
-// ranges it zeros. A sector in pages was written after every zero range covering it.
+// ranges it zeros, sorted and merged. Every sector in pages was written after every
+// zero range covering it, so pages win over zeros.
 type overlay struct {
 	pages map[int64][]byte
 	zeros []span
 }
 
-func (o *overlay) apply(op logOp) {
-	if op.data != nil {
-		o.pages[op.off] = op.data
-		return
+// newOverlay returns the result of the writes ops make, in order. It takes
+// O(n log n) for n ops: a crafted log can hold millions of descriptors.
+func newOverlay(ops []logOp) *overlay {
+	type page struct {
+		data []byte
+		idx  int
 	}
-	for k := range o.pages {
-		if k >= op.off && k < op.off+op.zeroLen {
-			delete(o.pages, k)
+	type zero struct {
+		off, end int64
+		idx      int
+	}
+	last := map[int64]page{}
+	var zeros []zero
+	for i, op := range ops {
+		if op.data != nil {
+			last[op.off] = page{op.data, i}
+		} else if op.zeroLen > 0 {
+			zeros = append(zeros, zero{op.off, op.off + op.zeroLen, i})
 		}
 	}
-	o.zeros = append(o.zeros, span{op.off, op.zeroLen, ""})
+	// A sweep over the pages in offset order, with the zero ranges that have started
+	// in a heap by index: a page goes if a later zero range covers it.
+	offs := make([]int64, 0, len(last))
+	for k := range last {
+		offs = append(offs, k)
+	}
+	sort.Slice(offs, func(a, b int) bool { return offs[a] < offs[b] })
+	sort.Slice(zeros, func(a, b int) bool { return zeros[a].off < zeros[b].off })
+	h := &zeroHeap{}
+	o := &overlay{pages: make(map[int64][]byte, len(last))}
+	next := 0
+	for _, k := range offs {
+		for next < len(zeros) && zeros[next].off <= k {
+			heap.Push(h, zeroItem{zeros[next].end, zeros[next].idx})
+			next++
+		}
+		for h.Len() > 0 && (*h)[0].end <= k {
+			heap.Pop(h)
+		}
+		if p := last[k]; h.Len() == 0 || (*h)[0].idx < p.idx {
+			o.pages[k] = p.data
+		}
+	}
+	for _, z := range zeros {
+		if n := len(o.zeros); n > 0 && z.off <= o.zeros[n-1].off+o.zeros[n-1].len {
+			o.zeros[n-1].len = max(o.zeros[n-1].len, z.end-o.zeros[n-1].off)
+			continue
+		}
+		o.zeros = append(o.zeros, span{z.off, z.end - z.off, ""})
+	}
+	return o
+}
+
+// zeroItem is a zero range that has started: where it ends and its place in the log.
+type zeroItem struct {
+	end int64
+	idx int
+}
+
+// zeroHeap keeps the latest zero range on top.
+type zeroHeap []zeroItem
+
+func (h zeroHeap) Len() int           { return len(h) }
+func (h zeroHeap) Less(i, j int) bool { return h[i].idx > h[j].idx }
+func (h zeroHeap) Swap(i, j int)      { h[i], h[j] = h[j], h[i] }
+func (h *zeroHeap) Push(x any)        { *h = append(*h, x.(zeroItem)) }
+func (h *zeroHeap) Pop() any {
+	old := *h
+	x := old[len(old)-1]
+	*h = old[:len(old)-1]
+	return x
 }
 
 // patch lays the overlay over p, read from the file at off.
 func (o *overlay) patch(p []byte, off int64) {
 	end := off + int64(len(p))
-	for _, z := range o.zeros {
-		if overlaps(off, int64(len(p)), z.off, z.len) {
-			clear(p[max(z.off, off)-off : min(z.off+z.len, end)-off])
-		}
+	i := sort.Search(len(o.zeros), func(i int) bool { return o.zeros[i].off+o.zeros[i].len > off })
+	for ; i < len(o.zeros) && o.zeros[i].off < end; i++ {
+		z := o.zeros[i]
+		clear(p[max(z.off, off)-off : min(z.off+z.len, end)-off])
 	}
 	if len(o.pages) == 0 {
 		return
@@ -241,7 +312,7 @@ func (img *Image) readLog(fileSize int64) error {
 	}
 	img.src.vsize = max(fileSize, int64(head.LastFileOffset))
 	protected := []span{{0, regionTable1Off, "the file identifier and headers"}, {off, n, "the log"}}
-	ov := &overlay{pages: map[int64][]byte{}}
+	var ops []logOp
 	for _, e := range seq {
 		for _, op := range e.ops {
 			l := op.zeroLen
@@ -256,10 +327,10 @@ func (img *Image) readLog(fileSize int64) error {
 					return fmt.Errorf("%s: log entry %d writes %d bytes at %d, over %s: %w", name, e.hdr.SequenceNumber, l, op.off, p.name, ErrCorrupt)
 				}
 			}
-			ov.apply(op)
+			ops = append(ops, op)
 		}
 	}
-	img.src.ov = ov
+	img.src.ov = newOverlay(ops)
 	img.logEntries = len(seq)
 	return nil
 }

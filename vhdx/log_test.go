@@ -3,6 +3,7 @@ package vhdx
 import (
 	"bytes"
 	"encoding/binary"
+	"math/rand/v2"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -14,7 +15,7 @@ import (
 // the file by rewriting a BAT sector; entry 11 writes a data sector into block 0 and
 // zeros 8 KiB of it. A stale sequence (3) would scribble over block 0, and entry 12,
 // whose data sector is torn, would too. It returns the bytes and the model.
-func logImage(t *testing.T) ([]byte, model, *builder) {
+func logImage(t testing.TB) ([]byte, model, *builder) {
 	t.Helper()
 	b := newBuilder(8*MiB, MiB)
 	b.logGuid = NewGUID()
@@ -125,6 +126,42 @@ func TestLogWritable(t *testing.T) {
 		}
 		if !bytes.Equal(got, m.data) {
 			t.Error("qemu-img convert of the replayed file differs from the model")
+		}
+	}
+}
+
+// TestOverlayOrder: the overlay shows what applying the ops in order shows, for
+// random mixes of data sectors and zero ranges that overlap each other.
+func TestOverlayOrder(t *testing.T) {
+	const space = 64 * logSector
+	rng := rand.New(rand.NewPCG(1, 2))
+	for round := 0; round < 300; round++ {
+		want := make([]byte, space)
+		for i := range want {
+			want[i] = 0xee // the file under the log
+		}
+		var ops []logOp
+		for n := rng.IntN(20); n > 0; n-- {
+			off := int64(rng.IntN(64)) * logSector
+			if rng.IntN(3) == 0 {
+				l := min(int64(1+rng.IntN(8))*logSector, space-off)
+				ops = append(ops, logOp{off: off, zeroLen: l})
+				clear(want[off : off+l])
+			} else {
+				d := fill(logSector, byte(1+rng.IntN(250)))
+				ops = append(ops, logOp{off: off, data: d})
+				copy(want[off:], d)
+			}
+		}
+		got := make([]byte, space)
+		for i := range got {
+			got[i] = 0xee
+		}
+		o := newOverlay(ops)
+		o.patch(got[:space/2+100], 0)
+		o.patch(got[space/2+100:], space/2+100)
+		if !bytes.Equal(got, want) {
+			t.Fatalf("round %d: the overlay differs from the ops applied in order", round)
 		}
 	}
 }

@@ -1,6 +1,7 @@
 package vhdx
 
 import (
+	"bytes"
 	"encoding/binary"
 	"os"
 	"path/filepath"
@@ -255,20 +256,14 @@ func writeFile(t *testing.T, b []byte) string {
 }
 
 // fill returns n bytes of c.
-func fill(n int64, c byte) []byte {
-	b := make([]byte, n)
-	for i := range b {
-		b[i] = c
-	}
-	return b
-}
+func fill(n int64, c byte) []byte { return bytes.Repeat([]byte{c}, int(n)) }
 
 // pattern returns n bytes that differ from sector to sector: each 512-byte sector
 // holds seed+its number.
 func pattern(n int64, seed byte) []byte {
-	b := make([]byte, n)
-	for i := range b {
-		b[i] = seed + byte(i/512)
+	b := make([]byte, 0, n)
+	for s := int64(0); int64(len(b)) < n; s++ {
+		b = append(b, bytes.Repeat([]byte{seed + byte(s)}, int(min(512, n-int64(len(b)))))...)
 	}
 	return b
 }

@@ -136,10 +136,7 @@ func TestOverlayOrder(t *testing.T) {
 	const space = 64 * logSector
 	rng := rand.New(rand.NewPCG(1, 2))
 	for round := 0; round < 300; round++ {
-		want := make([]byte, space)
-		for i := range want {
-			want[i] = 0xee // the file under the log
-		}
+		want := fill(space, 0xee) // the file under the log
 		var ops []logOp
 		for n := rng.IntN(20); n > 0; n-- {
 			off := int64(rng.IntN(64)) * logSector
@@ -153,10 +150,7 @@ func TestOverlayOrder(t *testing.T) {
 				copy(want[off:], d)
 			}
 		}
-		got := make([]byte, space)
-		for i := range got {
-			got[i] = 0xee
-		}
+		got := fill(space, 0xee)
 		o := newOverlay(ops)
 		o.patch(got[:space/2+100], 0)
 		o.patch(got[space/2+100:], space/2+100)

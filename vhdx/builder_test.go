@@ -200,48 +200,15 @@ func encodeUTF16(s string) []byte {
 	return b
 }
 
-// buildLogEntry returns one log entry: header, descriptors, data sectors.
+// buildLogEntry returns one log entry; with corruptData its first data sector has
+// the wrong sequence number (and the entry a checksum that covers it).
 func buildLogEntry(seq uint64, tail uint32, guid GUID, flushed, last uint64, ops []logOp, corruptData bool) []byte {
-	var data [][]byte
-	for _, op := range ops {
-		if op.data != nil {
-			data = append(data, op.data)
-		}
+	b := marshalLogEntry(seq, tail, guid, flushed, last, ops)
+	if corruptData {
+		s := b[descSectors(int64(len(ops)))*logSector:]
+		s[logSector-4]++
+		binary.LittleEndian.PutUint32(b[logEntryChecksumOff:], checksum(b, logEntryChecksumOff))
 	}
-	ds := descSectors(int64(len(ops)))
-	b := make([]byte, (ds+int64(len(data)))*logSector)
-	h := logEntryHeader{EntryLength: uint32(len(b)), Tail: tail, SequenceNumber: seq, DescriptorCount: uint32(len(ops)),
-		LogGuid: guid, FlushedFileOffset: flushed, LastFileOffset: last}
-	copy(h.Signature[:], "loge")
-	if _, err := binary.Encode(b, binary.LittleEndian, h); err != nil {
-		panic(err)
-	}
-	k := 0
-	for i, op := range ops {
-		d := logDescriptor{FileOffset: uint64(op.off), SequenceNumber: seq}
-		if op.data != nil {
-			copy(d.Signature[:], "desc")
-			copy(d.Leading[:], op.data[:8])
-			copy(d.Trailing[:], op.data[logSector-4:])
-			s := b[(ds+int64(k))*logSector:][:logSector]
-			copy(s, "data")
-			hi, lo := uint32(seq>>32), uint32(seq)
-			if corruptData {
-				lo++
-			}
-			binary.LittleEndian.PutUint32(s[4:], hi)
-			copy(s[8:], op.data[8:logSector-4])
-			binary.LittleEndian.PutUint32(s[logSector-4:], lo)
-			k++
-		} else {
-			copy(d.Signature[:], "zero")
-			binary.LittleEndian.PutUint64(d.Leading[:], uint64(op.zeroLen))
-		}
-		if _, err := binary.Encode(b[logEntryHeaderLen+i*logDescriptorLen:], binary.LittleEndian, d); err != nil {
-			panic(err)
-		}
-	}
-	binary.LittleEndian.PutUint32(b[logEntryChecksumOff:], checksum(b, logEntryChecksumOff))
 	return b
 }
 

@@ -6,6 +6,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"sync"
 	"syscall"
 
 	"github.com/vhdfs/vhdfs/internal/imagelock"
@@ -34,8 +35,8 @@ func (t DiskType) String() string {
 	return [...]string{"fixed", "dynamic", "differencing"}[t]
 }
 
-// Image is one open VHDX file. Once open it does not change, so ReadAt and Run may be
-// called concurrently.
+// Image is one open VHDX file. ReadAt and Run may be called concurrently with each
+// other and with WriteAt; WriteAt calls serialise on the image's lock.
 type Image struct {
 	name     string
 	writable bool
@@ -47,10 +48,15 @@ type Image struct {
 	regions    []RegionEntry
 	meta       *Metadata
 	geo        geometry
-	bat        []batEntry
 
-	logEntries       int  // entries of the log replayed at open
-	fileWriteGuidSet bool // a new FileWriteGuid is on disk (§2.2.2.1)
+	batOff     int64 // where the BAT region starts
+	logEntries int   // entries of the log replayed at open
+
+	mu               sync.RWMutex // WriteAt holds it; ReadAt and Run read under it
+	bat              []batEntry   // guarded by mu
+	fileWriteGuidSet bool         // guarded by mu: a new FileWriteGuid is on disk (§2.2.2.1)
+	dataWriteGuidSet bool         // guarded by mu: a new DataWriteGuid is on disk
+	logSeq           uint64       // guarded by mu: the sequence number of the last log entry written
 }
 
 // Open opens the image at name, read-only unless writable, and locks it with qemu's
@@ -283,6 +289,7 @@ func (img *Image) readRegions() error {
 	}
 	img.meta = m
 	img.geo = newGeometry(int64(m.VirtualDiskSize), int64(m.BlockSize), int64(m.LogicalSectorSize), m.HasParent)
+	img.batOff = int64(bat.FileOffset)
 	return img.readBAT(int64(bat.FileOffset), int64(bat.Length), meta)
 }
 
@@ -337,17 +344,21 @@ func (img *Image) Type() DiskType {
 }
 
 // DataWriteGuid is the current header's DataWriteGuid: what a child's
-// parent_linkage must name.
-func (img *Image) DataWriteGuid() GUID { return img.header.DataWriteGuid }
+// parent_linkage must name. The first write changes it.
+func (img *Image) DataWriteGuid() GUID { return img.Header().DataWriteGuid }
 
 // FileWriteGuid is the current header's FileWriteGuid.
-func (img *Image) FileWriteGuid() GUID { return img.header.FileWriteGuid }
+func (img *Image) FileWriteGuid() GUID { return img.Header().FileWriteGuid }
 
 // VirtualDiskID is the page 83 data; children copy it, so it identifies no file.
 func (img *Image) VirtualDiskID() GUID { return img.meta.Page83Data }
 
 // Header returns a copy of the current header.
-func (img *Image) Header() Header { return img.header }
+func (img *Image) Header() Header {
+	img.mu.RLock()
+	defer img.mu.RUnlock()
+	return img.header
+}
 
 // Metadata returns a copy of the known metadata items.
 func (img *Image) Metadata() Metadata {

@@ -21,6 +21,8 @@ func (img *Image) ReadAt(p []byte, off int64) (int, error) {
 	if rem := g.size - off; int64(len(p)) > rem {
 		p = p[:rem]
 	}
+	img.mu.RLock()
+	defer img.mu.RUnlock()
 	for done := 0; done < len(p); {
 		o := off + int64(done)
 		blk, in := o/g.blockSize, o%g.blockSize
@@ -55,6 +57,8 @@ func (img *Image) Run(off, n int64) (int64, bool, error) {
 		return n, false, nil
 	}
 	n = min(n, g.size-off)
+	img.mu.RLock()
+	defer img.mu.RUnlock()
 	var run int64
 	var present bool
 	for run < n {

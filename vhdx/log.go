@@ -381,3 +381,45 @@ func (img *Image) replayIntoFile() error {
 	img.src.ov = nil
 	return nil
 }
+
+// marshalLogEntry returns a log entry (§2.3.1) that makes the writes ops describe:
+// the header, the descriptors, then a data sector per data descriptor.
+func marshalLogEntry(seq uint64, tail uint32, guid GUID, flushed, last uint64, ops []logOp) []byte {
+	data := 0
+	for _, op := range ops {
+		if op.data != nil {
+			data++
+		}
+	}
+	ds := descSectors(int64(len(ops)))
+	b := make([]byte, (ds+int64(data))*logSector)
+	h := logEntryHeader{EntryLength: uint32(len(b)), Tail: tail, SequenceNumber: seq, DescriptorCount: uint32(len(ops)),
+		LogGuid: guid, FlushedFileOffset: flushed, LastFileOffset: last}
+	copy(h.Signature[:], "loge")
+	if _, err := binary.Encode(b, binary.LittleEndian, h); err != nil {
+		panic(err)
+	}
+	sector := ds
+	for i, op := range ops {
+		d := logDescriptor{FileOffset: uint64(op.off), SequenceNumber: seq}
+		if op.data != nil {
+			copy(d.Signature[:], "desc")
+			copy(d.Leading[:], op.data[:8])
+			copy(d.Trailing[:], op.data[logSector-4:])
+			s := b[sector*logSector:][:logSector]
+			copy(s, "data")
+			binary.LittleEndian.PutUint32(s[4:], uint32(seq>>32))
+			copy(s[8:], op.data[8:logSector-4])
+			binary.LittleEndian.PutUint32(s[logSector-4:], uint32(seq))
+			sector++
+		} else {
+			copy(d.Signature[:], "zero")
+			binary.LittleEndian.PutUint64(d.Leading[:], uint64(op.zeroLen))
+		}
+		if _, err := binary.Encode(b[logEntryHeaderLen+i*logDescriptorLen:], binary.LittleEndian, d); err != nil {
+			panic(err)
+		}
+	}
+	binary.LittleEndian.PutUint32(b[logEntryChecksumOff:], checksum(b, logEntryChecksumOff))
+	return b
+}

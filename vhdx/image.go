@@ -41,6 +41,7 @@ type Image struct {
 	name     string
 	writable bool
 	lock     *imagelock.Handle // nil for images not opened by Open
+	dev, ino uint64            // identity of the file, for SameFile; zero unless opened by Open
 
 	src        *source
 	header     Header // the current one
@@ -91,7 +92,42 @@ func Open(name string, writable bool) (*Image, error) {
 		return nil, err
 	}
 	img.lock = lock
+	if st, err := f.Stat(); err == nil {
+		if sys, ok := st.Sys().(*syscall.Stat_t); ok {
+			img.dev, img.ino = uint64(sys.Dev), sys.Ino
+		}
+	}
 	return img, nil
+}
+
+// SameFile reports an error unless path names the file img has open (the same
+// device and inode), following symlinks.
+func (img *Image) SameFile(path string) error {
+	st, err := os.Stat(path)
+	if err != nil {
+		return fmt.Errorf("%s: no longer there: %w", path, err)
+	}
+	sys, ok := st.Sys().(*syscall.Stat_t)
+	if !ok || uint64(sys.Dev) != img.dev || sys.Ino != img.ino {
+		return fmt.Errorf("%s: is no longer the file that was opened (it was moved or replaced): %w", path, ErrInvalidArg)
+	}
+	return nil
+}
+
+// FileID is the device and inode of the file the image has open.
+func (img *Image) FileID() (dev, ino uint64) { return img.dev, img.ino }
+
+// AllocatedBytes is the space of the FULLY_PRESENT and PARTIALLY_PRESENT blocks.
+func (img *Image) AllocatedBytes() int64 {
+	img.mu.RLock()
+	defer img.mu.RUnlock()
+	var n int64
+	for p := int64(0); p < img.geo.blocks; p++ {
+		if s := img.bat[img.geo.payloadIndex(p)].state(); s == FullyPresent || s == PartiallyPresent {
+			n++
+		}
+	}
+	return n * img.geo.blockSize
 }
 
 // openRegular opens name, a regular file or a symbolic link to one, with O_NOFOLLOW
@@ -141,7 +177,11 @@ func OpenFile(f File, name string, writable bool) (*Image, error) {
 	size := st.Size()
 	img := &Image{name: name, writable: writable, src: &source{f: f, vsize: size}}
 	id := make([]byte, 8)
-	if n, _ := f.ReadAt(id, fileIDOff); n < len(id) || !isFileID(id) {
+	n, err := f.ReadAt(id, fileIDOff)
+	if err != nil && err != io.EOF {
+		return nil, fmt.Errorf("%s: read file identifier: %w", name, err)
+	}
+	if n < len(id) || !isFileID(id) {
 		return nil, fmt.Errorf("%s: file identifier is %q, want \"vhdxfile\": %w", name, id[:n], ErrNotVHDX)
 	}
 	if size < regionTable2Off+regionTableSize {

@@ -287,12 +287,40 @@ func FuzzOpen(f *testing.F) {
 		if err != nil {
 			t.Fatalf("reopen after replay: %v", err)
 		}
-		defer img.Close()
 		if img.LogReplayed() != 0 || !img.Header().LogGuid.IsZero() && replayed > 0 {
 			t.Fatal("the log is not empty after a writable open")
 		}
 		if !bytes.Equal(exercise(t, img), view) {
 			t.Fatal("the view after replay differs from the view before")
+		}
+		img.Close()
+
+		// A write at each end of the disk reads back after a reopen.
+		if img, err = Open(path, true); err != nil {
+			t.Fatalf("writable reopen: %v", err)
+		}
+		ss := img.LogicalSectorSize()
+		sector := bytes.Repeat([]byte{0x5c}, int(ss))
+		for _, off := range []int64{0, img.Size() - ss} {
+			if _, err := img.WriteAt(sector, off); err != nil {
+				if errors.Is(err, ErrUnsupported) {
+					img.Close()
+					return
+				}
+				t.Fatalf("WriteAt(%d): %v", off, err)
+			}
+		}
+		img.Close()
+		if img, err = Open(path, false); err != nil {
+			t.Fatalf("reopen after writes: %v", err)
+		}
+		defer img.Close()
+		for _, off := range []int64{0, img.Size() - ss} {
+			got := make([]byte, ss)
+			n, stored, err := img.Run(off, ss)
+			if _, rerr := img.ReadAt(got, off); rerr != nil || err != nil || n != ss || !stored || !bytes.Equal(got, sector) {
+				t.Fatalf("the sector written at %d reads back %v (stored %v, %v, %v)", off, got[:4], stored, err, rerr)
+			}
 		}
 	})
 }

@@ -1,0 +1,27 @@
+// Package vhdx reads one Microsoft VHDX (virtual hard disk version 2) file: fixed,
+// dynamic or differencing, as the MS-VHDX specification describes it. It knows
+// nothing of parents beyond what the metadata records; package chain composes
+// images into one view. A file whose log is not empty is replayed before any of its
+// metadata is trusted: in memory when it is opened read-only, into the file when it
+// is opened for writing.
+package vhdx
+
+import (
+	"errors"
+
+	"github.com/vhdfs/vhdfs/internal/imagelock"
+)
+
+// Sentinel errors; every error this package returns wraps one of these or an I/O
+// error, and names the file and the field.
+var (
+	ErrNotVHDX     = errors.New("not a VHDX image")
+	ErrChecksum    = errors.New("checksum mismatch")
+	ErrTruncated   = errors.New("file truncated")
+	ErrCorrupt     = errors.New("corrupt image")
+	ErrUnsupported = errors.New("unsupported image")
+	ErrReadOnly    = errors.New("image is read-only")
+	ErrOutOfRange  = errors.New("offset past the end of the disk")
+	ErrInvalidArg  = errors.New("invalid argument")
+	ErrLocked      = imagelock.ErrLocked // another process (or handle) uses the image
+)

@@ -1,0 +1,448 @@
+package vhdx
+
+import (
+	"fmt"
+	"io"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"sync"
+	"syscall"
+
+	"github.com/vhdfs/vhdfs/internal/imagelock"
+)
+
+// File is what an Image needs of its backing file; *os.File implements it.
+type File interface {
+	io.ReaderAt
+	io.WriterAt
+	io.Closer
+	Sync() error
+	Stat() (os.FileInfo, error)
+	Truncate(size int64) error
+}
+
+// DiskType is the kind of image, as the metadata says it.
+type DiskType int
+
+const (
+	TypeFixed        DiskType = iota // LeaveBlockAllocated, no parent
+	TypeDynamic                      // no parent
+	TypeDifferencing                 // HasParent
+)
+
+func (t DiskType) String() string {
+	return [...]string{"fixed", "dynamic", "differencing"}[t]
+}
+
+// Image is one open VHDX file. ReadAt and Run may be called concurrently with each
+// other and with WriteAt; WriteAt calls serialise on the image's lock.
+type Image struct {
+	name     string
+	writable bool
+	lock     *imagelock.Handle // nil for images not opened by Open
+	dev, ino uint64            // identity of the file, for SameFile; zero unless opened by Open
+
+	src        *source
+	header     Header // the current one
+	headerSlot int64  // where the current header is: header1Off or header2Off
+	regions    []RegionEntry
+	meta       *Metadata
+	geo        geometry
+
+	batOff     int64 // where the BAT region starts
+	logEntries int   // entries of the log replayed at open
+
+	mu               sync.RWMutex // WriteAt holds it; ReadAt and Run read under it
+	bat              []batEntry   // guarded by mu
+	fileWriteGuidSet bool         // guarded by mu: a new FileWriteGuid is on disk (§2.2.2.1)
+	dataWriteGuidSet bool         // guarded by mu: a new DataWriteGuid is on disk
+	logSeq           uint64       // guarded by mu: the sequence number of the last log entry written
+}
+
+// Open opens the image at name, read-only unless writable, and locks it with qemu's
+// protocol (package imagelock): a writable image is shared with readers only, a
+// read-only one with other readers only. A conflict wraps ErrLocked. A read-only
+// image whose log is not empty shows the replayed view and stays as it is; a
+// writable one has its log replayed into the file.
+func Open(name string, writable bool) (*Image, error) {
+	// O_NONBLOCK and O_NOCTTY: should a FIFO or a terminal slip past openRegular's
+	// check, the open must neither hang nor take a controlling terminal.
+	flag := os.O_RDONLY | syscall.O_NONBLOCK | syscall.O_NOCTTY
+	if writable {
+		flag = os.O_RDWR | syscall.O_NONBLOCK | syscall.O_NOCTTY
+	}
+	f, err := openRegular(name, flag)
+	if err != nil {
+		return nil, err
+	}
+	need := imagelock.Reader
+	if writable {
+		need = imagelock.Writer
+	}
+	lock, err := imagelock.Acquire(f, name, need)
+	if err != nil {
+		f.Close()
+		return nil, err
+	}
+	img, err := OpenFile(f, name, writable)
+	if err != nil {
+		lock.Release()
+		f.Close()
+		return nil, err
+	}
+	img.lock = lock
+	if st, err := f.Stat(); err == nil {
+		if sys, ok := st.Sys().(*syscall.Stat_t); ok {
+			img.dev, img.ino = uint64(sys.Dev), sys.Ino
+		}
+	}
+	return img, nil
+}
+
+// SameFile reports an error unless path names the file img has open (the same
+// device and inode), following symlinks.
+func (img *Image) SameFile(path string) error {
+	st, err := os.Stat(path)
+	if err != nil {
+		return fmt.Errorf("%s: no longer there: %w", path, err)
+	}
+	sys, ok := st.Sys().(*syscall.Stat_t)
+	if !ok || uint64(sys.Dev) != img.dev || sys.Ino != img.ino {
+		return fmt.Errorf("%s: is no longer the file that was opened (it was moved or replaced): %w", path, ErrInvalidArg)
+	}
+	return nil
+}
+
+// FileID is the device and inode of the file the image has open.
+func (img *Image) FileID() (dev, ino uint64) { return img.dev, img.ino }
+
+// AllocatedBytes is the space of the FULLY_PRESENT and PARTIALLY_PRESENT blocks.
+func (img *Image) AllocatedBytes() int64 {
+	img.mu.RLock()
+	defer img.mu.RUnlock()
+	var n int64
+	for p := int64(0); p < img.geo.blocks; p++ {
+		if s := img.bat[img.geo.payloadIndex(p)].state(); s == FullyPresent || s == PartiallyPresent {
+			n++
+		}
+	}
+	return n * img.geo.blockSize
+}
+
+// openRegular opens name, a regular file or a symbolic link to one, with O_NOFOLLOW
+// on the checked path, and confirms with fstat that the file checked is the file
+// opened (as vhd.OpenRegular does): opening a device or a FIFO has effects.
+func openRegular(name string, flag int) (*os.File, error) {
+	path := name
+	st, err := os.Lstat(name)
+	if err != nil {
+		return nil, err
+	}
+	if st.Mode()&fs.ModeSymlink != 0 {
+		if path, err = filepath.EvalSymlinks(name); err != nil {
+			return nil, err
+		}
+		if st, err = os.Lstat(path); err != nil {
+			return nil, err
+		}
+	}
+	if !st.Mode().IsRegular() {
+		return nil, fmt.Errorf("%s: is not a regular file (%v): %w", name, st.Mode().Type(), ErrNotVHDX)
+	}
+	f, err := os.OpenFile(path, flag|syscall.O_NOFOLLOW, 0)
+	if err != nil {
+		return nil, err
+	}
+	if fst, err := f.Stat(); err != nil || !os.SameFile(st, fst) {
+		f.Close()
+		return nil, fmt.Errorf("%s: replaced while being opened: %w", name, ErrNotVHDX)
+	}
+	return f, nil
+}
+
+// OpenFile opens an image on f, named name in errors. It reads and checks the file
+// identifier, both headers, the region table, the metadata and the BAT, after
+// replaying a non-empty log in memory; it writes nothing unless writable and the log
+// is not empty, and then replays the log into the file only once everything checked
+// out. The image takes ownership of f on success.
+func OpenFile(f File, name string, writable bool) (*Image, error) {
+	st, err := f.Stat()
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", name, err)
+	}
+	if !st.Mode().IsRegular() && st.Mode()&os.ModeType != 0 {
+		return nil, fmt.Errorf("%s: is not a regular file (%v): %w", name, st.Mode().Type(), ErrNotVHDX)
+	}
+	size := st.Size()
+	img := &Image{name: name, writable: writable, src: &source{f: f, vsize: size}}
+	id := make([]byte, 8)
+	n, err := f.ReadAt(id, fileIDOff)
+	if err != nil && err != io.EOF {
+		return nil, fmt.Errorf("%s: read file identifier: %w", name, err)
+	}
+	if n < len(id) || !isFileID(id) {
+		return nil, fmt.Errorf("%s: file identifier is %q, want \"vhdxfile\": %w", name, id[:n], ErrNotVHDX)
+	}
+	if size < regionTable2Off+regionTableSize {
+		return nil, fmt.Errorf("%s: file is %d bytes, shorter than the VHDX header section: %w", name, size, ErrTruncated)
+	}
+	if err := img.readHeaders(); err != nil {
+		return nil, err
+	}
+	if err := img.checkLogPlace(size); err != nil {
+		return nil, err
+	}
+	if !img.header.LogGuid.IsZero() {
+		if err := img.readLog(size); err != nil {
+			return nil, err
+		}
+	}
+	if err := img.readRegions(); err != nil {
+		return nil, err
+	}
+	if writable && img.src.ov != nil {
+		if err := img.replayIntoFile(); err != nil {
+			return nil, err
+		}
+	}
+	return img, nil
+}
+
+// readHeaders reads both headers and keeps the current one: the valid one with the
+// higher sequence number (§2.2.2). Two valid headers with the same number must be
+// identical.
+func (img *Image) readHeaders() error {
+	var hs [2]*Header
+	var errs [2]error
+	var raw [2][]byte
+	for i, off := range []int64{header1Off, header2Off} {
+		raw[i] = make([]byte, headerSize)
+		if _, err := img.src.f.ReadAt(raw[i], off); err != nil {
+			return fmt.Errorf("%s: read header at %d: %w", img.name, off, err)
+		}
+		hs[i], errs[i] = parseHeader(raw[i], off)
+	}
+	switch {
+	case hs[0] == nil && hs[1] == nil:
+		return fmt.Errorf("%s: both headers are invalid: %w; %w", img.name, errs[0], errs[1])
+	case hs[1] == nil || hs[0] != nil && hs[0].SequenceNumber > hs[1].SequenceNumber:
+		img.header, img.headerSlot = *hs[0], header1Off
+	case hs[0] == nil || hs[1].SequenceNumber > hs[0].SequenceNumber:
+		img.header, img.headerSlot = *hs[1], header2Off
+	case string(raw[0]) == string(raw[1]):
+		img.header, img.headerSlot = *hs[0], header1Off
+	default:
+		return fmt.Errorf("%s: both headers have sequence number %d but differ: %w", img.name, hs[0].SequenceNumber, ErrCorrupt)
+	}
+	if img.header.LogVersion != 0 {
+		return fmt.Errorf("%s: header log version is %d, want 0: %w", img.name, img.header.LogVersion, ErrUnsupported)
+	}
+	return nil
+}
+
+// checkLogPlace checks that the log region lies in the file, past the header section.
+func (img *Image) checkLogPlace(size int64) error {
+	h := img.header
+	if h.LogLength == 0 && h.LogGuid.IsZero() {
+		return nil
+	}
+	if h.LogOffset%MiB != 0 || h.LogOffset < headerSection || h.LogLength%MiB != 0 || h.LogLength == 0 {
+		return fmt.Errorf("%s: log at %d, length %d, is not 1 MiB-aligned past the header section: %w", img.name, h.LogOffset, h.LogLength, ErrCorrupt)
+	}
+	if h.LogOffset > uint64(size) || int64(h.LogOffset)+int64(h.LogLength) > size {
+		return fmt.Errorf("%s: log at %d, length %d, runs past the end of the file at %d: %w", img.name, h.LogOffset, h.LogLength, size, ErrTruncated)
+	}
+	return nil
+}
+
+// readRegions reads the region table (the first valid copy), then the metadata and
+// the BAT it points at.
+func (img *Image) readRegions() error {
+	name := img.name
+	var entries []RegionEntry
+	var errs []error
+	for _, off := range []int64{regionTable1Off, regionTable2Off} {
+		b := make([]byte, regionTableSize)
+		if err := img.src.readAt(b, off); err != nil {
+			return fmt.Errorf("%s: read region table at %d: %w", name, off, err)
+		}
+		e, err := parseRegionTable(b, off)
+		if err == nil {
+			entries = e
+			break
+		}
+		errs = append(errs, err)
+	}
+	if entries == nil && len(errs) == 2 {
+		return fmt.Errorf("%s: both region tables are invalid: %w; %w", name, errs[0], errs[1])
+	}
+	img.regions = entries
+	meta := []span{{0, headerSection, "the header section"}}
+	if img.header.LogLength > 0 {
+		meta = append(meta, span{int64(img.header.LogOffset), int64(img.header.LogLength), "the log"})
+	}
+	var bat, md *RegionEntry
+	for i := range entries {
+		e := &entries[i]
+		var what string
+		switch e.Guid {
+		case RegionBAT:
+			what = "the BAT region"
+			if bat != nil {
+				return fmt.Errorf("%s: region table lists the BAT twice: %w", name, ErrCorrupt)
+			}
+			bat = e
+		case RegionMetadata:
+			what = "the metadata region"
+			if md != nil {
+				return fmt.Errorf("%s: region table lists the metadata region twice: %w", name, ErrCorrupt)
+			}
+			md = e
+		default:
+			if e.Required() {
+				return fmt.Errorf("%s: region %d (%v) is required but not known: %w", name, i, e.Guid, ErrUnsupported)
+			}
+			what = fmt.Sprintf("region %d (%v)", i, e.Guid)
+		}
+		// qemu writes Required = 0 for the BAT and the metadata: not checked.
+		off, n := int64(e.FileOffset), int64(e.Length)
+		if e.FileOffset%MiB != 0 || e.FileOffset < headerSection || n%MiB != 0 || n == 0 {
+			return fmt.Errorf("%s: %s at %d, length %d, is not 1 MiB-aligned past the header section: %w", name, what, e.FileOffset, n, ErrCorrupt)
+		}
+		if e.FileOffset > uint64(img.src.vsize) || off+n > img.src.vsize {
+			return fmt.Errorf("%s: %s at %d, length %d, runs past the end of the file at %d: %w", name, what, off, n, img.src.vsize, ErrTruncated)
+		}
+		for _, m := range meta {
+			if overlaps(off, n, m.off, m.len) {
+				return fmt.Errorf("%s: %s at %d overlaps %s at %d: %w", name, what, off, m.name, m.off, ErrCorrupt)
+			}
+		}
+		meta = append(meta, span{off, n, what})
+	}
+	if bat == nil || md == nil {
+		return fmt.Errorf("%s: region table lacks the BAT or the metadata region: %w", name, ErrCorrupt)
+	}
+	m, err := img.readMetadata(int64(md.FileOffset), int64(md.Length))
+	if err != nil {
+		return err
+	}
+	img.meta = m
+	img.geo = newGeometry(int64(m.VirtualDiskSize), int64(m.BlockSize), int64(m.LogicalSectorSize), m.HasParent)
+	img.batOff = int64(bat.FileOffset)
+	return img.readBAT(int64(bat.FileOffset), int64(bat.Length), meta)
+}
+
+// updateHeader writes the current header, changed by edit and with the next sequence
+// number, over the other header, and makes it durable (§2.2.2.1): the old one stays
+// whole until the new one is.
+func (img *Image) updateHeader(edit func(*Header)) error {
+	h := img.header
+	edit(&h)
+	h.SequenceNumber++
+	slot := int64(header1Off)
+	if img.headerSlot == header1Off {
+		slot = header2Off
+	}
+	if _, err := img.src.f.WriteAt(h.Marshal(), slot); err != nil {
+		return fmt.Errorf("%s: write header at %d: %w", img.name, slot, err)
+	}
+	if err := img.src.f.Sync(); err != nil {
+		return fmt.Errorf("%s: fsync: %w", img.name, err)
+	}
+	img.header, img.headerSlot = h, slot
+	return nil
+}
+
+// Name is the path the image was opened with.
+func (img *Image) Name() string { return img.name }
+
+// Size is the virtual disk size in bytes.
+func (img *Image) Size() int64 { return img.geo.size }
+
+// BlockSize is the payload block size.
+func (img *Image) BlockSize() int64 { return img.geo.blockSize }
+
+// LogicalSectorSize is 512 or 4096: the unit of the sector bitmaps.
+func (img *Image) LogicalSectorSize() int64 { return img.geo.sectorSize }
+
+// PhysicalSectorSize is 512 or 4096.
+func (img *Image) PhysicalSectorSize() int64 { return int64(img.meta.PhysicalSectorSize) }
+
+// HasParent reports whether the image is a differencing image.
+func (img *Image) HasParent() bool { return img.meta.HasParent }
+
+// Type is fixed, dynamic or differencing, from the file parameters.
+func (img *Image) Type() DiskType {
+	switch {
+	case img.meta.HasParent:
+		return TypeDifferencing
+	case img.meta.LeaveBlockAllocated:
+		return TypeFixed
+	}
+	return TypeDynamic
+}
+
+// DataWriteGuid is the current header's DataWriteGuid: what a child's
+// parent_linkage must name. The first write changes it.
+func (img *Image) DataWriteGuid() GUID { return img.Header().DataWriteGuid }
+
+// FileWriteGuid is the current header's FileWriteGuid.
+func (img *Image) FileWriteGuid() GUID { return img.Header().FileWriteGuid }
+
+// VirtualDiskID is the page 83 data; children copy it, so it identifies no file.
+func (img *Image) VirtualDiskID() GUID { return img.meta.Page83Data }
+
+// Header returns a copy of the current header.
+func (img *Image) Header() Header {
+	img.mu.RLock()
+	defer img.mu.RUnlock()
+	return img.header
+}
+
+// Metadata returns a copy of the known metadata items.
+func (img *Image) Metadata() Metadata {
+	m := *img.meta
+	m.ParentLocator = append([]KeyValue(nil), m.ParentLocator...)
+	return m
+}
+
+// ParentLocator returns the parent locator's key/value pairs; nil without a locator.
+func (img *Image) ParentLocator() map[string]string {
+	if img.meta.ParentLocator == nil {
+		return nil
+	}
+	m := make(map[string]string, len(img.meta.ParentLocator))
+	for _, kv := range img.meta.ParentLocator {
+		m[kv.Key] = kv.Value
+	}
+	return m
+}
+
+// LogReplayed is the number of log entries replayed at open: in memory for a
+// read-only image, into the file for a writable one.
+func (img *Image) LogReplayed() int { return img.logEntries }
+
+// Writable reports whether the image was opened for writing.
+func (img *Image) Writable() bool { return img.writable }
+
+// Sync makes every write before it durable. Nothing is buffered yet.
+func (img *Image) Sync() error {
+	if !img.writable {
+		return nil
+	}
+	if err := img.src.f.Sync(); err != nil {
+		return fmt.Errorf("%s: fsync: %w", img.name, err)
+	}
+	return nil
+}
+
+// Close closes the file and releases its lock.
+func (img *Image) Close() error {
+	err := img.Sync()
+	if cerr := img.src.f.Close(); err == nil && cerr != nil {
+		err = fmt.Errorf("%s: close: %w", img.name, cerr)
+	}
+	img.lock.Release()
+	return err
+}

@@ -1,0 +1,118 @@
+package vhdx
+
+import (
+	"fmt"
+	"io"
+)
+
+// ReadAt reads what this file stores for [off, off+len(p)): the data of FULLY_PRESENT
+// and PARTIALLY_PRESENT blocks (whatever their bitmap says) and zeros for blocks in
+// every other state. Package chain uses Run to decide which layer a byte comes from.
+// Reads past Size return io.EOF.
+func (img *Image) ReadAt(p []byte, off int64) (int, error) {
+	if off < 0 {
+		return 0, fmt.Errorf("%s: read at %d: %w", img.name, off, ErrOutOfRange)
+	}
+	g := img.geo
+	if off >= g.size {
+		return 0, io.EOF
+	}
+	want := len(p)
+	if rem := g.size - off; int64(len(p)) > rem {
+		p = p[:rem]
+	}
+	img.mu.RLock()
+	defer img.mu.RUnlock()
+	for done := 0; done < len(p); {
+		o := off + int64(done)
+		blk, in := o/g.blockSize, o%g.blockSize
+		n := int(min(int64(len(p)-done), g.blockSize-in))
+		e := img.bat[g.payloadIndex(blk)]
+		switch e.state() {
+		case FullyPresent, PartiallyPresent:
+			if err := img.src.readAt(p[done:done+n], e.offset()+in); err != nil {
+				return done, fmt.Errorf("%s: read block %d at %d: %w", img.name, blk, e.offset()+in, err)
+			}
+		default:
+			clear(p[done : done+n])
+		}
+		done += n
+	}
+	if len(p) < want {
+		return len(p), io.EOF
+	}
+	return len(p), nil
+}
+
+// Run reports whether the byte at off is stored in this file, and for how many bytes
+// from off, at most n, that answer holds. Runs end on logical sector boundaries (or
+// at off+n). FULLY_PRESENT blocks are stored whatever their bitmap says; the sectors
+// of a PARTIALLY_PRESENT block are stored where their bit is set; NOT_PRESENT blocks
+// are not. In a differencing image a ZERO, UNMAPPED or UNDEFINED block is stored (it
+// reads as zeros from this file, never from the parent); in an image without a parent
+// it is not (it is a hole). Nothing is stored at or past Size. n must be positive.
+func (img *Image) Run(off, n int64) (int64, bool, error) {
+	g := img.geo
+	if off >= g.size || off < 0 {
+		return n, false, nil
+	}
+	n = min(n, g.size-off)
+	img.mu.RLock()
+	defer img.mu.RUnlock()
+	var run int64
+	var present bool
+	for run < n {
+		o := off + run
+		blk, in := o/g.blockSize, o%g.blockSize
+		avail := min(n-run, g.blockSize-in)
+		k, p := avail, false
+		switch e := img.bat[g.payloadIndex(blk)]; e.state() {
+		case NotPresent:
+		case FullyPresent:
+			p = true
+		case PartiallyPresent:
+			var err error
+			if k, p, err = img.bitmapRun(blk, in, avail); err != nil {
+				return 0, false, err
+			}
+		default: // ZERO, UNMAPPED, UNDEFINED
+			p = img.meta.HasParent
+		}
+		if run > 0 && p != present {
+			break
+		}
+		present = p
+		run += k
+		if k < avail {
+			break
+		}
+	}
+	return run, present, nil
+}
+
+// maxBitmapRead bounds the bitmap bytes one bitmapRun reads.
+const maxBitmapRead = 4 * KiB
+
+// bitmapRun returns the length of the run from byte in of PARTIALLY_PRESENT block
+// blk whose sectors share the state of in's sector, at most avail, and that state.
+// Bits are one per logical sector, least significant first (§2.5.1.2).
+func (img *Image) bitmapRun(blk, in, avail int64) (int64, bool, error) {
+	g := img.geo
+	ss := g.sectorSize
+	first, last := in/ss, (in+avail-1)/ss
+	last = min(last, first+8*maxBitmapRead-1)
+	byteLo, byteHi := first/8, last/8+1
+	be := img.bat[g.bitmapIndex(blk)]
+	off := be.offset() + blk%g.chunkRatio*g.bitmapSlice + byteLo
+	bm := make([]byte, byteHi-byteLo)
+	if err := img.src.readAt(bm, off); err != nil {
+		return 0, false, fmt.Errorf("%s: read sector bitmap of block %d at %d: %w", img.name, blk, off, err)
+	}
+	bit := func(s int64) bool { s -= byteLo * 8; return bm[s/8]&(1<<(s%8)) != 0 }
+	set := bit(first)
+	s := first + 1
+	for s <= last && bit(s) == set {
+		s++
+	}
+	return min(s*ss, in+avail) - in, set, nil
+}

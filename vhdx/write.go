@@ -1,0 +1,211 @@
+package vhdx
+
+import (
+	"encoding/binary"
+	"fmt"
+	"sort"
+)
+
+// WriteAt writes whole logical sectors: off and len(p) must be multiples of the
+// logical sector size and the range must lie inside Size. Data goes straight to its
+// block; a block in any state but FULLY_PRESENT and PARTIALLY_PRESENT gets new space
+// at the end of the file first. Every metadata change (BAT entries, sector bitmap
+// bits) goes through the log (see commit), so a cut at any write leaves a file that
+// opens and shows each sector old or new. Before the first write, the header gets a
+// new FileWriteGuid and DataWriteGuid (§2.2.2.1). In a differencing image a new
+// block that was NOT_PRESENT gets bitmap bits only for the sectors written; one that
+// was ZERO, UNMAPPED or UNDEFINED becomes FULLY_PRESENT with zeros around the data,
+// so it never exposes the parent. Each call is durable when it returns.
+func (img *Image) WriteAt(p []byte, off int64) (int, error) {
+	g := img.geo
+	if !img.writable {
+		return 0, fmt.Errorf("%s: write at %d: %w", img.name, off, ErrReadOnly)
+	}
+	if off%g.sectorSize != 0 || int64(len(p))%g.sectorSize != 0 {
+		return 0, fmt.Errorf("%s: write of %d bytes at %d: not whole %d-byte logical sectors: %w", img.name, len(p), off, g.sectorSize, ErrInvalidArg)
+	}
+	if off < 0 || off+int64(len(p)) > g.size {
+		return 0, fmt.Errorf("%s: write of %d bytes at %d past the size %d: %w", img.name, len(p), off, g.size, ErrOutOfRange)
+	}
+	img.mu.Lock()
+	defer img.mu.Unlock()
+	if !img.dataWriteGuidSet && len(p) > 0 {
+		if err := img.updateHeader(func(h *Header) { h.FileWriteGuid, h.DataWriteGuid = NewGUID(), NewGUID() }); err != nil {
+			return 0, err
+		}
+		img.fileWriteGuidSet, img.dataWriteGuidSet = true, true
+	}
+	for done := 0; done < len(p); {
+		o := off + int64(done)
+		blk, in := o/g.blockSize, o%g.blockSize
+		n := int(min(int64(len(p)-done), g.blockSize-in))
+		if err := img.writeBlockLocked(blk, in, p[done:done+n]); err != nil {
+			return done, err
+		}
+		done += n
+	}
+	return len(p), nil
+}
+
+// writeBlockLocked writes d at byte in of payload block blk. The caller holds mu.
+func (img *Image) writeBlockLocked(blk, in int64, d []byte) error {
+	g := img.geo
+	idx := g.payloadIndex(blk)
+	e := img.bat[idx]
+	var bat map[int64]batEntry
+	setBits := false
+	switch e.state() {
+	case FullyPresent:
+	case PartiallyPresent:
+		setBits = true
+	default:
+		start, err := img.extendLocked(g.blockSize)
+		if err != nil {
+			return err
+		}
+		blockLen := min(g.blockSize, g.size-blk*g.blockSize)
+		state := FullyPresent
+		if img.meta.HasParent && e.state() == NotPresent && !(in == 0 && int64(len(d)) == blockLen) {
+			state, setBits = PartiallyPresent, true
+		}
+		e = makeEntry(state, start)
+		bat = map[int64]batEntry{idx: e}
+		if bi := g.bitmapIndex(blk); setBits && img.bat[bi].state() != Present {
+			bstart, err := img.extendLocked(sectorBitmapBlockSize)
+			if err != nil {
+				return err
+			}
+			bat[bi] = makeEntry(Present, bstart)
+		}
+	}
+	if _, err := img.src.f.WriteAt(d, e.offset()+in); err != nil {
+		return fmt.Errorf("%s: write block %d at %d: %w", img.name, blk, e.offset()+in, err)
+	}
+	var bits *bitRange
+	if setBits {
+		// A new block's slice may hold stale bits (a NOT_PRESENT block's bits mean
+		// nothing): it starts clear.
+		bits = &bitRange{blk, in / g.sectorSize, int64(len(d)) / g.sectorSize, bat != nil}
+	}
+	return img.commitLocked(bat, bits)
+}
+
+// extendLocked makes room for n bytes at the end of the file, 1 MiB-aligned, and
+// returns where. The room reads as zeros (a hole).
+func (img *Image) extendLocked(n int64) (int64, error) {
+	start := (img.src.vsize + MiB - 1) / MiB * MiB
+	if err := img.src.f.Truncate(start + n); err != nil {
+		return 0, fmt.Errorf("%s: extend the file to %d: %w", img.name, start+n, err)
+	}
+	img.src.vsize = start + n
+	return start, nil
+}
+
+// bitRange is count bitmap bits to set from sector first of block blk, in a slice
+// cleared first if reset.
+type bitRange struct {
+	blk, first, count int64
+	reset             bool
+}
+
+// commitLocked makes the BAT entries in bat and the bits in bits durable through the
+// log (§2.3): the data written before it is flushed; an entry holding the new 4 KiB
+// sectors, whose Tail is itself, is written at the start of the log and flushed
+// before the header names its LogGuid, so that a cut leaves either no log or a
+// complete one (§2.3.1.1); the sectors are written in place and flushed; then the
+// header's LogGuid is cleared. A cut before the header names the log leaves the old
+// metadata; after it, an open replays the entry.
+func (img *Image) commitLocked(bat map[int64]batEntry, bits *bitRange) error {
+	if len(bat) == 0 && bits == nil {
+		return nil
+	}
+	g, name := img.geo, img.name
+	sectors := map[int64][]byte{}
+	get := func(off int64) ([]byte, error) {
+		k := off &^ (logSector - 1)
+		if s, ok := sectors[k]; ok {
+			return s, nil
+		}
+		s := make([]byte, logSector)
+		if err := img.src.readAt(s, k); err != nil {
+			return nil, fmt.Errorf("%s: read metadata at %d: %w", name, k, err)
+		}
+		sectors[k] = s
+		return s, nil
+	}
+	for idx, e := range bat {
+		off := img.batOff + 8*idx
+		s, err := get(off)
+		if err != nil {
+			return err
+		}
+		binary.LittleEndian.PutUint64(s[off%logSector:], uint64(e))
+	}
+	if bits != nil {
+		be := img.bat[g.bitmapIndex(bits.blk)]
+		if ne, ok := bat[g.bitmapIndex(bits.blk)]; ok {
+			be = ne
+		}
+		base := be.offset() + bits.blk%g.chunkRatio*g.bitmapSlice
+		changed := false
+		if bits.reset {
+			for i := int64(0); i < g.bitmapSlice; i++ {
+				sec, err := get(base + i)
+				if err != nil {
+					return err
+				}
+				sec[(base+i)%logSector] = 0
+			}
+		}
+		for s := bits.first; s < bits.first+bits.count; s++ {
+			sec, err := get(base + s/8)
+			if err != nil {
+				return err
+			}
+			i, m := (base+s/8)%logSector, byte(1)<<(s%8)
+			if sec[i]&m == 0 {
+				sec[i] |= m
+				changed = true
+			}
+		}
+		if !changed && len(bat) == 0 {
+			return nil // every bit was set already: the data write was all
+		}
+	}
+	if err := img.src.f.Sync(); err != nil {
+		return fmt.Errorf("%s: fsync: %w", name, err)
+	}
+	ops := make([]logOp, 0, len(sectors))
+	for k, s := range sectors {
+		ops = append(ops, logOp{off: k, data: s})
+	}
+	sort.Slice(ops, func(a, b int) bool { return ops[a].off < ops[b].off })
+	guid := NewGUID()
+	img.logSeq++
+	entry := marshalLogEntry(img.logSeq, 0, guid, uint64(img.src.vsize), uint64(img.src.vsize), ops)
+	h := img.header
+	if int64(len(entry)) > int64(h.LogLength) {
+		return fmt.Errorf("%s: a log entry of %d bytes does not fit the %d-byte log: %w", name, len(entry), h.LogLength, ErrUnsupported)
+	}
+	if _, err := img.src.f.WriteAt(entry, int64(h.LogOffset)); err != nil {
+		return fmt.Errorf("%s: write log entry at %d: %w", name, h.LogOffset, err)
+	}
+	if err := img.src.f.Sync(); err != nil {
+		return fmt.Errorf("%s: fsync: %w", name, err)
+	}
+	if err := img.updateHeader(func(h *Header) { h.LogGuid = guid }); err != nil {
+		return err
+	}
+	for _, op := range ops {
+		if _, err := img.src.f.WriteAt(op.data, op.off); err != nil {
+			return fmt.Errorf("%s: write metadata at %d: %w", name, op.off, err)
+		}
+	}
+	if err := img.src.f.Sync(); err != nil {
+		return fmt.Errorf("%s: fsync: %w", name, err)
+	}
+	for idx, e := range bat {
+		img.bat[idx] = e
+	}
+	return img.updateHeader(func(h *Header) { h.LogGuid = GUID{} })
+}

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"encoding/json"
 	"fmt"
 	"os"
 
@@ -19,6 +20,7 @@ func cmdCheck(args []string) error {
 	forceShare := fs.BoolP("force-share", "U", false, "open without locks, to read images another process has open for writing (as qemu-img -U); what it reads may be torn")
 	parents := parentFlag(fs)
 	repair := fs.Bool("repair", false, "complete or roll back an interrupted merge; restore a damaged end footer from the copy at offset 0")
+	asJSON := fs.Bool("json", false, "print the result as JSON: the problems, and the chain as info --json shows it")
 	pos, err := parse(fs, args, "IMAGE")
 	if err != nil {
 		return err
@@ -26,13 +28,14 @@ func cmdCheck(args []string) error {
 	if *repair && *forceShare {
 		return usagef("--repair writes; it cannot be combined with --force-share")
 	}
+	var repairs []string
 	if *repair {
 		msg, err := merge.Recover(pos[0])
 		if err != nil {
 			return err
 		}
 		if msg != "" {
-			fmt.Printf("%s: repaired: %s\n", pos[0], msg)
+			repairs = append(repairs, msg)
 		}
 	}
 	checkChain := func(path string) []vhd.Problem {
@@ -55,7 +58,7 @@ func cmdCheck(args []string) error {
 				return err
 			}
 			if fixed {
-				fmt.Printf("%s: repaired: footer at the end restored from the copy at offset 0\n", p.File)
+				repairs = append(repairs, p.File+": footer at the end restored from the copy at offset 0")
 				repaired = true
 			}
 		}
@@ -67,6 +70,31 @@ func cmdCheck(args []string) error {
 	for _, p := range problems {
 		if p.Severity == vhd.Error {
 			errs++
+		}
+	}
+	if *asJSON {
+		out := checkJSON{Image: pos[0], Consistent: errs == 0, Repaired: repairs, Problems: []problemJSON{}}
+		for _, p := range problems {
+			out.Problems = append(out.Problems, problemJSON{Severity: p.Severity.String(), File: p.File, Message: p.Message})
+		}
+		if info, err := chain.Inspect(pos[0], chain.OpenOptions{ForceShare: *forceShare, Parents: *parents}); err == nil || len(info.Layers) > 0 {
+			out.Chain = &info
+		}
+		enc := json.NewEncoder(os.Stdout)
+		enc.SetIndent("", "  ")
+		if err := enc.Encode(out); err != nil {
+			return err
+		}
+		if errs > 0 {
+			return checkFailed{}
+		}
+		return nil
+	}
+	for _, msg := range repairs {
+		fmt.Printf("%s: repaired: %s\n", pos[0], msg)
+	}
+	for _, p := range problems {
+		if p.Severity == vhd.Error {
 			fmt.Fprintln(os.Stderr, p)
 		} else {
 			fmt.Println(p)
@@ -77,6 +105,22 @@ func cmdCheck(args []string) error {
 	}
 	fmt.Printf("%s: chain is consistent\n", pos[0])
 	return nil
+}
+
+// checkJSON is check --json's output; the chain has info --json's schema (and the
+// control file status's layers).
+type checkJSON struct {
+	Image      string        `json:"image"`
+	Consistent bool          `json:"consistent"`
+	Repaired   []string      `json:"repaired,omitempty"`
+	Problems   []problemJSON `json:"problems"`
+	Chain      *chain.Info   `json:"chain,omitempty"`
+}
+
+type problemJSON struct {
+	Severity string `json:"severity"`
+	File     string `json:"file"`
+	Message  string `json:"message"`
 }
 
 func vhdFooterState(path string) (vhd.FooterState, error) {

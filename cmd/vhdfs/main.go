@@ -33,7 +33,7 @@ const usage = `usage:
   vhdfs create --parent PARENT IMAGE
   vhdfs snapshot IMAGE NEW
   vhdfs merge [-p|--progress] [--depth N] [--from S] IMAGE
-  vhdfs check [--repair] [-U] [--parent PARENT]... IMAGE
+  vhdfs check [--repair] [-U] [--json] [--parent PARENT]... IMAGE
   vhdfs export [-p|--progress] [-U] [--parent PARENT]... IMAGE OUT.raw|-|DEVICE
   vhdfs relink IMAGE PARENT
   vhdfs help [COMMAND]               (or vhdfs COMMAND --help: every flag, described)

@@ -44,8 +44,9 @@ func (img *Image) FileRun(off, n int64) (f *os.File, fileOff, k int64, ok bool) 
 
 // CopyFrom copies n bytes at srcOff of src into the image at off with
 // copy_file_range(2), so the kernel moves the bytes (and XFS or btrfs share them by
-// reflink). It copies only where the image stores the range in place already: a
-// fixed image, or an allocated block (it stops at the block's end). It follows
+// reflink). It copies into a fixed image, an allocated block, or a block of a
+// differencing image, which it allocates (it stops at the block's end); an
+// unallocated block of a dynamic image is ErrNotInPlace. It follows
 // WriteAt's rules: off and n are multiples of 512, the bitmap bits are set, and they
 // reach the disk at the next Sync, after the data. It returns the bytes copied (a
 // multiple of 512) and, when it copied fewer than n, an error; one wrapping
@@ -74,7 +75,15 @@ func (img *Image) CopyFrom(src *os.File, srcOff, off, n int64) (int64, error) {
 	n = min(n, img.blockSize-in)
 	e := img.bat.get(blk)
 	if e == unallocated {
-		return 0, fmt.Errorf("%s: copy to unallocated block %d: %w", img.name, blk, ErrNotInPlace)
+		// A dynamic image leaves a block of zeros unallocated, which only a read
+		// would tell; a differencing image allocates for any write, as WriteAt does.
+		if img.footer.DiskType != TypeDifferencing {
+			return 0, fmt.Errorf("%s: copy to unallocated block %d: %w", img.name, blk, ErrNotInPlace)
+		}
+		var err error
+		if e, err = img.allocateLocked(uint32(blk)); err != nil {
+			return 0, err
+		}
 	}
 	k, err := copyRange(src, srcOff, dst, int64(e)*SectorSize+img.bitmapSize+in, n, img.name)
 	if k > 0 {

@@ -29,10 +29,24 @@ func TestCopyFrom(t *testing.T) {
 		{"fixed: in place", TypeFixed, false, nil},
 		{"dynamic, unallocated block", TypeDynamic, false, ErrNotInPlace},
 		{"dynamic, allocated block", TypeDynamic, true, nil},
+		{"differencing, unallocated block: allocated", TypeDifferencing, false, nil},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			p := filepath.Join(t.TempDir(), "a.vhd")
-			if err := Create(p, CreateOptions{Type: tc.typ, Size: 4 << 20, ExactSize: true, BlockSize: 1 << 20}); err != nil {
+			opts := CreateOptions{Type: tc.typ, Size: 4 << 20, ExactSize: true, BlockSize: 1 << 20}
+			if tc.typ == TypeDifferencing {
+				pp := filepath.Join(t.TempDir(), "parent.vhd")
+				if err := Create(pp, CreateOptions{Type: TypeDynamic, Size: 4 << 20, ExactSize: true}); err != nil {
+					t.Fatal(err)
+				}
+				parent, err := Open(pp, false)
+				if err != nil {
+					t.Fatal(err)
+				}
+				defer parent.Close()
+				opts = CreateOptions{Type: TypeDifferencing, Parent: parent, ParentPath: pp, BlockSize: 1 << 20}
+			}
+			if err := Create(p, opts); err != nil {
 				t.Fatal(err)
 			}
 			img, err := Open(p, true)

@@ -75,6 +75,9 @@ func (n *diskNode) Open(ctx context.Context, flags uint32) (fs.FileHandle, uint3
 	if n.layer != nil {
 		return &diskHandle{}, 0, 0
 	}
+	if n.root.opts.DirectIO {
+		return &diskHandle{}, fuse.FOPEN_DIRECT_IO, 0
+	}
 	return &diskHandle{}, fuse.FOPEN_KEEP_CACHE, 0
 }
 

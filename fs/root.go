@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"log"
 	"os"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -16,6 +17,7 @@ import (
 
 	"github.com/hanwen/go-fuse/v2/fs"
 	"github.com/hanwen/go-fuse/v2/fuse"
+	"golang.org/x/sys/unix"
 
 	"github.com/vhdfs/vhdfs/chain"
 )
@@ -33,7 +35,17 @@ type Options struct {
 	Access *Access
 	// FsName is the source the mount table shows; default: the top image's path.
 	FsName string
+	// ReadAheadKB is the read-ahead of the mount's backing device, set in sysfs after
+	// mounting (root only); 0: DefaultReadAheadKB.
+	ReadAheadKB int
+	// DirectIO opens disk.raw without the page cache (FOPEN_DIRECT_IO): every read
+	// reaches vhdfs in the reader's own request size, and nothing stays cached.
+	DirectIO bool
 }
+
+// DefaultReadAheadKB is the read-ahead vhdfs sets on its mounts: the kernel gives a
+// FUSE mount 128 KiB, which makes every sequential READ a round trip of 128 KiB.
+const DefaultReadAheadKB = 1024
 
 // Access is the owner and the permission bits of disk.raw and control. The files of
 // layers/ (and all files of a read-only mount) lose the write bits; directories get
@@ -225,11 +237,17 @@ func Mount(dir string, c *chain.Chain, opts Options) (*fuse.Server, *Root, error
 		// No default entry timeout: the lookups set theirs, control's is zero.
 		AttrTimeout: &sec,
 		MountOptions: fuse.MountOptions{
-			AllowOther:    opts.AllowOther,
-			FsName:        strings.ReplaceAll(fsname, ",", "_"),
-			Name:          "vhdfs",
-			MaxWrite:      1 << 20,
-			MaxReadAhead:  1 << 20,
+			AllowOther: opts.AllowOther,
+			FsName:     strings.ReplaceAll(fsname, ",", "_"),
+			Name:       "vhdfs",
+			// 1 MiB: the largest request the kernel's default max_pages (256) allows;
+			// go-fuse asks for max_pages from MaxWrite.
+			MaxWrite:     1 << 20,
+			MaxReadAhead: 1 << 20,
+			// go-fuse would try to splice every reply made of bytes, fail, and drain
+			// its pipe: three wasted syscalls per READ, and a log line for each
+			// reply of 1 MiB.
+			DisableSplice: true,
 			Debug:         opts.Debug,
 			DisableXAttrs: true,
 			Options:       kopts,
@@ -240,7 +258,34 @@ func Mount(dir string, c *chain.Chain, opts Options) (*fuse.Server, *Root, error
 	if err != nil {
 		return nil, nil, fmt.Errorf("mount %s on %s: %w", top, dir, err)
 	}
+	ra := opts.ReadAheadKB
+	if ra == 0 {
+		ra = DefaultReadAheadKB
+	}
+	if err := SetReadAhead(dir, ra); err != nil {
+		opts.Logger.Printf("%v; to raise it, run as root: echo %d > %s", err, ra, bdiReadAheadPath(dir))
+	}
 	return srv, root, nil
+}
+
+// bdiReadAheadPath is the sysfs file of the read-ahead of the mount at dir, or a
+// placeholder when dir cannot be stat'ed.
+func bdiReadAheadPath(dir string) string {
+	var st unix.Stat_t
+	if err := unix.Stat(dir, &st); err != nil {
+		return "/sys/class/bdi/MAJOR:MINOR/read_ahead_kb"
+	}
+	return fmt.Sprintf("/sys/class/bdi/%d:%d/read_ahead_kb", unix.Major(st.Dev), unix.Minor(st.Dev))
+}
+
+// SetReadAhead sets the read-ahead of the backing device of the mount at dir to kb
+// KiB. Only root may write the sysfs file.
+func SetReadAhead(dir string, kb int) error {
+	p := bdiReadAheadPath(dir)
+	if err := os.WriteFile(p, []byte(strconv.Itoa(kb)+"\n"), 0); err != nil {
+		return fmt.Errorf("set read-ahead of %s to %d KiB: %w", dir, kb, err)
+	}
+	return nil
 }
 
 // Abort stops a running merge, if any, and waits for it (for shutdown). It returns

@@ -55,6 +55,9 @@ type Options struct {
 	Hook func(point string)
 	// Command names the merge in the journal and in messages; default from the options.
 	Command string
+	// NoKernelCopy copies by read and write only, never by copy_file_range (to
+	// compare the two).
+	NoKernelCopy bool
 }
 
 // Validate checks the options against a chain of n images and fills defaults.
@@ -466,7 +469,7 @@ func copyLayers(ctx context.Context, c *chain.Chain, opts Options, from, to int,
 	opts.Logf("merge: copying %d bytes from layers %d..%d into %s", total, from, to-1, dst.Name())
 	layers := c.Layers()
 	const chunk = 4 << 20
-	buf := make([]byte, chunk)
+	cp := &copier{dst: dst, buf: make([]byte, chunk), kernel: !opts.NoKernelCopy}
 	var done, sinceWriteback int64
 	halfway := false
 	for off := int64(0); off < size; off += chunk {
@@ -484,11 +487,7 @@ func copyLayers(ctx context.Context, c *chain.Chain, opts Options, from, to int,
 				return done, err
 			}
 			if src >= 0 {
-				p := buf[:k]
-				if _, err := layers[src].Image.ReadAt(p, pos); err != nil {
-					return done, err
-				}
-				if _, err := dst.WriteAt(p, pos); err != nil {
+				if k, err = cp.piece(layers[src].Image, pos, k); err != nil {
 					return done, err
 				}
 				done += k
@@ -509,8 +508,48 @@ func copyLayers(ctx context.Context, c *chain.Chain, opts Options, from, to int,
 	if err := dst.Sync(); err != nil {
 		return done, err
 	}
-	opts.Logf("merge: %d bytes durable in %s", done, dst.Name())
+	opts.Logf("merge: %d bytes durable in %s, %d of them copied by copy_file_range", done, dst.Name(), cp.kernelBytes)
 	return done, nil
+}
+
+// copier copies the pieces of a merge into dst: by copy_file_range where the source
+// stores a piece in one run of its file and the target stores it in place (a fixed
+// target, an allocated block), else by ReadAt and WriteAt.
+type copier struct {
+	dst         *vhd.Image
+	buf         []byte
+	kernel      bool  // false once the file system refused copy_file_range
+	kernelBytes int64 // copied by copy_file_range
+}
+
+// piece copies the start of [pos, pos+n) from src into dst, n at most len(buf), and
+// returns how many bytes it copied (all of them unless a kernel copy stopped early:
+// the caller goes on from there).
+func (cp *copier) piece(src *vhd.Image, pos, n int64) (int64, error) {
+	if cp.kernel {
+		if f, foff, m, ok := src.FileRun(pos, n); ok {
+			k, err := cp.dst.CopyFrom(f, foff, pos, m)
+			cp.kernelBytes += k
+			switch {
+			case errors.Is(err, vhd.ErrNoKernelCopy):
+				cp.kernel = false
+			case errors.Is(err, vhd.ErrNotInPlace):
+			case err != nil:
+				return k, err
+			}
+			if k > 0 {
+				return k, nil
+			}
+		}
+	}
+	p := cp.buf[:n]
+	if _, err := src.ReadAt(p, pos); err != nil {
+		return 0, err
+	}
+	if _, err := cp.dst.WriteAt(p, pos); err != nil {
+		return 0, err
+	}
+	return n, nil
 }
 
 // presentBytes counts the bytes layers [from, to) hold, for progress.

@@ -215,7 +215,13 @@ func (img *Image) writeBlockLocked(blk uint32, in int64, p []byte) error {
 	if _, err := img.f.WriteAt(p, blockOff+img.bitmapSize+in); err != nil {
 		return fmt.Errorf("%s: write block %d at %d: %w", img.name, blk, blockOff+img.bitmapSize+in, err)
 	}
-	first, end := in/SectorSize, (in+int64(len(p)))/SectorSize
+	return img.markWrittenLocked(blk, e, in, int64(len(p)))
+}
+
+// markWrittenLocked sets the bitmap bits of the n bytes at in of block blk, whose BAT
+// entry is e, after their data was written. The caller holds mu for writing.
+func (img *Image) markWrittenLocked(blk, e uint32, in, n int64) error {
+	first, end := in/SectorSize, (in+n)/SectorSize
 	for pg := first / sectorsPerPage; pg*sectorsPerPage < end; pg++ {
 		k := pageKey{img.id, blk, uint32(pg)}
 		bm, ok := img.dirty[k]

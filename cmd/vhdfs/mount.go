@@ -41,6 +41,8 @@ type mountArgs struct {
 	uid, gid, umask   string
 	fsname            string
 	parents           []string
+	readAhead         int // KiB
+	directIO          bool
 }
 
 func cmdMount(args []string) error {
@@ -59,6 +61,8 @@ func cmdMount(args []string) error {
 	fl.StringVar(&m.uid, "uid", "", "owner of disk.raw and layers/ (user name or number; default: the image's)")
 	fl.StringVar(&m.gid, "gid", "", "group of disk.raw and layers/ (group name or number; default: the image's)")
 	fl.StringVar(&m.umask, "umask", "", "octal umask for disk.raw and layers/ (default: the image's mode)")
+	fl.IntVar(&m.readAhead, "readahead", fs.DefaultReadAheadKB, "read-ahead of the mount in KiB (set in sysfs; root only)")
+	fl.BoolVar(&m.directIO, "direct-io", false, "serve disk.raw without the page cache (for one-shot imaging and export)")
 	fl.StringVar(&m.fsname, "fsname", "", "source name the mount table shows (default: the top image's path)")
 	parents := parentFlag(fl)
 	pos, err := parse(fl, args, "IMAGE", "MOUNTPOINT")
@@ -68,6 +72,9 @@ func cmdMount(args []string) error {
 	m.image, m.mountpoint = chain.Abs(pos[0]), chain.Abs(pos[1])
 	for _, p := range *parents {
 		m.parents = append(m.parents, chain.Abs(p))
+	}
+	if m.readAhead <= 0 {
+		return usagef("--readahead must be a positive number of KiB, not %d", m.readAhead)
 	}
 	m.foreground = m.foreground || m.debug
 	if _, err := mountAccess(m); err != nil {
@@ -387,6 +394,7 @@ func serve(m mountArgs, notify *notifier) (err error) {
 	srv, root, err := fs.Mount(m.mountpoint, c, fs.Options{
 		ReadOnly: m.readOnly, AllowOther: m.allowOther, Debug: m.debug, Logger: logger,
 		MergeHook: mergeHook(), Access: access, FsName: m.fsname,
+		ReadAheadKB: m.readAhead, DirectIO: m.directIO,
 	})
 	if err != nil {
 		c.Close()

@@ -80,7 +80,7 @@ func optionFlag(o string) (string, error) {
 		return "", nil
 	case strings.HasPrefix(o, "x-") || strings.HasPrefix(o, "X-") || key == "comment":
 		return "", nil
-	case hasVal && (key == "uid" || key == "gid" || key == "umask" || key == "fsname"):
+	case hasVal && (key == "uid" || key == "gid" || key == "umask" || key == "fsname" || key == "readahead"):
 		if val == "" {
 			return "", usagef("mount option %s needs a value", key)
 		}
@@ -98,6 +98,8 @@ func optionFlag(o string) (string, error) {
 		return "--debug", nil
 	case o == "nonempty":
 		return "--nonempty", nil
+	case o == "direct_io":
+		return "--direct-io", nil
 	}
 	return "", usagef("unknown mount option %q", o)
 }

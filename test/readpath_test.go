@@ -1,0 +1,166 @@
+package test
+
+import (
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// rpImage makes a 16 MiB dynamic image with its first 8 MiB written.
+func rpImage(t *testing.T) string {
+	t.Helper()
+	img := filepath.Join(t.TempDir(), "a.vhd")
+	mustVhdfs(t, "create", "--size", "16M", img)
+	mnt := mMountpoint(t)
+	mMount(t, img, mnt)
+	mustRun(t, "dd", "if=/dev/urandom", "of="+filepath.Join(mnt, "disk.raw"), "bs=1M", "count=8", "conv=notrunc", "status=none")
+	mUmount(t, mnt)
+	return img
+}
+
+// rpForeground runs `vhdfs mount -f [flags] img dir` with its stderr in a file, which
+// the test may read while the mount runs; it returns that file's path.
+func rpForeground(t *testing.T, img, dir string, flags ...string) string {
+	t.Helper()
+	requireTool(t, "fusermount3")
+	logPath := filepath.Join(t.TempDir(), "stderr")
+	f, err := os.Create(logPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	cmd := exec.Command(vhdfsBin, append(append([]string{"mount", "-f"}, flags...), img, dir)...)
+	cmd.Stderr = f
+	cmd.Env = mRaceLog(t)
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan struct{})
+	go func() { cmd.Wait(); close(done) }()
+	t.Cleanup(func() {
+		select {
+		case <-done:
+		case <-time.After(30 * time.Second):
+			t.Errorf("vhdfs mount -f %s is still running at the end of the test; killing it", dir)
+			cmd.Process.Kill()
+			<-done
+		}
+	})
+	mCleanupMount(t, dir)
+	deadline := time.Now().Add(30 * time.Second)
+	for !mountedAt(t, dir) {
+		select {
+		case <-done:
+			t.Fatalf("vhdfs mount -f %s exited before mounting:\n%s", dir, fileBytes(t, logPath))
+		case <-time.After(10 * time.Millisecond):
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("vhdfs mount -f %s: not mounted after 30s", dir)
+		}
+	}
+	return logPath
+}
+
+// rpReadAheadKB reads the sysfs read-ahead of the mount at dir.
+func rpReadAheadKB(t *testing.T, dir string) int {
+	t.Helper()
+	var st syscall.Stat_t
+	if err := syscall.Stat(dir, &st); err != nil {
+		t.Fatal(err)
+	}
+	major, minor := (st.Dev>>8)&0xfff|(st.Dev>>32)&^0xfff, st.Dev&0xff|(st.Dev>>12)&^0xff
+	b, err := os.ReadFile(fmt.Sprintf("/sys/class/bdi/%d:%d/read_ahead_kb", major, minor))
+	if err != nil {
+		t.Fatal(err)
+	}
+	n, err := strconv.Atoi(strings.TrimSpace(string(b)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return n
+}
+
+func TestMountReadAhead(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("only root may set a mount's read_ahead_kb")
+	}
+	img := rpImage(t)
+	for _, tc := range []struct {
+		name  string
+		flags []string
+		want  int
+	}{
+		{"default", nil, 1024},
+		{"-o readahead=512", []string{"-r", "-o", "readahead=512"}, 512},
+		{"--readahead=2048", []string{"-r", "--readahead=2048"}, 2048},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			mnt := mMountpoint(t)
+			mMount(t, img, mnt, tc.flags...)
+			if got := rpReadAheadKB(t, mnt); got != tc.want {
+				t.Errorf("read_ahead_kb of the mount = %d, want %d", got, tc.want)
+			}
+			mUmount(t, mnt)
+		})
+	}
+}
+
+// TestMountReadsLogNothing: 1 MiB O_DIRECT reads leave no line in the mount's log
+// (go-fuse 2.12.1 logged a failed splice for each).
+func TestMountReadsLogNothing(t *testing.T) {
+	requireTool(t, "dd")
+	img := rpImage(t)
+	mnt := mMountpoint(t)
+	logPath := rpForeground(t, img, mnt, "-r")
+	mustRun(t, "dd", "if="+filepath.Join(mnt, "disk.raw"), "of=/dev/null", "iflag=direct", "bs=1M", "status=none")
+	mustRun(t, "dd", "if="+filepath.Join(mnt, "disk.raw"), "of=/dev/null", "bs=1M", "status=none")
+	mUmount(t, mnt)
+	for _, line := range strings.Split(strings.TrimSpace(string(fileBytes(t, logPath))), "\n") {
+		if !strings.Contains(line, "mounted") {
+			t.Errorf("mount log has a line besides (un)mounted: %q", line)
+		}
+	}
+}
+
+// TestMountDirectIO: with direct_io every read of disk.raw reaches vhdfs, the second
+// as much as the first; without it the second comes from the page cache.
+func TestMountDirectIO(t *testing.T) {
+	img := rpImage(t)
+	for _, tc := range []struct {
+		name      string
+		flags     []string
+		secondHit bool // the second read reaches vhdfs
+	}{
+		{"page cache", nil, false},
+		{"-o direct_io", []string{"-o", "direct_io"}, true},
+		{"--direct-io", []string{"--direct-io"}, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			mnt := mMountpoint(t)
+			logPath := rpForeground(t, img, mnt, append([]string{"-r", "--debug"}, tc.flags...)...)
+			disk := filepath.Join(mnt, "disk.raw")
+			reads := func() int { return strings.Count(string(fileBytes(t, logPath)), ": READ ") }
+			before := reads()
+			mustRun(t, "dd", "if="+disk, "of=/dev/null", "bs=64K", "status=none")
+			first := reads() - before
+			mustRun(t, "dd", "if="+disk, "of=/dev/null", "bs=64K", "status=none")
+			second := reads() - before - first
+			mUmount(t, mnt)
+			if first == 0 {
+				t.Fatalf("the first read of disk.raw sent no READ to vhdfs")
+			}
+			if tc.secondHit && second < first {
+				t.Errorf("the second read sent %d READs, the first %d: disk.raw was cached", second, first)
+			}
+			if !tc.secondHit && second != 0 {
+				t.Errorf("the second read sent %d READs: disk.raw was not cached", second)
+			}
+		})
+	}
+}

@@ -42,7 +42,7 @@ func (c *Chain) Snapshot(name string) (*Layer, error) {
 		os.Remove(name)
 		return nil, err
 	}
-	if err := sameOwnerAndMode(name, top.Path); err != nil {
+	if err := SameOwnerAndMode(name, top.Path); err != nil {
 		return fail(fmt.Errorf("snapshot %s: %w", name, err))
 	}
 	img, err := vhd.Open(name, true)
@@ -75,8 +75,9 @@ func (c *Chain) Snapshot(name string) (*Layer, error) {
 	return fresh, nil
 }
 
-// sameOwnerAndMode gives path the permission bits and owner of like.
-func sameOwnerAndMode(path, like string) error {
+// SameOwnerAndMode gives path the permission bits and owner of like: an image that
+// takes another's place or role (a new top) is accessible to the same people.
+func SameOwnerAndMode(path, like string) error {
 	st, err := os.Stat(like)
 	if err != nil {
 		return err

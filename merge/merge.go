@@ -22,7 +22,6 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
-	"syscall"
 
 	"github.com/vhdfs/vhdfs/chain"
 	"github.com/vhdfs/vhdfs/internal/faults"
@@ -259,7 +258,7 @@ func pushTop(c *chain.Chain, opts Options) (*pushed, error) {
 	err = vhd.Create(fresh, vhd.CreateOptions{Type: vhd.TypeDifferencing, Parent: top.Image, ParentPath: p.oldTop,
 		LocatorPath: real, BlockSize: top.Image.BlockSize(), UniqueID: newID})
 	if err == nil {
-		err = sameOwnerAndMode(fresh, real)
+		err = chain.SameOwnerAndMode(fresh, real)
 	}
 	var img *vhd.Image
 	if err == nil {
@@ -672,21 +671,4 @@ func durably(change func() error) error {
 		return err
 	}
 	return change()
-}
-
-// sameOwnerAndMode gives path the permission bits and owner of like.
-func sameOwnerAndMode(path, like string) error {
-	st, err := os.Stat(like)
-	if err != nil {
-		return err
-	}
-	if err := os.Chmod(path, st.Mode().Perm()); err != nil {
-		return err
-	}
-	if sys, ok := st.Sys().(*syscall.Stat_t); ok && (int(sys.Uid) != os.Getuid() || int(sys.Gid) != os.Getgid()) {
-		if err := os.Chown(path, int(sys.Uid), int(sys.Gid)); err != nil {
-			return err
-		}
-	}
-	return nil
 }

@@ -235,9 +235,8 @@ func (c *control) startMerge(line string, opts merge.Options) (*mergeJob, syscal
 	if c.root.opts.ReadOnly {
 		return nil, c.record(line, fmt.Errorf("read-only mount: %w", chain.ErrReadOnly), "")
 	}
-	if err := opts.Validate(c.root.chain.Len()); err != nil {
-		return nil, c.record(line, fmt.Errorf("%v: %w", err, errInvalid), "")
-	}
+	// A retry joins its merge, or gets its unclaimed result, before the command is
+	// checked against the chain: the merge it repeats changed the chain's length.
 	c.mu.Lock()
 	if c.state != "idle" {
 		if c.job != nil && c.job.line == line {
@@ -256,6 +255,10 @@ func (c *control) startMerge(line string, opts merge.Options) (*mergeJob, syscal
 			c.mu.Unlock()
 			return u, 0
 		}
+	}
+	if err := opts.Validate(c.root.chain.Len()); err != nil {
+		c.mu.Unlock()
+		return nil, c.record(line, fmt.Errorf("%v: %w", err, errInvalid), "")
 	}
 	// The merge's own context: not the request's, which any signal interrupts.
 	mctx, cancel := context.WithCancel(context.Background())

@@ -15,8 +15,8 @@ import (
 
 // TestControlRetry: after EINTR, a write of the same merge command from a new open
 // joins the running merge and returns its result; after the merge ended, it gets
-// that result once instead of starting the merge again; another merge command gets
-// EBUSY while one runs.
+// that result once instead of starting the merge again (even when the merge left the
+// chain too short for the command); another merge command gets EBUSY while one runs.
 func TestControlRetry(t *testing.T) {
 	c := makeChain(t, chainOptions{Depth: 5, Create: []string{"--size", "16M"}, Writes: 10, Seed: 63})
 	want := md5Of(c.Model())
@@ -63,23 +63,31 @@ func TestControlRetry(t *testing.T) {
 	}
 	chainLen(4)
 
-	// Comes after the merge ended: its result, no second merge.
-	interruptedWrite(t, mnt, cmd, reached)
-	resume()
-	waitState(t, mnt, "idle")
-	if e := result(retry(), "retry after the merge"); e != 0 {
-		t.Fatalf("retry after the merge: errno %v, want 0", e)
-	}
-	chainLen(3)
-
-	// The result is taken: the same command now starts a new merge.
+	// A new write of the same command, not a retry (the result was taken), starts a
+	// new merge.
 	again := retry()
 	reached()
 	resume()
 	if e := result(again, "new merge"); e != 0 {
 		t.Fatalf("new merge: errno %v", e)
 	}
+	chainLen(3)
+
+	// Comes after the merge ended: its result, no second merge, although the merge
+	// left a chain too short for the command to run again.
+	interruptedWrite(t, mnt, cmd, reached)
+	resume()
+	waitState(t, mnt, "idle")
+	if e := result(retry(), "retry after the merge"); e != 0 {
+		t.Fatalf("retry after the merge: errno %v, want 0", e)
+	}
 	chainLen(2)
+
+	// The result is taken: the same command now is a new merge, which this chain is
+	// too short for.
+	if e := control(mnt, cmd); e != syscall.EINVAL {
+		t.Fatalf("the same command once its result was taken: errno %v, want EINVAL", e)
+	}
 	if got := md5Of(fileBytes(t, disk)); got != want {
 		t.Errorf("after the merges: md5 %s, want %s", got, want)
 	}

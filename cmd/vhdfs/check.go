@@ -35,7 +35,7 @@ func cmdCheck(args []string) error {
 			return err
 		}
 		if msg != "" {
-			repairs = append(repairs, msg)
+			repairs = append(repairs, fmt.Sprintf("%s: repaired: %s", pos[0], msg))
 		}
 	}
 	checkChain := func(path string) []vhd.Problem {
@@ -58,7 +58,7 @@ func cmdCheck(args []string) error {
 				return err
 			}
 			if fixed {
-				repairs = append(repairs, p.File+": footer at the end restored from the copy at offset 0")
+				repairs = append(repairs, p.File+": repaired: footer at the end restored from the copy at offset 0")
 				repaired = true
 			}
 		}
@@ -90,8 +90,8 @@ func cmdCheck(args []string) error {
 		}
 		return nil
 	}
-	for _, msg := range repairs {
-		fmt.Printf("%s: repaired: %s\n", pos[0], msg)
+	for _, line := range repairs {
+		fmt.Println(line)
 	}
 	for _, p := range problems {
 		if p.Severity == vhd.Error {

@@ -338,6 +338,9 @@ func mergeRange(ctx context.Context, c *chain.Chain, opts Options, from int, p *
 	if err != nil {
 		return res, err
 	}
+	// The merge fails as a whole on ENOSPC, at a write or at its Sync: no need to
+	// reserve each block's space ahead.
+	dst.NoReservation()
 	if dst.Footer().UniqueID != target.Image.Footer().UniqueID {
 		dst.Close()
 		return res, fmt.Errorf("%s: unique ID changed since the chain was opened: %w", target.Path, vhd.ErrReplaced)

@@ -45,11 +45,12 @@ const unallocated = ^uint32(0)
 // Image is one open VHD file. ReadAt and Run may be called concurrently with each
 // other and with WriteAt; WriteAt and Sync serialise on the image's lock.
 type Image struct {
-	f        File
-	name     string
-	writable bool
-	lock     *imagelock.Handle // nil for images not opened by Open
-	dev, ino uint64            // identity of the file, for SameFile
+	f         File
+	name      string
+	writable  bool
+	lock      *imagelock.Handle // nil for images not opened by Open
+	dev, ino  uint64            // identity of the file, for SameFile
+	noReserve bool              // set before the first write: see NoReservation
 
 	footer      Footer
 	footerState FooterState // guarded by mu once open: an allocation ends a 511-byte footer

@@ -70,12 +70,6 @@ func Open(path string, writable bool) (*Chain, error) {
 	return OpenWith(path, OpenOptions{Writable: writable})
 }
 
-// OpenForceShare opens the chain at path read-only without taking any lock (qemu-img's
-// -U): for reading images that another process has open for writing.
-func OpenForceShare(path string) (*Chain, error) {
-	return OpenWith(path, OpenOptions{ForceShare: true})
-}
-
 // OpenWith is Open with options: see OpenOptions. ForceShare wins over Writable.
 func OpenWith(path string, o OpenOptions) (*Chain, error) {
 	if err := checkJournal(path); err != nil {

@@ -12,11 +12,6 @@ import (
 // walk (its parents cannot be found without it).
 func Check(path string) []vhd.Problem { return CheckWith(path, OpenOptions{}) }
 
-// CheckForceShare is Check without locks (qemu-img check -U), for a chain in use.
-func CheckForceShare(path string) []vhd.Problem {
-	return CheckWith(path, OpenOptions{ForceShare: true})
-}
-
 // CheckWith is Check with the ForceShare and Parents of o; it never writes, whatever
 // o.Writable says.
 func CheckWith(path string, o OpenOptions) []vhd.Problem {

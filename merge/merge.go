@@ -108,9 +108,6 @@ func (r *Result) Message() string {
 	return msg
 }
 
-// ErrPending is returned for a merge other than the one a pending journal records.
-var ErrPending = errors.New("another merge is pending")
-
 // Merge runs a merge on an open chain whose top is writable. ctx aborts it during the
 // copy: the chain then shows the same data (see Result for its shape). It returns
 // when the data is durable in the target and the chain has been re-linked (and c
@@ -154,7 +151,7 @@ func resume(ctx context.Context, c *chain.Chain, opts Options, j *chain.Journal)
 		return nil, fmt.Errorf("%s: merge journal %s is in phase %s: %w", layers[0].Path, chain.JournalPath(layers[0].Path), j.Phase, chain.ErrJournal)
 	}
 	if opts.From != 0 || opts.Depth != j.Depth {
-		return nil, fmt.Errorf("%s: %q is pending (journal %s); run it again to complete it before another merge: %w", layers[0].Path, j.Command, chain.JournalPath(layers[0].Path), ErrPending)
+		return nil, fmt.Errorf("%s: %q is pending (journal %s); run it again to complete it before another merge: %w", layers[0].Path, j.Command, chain.JournalPath(layers[0].Path), chain.ErrPending)
 	}
 	if len(layers) < j.Depth+2 || filepath.Base(layers[1].Path) != filepath.Base(j.OldTop) {
 		return nil, fmt.Errorf("%s: the chain does not match its merge journal %s (want the old top %s below it): %w", layers[0].Path, chain.JournalPath(layers[0].Path), j.OldTop, chain.ErrJournal)

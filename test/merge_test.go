@@ -27,8 +27,9 @@ type mergeStatus struct {
 		Total int64 `json:"total"`
 	} `json:"progress"`
 	Chain []struct {
-		Path string `json:"path"`
-		Type string `json:"type"`
+		Path           string `json:"path"`
+		Type           string `json:"type"`
+		AllocatedBytes int64  `json:"allocated_bytes"`
 	} `json:"chain"`
 	Detached []string `json:"detached"`
 	Last     *struct {

@@ -14,34 +14,7 @@ import (
 	"time"
 )
 
-// snapshotStatus is the part of the control status a snapshot test reads.
-type snapshotStatus struct {
-	State string `json:"state"`
-	Chain []struct {
-		Path           string `json:"path"`
-		AllocatedBytes int64  `json:"allocated_bytes"`
-	} `json:"chain"`
-	Last *struct {
-		Command string `json:"command"`
-		Errno   int    `json:"errno"`
-		Message string `json:"message"`
-	} `json:"last"`
-}
-
-func readSnapshotStatus(t testing.TB, mnt string) snapshotStatus {
-	t.Helper()
-	var st snapshotStatus
-	b, err := os.ReadFile(filepath.Join(mnt, "control"))
-	if err != nil {
-		t.Fatalf("read control: %v", err)
-	}
-	if err := json.Unmarshal(b, &st); err != nil {
-		t.Fatalf("control JSON: %v\n%s", err, b)
-	}
-	return st
-}
-
-func chainPaths(st snapshotStatus) []string {
+func chainPaths(st mergeStatus) []string {
 	var p []string
 	for _, l := range st.Chain {
 		p = append(p, l.Path)
@@ -82,7 +55,7 @@ func TestSnapshotWhileWriting(t *testing.T) {
 	// A failing test stops fio before the unmount (cleanups run last first).
 	t.Cleanup(func() { cancel(); <-fioDone })
 	// The snapshot goes in once fio's writes have reached the top.
-	for delay := time.Millisecond; readSnapshotStatus(t, mnt).Chain[0].AllocatedBytes == 0; delay = min(2*delay, 50*time.Millisecond) {
+	for delay := time.Millisecond; readMergeStatus(t, mnt).Chain[0].AllocatedBytes == 0; delay = min(2*delay, 50*time.Millisecond) {
 		select {
 		case <-fioDone:
 			t.Fatalf("fio ended before any write reached the top: %v\n%s", fioErr, fioOut.String())
@@ -90,11 +63,11 @@ func TestSnapshotWhileWriting(t *testing.T) {
 		}
 	}
 	if e := control(mnt, "snapshot snap.vhd"); e != 0 {
-		t.Fatalf("snapshot: %v: %+v", e, readSnapshotStatus(t, mnt).Last)
+		t.Fatalf("snapshot: %v: %+v", e, readMergeStatus(t, mnt).Last)
 	}
 	frozen := sha256file(t, top)
 	frozenView := sha256file(t, exportShared(t, top))
-	st := readSnapshotStatus(t, mnt)
+	st := readMergeStatus(t, mnt)
 	if want := []string{snap, top, base}; !slices.Equal(chainPaths(st), want) {
 		t.Errorf("chain after the snapshot: %v, want %v", chainPaths(st), want)
 	}
@@ -131,7 +104,7 @@ func TestSnapshotWhileWriting(t *testing.T) {
 	if got := sha256file(t, exportShared(t, top)); got != frozenView {
 		t.Errorf("the old top's view changed after the snapshot")
 	}
-	st = readSnapshotStatus(t, mnt)
+	st = readMergeStatus(t, mnt)
 	if st.Chain[0].AllocatedBytes == 0 {
 		t.Errorf("the new top holds no writes: %+v", st.Chain)
 	}
@@ -152,31 +125,31 @@ func TestSnapshotWhileWriting(t *testing.T) {
 			t.Errorf("%q: errno %v, want %v", c.cmd, e, c.want)
 		}
 	}
-	if got := readSnapshotStatus(t, mnt); len(got.Chain) != 3 {
+	if got := readMergeStatus(t, mnt); len(got.Chain) != 3 {
 		t.Errorf("a refused snapshot changed the chain: %v", chainPaths(got))
 	}
 
 	// Merging the snapshot into the old top keeps the view.
 	want := md5file(t, disk)
 	if e := control(mnt, "merge depth=1"); e != 0 {
-		t.Fatalf("merge depth=1: %v: %+v", e, readSnapshotStatus(t, mnt).Last)
+		t.Fatalf("merge depth=1: %v: %+v", e, readMergeStatus(t, mnt).Last)
 	}
 	if got := md5file(t, disk); got != want {
 		t.Errorf("disk.raw after merging the snapshot: md5 %s, want %s", got, want)
 	}
-	st = readSnapshotStatus(t, mnt)
+	st = readMergeStatus(t, mnt)
 	if want := []string{snap, top, base}; !slices.Equal(chainPaths(st), want) || st.Chain[0].AllocatedBytes != 0 {
 		t.Errorf("chain after merging the snapshot: %+v, want %v with an empty top", st.Chain, want)
 	}
 	// A merge from the top always leaves a fresh top, so depth=1 keeps three images;
 	// merging the old top too gives the chain of two the snapshot began with.
 	if e := control(mnt, "merge depth=2"); e != 0 {
-		t.Fatalf("merge depth=2: %v: %+v", e, readSnapshotStatus(t, mnt).Last)
+		t.Fatalf("merge depth=2: %v: %+v", e, readMergeStatus(t, mnt).Last)
 	}
 	if got := md5file(t, disk); got != want {
 		t.Errorf("disk.raw after merge depth=2: md5 %s, want %s", got, want)
 	}
-	if st := readSnapshotStatus(t, mnt); !slices.Equal(chainPaths(st), []string{snap, base}) {
+	if st := readMergeStatus(t, mnt); !slices.Equal(chainPaths(st), []string{snap, base}) {
 		t.Errorf("chain after merge depth=2: %v, want %v", chainPaths(st), []string{snap, base})
 	}
 	mustVhdfs(t, "umount", mnt)

@@ -1,4 +1,4 @@
-// Package chain opens a VHD and its ancestors and composes them into one disk:
+// Package chain opens a virtual disk and its ancestors and composes them into one disk:
 // reads resolve top first, run by run; writes land in the top image.
 package chain
 
@@ -9,7 +9,8 @@ import (
 	"path/filepath"
 	"sync"
 
-	"github.com/vhdfs/vhdfs/vhd"
+	"github.com/vhdfs/vhdfs/image"
+	"github.com/vhdfs/vhdfs/probe"
 )
 
 // MaxDepth bounds the number of images in a chain; deeper is taken as a loop or a
@@ -29,7 +30,7 @@ var (
 
 // Layer is one image of a chain.
 type Layer struct {
-	Image   *vhd.Image
+	Image   image.Image
 	Path    string // as found: the top as given, parents through their locators
 	FoundBy string // which locator found it ("W2ru", "W2ku", "MacX", "name"), "" for the top
 }
@@ -102,19 +103,22 @@ func OpenParents(top *Layer) ([]*Layer, error) {
 	return layers, nil
 }
 
-func openImage(path string, writable, forceShare bool) (*vhd.Image, error) {
-	if forceShare {
-		return vhd.OpenForceShare(path)
+func openImage(path string, writable, forceShare bool) (image.Image, error) {
+	switch {
+	case forceShare:
+		return probe.Open(path, probe.ForceShare)
+	case writable:
+		return probe.Open(path, probe.Writable)
 	}
-	return vhd.Open(path, writable)
+	return probe.Open(path, probe.ReadOnly)
 }
 
 // walkParents returns the chain that starts at top. On error it also returns the
 // layers it opened so far, top first, still open: the caller closes them.
 func walkParents(top *Layer, o OpenOptions) ([]*Layer, error) {
 	layers := []*Layer{top}
-	seen := map[vhd.UUID]string{top.Image.Footer().UniqueID: top.Path}
-	for cur := top; cur.Image.Type() == vhd.TypeDifferencing; {
+	seen := map[image.ID]string{top.Image.ID(): top.Path}
+	for cur := top; cur.Image.Type() == image.Differencing; {
 		if len(layers) >= MaxDepth {
 			return layers, fmt.Errorf("%s: more than %d images below it: %w", top.Path, MaxDepth, ErrTooDeep)
 		}
@@ -122,7 +126,7 @@ func walkParents(top *Layer, o OpenOptions) ([]*Layer, error) {
 		if err != nil {
 			return layers, err
 		}
-		id := parent.Image.Footer().UniqueID
+		id := parent.Image.ID()
 		if prev, ok := seen[id]; ok {
 			parent.Image.Close()
 			return layers, fmt.Errorf("%s: parent %s has unique ID %s, already in the chain as %s: %w", cur.Path, parent.Path, id, prev, ErrCycle)
@@ -185,7 +189,7 @@ func (c *Chain) ReadAtDepth(p []byte, off int64, depth int) (int, error) {
 	c.mu.RLock()
 	defer c.mu.RUnlock()
 	if depth < 0 || depth >= len(c.layers) {
-		return 0, fmt.Errorf("read at depth %d of a chain of %d: %w", depth, len(c.layers), vhd.ErrInvalidArg)
+		return 0, fmt.Errorf("read at depth %d of a chain of %d: %w", depth, len(c.layers), image.ErrInvalidArg)
 	}
 	return readLayers(c.layers[depth:], p, off)
 }
@@ -247,7 +251,7 @@ func (c *Chain) Run(depth int, off, n int64) (int64, bool, error) {
 	c.mu.RLock()
 	defer c.mu.RUnlock()
 	if depth < 0 || depth >= len(c.layers) {
-		return 0, false, fmt.Errorf("run at depth %d of a chain of %d: %w", depth, len(c.layers), vhd.ErrInvalidArg)
+		return 0, false, fmt.Errorf("run at depth %d of a chain of %d: %w", depth, len(c.layers), image.ErrInvalidArg)
 	}
 	return runFrom(c.layers[depth:], off, n)
 }
@@ -307,8 +311,8 @@ func runFrom(layers []*Layer, off, n int64) (int64, bool, error) {
 	return runFrom(layers[1:], off, k)
 }
 
-// WriteAt writes p at off into the top image. Whole sectors are written as they are;
-// a partial sector at either edge is first read through the chain so the rest of it
+// WriteAt writes p at off into the top image. Whole logical sectors (512 or 4096
+// bytes, as the top has them) are written as they are; a partial sector at either edge is first read through the chain so the rest of it
 // keeps its bytes. A write that starts at or past Size fails with ErrNoSpace; one that
 // runs past it writes what fits and returns ErrNoSpace with the count.
 func (c *Chain) WriteAt(p []byte, off int64) (int, error) {
@@ -331,18 +335,19 @@ func (c *Chain) WriteAt(p []byte, off int64) (int, error) {
 	if len(p) == 0 {
 		return 0, short
 	}
-	start := off / vhd.SectorSize * vhd.SectorSize
-	end := (off + int64(len(p)) + vhd.SectorSize - 1) / vhd.SectorSize * vhd.SectorSize
+	sector := top.Image.SectorSize()
+	start := off / sector * sector
+	end := (off + int64(len(p)) + sector - 1) / sector * sector
 	buf := p
 	if start != off || end != off+int64(len(p)) {
 		buf = make([]byte, end-start)
 		headPartial, tailPartial := start != off, end != off+int64(len(p))
 		if headPartial {
-			if err := readFrom(c.layers, buf[:vhd.SectorSize], start); err != nil {
+			if err := readFrom(c.layers, buf[:sector], start); err != nil {
 				return 0, err
 			}
 		}
-		if last := end - vhd.SectorSize; tailPartial && !(headPartial && last == start) {
+		if last := end - sector; tailPartial && !(headPartial && last == start) {
 			if err := readFrom(c.layers, buf[last-start:], last); err != nil {
 				return 0, err
 			}

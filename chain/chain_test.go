@@ -397,8 +397,8 @@ func TestDescribe(t *testing.T) {
 	}
 	baseImg, midImg := c.Layers()[2].Image, c.Layers()[1].Image
 	want := []LayerInfo{
-		{Depth: 0, Path: top, Type: "differencing", VirtualSize: 128 * kib, BlockSize: 4 * kib, AllocatedBytes: 4 * kib, ParentUniqueID: midImg.Footer().UniqueID.String()},
-		{Depth: 1, Path: mid, Type: "differencing", VirtualSize: 128 * kib, BlockSize: 4 * kib, ParentUniqueID: baseImg.Footer().UniqueID.String(), FoundBy: "W2ru"},
+		{Depth: 0, Path: top, Type: "differencing", VirtualSize: 128 * kib, BlockSize: 4 * kib, AllocatedBytes: 4 * kib, ParentUniqueID: midImg.ID().String()},
+		{Depth: 1, Path: mid, Type: "differencing", VirtualSize: 128 * kib, BlockSize: 4 * kib, ParentUniqueID: baseImg.ID().String(), FoundBy: "W2ru"},
 		{Depth: 2, Path: base, Type: "fixed", VirtualSize: 128 * kib, AllocatedBytes: 128 * kib, FoundBy: "W2ru"},
 	}
 	for i, w := range want {
@@ -407,7 +407,7 @@ func TestDescribe(t *testing.T) {
 			g.AllocatedBytes != w.AllocatedBytes || g.ParentUniqueID != w.ParentUniqueID || g.FoundBy != w.FoundBy {
 			t.Errorf("layer %d = %+v, want %+v", i, g, w)
 		}
-		if g.Creator != "vhdf 1.0" || g.UniqueID != c.Layers()[i].Image.Footer().UniqueID.String() {
+		if g.Creator != "vhdf 1.0" || g.UniqueID != c.Layers()[i].Image.ID().String() {
 			t.Errorf("layer %d creator %q unique ID %q", i, g.Creator, g.UniqueID)
 		}
 		if w.Type == "differencing" && g.ParentName != filepath.Base(c.Layers()[i+1].Path) {

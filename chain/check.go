@@ -3,32 +3,33 @@ package chain
 import (
 	"fmt"
 	"os"
+	"time"
 
-	"github.com/vhdfs/vhdfs/vhd"
+	"github.com/vhdfs/vhdfs/image"
 )
 
 // Check opens the chain at path image by image and returns every problem found, top
 // first. It writes nothing. An image that cannot be opened is one error and ends the
 // walk (its parents cannot be found without it).
-func Check(path string) []vhd.Problem { return CheckWith(path, OpenOptions{}) }
+func Check(path string) []image.Problem { return CheckWith(path, OpenOptions{}) }
 
 // CheckWith is Check with the ForceShare and Parents of o; it never writes, whatever
 // o.Writable says.
-func CheckWith(path string, o OpenOptions) []vhd.Problem {
+func CheckWith(path string, o OpenOptions) []image.Problem {
 	forceShare := o.ForceShare
-	var out []vhd.Problem
+	var out []image.Problem
 	switch j, err := ReadJournal(path); {
 	case err != nil:
-		out = append(out, vhd.Problem{Severity: vhd.Error, File: path, Message: err.Error()})
+		out = append(out, image.Problem{Severity: image.Error, File: path, Message: err.Error()})
 	case j != nil && j.Phase != PhaseCopy:
-		out = append(out, vhd.Problem{Severity: vhd.Error, File: path, Message: fmt.Sprintf("merge journal %s: %q into %s was interrupted in its %s step; 'vhdfs check --repair' completes it", JournalPath(path), j.Command, j.Target, j.Phase)})
+		out = append(out, image.Problem{Severity: image.Error, File: path, Message: fmt.Sprintf("merge journal %s: %q into %s was interrupted in its %s step; 'vhdfs check --repair' completes it", JournalPath(path), j.Command, j.Target, j.Phase)})
 		return out
 	case j != nil:
-		out = append(out, vhd.Problem{Severity: vhd.Warning, File: path, Message: fmt.Sprintf("merge journal %s: %q into %s is pending (a new top holds the writes made since it began); run the same merge again to complete it", JournalPath(path), j.Command, j.Target)})
+		out = append(out, image.Problem{Severity: image.Warning, File: path, Message: fmt.Sprintf("merge journal %s: %q into %s is pending (a new top holds the writes made since it began); run the same merge again to complete it", JournalPath(path), j.Command, j.Target)})
 	}
 	img, err := openImage(path, false, forceShare)
 	if err != nil {
-		return append(out, vhd.Problem{Severity: vhd.Error, File: path, Message: err.Error()})
+		return append(out, image.Problem{Severity: image.Error, File: path, Message: err.Error()})
 	}
 	cur := &Layer{Image: img, Path: path}
 	opened := []*Layer{cur}
@@ -37,40 +38,40 @@ func CheckWith(path string, o OpenOptions) []vhd.Problem {
 			l.Image.Close()
 		}
 	}()
-	seen := map[vhd.UUID]string{img.Footer().UniqueID: path}
+	seen := map[image.ID]string{img.ID(): path}
 	for {
 		out = append(out, cur.Image.Check()...)
-		if cur.Image.Type() != vhd.TypeDifferencing {
+		if cur.Image.Type() != image.Differencing {
 			break
 		}
 		if len(opened) >= MaxDepth {
-			return append(out, vhd.Problem{Severity: vhd.Error, File: path, Message: fmt.Sprintf("more than %d images in the chain", MaxDepth)})
+			return append(out, image.Problem{Severity: image.Error, File: path, Message: fmt.Sprintf("more than %d images in the chain", MaxDepth)})
 		}
 		parent, err := findParent(cur.Image, cur.Path, givenParent(o.Parents, len(opened)-1), forceShare)
 		if err != nil {
-			return append(out, vhd.Problem{Severity: vhd.Error, File: cur.Path, Message: err.Error()})
+			return append(out, image.Problem{Severity: image.Error, File: cur.Path, Message: err.Error()})
 		}
 		opened = append(opened, parent)
-		id := parent.Image.Footer().UniqueID
+		id := parent.Image.ID()
 		if prev, ok := seen[id]; ok {
-			return append(out, vhd.Problem{Severity: vhd.Error, File: cur.Path, Message: fmt.Sprintf("parent %s is already in the chain as %s: cycle", parent.Path, prev)})
+			return append(out, image.Problem{Severity: image.Error, File: cur.Path, Message: fmt.Sprintf("parent %s is already in the chain as %s: cycle", parent.Path, prev)})
 		}
 		seen[id] = parent.Path
-		h, _ := cur.Image.Header()
-		if st, err := os.Stat(parent.Path); err == nil && h.ParentTimestamp != 0 && h.ParentTimestamp != vhd.Timestamp(st.ModTime()) {
-			out = append(out, vhd.Problem{Severity: vhd.Note, File: cur.Path, Message: fmt.Sprintf("parent time stamp %s differs from the parent's modification time %s (reported, not enforced)",
-				vhd.Time(h.ParentTimestamp).Format("2006-01-02 15:04:05"), st.ModTime().UTC().Format("2006-01-02 15:04:05"))})
+		ts := cur.Image.Describe().ParentTimestamp
+		if st, err := os.Stat(parent.Path); err == nil && !ts.IsZero() && !ts.Equal(st.ModTime().Truncate(time.Second)) {
+			out = append(out, image.Problem{Severity: image.Note, File: cur.Path, Message: fmt.Sprintf("parent time stamp %s differs from the parent's modification time %s (reported, not enforced)",
+				ts.UTC().Format("2006-01-02 15:04:05"), st.ModTime().UTC().Format("2006-01-02 15:04:05"))})
 		}
 		if bs := parent.Image.BlockSize(); bs != 0 && bs != cur.Image.BlockSize() {
-			out = append(out, vhd.Problem{Severity: vhd.Note, File: cur.Path, Message: fmt.Sprintf("block size %d differs from its parent's %d", cur.Image.BlockSize(), bs)})
+			out = append(out, image.Problem{Severity: image.Note, File: cur.Path, Message: fmt.Sprintf("block size %d differs from its parent's %d", cur.Image.BlockSize(), bs)})
 		}
 		if cur.Image.Size() < parent.Image.Size() {
-			out = append(out, vhd.Problem{Severity: vhd.Warning, File: cur.Path, Message: fmt.Sprintf("virtual size %d is smaller than its parent's %d", cur.Image.Size(), parent.Image.Size())})
+			out = append(out, image.Problem{Severity: image.Warning, File: cur.Path, Message: fmt.Sprintf("virtual size %d is smaller than its parent's %d", cur.Image.Size(), parent.Image.Size())})
 		}
 		cur = parent
 	}
 	if n := len(opened) - 1; len(o.Parents) > n {
-		out = append(out, vhd.Problem{Severity: vhd.Error, File: path, Message: fmt.Sprintf("%d parents given, but the chain has %d: %v", len(o.Parents), n, ErrTooManyParents)})
+		out = append(out, image.Problem{Severity: image.Error, File: path, Message: fmt.Sprintf("%d parents given, but the chain has %d: %v", len(o.Parents), n, ErrTooManyParents)})
 	}
 	return out
 }

@@ -2,19 +2,19 @@ package chain
 
 import (
 	"errors"
-	"fmt"
-	"strings"
 
-	"github.com/vhdfs/vhdfs/vhd"
+	"github.com/vhdfs/vhdfs/image"
 )
 
 // LayerInfo describes one image of a chain for people and for JSON.
 type LayerInfo struct {
 	Depth           int    `json:"depth"`
 	Path            string `json:"path"`
+	Format          string `json:"format"`
 	Type            string `json:"type"`
 	VirtualSize     int64  `json:"virtual_size"`
 	BlockSize       int64  `json:"block_size,omitempty"`
+	SectorSize      int64  `json:"logical_sector_size"`
 	AllocatedBytes  int64  `json:"allocated_bytes"`
 	Creator         string `json:"creator"`
 	UniqueID        string `json:"unique_id"`
@@ -23,18 +23,9 @@ type LayerInfo struct {
 	ParentName      string `json:"parent_name,omitempty"`
 	FoundBy         string `json:"found_by,omitempty"`
 	// Locators are the parent locators of a differencing image, in slot order.
-	Locators []LocatorInfo `json:"locators,omitempty"`
-}
-
-// LocatorInfo is one parent locator: its platform code and the path it holds, and
-// where its data lies in the file.
-type LocatorInfo struct {
-	Slot     int    `json:"slot"`
-	Platform string `json:"platform"`
-	Path     string `json:"path,omitempty"`
-	Offset   uint64 `json:"offset"`
-	Space    int64  `json:"space"`
-	Length   uint32 `json:"length"`
+	Locators []image.Locator `json:"locators,omitempty"`
+	// Fields are what only this layer's format records, for the text output.
+	Fields [][2]string `json:"-"`
 }
 
 // Info describes a chain.
@@ -99,31 +90,27 @@ func describe(layers []*Layer) Info {
 // DescribeLayer describes one layer at depth.
 func DescribeLayer(depth int, l *Layer) LayerInfo {
 	img := l.Image
-	f := img.Footer()
+	d := img.Describe()
 	li := LayerInfo{
 		Depth:          depth,
 		Path:           l.Path,
+		Format:         img.Format(),
 		Type:           img.Type().String(),
 		VirtualSize:    img.Size(),
 		BlockSize:      img.BlockSize(),
+		SectorSize:     img.SectorSize(),
 		AllocatedBytes: img.AllocatedBytes(),
-		Creator:        fmt.Sprintf("%s %d.%d", strings.TrimRight(string(f.CreatorApp[:]), "\x00 "), f.CreatorVersion>>16, f.CreatorVersion&0xffff),
-		UniqueID:       f.UniqueID.String(),
+		Creator:        d.Creator,
+		UniqueID:       img.ID().String(),
 		FoundBy:        l.FoundBy,
+		Locators:       d.Locators,
+		Fields:         d.Fields,
 	}
-	if h, ok := img.Header(); ok && img.Type() == vhd.TypeDifferencing {
-		li.ParentUniqueID = h.ParentUniqueID.String()
-		li.ParentName = h.ParentName()
-		if h.ParentTimestamp != 0 {
-			li.ParentTimestamp = vhd.Time(h.ParentTimestamp).Format("2006-01-02T15:04:05Z")
-		}
-		for i, l := range h.ParentLocators {
-			if l.PlatformCode == vhd.PlatformNone {
-				continue
-			}
-			sp, _ := l.SpaceBytes()
-			li.Locators = append(li.Locators, LocatorInfo{Slot: i, Platform: vhd.PlatformName(l.PlatformCode), Path: img.LocatorPath(i),
-				Offset: l.PlatformDataOffset, Space: sp, Length: l.PlatformDataLength})
+	if img.Type() == image.Differencing {
+		li.ParentUniqueID = img.ParentID().String()
+		li.ParentName = d.ParentName
+		if !d.ParentTimestamp.IsZero() {
+			li.ParentTimestamp = d.ParentTimestamp.UTC().Format("2006-01-02T15:04:05Z")
 		}
 	}
 	return li

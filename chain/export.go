@@ -8,7 +8,7 @@ import (
 	"sync"
 	"sync/atomic"
 
-	"github.com/vhdfs/vhdfs/vhd"
+	"github.com/vhdfs/vhdfs/internal/fileio"
 )
 
 // exportChunk is the unit of work of Export.
@@ -96,8 +96,8 @@ func exportParallel(c *Chain, out *os.File, dense bool, progress func(done int64
 				}
 				n := min(exportChunk, size-i*exportChunk)
 				d := done.Add(n)
-				if d/vhd.WritebackEvery != (d-n)/vhd.WritebackEvery {
-					vhd.StartWriteback(out)
+				if d/fileio.WritebackEvery != (d-n)/fileio.WritebackEvery {
+					fileio.StartWriteback(out)
 				}
 				if progress != nil {
 					progress(d)
@@ -153,11 +153,11 @@ func writeNonZero(out *os.File, p []byte, off int64) error {
 		return min(len(p), int((off+int64(i))/sparseGranule*sparseGranule+sparseGranule-off))
 	}
 	for i := 0; i < len(p); {
-		for i < len(p) && vhd.AllZero(p[i:granuleEnd(i)]) {
+		for i < len(p) && fileio.AllZero(p[i:granuleEnd(i)]) {
 			i = granuleEnd(i)
 		}
 		j := i
-		for j < len(p) && !vhd.AllZero(p[j:granuleEnd(j)]) {
+		for j < len(p) && !fileio.AllZero(p[j:granuleEnd(j)]) {
 			j = granuleEnd(j)
 		}
 		if j > i {

@@ -4,12 +4,13 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"path"
 	"path/filepath"
 	"slices"
 	"strings"
 
-	"github.com/vhdfs/vhdfs/vhd"
+	"github.com/vhdfs/vhdfs/image"
+	"github.com/vhdfs/vhdfs/internal/fileio"
+	"github.com/vhdfs/vhdfs/probe"
 )
 
 // candidate is one path a locator suggests for the parent.
@@ -17,65 +18,48 @@ type candidate struct {
 	path, source string
 }
 
-// candidates lists where to look for child's parent, in the order of the spec:
-// W2ru relative to the child, W2ku as an absolute path and then its file name beside
-// the child, MacX, then the file name of the header's parent name beside the child.
-func candidates(child *vhd.Image, childPath string) ([]candidate, error) {
-	locs, err := child.ParentLocations()
+// candidates lists where to look for child's parent, in the order its locators give
+// (image.ParentHints). Relative paths are relative to the file the child is (as
+// blktap resolves them, through realpath), then to the link that named it, if that
+// is elsewhere.
+func candidates(child image.Image, childPath string) ([]candidate, error) {
+	hints, err := child.ParentHints()
 	if err != nil {
 		return nil, err
 	}
-	// Relative paths are relative to the file the child is (as blktap resolves them,
-	// through realpath), then to the link that named it, if that is elsewhere.
 	dirs := []string{filepath.Dir(childPath)}
 	if real, err := filepath.EvalSymlinks(childPath); err == nil && filepath.Dir(real) != dirs[0] {
 		dirs = []string{filepath.Dir(real), dirs[0]}
 	}
 	var out []candidate
-	add := func(p, src string) {
-		if p == "" || p == "." || p == "/" {
-			return
-		}
-		if filepath.IsAbs(p) {
-			out = append(out, candidate{filepath.Clean(p), src})
-			return
-		}
-		for _, dir := range dirs {
-			out = append(out, candidate{filepath.Clean(filepath.Join(dir, p)), src})
-		}
-	}
-	for _, l := range locs {
-		switch l.Source {
-		case "W2ru":
-			add(vhd.WindowsToSlash(l.Path), l.Source)
-		case "W2ku":
-			p := vhd.WindowsToSlash(l.Path)
-			if strings.HasPrefix(p, "/") {
-				add(p, l.Source)
+	for _, h := range hints {
+		p := h.Path
+		switch {
+		case p == "" || p == "." || p == "/":
+		case filepath.IsAbs(p):
+			out = append(out, candidate{filepath.Clean(p), h.Source})
+		default:
+			for _, dir := range dirs {
+				out = append(out, candidate{filepath.Clean(filepath.Join(dir, p)), h.Source})
 			}
-			add(path.Base(p), l.Source)
-		case "MacX":
-			add(vhd.MacXToPath(l.Path), l.Source)
-		case "name":
-			p := vhd.WindowsToSlash(l.Path)
-			add(path.Base(p), l.Source)
 		}
 	}
 	return out, nil
 }
 
 // FindParent finds and opens (read-only) the parent of a differencing image. A
-// candidate counts only if its unique ID is the one the child records; if files were
-// found but none matched, the error wraps vhd.ErrParentMismatch, and if none was
-// found, vhd.ErrParentMissing.
-func FindParent(child *vhd.Image, childPath string) (*Layer, error) {
+// candidate counts only if the child accepts its ID (image.AcceptsParent) and it has
+// the child's format; if files were found but none matched, the error wraps
+// image.ErrParentMismatch (or image.ErrMixedFormats), and if none was found,
+// image.ErrParentMissing.
+func FindParent(child image.Image, childPath string) (*Layer, error) {
 	return findParent(child, childPath, "", false)
 }
 
 // FindParentAt opens (read-only) the image at parentPath as the parent of child,
 // looking nowhere else, and fails as FindParent does if it is missing or its unique
 // ID is not the one the child records.
-func FindParentAt(child *vhd.Image, childPath, parentPath string) (*Layer, error) {
+func FindParentAt(child image.Image, childPath, parentPath string) (*Layer, error) {
 	return findParent(child, childPath, parentPath, false)
 }
 
@@ -84,11 +68,11 @@ const GivenBy = "--parent"
 
 // ParentError is a failed search for a parent: the child, the unique ID it records
 // for its parent, and the paths tried, in order. Err says why and wraps
-// vhd.ErrParentMissing, vhd.ErrParentMismatch or the error that opening a candidate
+// image.ErrParentMissing, image.ErrParentMismatch or the error that opening a candidate
 // gave.
 type ParentError struct {
 	Child    string
-	UniqueID vhd.UUID
+	UniqueID image.ID
 	Tried    []string
 	Err      error
 }
@@ -98,9 +82,8 @@ func (e *ParentError) Unwrap() error { return e.Err }
 
 // findParent looks for the parent of child at given alone if it is not "", else
 // where the locators say.
-func findParent(child *vhd.Image, childPath, given string, forceShare bool) (*Layer, error) {
-	h, _ := child.Header()
-	want := h.ParentUniqueID
+func findParent(child image.Image, childPath, given string, forceShare bool) (*Layer, error) {
+	want := child.ParentID()
 	var cands []candidate
 	if given != "" {
 		cands = []candidate{{given, GivenBy}}
@@ -115,7 +98,7 @@ func findParent(child *vhd.Image, childPath, given string, forceShare bool) (*La
 		return nil, &ParentError{Child: childPath, UniqueID: want, Tried: tried, Err: err}
 	}
 	var mismatches []string
-	var openErr error
+	var openErr, formatErr error
 	// Two locators may lead to one file by different paths (relative and absolute,
 	// through a linked directory): each file is tried, and named, once.
 	done := map[string]bool{}
@@ -138,18 +121,18 @@ func findParent(child *vhd.Image, childPath, given string, forceShare bool) (*La
 		tried = append(tried, c.path)
 		// A device or a FIFO is refused before anything opens it: opening one can
 		// have effects (a watchdog arms, a tape rewinds).
-		if err := vhd.CheckRegular(c.path); err != nil {
-			if errors.Is(err, vhd.ErrNotVHD) && openErr == nil {
+		if err := fileio.CheckRegular(c.path); err != nil {
+			if errors.Is(err, fileio.ErrNotRegular) && openErr == nil {
 				openErr = err
 			}
 			continue
 		}
 		img, err := openImage(c.path, false, forceShare)
-		if errors.Is(err, vhd.ErrLocked) {
+		if errors.Is(err, image.ErrLocked) {
 			// Locked: if it is the parent, that ends the search (a later locator may
 			// name a copy elsewhere, which is not this chain's parent).
-			if peek, perr := vhd.OpenForceShare(c.path); perr == nil {
-				same := peek.Footer().UniqueID == want
+			if peek, perr := probe.Open(c.path, probe.ForceShare); perr == nil {
+				same := child.AcceptsParent(peek.ID())
 				peek.Close()
 				if same {
 					return fail(fmt.Errorf("%s: parent: %w", childPath, err))
@@ -162,7 +145,14 @@ func findParent(child *vhd.Image, childPath, given string, forceShare bool) (*La
 			}
 			continue
 		}
-		if got := img.Footer().UniqueID; got != want {
+		if img.Format() != child.Format() {
+			img.Close()
+			if formatErr == nil {
+				formatErr = fmt.Errorf("%s: parent %s is a %s image, but a %s image's parent must be %s too: %w", childPath, c.path, strings.ToUpper(img.Format()), strings.ToUpper(child.Format()), strings.ToUpper(child.Format()), image.ErrMixedFormats)
+			}
+			continue
+		}
+		if got := img.ID(); !child.AcceptsParent(got) {
 			img.Close()
 			mismatches = append(mismatches, fmt.Sprintf("parent found at %s, but its unique ID changed (%s, this image expects %s): it was modified (merged into) or replaced after this image was made; this image is no longer valid", c.path, got, want))
 			continue
@@ -170,12 +160,14 @@ func findParent(child *vhd.Image, childPath, given string, forceShare bool) (*La
 		return &Layer{Image: img, Path: c.path, FoundBy: c.source}, nil
 	}
 	switch {
+	case formatErr != nil && len(mismatches) == 0:
+		return fail(formatErr)
 	case openErr != nil && len(mismatches) == 0:
 		return fail(fmt.Errorf("%s: parent: %w", childPath, openErr))
 	case len(mismatches) > 0:
-		return fail(fmt.Errorf("%s: %s: %w", childPath, strings.Join(mismatches, "; "), vhd.ErrParentMismatch))
+		return fail(fmt.Errorf("%s: %s: %w", childPath, strings.Join(mismatches, "; "), image.ErrParentMismatch))
 	case len(tried) == 0:
-		return fail(fmt.Errorf("%s: no parent locator or parent name to find parent %s by: %w", childPath, want, vhd.ErrParentMissing))
+		return fail(fmt.Errorf("%s: no parent locator or parent name to find parent %s by: %w", childPath, want, image.ErrParentMissing))
 	}
-	return fail(fmt.Errorf("%s: parent %s not found (tried %s): %w", childPath, want, strings.Join(tried, ", "), vhd.ErrParentMissing))
+	return fail(fmt.Errorf("%s: parent %s not found (tried %s): %w", childPath, want, strings.Join(tried, ", "), image.ErrParentMissing))
 }

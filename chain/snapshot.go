@@ -6,7 +6,8 @@ import (
 	"path/filepath"
 	"syscall"
 
-	"github.com/vhdfs/vhdfs/vhd"
+	"github.com/vhdfs/vhdfs/image"
+	"github.com/vhdfs/vhdfs/probe"
 )
 
 // Snapshot creates name, a new empty differencing image on the current top, and makes
@@ -34,7 +35,7 @@ func (c *Chain) Snapshot(name string) (*Layer, error) {
 	parentPath := Abs(top.Path)
 	// Created before the write lock: it reads only the top's footer, which writes
 	// leave alone.
-	err := vhd.Create(name, vhd.CreateOptions{Type: vhd.TypeDifferencing, Parent: top.Image, ParentPath: parentPath, BlockSize: top.Image.BlockSize()})
+	err := top.Image.CreateChild(name, image.ChildOptions{ParentPath: parentPath})
 	if err != nil {
 		return nil, err
 	}
@@ -45,7 +46,7 @@ func (c *Chain) Snapshot(name string) (*Layer, error) {
 	if err := SameOwnerAndMode(name, top.Path); err != nil {
 		return fail(fmt.Errorf("snapshot %s: %w", name, err))
 	}
-	img, err := vhd.Open(name, true)
+	img, err := probe.Open(name, probe.Writable)
 	if err != nil {
 		return fail(err)
 	}

@@ -7,7 +7,7 @@ import (
 	"syscall"
 
 	"github.com/vhdfs/vhdfs/chain"
-	"github.com/vhdfs/vhdfs/vhd"
+	"github.com/vhdfs/vhdfs/image"
 )
 
 // errno maps an error of chain, vhd or merge to the errno a FUSE request returns.
@@ -18,11 +18,11 @@ func (r *Root) errno(op string, err error) syscall.Errno {
 	switch {
 	case err == nil:
 		return 0
-	case errors.Is(err, chain.ErrNoSpace), errors.Is(err, vhd.ErrOutOfRange):
+	case errors.Is(err, chain.ErrNoSpace), errors.Is(err, image.ErrOutOfRange):
 		return syscall.ENOSPC
-	case errors.Is(err, chain.ErrReadOnly), errors.Is(err, vhd.ErrReadOnly):
+	case errors.Is(err, chain.ErrReadOnly), errors.Is(err, image.ErrReadOnly):
 		return syscall.EROFS
-	case errors.Is(err, vhd.ErrInvalidArg), errors.Is(err, errInvalid):
+	case errors.Is(err, image.ErrInvalidArg), errors.Is(err, errInvalid):
 		return syscall.EINVAL
 	case errors.Is(err, errBusy):
 		return syscall.EBUSY

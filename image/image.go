@@ -119,6 +119,9 @@ type ChildOptions struct {
 	ParentPath, LocatorPath string
 	// ID is the child's own ID; zero for a random one.
 	ID ID
+	// BlockSize of the child; 0 for the parent's (or the format's default, if the
+	// parent has none).
+	BlockSize int64
 }
 
 // Description is what Describe reports.

@@ -1,4 +1,4 @@
-// Package merge commits layers of a VHD chain into an ancestor with the semantics of
+// Package merge commits layers of a chain into an ancestor with the semantics of
 // Windows' MergeVirtualDisk: a copy of every sector the merged layers hold into the
 // target, the layer nearest the top winning. Every sector written to the target is
 // still shadowed by a merged layer until the chain is re-linked, so the view through
@@ -24,8 +24,10 @@ import (
 	"strings"
 
 	"github.com/vhdfs/vhdfs/chain"
+	"github.com/vhdfs/vhdfs/image"
 	"github.com/vhdfs/vhdfs/internal/faults"
-	"github.com/vhdfs/vhdfs/vhd"
+	"github.com/vhdfs/vhdfs/internal/fileio"
+	"github.com/vhdfs/vhdfs/probe"
 )
 
 var (
@@ -167,7 +169,7 @@ func resume(ctx context.Context, c *chain.Chain, opts Options, j *chain.Journal)
 	if err != nil {
 		return nil, err
 	}
-	oldID, err := vhd.ParseUUID(j.AboveID)
+	oldID, err := image.ParseID(j.AboveID)
 	if err != nil {
 		return nil, fmt.Errorf("merge journal %s: %w", chain.JournalPath(layers[0].Path), err)
 	}
@@ -196,7 +198,7 @@ func sameFile(l *chain.Layer, id chain.FileID) error {
 	return nil
 }
 
-func fileID(img *vhd.Image) chain.FileID {
+func fileID(img image.Image) chain.FileID {
 	dev, ino := img.FileID()
 	return chain.FileID{Dev: dev, Ino: ino}
 }
@@ -205,7 +207,7 @@ func fileID(img *vhd.Image) chain.FileID {
 type pushed struct {
 	real      string // the top's real path (symlinks followed): where the fresh top is
 	oldTop    string // where the old top went
-	oldTopID  vhd.UUID
+	oldTopID  image.ID
 	journal   *chain.Journal
 	relinking bool // past the point where the push can be undone
 }
@@ -225,7 +227,7 @@ func pushTop(c *chain.Chain, opts Options) (*pushed, error) {
 		return nil, err
 	}
 	dir, base := filepath.Dir(real), filepath.Base(real)
-	p := &pushed{real: real, oldTop: filepath.Join(dir, "."+base+".vhdfs-merging"), oldTopID: top.Image.Footer().UniqueID}
+	p := &pushed{real: real, oldTop: filepath.Join(dir, "."+base+".vhdfs-merging"), oldTopID: top.Image.ID()}
 	fresh := filepath.Join(dir, "."+base+".vhdfs-new")
 	for _, leftover := range []string{p.oldTop, fresh} {
 		// No journal names them (Merge checked): leftovers of a merge that died before
@@ -237,10 +239,10 @@ func pushTop(c *chain.Chain, opts Options) (*pushed, error) {
 	}
 	layers := c.Layers()
 	target := layers[opts.Depth]
-	newID := vhd.NewUUID()
+	newID := image.NewID()
 	p.journal = &chain.Journal{Version: 1, Phase: chain.PhaseCopy, Command: opts.Command, Top: real, OldTop: p.oldTop,
 		NewTop: fresh, NewTopID: newID.String(), Depth: opts.Depth, Above: real, AboveID: p.oldTopID.String(),
-		Target: target.Path, TargetF: fileID(target.Image), TargetOldID: target.Image.Footer().UniqueID.String()}
+		Target: target.Path, TargetF: fileID(target.Image), TargetOldID: target.Image.ID().String()}
 	if err := p.journal.Write(real); err != nil {
 		return nil, err
 	}
@@ -252,16 +254,15 @@ func pushTop(c *chain.Chain, opts Options) (*pushed, error) {
 		}
 		return nil, err
 	}
-	err = vhd.Create(fresh, vhd.CreateOptions{Type: vhd.TypeDifferencing, Parent: top.Image, ParentPath: p.oldTop,
-		LocatorPath: real, BlockSize: top.Image.BlockSize(), UniqueID: newID})
+	err = top.Image.CreateChild(fresh, image.ChildOptions{ParentPath: p.oldTop, LocatorPath: real, ID: newID})
 	if err == nil {
 		err = chain.SameOwnerAndMode(fresh, real)
 	}
-	var img *vhd.Image
+	var img image.Image
 	if err == nil {
 		// Opened (and locked) before the rename: nothing can fail between the rename
 		// and the swap that would leave the mount writing to the moved file.
-		img, err = vhd.Open(fresh, true)
+		img, err = probe.Open(fresh, probe.Writable)
 	}
 	if err != nil {
 		return fail(err)
@@ -338,9 +339,9 @@ func mergeRange(ctx context.Context, c *chain.Chain, opts Options, from int, p *
 	// The merge fails as a whole on ENOSPC, at a write or at its Sync: no need to
 	// reserve each block's space ahead.
 	dst.NoReservation()
-	if dst.Footer().UniqueID != target.Image.Footer().UniqueID {
+	if dst.ID() != target.Image.ID() {
 		dst.Close()
-		return res, fmt.Errorf("%s: unique ID changed since the chain was opened: %w", target.Path, vhd.ErrReplaced)
+		return res, fmt.Errorf("%s: unique ID changed since the chain was opened: %w", target.Path, image.ErrReplaced)
 	}
 	if err := prepare(c, opts, from, to, dst, p); err != nil {
 		dst.Close()
@@ -369,7 +370,7 @@ func mergeRange(ctx context.Context, c *chain.Chain, opts Options, from int, p *
 // (it shows the same data throughout: what the copy writes is shadowed). The two
 // writes are journaled; Recover completes them if they are cut apart. The chain gets
 // fresh read-only handles of both files.
-func prepare(c *chain.Chain, opts Options, from, to int, dst *vhd.Image, p *pushed) error {
+func prepare(c *chain.Chain, opts Options, from, to int, dst image.Image, p *pushed) error {
 	layers := c.Layers()
 	last, target := layers[to-1], layers[to]
 	lastReal, err := realPath(last.Path)
@@ -383,13 +384,13 @@ func prepare(c *chain.Chain, opts Options, from, to int, dst *vhd.Image, p *push
 	if err != nil {
 		return err
 	}
-	midID := vhd.NewUUID()
+	midID := image.NewID()
 	j := &chain.Journal{Version: 1, Command: opts.Command, Top: topReal, Depth: opts.Depth}
 	if p != nil {
 		j = p.journal
 	}
 	j.Phase, j.Last, j.LastF = chain.PhasePrepare, lastReal, fileID(last.Image)
-	j.Target, j.TargetF, j.TargetOldID, j.TargetMidID = target.Path, fileID(target.Image), dst.Footer().UniqueID.String(), midID.String()
+	j.Target, j.TargetF, j.TargetOldID, j.TargetMidID = target.Path, fileID(target.Image), dst.ID().String(), midID.String()
 	if err := j.Write(topReal); err != nil {
 		return err
 	}
@@ -409,7 +410,7 @@ func prepare(c *chain.Chain, opts Options, from, to int, dst *vhd.Image, p *push
 		return err
 	}
 	opts.Hook("prepare-parent")
-	if err := dst.SetUniqueID(midID); err != nil {
+	if err := dst.SetID(midID); err != nil {
 		return err
 	}
 	tro, err := dst.Reopen(false)
@@ -457,7 +458,7 @@ func realPath(path string) (string, error) {
 // handle of the target. The chain's read-only handle of the target keeps its cached
 // BAT meanwhile: everything it would now read differently is shadowed by a merged
 // layer. It returns when the data is durable.
-func copyLayers(ctx context.Context, c *chain.Chain, opts Options, from, to int, dst *vhd.Image) (int64, error) {
+func copyLayers(ctx context.Context, c *chain.Chain, opts Options, from, to int, dst image.Image) (int64, error) {
 	size := c.SizeAt(from)
 	total, err := presentBytes(c, from, to, size)
 	if err != nil {
@@ -495,7 +496,7 @@ func copyLayers(ctx context.Context, c *chain.Chain, opts Options, from, to int,
 			pos += k
 		}
 		// Get the disk busy now rather than all at the final fsync.
-		if sinceWriteback >= vhd.WritebackEvery {
+		if sinceWriteback >= fileio.WritebackEvery {
 			dst.StartWriteback()
 			sinceWriteback = 0
 		}
@@ -515,7 +516,7 @@ func copyLayers(ctx context.Context, c *chain.Chain, opts Options, from, to int,
 // stores a piece in one run of its file and the target stores it in place (a fixed
 // target, an allocated block), else by ReadAt and WriteAt.
 type copier struct {
-	dst         *vhd.Image
+	dst         image.Image
 	buf         []byte
 	kernel      bool  // false once the file system refused copy_file_range
 	kernelBytes int64 // copied by copy_file_range
@@ -524,15 +525,15 @@ type copier struct {
 // piece copies the start of [pos, pos+n) from src into dst, n at most len(buf), and
 // returns how many bytes it copied (all of them unless a kernel copy stopped early:
 // the caller goes on from there).
-func (cp *copier) piece(src *vhd.Image, pos, n int64) (int64, error) {
+func (cp *copier) piece(src image.Image, pos, n int64) (int64, error) {
 	if cp.kernel {
 		if f, foff, m, ok := src.FileRun(pos, n); ok {
 			k, err := cp.dst.CopyFrom(f, foff, pos, m)
 			cp.kernelBytes += k
 			switch {
-			case errors.Is(err, vhd.ErrNoKernelCopy):
+			case errors.Is(err, image.ErrNoKernelCopy):
 				cp.kernel = false
-			case errors.Is(err, vhd.ErrNotInPlace):
+			case errors.Is(err, image.ErrNotInPlace):
 			case err != nil:
 				return k, err
 			}
@@ -572,7 +573,7 @@ func presentBytes(c *chain.Chain, from, to int, size int64) (int64, error) {
 // top's ID), then the target takes that ID. The journal, written first, lets the next
 // writer finish these steps after a crash (Recover). dst is the merge's writable
 // handle of the target; relink closes it.
-func relink(c *chain.Chain, opts Options, from int, dst *vhd.Image, p *pushed, res *Result) error {
+func relink(c *chain.Chain, opts Options, from int, dst image.Image, p *pushed, res *Result) error {
 	defer dst.Close()
 	layers := c.Layers()
 	to := from + opts.Depth
@@ -589,11 +590,11 @@ func relink(c *chain.Chain, opts Options, from int, dst *vhd.Image, p *pushed, r
 	}
 	topReal := chain.JournalPath(layers[0].Path)
 	topReal = topReal[:len(topReal)-len(chain.JournalSuffix)]
-	newID := vhd.NewUUID()
-	aboveID := above.Image.Footer().UniqueID
+	newID := image.NewID()
+	aboveID := above.Image.ID()
 	j := &chain.Journal{Version: 1, Phase: chain.PhaseRelink, Command: opts.Command, Top: topReal, Depth: opts.Depth,
 		Above: aboveReal, AboveF: fileID(above.Image), AboveID: aboveID.String(),
-		Target: target.Path, TargetF: fileID(target.Image), TargetOldID: dst.Footer().UniqueID.String(), TargetNewID: newID.String()}
+		Target: target.Path, TargetF: fileID(target.Image), TargetOldID: dst.ID().String(), TargetNewID: newID.String()}
 	if p != nil {
 		j.OldTop, j.NewTopID, j.AboveID = p.oldTop, aboveID.String(), p.oldTopID.String()
 	}
@@ -617,12 +618,12 @@ func relink(c *chain.Chain, opts Options, from int, dst *vhd.Image, p *pushed, r
 	}
 	opts.Hook("relink-parent")
 	if p != nil {
-		if err := w.SetUniqueID(p.oldTopID); err != nil {
+		if err := w.SetID(p.oldTopID); err != nil {
 			return err
 		}
 	}
 	opts.Hook("relink-id")
-	if err := dst.SetUniqueID(newID); err != nil {
+	if err := dst.SetID(newID); err != nil {
 		return err
 	}
 	opts.Hook("relink-target")

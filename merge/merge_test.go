@@ -16,6 +16,7 @@ import (
 	"testing"
 
 	"github.com/vhdfs/vhdfs/chain"
+	"github.com/vhdfs/vhdfs/internal/fileio"
 	"github.com/vhdfs/vhdfs/vhd"
 )
 
@@ -477,7 +478,7 @@ func testMergeFromTop(t *testing.T, f *fixture, depth int) {
 		wantBlocks, bs = allocatedBlocks(t, targetPath)
 		for s, m := range mask {
 			off := int64(s) * sector
-			if m && !vhd.AllZero(mergedData[off:off+sector]) {
+			if m && !fileio.AllZero(mergedData[off:off+sector]) {
 				wantBlocks[off/bs] = true
 			}
 		}
@@ -492,8 +493,8 @@ func testMergeFromTop(t *testing.T, f *fixture, depth int) {
 			c.Close()
 		}
 	}()
-	oldTopID := c.Layers()[0].Image.Footer().UniqueID
-	oldTargetID := c.Layers()[depth].Image.Footer().UniqueID
+	oldTopID := c.Layers()[0].Image.ID()
+	oldTargetID := c.Layers()[depth].Image.ID()
 	assertSame(t, "view before the merge", readView(t, c), f.model)
 	var points []string
 	res, err := Merge(context.Background(), c, Options{Depth: depth, Hook: func(p string) { points = append(points, p) }})
@@ -526,16 +527,15 @@ func testMergeFromTop(t *testing.T, f *fixture, depth int) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	h, _ := top.Header()
 	if top.Type() != vhd.TypeDifferencing || top.AllocatedBytes() != 0 || top.Size() != f.size || !top.Writable() {
 		t.Errorf("new top: %v, %d bytes allocated, size %d, writable %v", top.Type(), top.AllocatedBytes(), top.Size(), top.Writable())
 	}
-	if h.ParentUniqueID != targetImg.Footer().UniqueID {
-		t.Errorf("new top's parent unique ID %s, want the target's %s", h.ParentUniqueID, targetImg.Footer().UniqueID)
+	if top.ParentID() != targetImg.ID() {
+		t.Errorf("new top's parent unique ID %s, want the target's %s", top.ParentID(), targetImg.ID())
 	}
 	// Identity: the new top is the old top's stand-in (same view), so it keeps the
 	// old top's ID; the target changed, so it has a new one.
-	if got := top.Footer().UniqueID; got != oldTopID {
+	if got := top.ID(); got != oldTopID {
 		t.Errorf("new top's unique ID %s, want the old top's %s", got, oldTopID)
 	}
 	if got := targetImg.Footer().UniqueID; got == oldTargetID {

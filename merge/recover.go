@@ -7,7 +7,8 @@ import (
 	"path/filepath"
 
 	"github.com/vhdfs/vhdfs/chain"
-	"github.com/vhdfs/vhdfs/vhd"
+	"github.com/vhdfs/vhdfs/image"
+	"github.com/vhdfs/vhdfs/probe"
 )
 
 // Recover acts on the merge journal of the chain whose top is at top, if there is
@@ -60,7 +61,7 @@ func Recover(top string) (string, error) {
 		}
 		return fmt.Sprintf("rolled back the interrupted %q: the chain is as it was%s (journal %s)", j.Command, note, jp), nil
 	}
-	cur, err := vhd.Open(j.Top, false)
+	cur, err := probe.Open(j.Top, probe.ReadOnly)
 	if err != nil {
 		return fail(err)
 	}
@@ -80,14 +81,22 @@ func Recover(top string) (string, error) {
 	return fmt.Sprintf("rolled back the interrupted %q: the old top is back at %s%s (journal %s)", j.Command, j.Top, note, jp), nil
 }
 
-// pushDone reports whether the fresh top of a merge from the top took the top's name.
+// pushDone reports whether the fresh top of a merge from the top took the top's
+// name: the old top then has its second name, and only that one. (Not by the fresh
+// top's ID: a VHDX changes its ID when it is first written.)
 func pushDone(j *chain.Journal) (bool, error) {
-	cur, err := vhd.Open(j.Top, false)
+	old, err := os.Stat(j.OldTop)
+	if errors.Is(err, os.ErrNotExist) {
+		return false, nil
+	}
 	if err != nil {
 		return false, err
 	}
-	defer cur.Close()
-	return cur.Footer().UniqueID.String() == j.NewTopID, nil
+	top, err := os.Stat(j.Top)
+	if err != nil {
+		return false, err
+	}
+	return !os.SameFile(old, top), nil
 }
 
 // unpush takes the fresh top of a merge from the top away: when it has the top's
@@ -114,7 +123,7 @@ func unpush(j *chain.Journal, done bool) error {
 
 // completePrepare repeats the two writes of a merge's prepare step.
 func completePrepare(j *chain.Journal) error {
-	mid, err := vhd.ParseUUID(j.TargetMidID)
+	mid, err := image.ParseID(j.TargetMidID)
 	if err != nil {
 		return err
 	}
@@ -124,11 +133,11 @@ func completePrepare(j *chain.Journal) error {
 // rollForward repeats the steps of a journaled re-link; each is done again or found
 // done. The files are checked by device and inode against the journal.
 func rollForward(j *chain.Journal) error {
-	newID, err := vhd.ParseUUID(j.TargetNewID)
+	newID, err := image.ParseID(j.TargetNewID)
 	if err != nil {
 		return err
 	}
-	aboveID, err := vhd.ParseUUID(j.AboveID)
+	aboveID, err := image.ParseID(j.AboveID)
 	if err != nil {
 		return err
 	}
@@ -147,7 +156,7 @@ func rollForward(j *chain.Journal) error {
 // locators to target), gives it childID if that is set, and then gives the target
 // targetID, in the order a merge does; each write is repeated or found done. The ID
 // writes are always repeated: the footer copy at offset 0 may lag the one at the end.
-func repoint(target string, targetF chain.FileID, targetID vhd.UUID, child string, childF chain.FileID, childID *vhd.UUID) error {
+func repoint(target string, targetF chain.FileID, targetID image.ID, child string, childF chain.FileID, childID *image.ID) error {
 	t, err := openChecked(target, targetF)
 	if err != nil {
 		return err
@@ -157,14 +166,14 @@ func repoint(target string, targetF chain.FileID, targetID vhd.UUID, child strin
 		t.Close()
 		return err
 	}
-	if h, _ := c.Header(); h.ParentUniqueID != targetID {
+	if c.ParentID() != targetID {
 		err = c.SetParent(targetID, target, child)
 	}
 	if err == nil && childID != nil {
-		err = c.SetUniqueID(*childID)
+		err = c.SetID(*childID)
 	}
 	if err == nil {
-		err = t.SetUniqueID(targetID)
+		err = t.SetID(targetID)
 	}
 	if cerr := c.Close(); err == nil {
 		err = cerr
@@ -175,8 +184,8 @@ func repoint(target string, targetF chain.FileID, targetID vhd.UUID, child strin
 	return err
 }
 
-func openChecked(path string, id chain.FileID) (*vhd.Image, error) {
-	img, err := vhd.Open(path, true)
+func openChecked(path string, id chain.FileID) (image.Image, error) {
+	img, err := probe.Open(path, probe.Writable)
 	if err != nil {
 		return nil, err
 	}

@@ -5,39 +5,25 @@ import (
 	"fmt"
 	"os"
 	"path"
-	"strings"
 	"syscall"
 	"time"
 
+	"github.com/vhdfs/vhdfs/image"
+	"github.com/vhdfs/vhdfs/internal/fileio"
 	"github.com/vhdfs/vhdfs/internal/imagelock"
 )
 
-// Severity of a problem found by Check.
-type Severity int
-
-const (
-	Note Severity = iota
-	Warning
-	Error
+// Severity and Problem are the image package's.
+type (
+	Severity = image.Severity
+	Problem  = image.Problem
 )
 
-func (s Severity) String() string {
-	return [...]string{"note", "warning", "error"}[s]
-}
-
-// Problem is one finding of Check.
-type Problem struct {
-	Severity Severity
-	File     string
-	Message  string
-}
-
-// String is "file: severity: message", without the file twice when the message
-// (an error from Open) already starts with it.
-func (p Problem) String() string {
-	msg := strings.TrimPrefix(p.Message, p.File+": ")
-	return fmt.Sprintf("%s: %s: %s", p.File, p.Severity, msg)
-}
+const (
+	Note    = image.Note
+	Warning = image.Warning
+	Error   = image.Error
+)
 
 // Check verifies the invariants of an open image beyond those Open enforces (Open
 // already refuses bad cookies and checksums, a truncated file, a bad block size, a
@@ -46,7 +32,7 @@ func (p Problem) String() string {
 func (img *Image) Check() []Problem {
 	var out []Problem
 	add := func(s Severity, format string, args ...any) {
-		out = append(out, Problem{s, img.name, fmt.Sprintf(format, args...)})
+		out = append(out, Problem{Severity: s, File: img.name, Message: fmt.Sprintf(format, args...)})
 	}
 	f := &img.footer
 	img.mu.RLock()
@@ -62,7 +48,7 @@ func (img *Image) Check() []Problem {
 		add(Warning, "footer features %#08x lacks the reserved bit 0x2 the specification requires (blktap's vhd-util check rejects it: \"invalid 'reserved' feature\")", f.Features)
 	}
 	// Byte 85 is blktap's "hidden" flag, 0 or 1; the rest must be zero.
-	if f.Reserved[0] > 1 || !AllZero(f.Reserved[1:]) {
+	if f.Reserved[0] > 1 || !fileio.AllZero(f.Reserved[1:]) {
 		add(Warning, "footer reserved bytes 85-511 are not zero (blktap's vhd-util check rejects it: \"invalid 'reserved' bits\")")
 	}
 	now := Timestamp(time.Now())
@@ -105,7 +91,7 @@ func (img *Image) Check() []Problem {
 	if h.DataOffset != noDataOffset {
 		add(Warning, "dynamic header data offset is %#x, want all ones", h.DataOffset)
 	}
-	if h.Reserved1 != 0 || !AllZero(h.Reserved2[:]) {
+	if h.Reserved1 != 0 || !fileio.AllZero(h.Reserved2[:]) {
 		add(Warning, "dynamic header reserved fields are not zero (blktap's vhd-util check rejects it: \"invalid reserved bits\")")
 	}
 	if img.blockSize > DefaultBlockSize {
@@ -171,7 +157,7 @@ func (img *Image) Check() []Problem {
 			add(Warning, "no W2ru, W2ku or MacX parent locator: only the parent name can find the parent")
 		}
 		img.checkLocatorNames(add)
-	} else if !h.ParentUniqueID.IsZero() || h.ParentTimestamp != 0 || !AllZero(h.ParentUnicodeName[:]) || h.ParentLocators != [8]Locator{} {
+	} else if !h.ParentUniqueID.IsZero() || h.ParentTimestamp != 0 || !fileio.AllZero(h.ParentUnicodeName[:]) || h.ParentLocators != [8]Locator{} {
 		add(Warning, "dynamic image has parent fields set (blktap's vhd-util check rejects it)")
 	}
 	img.checkBlocksAfterHeaders(add)
@@ -332,7 +318,7 @@ func (img *Image) checkClearBits(add func(Severity, string, ...any)) {
 				add(Error, "read block %d at %d: %v", b.i, off, err)
 				return
 			}
-			if !AllZero(p) {
+			if !fileio.AllZero(p) {
 				add(Warning, "block %d has data in sectors its bitmap marks unwritten: vhdfs and qemu return that data, blktap and libvhdi return zeros (blktap's vhd-util check -b: \"has data where bitmap is clear\")", b.i)
 				break
 			}

@@ -6,7 +6,7 @@ package vhd
 import (
 	"errors"
 
-	"github.com/vhdfs/vhdfs/internal/imagelock"
+	"github.com/vhdfs/vhdfs/image"
 )
 
 // Sentinel errors; every error this package returns wraps one of these or an I/O error,
@@ -17,12 +17,12 @@ var (
 	ErrTruncated      = errors.New("file truncated")
 	ErrCorrupt        = errors.New("corrupt image")
 	ErrUnsupported    = errors.New("unsupported image")
-	ErrReadOnly       = errors.New("image is read-only")
-	ErrOutOfRange     = errors.New("offset past the end of the disk")
+	ErrReadOnly       = image.ErrReadOnly
+	ErrOutOfRange     = image.ErrOutOfRange
 	ErrUnaligned      = errors.New("offset or length not a multiple of 512")
-	ErrParentMismatch = errors.New("parent unique ID does not match")
-	ErrParentMissing  = errors.New("parent not found")
-	ErrInvalidArg     = errors.New("invalid argument")
-	ErrLocked         = imagelock.ErrLocked // another process (or handle) uses the image
-	ErrReplaced       = errors.New("image file was replaced")
+	ErrParentMismatch = image.ErrParentMismatch
+	ErrParentMissing  = image.ErrParentMissing
+	ErrInvalidArg     = image.ErrInvalidArg
+	ErrLocked         = image.ErrLocked // another process (or handle) uses the image
+	ErrReplaced       = image.ErrReplaced
 )

@@ -1,21 +1,22 @@
 package vhd
 
 import (
-	"errors"
 	"fmt"
 	"io"
 	"os"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/vhdfs/vhdfs/image"
 )
 
 // Errors of CopyFrom after which the caller copies the range with ReadAt and WriteAt.
 var (
 	// ErrNotInPlace: the target does not store the range in place yet (an
 	// unallocated block of a dynamic image), or its file is not a plain file.
-	ErrNotInPlace = errors.New("range not stored in place")
+	ErrNotInPlace = image.ErrNotInPlace
 	// ErrNoKernelCopy: the kernel or file system refused copy_file_range.
-	ErrNoKernelCopy = errors.New("copy_file_range refused")
+	ErrNoKernelCopy = image.ErrNoKernelCopy
 )
 
 // FileRun returns where the bytes from off lie in the image's file in one piece: the

@@ -5,6 +5,8 @@ import (
 	"encoding/binary"
 	"fmt"
 	"time"
+
+	"github.com/vhdfs/vhdfs/image"
 )
 
 // Sizes of the on-disk structures, in bytes.
@@ -14,27 +16,15 @@ const (
 	HeaderSize = 1024
 )
 
-// DiskType is the footer's Disk Type field.
-type DiskType uint32
+// DiskType is the footer's Disk Type field; image.Type has its values.
+type DiskType = image.Type
 
 // Disk types from the specification; the others are deprecated or reserved.
 const (
-	TypeFixed        DiskType = 2
-	TypeDynamic      DiskType = 3
-	TypeDifferencing DiskType = 4
+	TypeFixed        = image.Fixed
+	TypeDynamic      = image.Dynamic
+	TypeDifferencing = image.Differencing
 )
-
-func (t DiskType) String() string {
-	switch t {
-	case TypeFixed:
-		return "fixed"
-	case TypeDynamic:
-		return "dynamic"
-	case TypeDifferencing:
-		return "differencing"
-	}
-	return fmt.Sprintf("type %d", uint32(t))
-}
 
 var (
 	footerCookie = [8]byte{'c', 'o', 'n', 'e', 'c', 't', 'i', 'x'}

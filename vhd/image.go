@@ -4,9 +4,8 @@ import (
 	"encoding/binary"
 	"syscall"
 
-	"golang.org/x/sys/unix"
-
 	"github.com/vhdfs/vhdfs/internal/faults"
+	"github.com/vhdfs/vhdfs/internal/fileio"
 	"github.com/vhdfs/vhdfs/internal/imagelock"
 
 	"fmt"
@@ -103,7 +102,7 @@ func open(path, name string, writable, joint, noLock bool) (*Image, error) {
 	var f *os.File
 	var err error
 	if path == name {
-		f, err = OpenRegular(path, flag)
+		f, err = fileio.OpenRegular(path, flag)
 	} else {
 		// Reopen: /proc/self/fd/N, a link to the file already open and checked.
 		f, err = os.OpenFile(path, flag, 0)
@@ -154,10 +153,10 @@ func open(path, name string, writable, joint, noLock bool) (*Image, error) {
 	return img, nil
 }
 
-// Reopen opens the file img has open a second time, by its descriptor rather than
+// ReopenImage opens the file img has open a second time, by its descriptor rather than
 // its path, so it is the same file whatever was renamed since; writable for a merge.
 // Its lock is joint with img's. The caller checks the unique ID if it matters.
-func (img *Image) Reopen(writable bool) (*Image, error) {
+func (img *Image) ReopenImage(writable bool) (*Image, error) {
 	f, ok := osFile(img.f)
 	if !ok {
 		return nil, fmt.Errorf("%s: reopen: %w", img.name, ErrInvalidArg)
@@ -482,15 +481,6 @@ func (img *Image) Close() error {
 // less left to do. A no-op for files that are not *os.File.
 func (img *Image) StartWriteback() {
 	if f, ok := osFile(img.f); ok {
-		StartWriteback(f)
+		fileio.StartWriteback(f)
 	}
 }
-
-// StartWriteback asks the kernel to begin writing f's dirty pages without waiting.
-func StartWriteback(f *os.File) {
-	_ = unix.SyncFileRange(int(f.Fd()), 0, 0, unix.SYNC_FILE_RANGE_WRITE)
-}
-
-// WritebackEvery is how many bytes a long copy (a merge, an export) writes between
-// calls to StartWriteback: the disk gets busy during the copy, not all at the end.
-const WritebackEvery = 64 << 20

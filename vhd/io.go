@@ -5,6 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"io"
+
+	"github.com/vhdfs/vhdfs/internal/fileio"
 )
 
 // dataAlign is the alignment of a new block's data region, as Windows and tapdisk do,
@@ -203,7 +205,7 @@ func (img *Image) WriteAt(p []byte, off int64) (int, error) {
 func (img *Image) writeBlockLocked(blk uint32, in int64, p []byte) error {
 	e := img.bat.get(int64(blk))
 	if e == unallocated {
-		if img.footer.DiskType == TypeDynamic && AllZero(p) {
+		if img.footer.DiskType == TypeDynamic && fileio.AllZero(p) {
 			return nil
 		}
 		var err error
@@ -271,22 +273,6 @@ func setBits(bm []byte, s, count int64) bool {
 		}
 	}
 	return changed
-}
-
-// AllZero reports whether p holds only zero bytes.
-func AllZero(p []byte) bool {
-	for len(p) >= 8 {
-		if binary.LittleEndian.Uint64(p) != 0 {
-			return false
-		}
-		p = p[8:]
-	}
-	for _, c := range p {
-		if c != 0 {
-			return false
-		}
-	}
-	return true
 }
 
 // allocateLocked places block blk past the end of the data, beyond the footer that is

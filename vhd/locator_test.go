@@ -10,6 +10,8 @@ import (
 	"testing"
 	"time"
 	"unicode/utf16"
+
+	"github.com/vhdfs/vhdfs/internal/fileio"
 )
 
 func utf16LE(s string) []byte {
@@ -145,7 +147,7 @@ func TestCreatedLocators(t *testing.T) {
 			}
 			name := raw[FooterSize+64 : FooterSize+64+512]
 			wantName := utf16BE(filepath.Base(pp))
-			if !bytes.Equal(name[:len(wantName)], wantName) || !AllZero(name[len(wantName):]) {
+			if !bytes.Equal(name[:len(wantName)], wantName) || !fileio.AllZero(name[len(wantName):]) {
 				t.Errorf("parent name field % x, want UTF-16BE % x then zeros", name[:len(wantName)+4], wantName)
 			}
 			if ps := problems(img.Check(), Warning); len(ps) > 0 {

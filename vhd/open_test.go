@@ -409,7 +409,7 @@ func TestSecondWriterLocked(t *testing.T) {
 	w.Close()
 	r1 := openImage(t, path, false)
 	// A joint reopen (a merge writing into a layer its chain reads) is let through.
-	j, err := r1.Reopen(true)
+	j, err := r1.ReopenImage(true)
 	if err != nil {
 		t.Fatalf("joint Reopen: %v", err)
 	}

@@ -7,6 +7,8 @@ import (
 	"os"
 
 	"github.com/vhdfs/vhdfs/chain"
+	"github.com/vhdfs/vhdfs/image"
+	"github.com/vhdfs/vhdfs/probe"
 	"github.com/vhdfs/vhdfs/vhd"
 )
 
@@ -36,7 +38,7 @@ func cmdCreate(args []string) error {
 		if *sizeStr != "" || fs.Changed("type") || *exact {
 			return usagef("--parent takes the size and type from the parent: drop --size, --type and --exact-size")
 		}
-		if err := createChild(*parent, pos[0], opts); err != nil {
+		if err := createChild(*parent, pos[0], opts.BlockSize); err != nil {
 			return err
 		}
 		return report(pos[0], *parent, 0, *asJSON, *quiet)
@@ -74,7 +76,7 @@ func report(path, parent string, asked int64, asJSON, quiet bool) error {
 	if quiet && !asJSON {
 		return nil
 	}
-	img, err := vhd.Open(path, false)
+	img, err := probe.Open(path, probe.ReadOnly)
 	if err != nil {
 		return err
 	}
@@ -85,7 +87,7 @@ func report(path, parent string, asked int64, asJSON, quiet bool) error {
 		enc.SetIndent("", "  ")
 		return enc.Encode(li)
 	}
-	line := fmt.Sprintf("created %s: vhd %s, %s", path, li.Type, sizeText(li.VirtualSize))
+	line := fmt.Sprintf("created %s: %s %s, %s", path, li.Format, li.Type, sizeText(li.VirtualSize))
 	if li.BlockSize > 0 {
 		line += ", block size " + human(li.BlockSize)
 	}
@@ -101,7 +103,7 @@ func report(path, parent string, asked int64, asJSON, quiet bool) error {
 }
 
 // createChild creates name, a new empty differencing image on parent.
-func createChild(parent, name string, opts vhd.CreateOptions) error {
+func createChild(parent, name string, blockSize int64) error {
 	// Opening the whole chain proves the parent is usable before we link to it.
 	c, err := chain.Open(parent, false)
 	if err != nil {
@@ -111,8 +113,7 @@ func createChild(parent, name string, opts vhd.CreateOptions) error {
 	if c.Len() >= chain.MaxDepth {
 		return fmt.Errorf("%s: the chain of %s already holds %d images, the most a chain may: %w", name, parent, c.Len(), chain.ErrTooDeep)
 	}
-	opts.Type, opts.Parent, opts.ParentPath = vhd.TypeDifferencing, c.Layers()[0].Image, parent
-	return vhd.Create(name, opts)
+	return c.Layers()[0].Image.CreateChild(name, image.ChildOptions{ParentPath: parent, BlockSize: blockSize})
 }
 
 // sizeText gives a size for people and in bytes: "1.5 GiB (1610612736 bytes)", "1 byte".

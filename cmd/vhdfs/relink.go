@@ -7,7 +7,8 @@ import (
 	"github.com/spf13/pflag"
 
 	"github.com/vhdfs/vhdfs/chain"
-	"github.com/vhdfs/vhdfs/vhd"
+	"github.com/vhdfs/vhdfs/image"
+	"github.com/vhdfs/vhdfs/probe"
 )
 
 // parentFlag adds the repeatable --parent flag of info, mount, export and check.
@@ -37,22 +38,22 @@ func cmdRelink(args []string) error {
 	if err != nil {
 		return err
 	}
-	image, parent := pos[0], pos[1]
+	path, parent := pos[0], pos[1]
 	// A merge journal names the chain as it was when the merge began: the merge
 	// (or check --repair) finishes first.
-	if j, err := chain.ReadJournal(image); err != nil {
+	if j, err := chain.ReadJournal(path); err != nil {
 		return err
 	} else if j != nil {
-		return fmt.Errorf("%s: a merge into %s is pending (journal %s); run the merge again or 'vhdfs check --repair %s' first", image, j.Target, chain.JournalPath(image), image)
+		return fmt.Errorf("%s: a merge into %s is pending (journal %s); run the merge again or 'vhdfs check --repair %s' first", path, j.Target, chain.JournalPath(path), path)
 	}
 	// The parent is opened (and checked) the way a chain opens it, as the only
 	// candidate; the image is opened for writing, so a mount or a qemu using it makes
 	// this fail.
-	img, err := vhd.Open(image, true)
+	img, err := probe.Open(path, probe.Writable)
 	if err != nil {
 		return err
 	}
-	id, err := relink(img, image, parent)
+	id, err := relink(img, path, parent)
 	if err != nil {
 		img.Close()
 		return err
@@ -60,19 +61,19 @@ func cmdRelink(args []string) error {
 	if err := img.Close(); err != nil {
 		return err
 	}
-	fmt.Printf("%s: parent %s is now %s (locators and parent name rewritten)\n", image, id, parent)
+	fmt.Printf("%s: parent %s is now %s (locators and parent name rewritten)\n", path, id, parent)
 	return nil
 }
 
-func relink(img *vhd.Image, image, parent string) (vhd.UUID, error) {
-	if img.Type() != vhd.TypeDifferencing {
-		return vhd.UUID{}, fmt.Errorf("%s: a %v image has no parent", image, img.Type())
+func relink(img image.Image, path, parent string) (image.ID, error) {
+	if img.Type() != image.Differencing {
+		return image.ID{}, fmt.Errorf("%s: a %v image has no parent", path, img.Type())
 	}
-	p, err := chain.FindParentAt(img, image, parent)
+	p, err := chain.FindParentAt(img, path, parent)
 	if err != nil {
-		return vhd.UUID{}, err
+		return image.ID{}, err
 	}
-	id := p.Image.Footer().UniqueID
+	id := p.Image.ID()
 	p.Image.Close()
-	return id, img.SetParent(id, chain.Abs(parent), chain.Abs(image))
+	return id, img.SetParent(id, chain.Abs(parent), chain.Abs(path))
 }

@@ -4,7 +4,7 @@ import (
 	"fmt"
 
 	"github.com/vhdfs/vhdfs/chain"
-	"github.com/vhdfs/vhdfs/vhd"
+	"github.com/vhdfs/vhdfs/probe"
 )
 
 // cmdSnapshot is `create --parent IMAGE NEW` that says what it made. A mounted chain
@@ -15,10 +15,10 @@ func cmdSnapshot(args []string) error {
 	if err != nil {
 		return err
 	}
-	if err := createChild(pos[0], pos[1], vhd.CreateOptions{}); err != nil {
+	if err := createChild(pos[0], pos[1], 0); err != nil {
 		return err
 	}
-	img, err := vhd.Open(pos[1], false)
+	img, err := probe.Open(pos[1], probe.ReadOnly)
 	if err != nil {
 		return err
 	}

@@ -1,12 +1,19 @@
-package vhd
+// Package fileio holds what every image format does with files alike: opening only
+// regular files, zero tests, and pacing the writeback of long copies.
+package fileio
 
 import (
+	"errors"
 	"fmt"
 	"io/fs"
 	"os"
 	"path/filepath"
 	"syscall"
 )
+
+// ErrNotRegular: the name is not a regular file (nor a link to one), so it is no
+// image: a device, a FIFO, a directory, a socket.
+var ErrNotRegular = errors.New("not an image file")
 
 // OpenRegular opens name, which must be a regular file or a symbolic link to one,
 // with flag (os.OpenFile's). It never opens anything else: a device, a FIFO or a
@@ -15,7 +22,7 @@ import (
 // O_NOFOLLOW (for a link, its target's resolved path), so that a swap of the last
 // component between the check and the open fails instead of opening the newcomer.
 // An fstat after the open confirms the file checked is the file opened. A refused
-// file's error names it and its type and wraps ErrNotVHD.
+// file's error names it and its type and wraps ErrNotRegular.
 func OpenRegular(name string, flag int) (*os.File, error) {
 	open, st, err := checkRegular(name)
 	if err != nil {
@@ -27,12 +34,12 @@ func OpenRegular(name string, flag int) (*os.File, error) {
 	}
 	if fst, err := f.Stat(); err != nil || !os.SameFile(st, fst) {
 		f.Close()
-		return nil, fmt.Errorf("%s: replaced while being opened: %w", name, ErrNotVHD)
+		return nil, fmt.Errorf("%s: replaced while being opened: %w", name, ErrNotRegular)
 	}
 	return f, nil
 }
 
-// CheckRegular returns an error, wrapping ErrNotVHD, if name is neither a regular
+// CheckRegular returns an error, wrapping ErrNotRegular, if name is neither a regular
 // file nor a symbolic link to one, and the error of lstat if there is nothing there.
 // It opens nothing.
 func CheckRegular(name string) error {
@@ -49,7 +56,7 @@ func checkRegular(name string) (string, os.FileInfo, error) {
 	}
 	if st.Mode()&fs.ModeSymlink == 0 {
 		if !st.Mode().IsRegular() {
-			return "", nil, fmt.Errorf("%s: is %s, not a regular file: %w", name, fileKind(st.Mode()), ErrNotVHD)
+			return "", nil, fmt.Errorf("%s: is %s, not a regular file: %w", name, fileKind(st.Mode()), ErrNotRegular)
 		}
 		return name, st, nil
 	}
@@ -61,7 +68,7 @@ func checkRegular(name string) (string, os.FileInfo, error) {
 		return "", nil, err
 	}
 	if !st.Mode().IsRegular() {
-		return "", nil, fmt.Errorf("%s: is a symbolic link to %s, not a regular file: %w", name, fileKind(st.Mode()), ErrNotVHD)
+		return "", nil, fmt.Errorf("%s: is a symbolic link to %s, not a regular file: %w", name, fileKind(st.Mode()), ErrNotRegular)
 	}
 	return target, st, nil
 }

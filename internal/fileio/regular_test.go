@@ -1,4 +1,4 @@
-package vhd
+package fileio
 
 import (
 	"errors"
@@ -75,8 +75,8 @@ func TestOpenRegular(t *testing.T) {
 			if !strings.Contains(err.Error(), tc.want) {
 				t.Errorf("error %q does not contain %q", err, tc.want)
 			}
-			if !errors.Is(err, ErrNotVHD) && !errors.Is(err, fs.ErrNotExist) {
-				t.Errorf("error %q wraps neither ErrNotVHD nor fs.ErrNotExist", err)
+			if !errors.Is(err, ErrNotRegular) && !errors.Is(err, fs.ErrNotExist) {
+				t.Errorf("error %q wraps neither ErrNotRegular nor fs.ErrNotExist", err)
 			}
 			if err := CheckRegular(tc.path); err == nil {
 				t.Errorf("CheckRegular(%s) passes", tc.path)
@@ -87,5 +87,12 @@ func TestOpenRegular(t *testing.T) {
 	case <-opened:
 		t.Error("the FIFO was opened")
 	case <-time.After(50 * time.Millisecond):
+	}
+}
+
+func writeFile(t *testing.T, path string, b []byte) {
+	t.Helper()
+	if err := os.WriteFile(path, b, 0o644); err != nil {
+		t.Fatal(err)
 	}
 }

@@ -1,0 +1,82 @@
+// Package probe opens a virtual disk file with the format it has: the one place that
+// knows the list of formats. A file no format claims is refused, never read as raw.
+package probe
+
+import (
+	"errors"
+	"fmt"
+	"strings"
+
+	"github.com/vhdfs/vhdfs/image"
+	"github.com/vhdfs/vhdfs/internal/fileio"
+	"github.com/vhdfs/vhdfs/vhd"
+)
+
+// Mode says how Open opens a file.
+type Mode int
+
+const (
+	ReadOnly   Mode = iota // read-only, locked against writers (qemu's protocol)
+	Writable               // read-write, locked against other writers and readers' writes
+	ForceShare             // read-only, no lock at all (qemu-img -U)
+)
+
+// format is one format vhdfs knows: how to open a file with it, and the error that
+// says the file is not of this format (as opposed to a damaged one of it).
+type format struct {
+	name    string
+	open    func(path string, m Mode) (image.Image, error)
+	notMine error
+}
+
+var formats = []format{
+	{"VHD", openVHD, vhd.ErrNotVHD},
+}
+
+func openVHD(path string, m Mode) (image.Image, error) {
+	var img *vhd.Image
+	var err error
+	if m == ForceShare {
+		img, err = vhd.OpenForceShare(path)
+	} else {
+		img, err = vhd.Open(path, m == Writable)
+	}
+	if err != nil {
+		return nil, err
+	}
+	return img, nil
+}
+
+// Open opens the image at path with the first format that claims it. A file that no
+// format claims gives an error that wraps image.ErrUnknownFormat and says why each
+// format refused it.
+func Open(path string, m Mode) (image.Image, error) {
+	// A device or a FIFO is refused before any format opens it.
+	if err := fileio.CheckRegular(path); err != nil {
+		return nil, err
+	}
+	var why []string
+	var errs []error
+	for _, f := range formats {
+		img, err := f.open(path, m)
+		if err == nil {
+			return img, nil
+		}
+		if !errors.Is(err, f.notMine) {
+			return nil, err
+		}
+		why = append(why, fmt.Sprintf("as %s: %s", f.name, strings.TrimPrefix(err.Error(), path+": ")))
+		errs = append(errs, err)
+	}
+	return nil, &unknownError{msg: fmt.Sprintf("%s: %s: %v", path, strings.Join(why, "; "), image.ErrUnknownFormat), errs: append(errs, image.ErrUnknownFormat)}
+}
+
+// unknownError says why no format claimed a file; it wraps every format's refusal
+// and image.ErrUnknownFormat.
+type unknownError struct {
+	msg  string
+	errs []error
+}
+
+func (e *unknownError) Error() string   { return e.msg }
+func (e *unknownError) Unwrap() []error { return e.errs }

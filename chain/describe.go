@@ -25,7 +25,7 @@ type LayerInfo struct {
 	// Locators are the parent locators of a differencing image, in slot order.
 	Locators []image.Locator `json:"locators,omitempty"`
 	// Fields are what only this layer's format records, for the text output.
-	Fields [][2]string `json:"-"`
+	Fields [][2]string `json:"details,omitempty"`
 }
 
 // Info describes a chain.

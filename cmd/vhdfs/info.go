@@ -43,7 +43,7 @@ func cmdInfo(args []string) error {
 func printInfo(info chain.Info) error {
 	fmt.Printf("chain of %d image(s), virtual size %s (%d bytes)\n", len(info.Layers), human(info.VirtualSize), info.VirtualSize)
 	w := tabwriter.NewWriter(os.Stdout, 0, 0, 2, ' ', 0)
-	fmt.Fprintln(w, "DEPTH\tPATH\tTYPE\tSIZE\tBLOCK\tALLOCATED\tCREATOR\tUNIQUE ID\tFOUND BY")
+	fmt.Fprintln(w, "DEPTH\tPATH\tFORMAT\tTYPE\tSIZE\tBLOCK\tALLOCATED\tCREATOR\tID\tFOUND BY")
 	for _, l := range info.Layers {
 		block := "-"
 		if l.BlockSize > 0 {
@@ -53,8 +53,21 @@ func printInfo(info chain.Info) error {
 		if found == "" {
 			found = "(given)"
 		}
-		fmt.Fprintf(w, "%d\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", l.Depth, l.Path, l.Type, human(l.VirtualSize), block,
+		fmt.Fprintf(w, "%d\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", l.Depth, l.Path, l.Format, l.Type, human(l.VirtualSize), block,
 			human(l.AllocatedBytes), strings.TrimSpace(l.Creator), l.UniqueID, found)
 	}
-	return w.Flush()
+	if err := w.Flush(); err != nil {
+		return err
+	}
+	// What only some formats record (a VHDX's sector sizes and GUIDs), a block per layer.
+	for _, l := range info.Layers {
+		if len(l.Fields) == 0 {
+			continue
+		}
+		fmt.Printf("\n%d %s:\n", l.Depth, l.Path)
+		for _, f := range l.Fields {
+			fmt.Printf("  %s: %s\n", f[0], f[1])
+		}
+	}
+	return nil
 }

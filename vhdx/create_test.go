@@ -13,6 +13,7 @@ import (
 	"regexp"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 
 	"github.com/vhdfs/vhdfs/image"
@@ -80,10 +81,16 @@ func TestCreate(t *testing.T) {
 			img.Close()
 			checkQemu(t, p, tc.o.Size, ls)
 			checkVhdiinfo(t, p, tc.o.Size, ls, tc.o.Type)
-			if tc.o.Type == TypeDynamic {
-				if st, _ := os.Stat(p); st.Size() > newBATOff+g.entries*8+MiB {
-					t.Errorf("a new dynamic image is %d bytes", st.Size())
-				}
+			st, err := os.Stat(p)
+			if err != nil {
+				t.Fatal(err)
+			}
+			disk := st.Sys().(*syscall.Stat_t).Blocks * 512
+			switch {
+			case tc.o.Type == TypeDynamic && (st.Size() > newBATOff+g.entries*8+MiB || disk > MiB):
+				t.Errorf("a new dynamic image is %d bytes, %d on disk", st.Size(), disk)
+			case tc.o.Type == TypeFixed && disk < g.blocks*bs:
+				t.Errorf("a new fixed image has %d bytes on disk, want its %d payload bytes allocated", disk, g.blocks*bs)
 			}
 		})
 	}

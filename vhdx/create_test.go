@@ -476,3 +476,51 @@ func setLogicalSectorSize(t *testing.T, p string, ls uint32) {
 	}
 	t.Fatal("no logical sector size item")
 }
+
+// writeCreatedSeeds writes FuzzOpen seeds (testdata/*.sparse) of images Create makes,
+// with the writes TestSeeds expects (0x5a over 4096+4096, 0xa5 at 3 MiB): a dynamic
+// image with 4096-byte logical sectors, and a differencing image over a dynamic
+// parent (the child alone: vhdx does not open parents).
+func writeCreatedSeeds(t *testing.T, dir string) {
+	t.Helper()
+	parent := filepath.Join(dir, "created-parent.vhdx")
+	if err := Create(parent, CreateOptions{Type: TypeDynamic, Size: 8 * MiB, BlockSize: MiB}); err != nil {
+		t.Fatal(err)
+	}
+	pi, err := Open(parent, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pi.Close()
+	seeds := map[string]func(p string) error{
+		"created-dynamic-4096": func(p string) error {
+			return Create(p, CreateOptions{Type: TypeDynamic, Size: 8 * MiB, BlockSize: MiB, LogicalSectorSize: 4096})
+		},
+		"created-differencing": func(p string) error { return pi.CreateChild(p, image.ChildOptions{}) },
+	}
+	for name, create := range seeds {
+		p := filepath.Join(dir, name)
+		if err := create(p); err != nil {
+			t.Fatal(err)
+		}
+		img, err := Open(p, true)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, w := range []write{{4096, 4096, 0x5a}, {3 * MiB, img.LogicalSectorSize(), 0xa5}} {
+			if _, err := img.WriteAt(fill(w.n, w.c), w.off); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if err := img.Close(); err != nil {
+			t.Fatal(err)
+		}
+		b, err := os.ReadFile(p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join("testdata", name+".sparse"), encodeSparse(b), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+}

@@ -237,9 +237,11 @@ func TestCreateWrite(t *testing.T) {
 			got := make([]byte, chunk)
 			for off := int64(0); off < tc.o.Size; off += chunk {
 				n := min(chunk, tc.o.Size-off)
-				if !hasData(t, f, off, n) && !bytes.Equal(want(off, n), zeros16M[:n]) {
-					t.Fatalf("raw has a hole at %d where the model has data", off)
-				} else if !hasData(t, f, off, n) {
+				written := false
+				for _, pc := range model {
+					written = written || overlaps(off, n, pc.off, int64(len(pc.d)))
+				}
+				if !written && !hasData(t, f, off, n) {
 					continue
 				}
 				if _, err := f.ReadAt(got[:n], off); err != nil {

@@ -254,7 +254,7 @@ func (n *newFile) write(f *os.File) error {
 		// Allocated and reading as zeros, without writing them; a file system
 		// without fallocate gets a sparse file.
 		err := unix.Fallocate(int(f.Fd()), 0, n.dataOff, n.end-n.dataOff)
-		if err != nil && !errors.Is(err, unix.EOPNOTSUPP) {
+		if err != nil && !errors.Is(err, unix.EOPNOTSUPP) && !errors.Is(err, unix.ENOSYS) {
 			return fmt.Errorf("allocate %d bytes at %d: %w", n.end-n.dataOff, n.dataOff, err)
 		}
 	}

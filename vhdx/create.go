@@ -262,7 +262,7 @@ func (n *newFile) write(f *os.File) error {
 		return err
 	}
 	if err := f.Truncate(n.end); err != nil {
-		return err
+		return fmt.Errorf("extend to %d: %w", n.end, err)
 	}
 	rt := marshalRegionTable(n.regions)
 	for _, w := range []struct {
@@ -273,7 +273,7 @@ func (n *newFile) write(f *os.File) error {
 			return err
 		}
 		if _, err := f.WriteAt(w.b, w.off); err != nil {
-			return err
+			return fmt.Errorf("write %d bytes at %d: %w", len(w.b), w.off, err)
 		}
 	}
 	if n.fixed {
@@ -302,7 +302,7 @@ func (n *newFile) write(f *os.File) error {
 			return err
 		}
 		if _, err := f.WriteAt(w.b, w.off); err != nil {
-			return err
+			return fmt.Errorf("write %d bytes at %d: %w", len(w.b), w.off, err)
 		}
 	}
 	if err := faults.Step(); err != nil {
@@ -333,7 +333,7 @@ func (n *newFile) writeFixedBAT(f *os.File) error {
 			return err
 		}
 		if _, err := f.WriteAt(buf[:8*k], newBATOff+8*base); err != nil {
-			return err
+			return fmt.Errorf("write BAT at %d: %w", newBATOff+8*base, err)
 		}
 	}
 	return nil

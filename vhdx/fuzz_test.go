@@ -161,7 +161,8 @@ func builderSeeds(t testing.TB) map[string][]byte {
 var updateSeeds = flag.Bool("update-seeds", false, "rewrite testdata/*.sparse from qemu-img-made images")
 
 // TestSeeds checks the seed files in testdata, and with -update-seeds makes them
-// anew with qemu-img and qemu-io: tiny images (8 MiB, 1 MiB blocks) with a few writes.
+// anew with qemu-img and qemu-io, and with Create and WriteAt (writeCreatedSeeds):
+// tiny images (8 MiB, 1 MiB blocks) with a few writes.
 func TestSeeds(t *testing.T) {
 	if *updateSeeds {
 		needTool(t, "qemu-img")
@@ -183,6 +184,7 @@ func TestSeeds(t *testing.T) {
 				t.Fatal(err)
 			}
 		}
+		writeCreatedSeeds(t, dir)
 	}
 	seeds := readSeedFiles(t)
 	if len(seeds) == 0 {

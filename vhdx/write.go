@@ -109,12 +109,7 @@ type bitRange struct {
 }
 
 // commitLocked makes the BAT entries in bat and the bits in bits durable through the
-// log (§2.3): the data written before it is flushed; an entry holding the new 4 KiB
-// sectors, whose Tail is itself, is written at the start of the log and flushed
-// before the header names its LogGuid, so that a cut leaves either no log or a
-// complete one (§2.3.1.1); the sectors are written in place and flushed; then the
-// header's LogGuid is cleared. A cut before the header names the log leaves the old
-// metadata; after it, an open replays the entry.
+// log (logWriteLocked), the data written before it first.
 func (img *Image) commitLocked(bat map[int64]batEntry, bits *bitRange) error {
 	if len(bat) == 0 && bits == nil {
 		return nil
@@ -172,6 +167,23 @@ func (img *Image) commitLocked(bat map[int64]batEntry, bits *bitRange) error {
 			return nil // every bit was set already: the data write was all
 		}
 	}
+	return img.logWriteLocked(sectors, func() {
+		for idx, e := range bat {
+			img.bat[idx] = e
+		}
+	})
+}
+
+// logWriteLocked makes the 4 KiB sectors in sectors (keyed by their 4 KiB-aligned
+// file offset) durable through the log (§2.3): whatever was written before it is
+// flushed; an entry holding the sectors, whose Tail is itself, is written at the
+// start of the log and flushed before the header names its LogGuid, so that a cut
+// leaves either no log or a complete one (§2.3.1.1); the sectors are written in
+// place and flushed; applied runs (to update what the image keeps in memory); then
+// the header's LogGuid is cleared. A cut before the header names the log leaves the
+// old sectors; after it, an open replays the entry. The caller holds mu.
+func (img *Image) logWriteLocked(sectors map[int64][]byte, applied func()) error {
+	name := img.name
 	if err := img.src.f.Sync(); err != nil {
 		return fmt.Errorf("%s: fsync: %w", name, err)
 	}
@@ -204,8 +216,6 @@ func (img *Image) commitLocked(bat map[int64]batEntry, bits *bitRange) error {
 	if err := img.src.f.Sync(); err != nil {
 		return fmt.Errorf("%s: fsync: %w", name, err)
 	}
-	for idx, e := range bat {
-		img.bat[idx] = e
-	}
+	applied()
 	return img.updateHeader(func(h *Header) { h.LogGuid = GUID{} })
 }

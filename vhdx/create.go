@@ -1,6 +1,7 @@
 package vhdx
 
 import (
+	"cmp"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -103,7 +104,7 @@ func Create(name string, o CreateOptions) error {
 // with img's block size (a merge's fresh top keeps its parent's), and the locator
 // paths and ID of o.
 func (img *Image) CreateChild(path string, o image.ChildOptions) error {
-	return Create(path, CreateOptions{Type: TypeDifferencing, BlockSize: img.BlockSize(), Parent: img,
+	return Create(path, CreateOptions{Type: TypeDifferencing, BlockSize: cmp.Or(o.BlockSize, img.BlockSize()), Parent: img,
 		ParentPath: o.ParentPath, LocatorPath: o.LocatorPath, ID: o.ID})
 }
 

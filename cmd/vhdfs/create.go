@@ -1,44 +1,53 @@
 package main
 
 import (
+	"cmp"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
+	"path/filepath"
+	"slices"
+	"strings"
 
 	"github.com/vhdfs/vhdfs/chain"
 	"github.com/vhdfs/vhdfs/image"
 	"github.com/vhdfs/vhdfs/probe"
 	"github.com/vhdfs/vhdfs/vhd"
+	"github.com/vhdfs/vhdfs/vhdx"
 )
 
 func cmdCreate(args []string) error {
 	fs := newFlags("create")
 	sizeStr := fs.String("size", "", "virtual `SIZE`: bytes, or 1.5G, 512M, 2T (K, M, G, T count in 1024s as qemu-img does; KB, MB, GB, TB in 1000s)")
 	typ := fs.String("type", "dynamic", "dynamic or fixed")
-	blockStr := fs.String("block-size", "", "block `SIZE` of a dynamic image (default 2M)")
-	exact := fs.Bool("exact-size", false, "keep the size exact instead of rounding up to a CHS geometry")
-	parent := fs.String("parent", "", "create a differencing image (a snapshot) of `PARENT`; size and type come from it")
+	format := fs.String("format", "", "vhd or vhdx (default: from the name: .vhdx and .avhdx are VHDX, anything else VHD; with --parent, the parent's)")
+	blockStr := fs.String("block-size", "", "block `SIZE` (default: VHD 2M; VHDX 32M, and 2M for a differencing image, as Hyper-V makes them)")
+	logical := fs.Int64("logical-sector", 0, "VHDX logical sector `BYTES`: 512 (default) or 4096")
+	physical := fs.Int64("physical-sector", 0, "VHDX physical sector `BYTES`: 512 or 4096 (default)")
+	exact := fs.Bool("exact-size", false, "VHD: keep the size exact instead of rounding up to a CHS geometry")
+	parent := fs.String("parent", "", "create a differencing image (a snapshot) of `PARENT`; size, type and format come from it")
 	asJSON := fs.Bool("json", false, "print the new image as info --json shows a layer")
 	quiet := fs.BoolP("quiet", "q", false, "print no line about the new image (--json still prints)")
 	pos, err := parse(fs, args, "IMAGE")
 	if err != nil {
 		return err
 	}
-	opts := vhd.CreateOptions{ExactSize: *exact}
+	var blockSize int64
 	if *blockStr != "" {
-		if opts.BlockSize, err = parseSize(*blockStr); err != nil {
+		if blockSize, err = parseSize(*blockStr); err != nil {
 			return usagef("--block-size: %v", err)
 		}
-		if opts.BlockSize > vhd.DefaultBlockSize {
-			fmt.Fprintf(os.Stderr, "vhdfs create: warning: block size %s is above 2 MiB: blktap (XCP-ng, XenServer, Xen Orchestra's imports) cannot open the image, and Microsoft's tools are reported to handle 2 MiB only\n", *blockStr)
-		}
+	}
+	named := formatOfName(pos[0])
+	if *format != "" && *format != "vhd" && *format != "vhdx" {
+		return usagef("--format %q: want vhd or vhdx", *format)
 	}
 	if *parent != "" {
-		if *sizeStr != "" || fs.Changed("type") || *exact {
-			return usagef("--parent takes the size and type from the parent: drop --size, --type and --exact-size")
+		if *sizeStr != "" || fs.Changed("type") || *exact || *logical != 0 || *physical != 0 {
+			return usagef("--parent takes the size, type and sector sizes from the parent: drop --size, --type, --exact-size, --logical-sector and --physical-sector")
 		}
-		if err := createChild(*parent, pos[0], opts.BlockSize); err != nil {
+		if err := createChild(*parent, pos[0], *format, blockSize); err != nil {
 			return err
 		}
 		return report(pos[0], *parent, 0, *asJSON, *quiet)
@@ -46,28 +55,64 @@ func cmdCreate(args []string) error {
 	if *sizeStr == "" {
 		return usagef("--size or --parent is required")
 	}
-	if opts.Size, err = parseSize(*sizeStr); err != nil {
+	size, err := parseSize(*sizeStr)
+	if err != nil {
 		return usagef("--size: %v", err)
 	}
-	switch *typ {
-	case "dynamic":
-		opts.Type = vhd.TypeDynamic
-	case "fixed":
-		opts.Type = vhd.TypeFixed
-		if *blockStr != "" {
-			return usagef("--block-size applies to dynamic images only")
-		}
-	default:
+	if *typ != "dynamic" && *typ != "fixed" {
 		return usagef("--type %q: want dynamic or fixed", *typ)
 	}
-	if err := vhd.Create(pos[0], opts); err != nil {
-		if errors.Is(err, vhd.ErrInvalidArg) {
+	if *typ == "fixed" && *blockStr != "" && cmp.Or(*format, named) == "vhd" {
+		return usagef("--block-size applies to dynamic images only")
+	}
+	if cmp.Or(*format, named) == "vhdx" {
+		if *exact {
+			return usagef("--exact-size is for VHD: a VHDX keeps the size asked for")
+		}
+		err = createVHDX(pos[0], *typ, size, blockSize, *logical, *physical)
+	} else {
+		if *logical != 0 || *physical != 0 {
+			return usagef("--logical-sector and --physical-sector are for VHDX: a VHD has 512-byte sectors")
+		}
+		err = createVHD(pos[0], *typ, size, blockSize, *exact)
+	}
+	if err != nil {
+		if errors.Is(err, image.ErrInvalidArg) {
 			// A size or block size the format cannot take: the command line is wrong.
 			return usagef("%v", err)
 		}
 		return err
 	}
-	return report(pos[0], "", opts.Size, *asJSON, *quiet)
+	return report(pos[0], "", size, *asJSON, *quiet)
+}
+
+// formatOfName is the format a file's name asks for: Hyper-V names VHDX images
+// .vhdx and their checkpoints .avhdx.
+func formatOfName(name string) string {
+	switch strings.ToLower(filepath.Ext(name)) {
+	case ".vhdx", ".avhdx":
+		return "vhdx"
+	}
+	return "vhd"
+}
+
+func createVHD(name, typ string, size, blockSize int64, exact bool) error {
+	opts := vhd.CreateOptions{Type: vhd.TypeDynamic, Size: size, BlockSize: blockSize, ExactSize: exact}
+	if typ == "fixed" {
+		opts.Type = vhd.TypeFixed
+	}
+	if blockSize > vhd.DefaultBlockSize {
+		fmt.Fprintf(os.Stderr, "vhdfs create: warning: block size %s is above 2 MiB: blktap (XCP-ng, XenServer, Xen Orchestra's imports) cannot open the image, and Microsoft's tools are reported to handle 2 MiB only\n", human(blockSize))
+	}
+	return vhd.Create(name, opts)
+}
+
+func createVHDX(name, typ string, size, blockSize, logical, physical int64) error {
+	opts := vhdx.CreateOptions{Type: vhdx.TypeDynamic, Size: size, BlockSize: blockSize, LogicalSectorSize: logical, PhysicalSectorSize: physical}
+	if typ == "fixed" {
+		opts.Type = vhdx.TypeFixed
+	}
+	return vhdx.Create(name, opts)
 }
 
 // report prints what create made, in one line, and a second one when the size was
@@ -102,8 +147,10 @@ func report(path, parent string, asked int64, asJSON, quiet bool) error {
 	return nil
 }
 
-// createChild creates name, a new empty differencing image on parent.
-func createChild(parent, name string, blockSize int64) error {
+// createChild creates name, a new empty differencing image on parent, in the
+// parent's format: a chain is one format throughout. format is what the user asked
+// for, "" if nothing.
+func createChild(parent, name, format string, blockSize int64) error {
 	// Opening the whole chain proves the parent is usable before we link to it.
 	c, err := chain.Open(parent, false)
 	if err != nil {
@@ -113,7 +160,28 @@ func createChild(parent, name string, blockSize int64) error {
 	if c.Len() >= chain.MaxDepth {
 		return fmt.Errorf("%s: the chain of %s already holds %d images, the most a chain may: %w", name, parent, c.Len(), chain.ErrTooDeep)
 	}
-	return c.Layers()[0].Image.CreateChild(name, image.ChildOptions{ParentPath: parent, BlockSize: blockSize})
+	top := c.Layers()[0].Image
+	if format != "" && format != top.Format() {
+		return usagef("--format %s: the parent %s is %s, and a chain is one format throughout", format, parent, strings.ToUpper(top.Format()))
+	}
+	if ext := strings.ToLower(filepath.Ext(name)); format == "" && slices.Contains([]string{".vhd", ".vhdx", ".avhdx"}, ext) && formatOfName(name) != top.Format() {
+		return usagef("%s: the name says %s, but the parent %s is %s, and a chain is one format throughout: name it %s", name,
+			strings.ToUpper(formatOfName(name)), parent, strings.ToUpper(top.Format()), childName(name, top.Format()))
+	}
+	if blockSize == 0 && top.Format() == "vhdx" {
+		blockSize = vhdx.DefaultDifferencingBlockSize
+	}
+	return top.CreateChild(name, image.ChildOptions{ParentPath: parent, BlockSize: blockSize})
+}
+
+// childName suggests a name for a child of the given format: Hyper-V's .avhdx for
+// a VHDX checkpoint.
+func childName(name, format string) string {
+	base := strings.TrimSuffix(name, filepath.Ext(name))
+	if format == "vhdx" {
+		return base + ".avhdx"
+	}
+	return base + ".vhd"
 }
 
 // sizeText gives a size for people and in bytes: "1.5 GiB (1610612736 bytes)", "1 byte".

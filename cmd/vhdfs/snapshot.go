@@ -15,7 +15,7 @@ func cmdSnapshot(args []string) error {
 	if err != nil {
 		return err
 	}
-	if err := createChild(pos[0], pos[1], 0); err != nil {
+	if err := createChild(pos[0], pos[1], "", 0); err != nil {
 		return err
 	}
 	img, err := probe.Open(pos[1], probe.ReadOnly)

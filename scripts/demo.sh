@@ -40,6 +40,22 @@ printf 'written into the top snapshot\n' | dd of="$mnt/disk.raw" bs=512 seek=400
 
 echo
 "$vhdfs" info "$dir/top.vhd"
+
+echo
+echo "== the same in VHDX, as Hyper-V makes it: base.vhdx and a checkpoint, base_ckpt.avhdx"
+"$vhdfs" create --size 256M "$dir/base.vhdx"
+"$vhdfs" mount "$dir/base.vhdx" "$mnt"
+printf 'written into the VHDX base\n' | dd of="$mnt/disk.raw" bs=512 seek=400000 conv=notrunc status=none
+"$vhdfs" umount "$mnt"
+"$vhdfs" create --parent "$dir/base.vhdx" "$dir/base_ckpt.avhdx"
+"$vhdfs" mount "$dir/base_ckpt.avhdx" "$mnt"
+printf 'written into the VHDX checkpoint\n' | dd of="$mnt/disk.raw" bs=512 seek=400008 conv=notrunc status=none
+"$vhdfs" umount "$mnt"
+"$vhdfs" info "$dir/base_ckpt.avhdx"
+echo "the two messages, read back through the exported chain:"
+"$vhdfs" export "$dir/base_ckpt.avhdx" - | dd bs=512 skip=400000 count=16 status=none | strings
+"$vhdfs" check "$dir/base_ckpt.avhdx"
+
 echo
 "$vhdfs" mount "$dir/top.vhd" "$mnt"
 echo "== mounted at $mnt:"

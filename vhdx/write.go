@@ -29,11 +29,10 @@ func (img *Image) WriteAt(p []byte, off int64) (int, error) {
 	}
 	img.mu.Lock()
 	defer img.mu.Unlock()
-	if !img.dataWriteGuidSet && len(p) > 0 {
-		if err := img.updateHeader(func(h *Header) { h.FileWriteGuid, h.DataWriteGuid = NewGUID(), NewGUID() }); err != nil {
+	if len(p) > 0 {
+		if err := img.beginWriteLocked(); err != nil {
 			return 0, err
 		}
-		img.fileWriteGuidSet, img.dataWriteGuidSet = true, true
 	}
 	for done := 0; done < len(p); {
 		o := off + int64(done)

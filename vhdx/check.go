@@ -300,7 +300,7 @@ func (img *Image) checkBAT(add addFunc) {
 		add(image.Note, "%d BAT entries are UNMAPPED with the 0.95 draft's value 5 (version 1.0 has 3)", draft)
 	}
 	if notFull > 0 {
-		add(image.Warning, "fixed image (LeaveBlockAllocated) has %d blocks not FULLY_PRESENT (the first: block %d, %v)", notFull, firstNotFull, entries[g.payloadIndex(firstNotFull)].state())
+		add(image.Note, "fixed image (LeaveBlockAllocated) has %d blocks not FULLY_PRESENT (the first: block %d, %v), as qemu 7.2 makes them", notFull, firstNotFull, entries[g.payloadIndex(firstNotFull)].state())
 	}
 	// The in-memory table: writes since the open change it.
 	for _, sp := range spans[nregions:] {

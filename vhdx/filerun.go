@@ -53,13 +53,13 @@ func (img *Image) FileRun(off, n int64) (f *os.File, fileOff, k int64, ok bool) 
 // CopyFrom copies n bytes at srcOff of src into the image at off with
 // copy_file_range(2), so the kernel moves the bytes (and XFS or btrfs share them by
 // reflink). It copies only into a FULLY_PRESENT block, which stores the range in
-// place, and stops at the block's end; any other block is ErrNotInPlace (WriteAt
-// allocates it and logs its BAT entry). It follows WriteAt's rules: off and n are
-// whole logical sectors inside Size, and the first change of data gives the header
-// a new DataWriteGuid unless SetID gave one. The bytes are durable at the next Sync.
-// It returns the bytes copied (whole logical sectors) and, when it copied fewer than
-// n, an error; one wrapping ErrNotInPlace or ErrNoKernelCopy says to copy the rest by
-// ReadAt and WriteAt.
+// place, and stops at the block's end (the caller calls again for the rest); any
+// other block is ErrNotInPlace (WriteAt allocates it and logs its BAT entry). It
+// follows WriteAt's rules: off and n are whole logical sectors inside Size, and the
+// first change of data gives the header a new DataWriteGuid unless SetID gave one.
+// The bytes are durable at the next Sync. It returns the bytes copied (whole logical
+// sectors) and, when it copied less than it could up to the block's end, an error;
+// one wrapping ErrNotInPlace or ErrNoKernelCopy says to copy by ReadAt and WriteAt.
 func (img *Image) CopyFrom(src *os.File, srcOff, off, n int64) (int64, error) {
 	g := img.geo
 	if !img.writable {

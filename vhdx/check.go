@@ -169,7 +169,7 @@ func (img *Image) checkMetadata(add addFunc) {
 	sort.Slice(used, func(a, b int) bool { return used[a].off < used[b].off })
 	for k := 1; k < len(used); k++ {
 		if p := used[k-1]; used[k].off < p.off+p.len {
-			add(image.Error, "%s at %d overlaps %s at %d, length %d", used[k].name, used[k].off, p.name, p.off, p.len)
+			add(image.Error, "%s at region offset %d overlaps %s at %d, length %d", used[k].name, used[k].off, p.name, p.off, p.len)
 		}
 	}
 	b := make([]byte, 8)
@@ -249,7 +249,7 @@ func (img *Image) checkBAT(add addFunc) {
 			}
 		}
 		if n > 0 {
-			add(image.Note, "%d BAT entries past the %d in use are not zero (the first: entry %d): ignored, as a qemu 5.2 file has one", n, g.entries, first)
+			add(image.Note, "BAT entries past the %d in use: %d not zero (the first: entry %d), ignored (a qemu 5.2 file has one)", g.entries, n, first)
 		}
 	}
 	img.mu.RLock()

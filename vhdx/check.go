@@ -263,7 +263,11 @@ func (img *Image) checkBAT(add addFunc) {
 		spans = append(spans, span{int64(img.header.LogOffset), int64(img.header.LogLength), "the log"})
 	}
 	for i, r := range img.regions {
-		spans = append(spans, span{int64(r.FileOffset), int64(r.Length), fmt.Sprintf("region %d", i)})
+		what := map[GUID]string{RegionBAT: "the BAT region", RegionMetadata: "the metadata region"}[r.Guid]
+		if what == "" {
+			what = fmt.Sprintf("region %d (%v)", i, r.Guid)
+		}
+		spans = append(spans, span{int64(r.FileOffset), int64(r.Length), what})
 	}
 	nregions := len(spans)
 	for i, e := range entries {

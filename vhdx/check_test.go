@@ -225,9 +225,9 @@ func TestCheckInMemoryBAT(t *testing.T) {
 	img.bat[g.payloadIndex(2)] = makeEntry(FullyPresent, bMetaOff)
 	img.bat[g.payloadIndex(3)] = makeEntry(FullyPresent, 100*MiB)
 	want := map[string]bool{
-		"BAT entry 0 (block 0) and BAT entry 1 (block 1) overlap at":                  false,
-		"BAT entry 2 (block 2) points to 2097152, overlapping region 1 at 2097152":    false,
-		"BAT entry 3 (block 3) points to 104857600+1048576, past the end of the file": false,
+		"BAT entry 0 (block 0) and BAT entry 1 (block 1) overlap at":                          false,
+		"BAT entry 2 (block 2) points to 2097152, overlapping the metadata region at 2097152": false,
+		"BAT entry 3 (block 3) points to 104857600+1048576, past the end of the file":         false,
 	}
 	for _, p := range problems(t, img) {
 		for w := range want {

@@ -47,8 +47,9 @@ type Image struct {
 	meta       *Metadata
 	geo        geometry
 
-	batOff     int64 // where the BAT region starts
-	logEntries int   // entries of the log replayed at open
+	id         uint64 // names its slices in bitmapCache
+	batOff     int64  // where the BAT region starts
+	logEntries int    // entries of the log replayed at open
 
 	mu               sync.RWMutex // WriteAt holds it; ReadAt and Run read under it
 	bat              []batEntry   // guarded by mu
@@ -242,7 +243,7 @@ func openFile(f File, name string, writable, replay bool) (*Image, error) {
 		return nil, fmt.Errorf("%s: is not a regular file (%v): %w", name, st.Mode().Type(), ErrNotVHDX)
 	}
 	size := st.Size()
-	img := &Image{name: name, writable: writable, src: &source{f: f, vsize: size}}
+	img := &Image{name: name, writable: writable, src: &source{f: f, vsize: size}, id: nextImageID.Add(1)}
 	id := make([]byte, 8)
 	n, err := f.ReadAt(id, fileIDOff)
 	if err != nil && err != io.EOF {
@@ -524,5 +525,6 @@ func (img *Image) Close() error {
 		err = fmt.Errorf("%s: close: %w", img.name, cerr)
 	}
 	img.lock.Release()
+	bitmapCache.drop(img.id)
 	return err
 }

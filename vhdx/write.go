@@ -119,6 +119,11 @@ func (img *Image) commitLocked(bat map[int64]batEntry, bits *bitRange) error {
 		return nil
 	}
 	g, name := img.geo, img.name
+	if bits != nil {
+		// Readers are shut out (mu): none can cache the slice again before the
+		// bits are in place, and a failure below leaves the file to be read again.
+		bitmapCache.invalidate(sliceKey{img.id, bits.blk})
+	}
 	sectors := map[int64][]byte{}
 	get := func(off int64) ([]byte, error) {
 		k := off &^ (logSector - 1)

@@ -15,7 +15,10 @@ import (
 // new FileWriteGuid and DataWriteGuid (§2.2.2.1). In a differencing image a new
 // block that was NOT_PRESENT gets bitmap bits only for the sectors written; one that
 // was ZERO, UNMAPPED or UNDEFINED becomes FULLY_PRESENT with zeros around the data,
-// so it never exposes the parent. Each call is durable when it returns.
+// so it never exposes the parent. A call that changes metadata (a new block, new
+// bitmap bits) is durable when it returns, its data flushed before the log entry;
+// data written over sectors already stored, which changes no metadata, is durable
+// at the next Sync.
 func (img *Image) WriteAt(p []byte, off int64) (int, error) {
 	g := img.geo
 	if !img.writable {

@@ -234,3 +234,40 @@ func TestWriteChangesID(t *testing.T) {
 		t.Error("a second write changed the ID again")
 	}
 }
+
+// TestSetIDCrash cuts SetID after each of its writes and fsyncs: the file opens
+// with the old ID or the new one, never neither.
+func TestSetIDCrash(t *testing.T) {
+	b := newBuilder(8*MiB, MiB)
+	base := writeFile(t, b.build())
+	id := image.NewID()
+	for k := 0; ; k++ {
+		p := copyFile(t, base)
+		f, err := os.OpenFile(p, os.O_RDWR, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		left := k
+		img, err := OpenFile(cutFile{f, &left}, p, true)
+		if err != nil {
+			t.Fatal(err)
+		}
+		serr := img.SetID(id)
+		img.Close()
+		ro, err := Open(p, false)
+		if err != nil {
+			t.Fatalf("cut after %d: %v", k, err)
+		}
+		got := ro.ID()
+		ro.Close()
+		if got != id && got != b.dataWrite.ID() {
+			t.Fatalf("cut after %d: ID %v is neither old nor new", k, got)
+		}
+		if serr == nil {
+			if got != id {
+				t.Fatalf("SetID succeeded but the file has ID %v", got)
+			}
+			return
+		}
+	}
+}

@@ -2,8 +2,11 @@ package vhdx
 
 import (
 	"bytes"
+	"strings"
 	"sync"
 	"testing"
+
+	"github.com/vhdfs/vhdfs/image"
 )
 
 // TestSliceCacheBudget: the cache stays within its budget, the clock spares a slice
@@ -67,8 +70,9 @@ func TestSliceCacheClose(t *testing.T) {
 	}
 }
 
-// TestRunDuringWrites: Run and ReadAt beside WriteAt into PARTIALLY_PRESENT blocks
-// (for the race detector), then every sector written is stored.
+// TestRunDuringWrites: Run, ReadAt, Check, Describe and FileRun beside WriteAt into
+// PARTIALLY_PRESENT blocks (for the race detector); Check finds no error in what
+// the writes make, and every sector written is stored.
 func TestRunDuringWrites(t *testing.T) {
 	b, _ := differencingImage(512)
 	img, err := Open(writeFile(t, b.build()), true)
@@ -100,6 +104,22 @@ func TestRunDuringWrites(t *testing.T) {
 			}
 		})
 	}
+	wg.Go(func() {
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			for _, p := range img.Check() {
+				if p.Severity == image.Error || strings.Contains(p.Message, "not valid") {
+					t.Errorf("Check beside writes: %v", p)
+				}
+			}
+			_ = img.Describe()
+			_, _, _, _ = img.FileRun(MiB, MiB)
+		}
+	})
 	var written []int64
 	for i := int64(0); i < 64; i++ {
 		off := (i * 7919 * 512) % (8 * MiB) &^ 511

@@ -37,10 +37,12 @@ func (img *Image) Check() []image.Problem {
 
 type addFunc func(s image.Severity, format string, args ...any)
 
-// checkHeaders compares both headers (§2.2.2) and reports the log.
+// checkHeaders compares both headers (§2.2.2) and reports the log. It holds mu so
+// that no header update of a writer runs meanwhile.
 func (img *Image) checkHeaders(add addFunc) {
-	h := img.Header()
-	cur := img.headerSlot
+	img.mu.RLock()
+	defer img.mu.RUnlock()
+	h, cur := img.header, img.headerSlot
 	other := int64(header1Off)
 	if cur == header1Off {
 		other = header2Off
@@ -254,13 +256,14 @@ func (img *Image) checkBAT(add addFunc) {
 	}
 	img.mu.RLock()
 	entries := append([]batEntry(nil), img.bat...)
+	h, fileEnd := img.header, img.src.vsize
 	img.mu.RUnlock()
 	diff, fixed := img.meta.HasParent, img.meta.LeaveBlockAllocated
 	var notFull, firstNotFull int64 = 0, -1
 	var draft int64
 	spans := []span{{0, headerSection, "the header section"}}
-	if img.header.LogLength > 0 {
-		spans = append(spans, span{int64(img.header.LogOffset), int64(img.header.LogLength), "the log"})
+	if h.LogLength > 0 {
+		spans = append(spans, span{int64(h.LogOffset), int64(h.LogLength), "the log"})
 	}
 	for i, r := range img.regions {
 		what := map[GUID]string{RegionBAT: "the BAT region", RegionMetadata: "the metadata region"}[r.Guid]
@@ -308,8 +311,8 @@ func (img *Image) checkBAT(add addFunc) {
 	}
 	// The in-memory table: writes since the open change it.
 	for _, sp := range spans[nregions:] {
-		if sp.off+sp.len > img.src.vsize {
-			add(image.Error, "%s points to %d+%d, past the end of the file at %d", sp.name, sp.off, sp.len, img.src.vsize)
+		if sp.off+sp.len > fileEnd {
+			add(image.Error, "%s points to %d+%d, past the end of the file at %d", sp.name, sp.off, sp.len, fileEnd)
 		}
 		for _, m := range spans[:nregions] {
 			if overlaps(sp.off, sp.len, m.off, m.len) {

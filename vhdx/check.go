@@ -22,6 +22,11 @@ func (img *Image) Check() []image.Problem {
 	add := func(s image.Severity, format string, args ...any) {
 		out = append(out, image.Problem{Severity: s, File: img.name, Message: fmt.Sprintf(format, args...)})
 	}
+	// A writer's header updates, BAT changes and file growth wait meanwhile. The
+	// checks below take no lock themselves: a second read lock could deadlock
+	// behind a waiting writer.
+	img.mu.RLock()
+	defer img.mu.RUnlock()
 	img.checkHeaders(add)
 	img.checkRegionTables(add)
 	img.checkMetadata(add)
@@ -37,11 +42,9 @@ func (img *Image) Check() []image.Problem {
 
 type addFunc func(s image.Severity, format string, args ...any)
 
-// checkHeaders compares both headers (§2.2.2) and reports the log. It holds mu so
-// that no header update of a writer runs meanwhile.
+// checkHeaders compares both headers (§2.2.2) and reports the log. The caller
+// holds mu.
 func (img *Image) checkHeaders(add addFunc) {
-	img.mu.RLock()
-	defer img.mu.RUnlock()
 	h, cur := img.header, img.headerSlot
 	other := int64(header1Off)
 	if cur == header1Off {
@@ -222,7 +225,8 @@ func (img *Image) checkLocator(add addFunc) {
 	}
 }
 
-// checkBAT checks every BAT entry, in the file and in memory (§2.5).
+// checkBAT checks every BAT entry, in the file and in memory (§2.5). The caller
+// holds mu.
 func (img *Image) checkBAT(add addFunc) {
 	g := img.geo
 	var bat RegionEntry
@@ -254,10 +258,7 @@ func (img *Image) checkBAT(add addFunc) {
 			add(image.Note, "BAT entries past the %d in use: %d not zero (the first: entry %d), ignored (a qemu 5.2 file has one)", g.entries, n, first)
 		}
 	}
-	img.mu.RLock()
-	entries := append([]batEntry(nil), img.bat...)
-	h, fileEnd := img.header, img.src.vsize
-	img.mu.RUnlock()
+	entries, h, fileEnd := img.bat, img.header, img.src.vsize
 	diff, fixed := img.meta.HasParent, img.meta.LeaveBlockAllocated
 	var notFull, firstNotFull int64 = 0, -1
 	var draft int64

@@ -4,7 +4,10 @@ import (
 	"bytes"
 	"errors"
 	"os"
+	"os/exec"
+	"path/filepath"
 	"reflect"
+	"strings"
 	"testing"
 
 	"github.com/vhdfs/vhdfs/image"
@@ -188,6 +191,9 @@ func TestSetID(t *testing.T) {
 		t.Errorf("reopened: ID %v, want %v", img.ID(), id2)
 	}
 	img.Close()
+	if _, err := exec.LookPath("qemu-img"); err == nil {
+		run(t, "qemu-img", "check", "-q", "-f", "vhdx", p)
+	}
 
 	// Tear the newest header: the one before it wins, with the ID it had.
 	f, err := os.OpenFile(p, os.O_RDWR, 0)
@@ -269,5 +275,32 @@ func TestSetIDCrash(t *testing.T) {
 			}
 			return
 		}
+	}
+}
+
+// TestIDAgreesWithLibvhdi: libvhdi's vhdiinfo prints a VHDX's identifier (the
+// DataWriteGuid) in text form; ID gives the same text for a file qemu-img made.
+func TestIDAgreesWithLibvhdi(t *testing.T) {
+	needTool(t, "qemu-img")
+	needTool(t, "vhdiinfo")
+	p := filepath.Join(t.TempDir(), "q.vhdx")
+	run(t, "qemu-img", "create", "-q", "-f", "vhdx", p, "8M")
+	out, err := exec.Command("vhdiinfo", p).CombinedOutput()
+	if err != nil {
+		t.Fatalf("vhdiinfo: %v\n%s", err, out)
+	}
+	var want string
+	for _, line := range strings.Split(string(out), "\n") {
+		if k, v, ok := strings.Cut(line, ":"); ok && strings.TrimSpace(k) == "Identifier" {
+			want = strings.TrimSpace(v)
+		}
+	}
+	img, err := Open(p, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer img.Close()
+	if got := img.ID().String(); want == "" || got != want {
+		t.Errorf("ID %s, vhdiinfo's identifier %q", got, want)
 	}
 }

@@ -86,6 +86,9 @@ func (img *Image) CopyFrom(src *os.File, srcOff, off, n int64) (int64, error) {
 	if e.state() != FullyPresent {
 		return 0, fmt.Errorf("%s: copy to block %d, which is %v: %w", img.name, blk, e.state(), ErrNotInPlace)
 	}
+	if err := img.usableLocked(off); err != nil {
+		return 0, err
+	}
 	if err := img.beginWriteLocked(); err != nil {
 		return 0, err
 	}

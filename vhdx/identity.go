@@ -113,6 +113,9 @@ func (img *Image) SetID(id image.ID) error {
 	}
 	img.mu.Lock()
 	defer img.mu.Unlock()
+	if err := img.usableLocked(0); err != nil {
+		return err
+	}
 	newFile := !img.fileWriteGuidSet
 	if err := img.updateHeader(func(h *Header) {
 		h.DataWriteGuid = GUIDOf(id)

@@ -56,6 +56,7 @@ type Image struct {
 	fileWriteGuidSet bool         // guarded by mu: a new FileWriteGuid is on disk (§2.2.2.1)
 	dataWriteGuidSet bool         // guarded by mu: a new DataWriteGuid is on disk
 	logSeq           uint64       // guarded by mu: the sequence number of the last log entry written
+	failed           error        // guarded by mu: a metadata update that failed half way; no more writes
 }
 
 // Open opens the image at name, read-only unless writable, and locks it with qemu's

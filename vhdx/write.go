@@ -32,6 +32,9 @@ func (img *Image) WriteAt(p []byte, off int64) (int, error) {
 	}
 	img.mu.Lock()
 	defer img.mu.Unlock()
+	if err := img.usableLocked(off); err != nil {
+		return 0, err
+	}
 	if len(p) > 0 {
 		if err := img.beginWriteLocked(); err != nil {
 			return 0, err
@@ -200,19 +203,38 @@ func (img *Image) commitLocked(bat map[int64]batEntry, bits *bitRange) error {
 	if err := img.src.f.Sync(); err != nil {
 		return fmt.Errorf("%s: fsync: %w", name, err)
 	}
-	if err := img.updateHeader(func(h *Header) { h.LogGuid = guid }); err != nil {
+	// From here a failure may leave the entry pending in the file, with the
+	// metadata in place half written: only an open's replay sets that right, so the
+	// handle takes no more writes.
+	fail := func(err error) error {
+		img.failed = err
 		return err
+	}
+	if err := img.updateHeader(func(h *Header) { h.LogGuid = guid }); err != nil {
+		return fail(err)
 	}
 	for _, op := range ops {
 		if _, err := img.src.f.WriteAt(op.data, op.off); err != nil {
-			return fmt.Errorf("%s: write metadata at %d: %w", name, op.off, err)
+			return fail(fmt.Errorf("%s: write metadata at %d: %w", name, op.off, err))
 		}
 	}
 	if err := img.src.f.Sync(); err != nil {
-		return fmt.Errorf("%s: fsync: %w", name, err)
+		return fail(fmt.Errorf("%s: fsync: %w", name, err))
 	}
 	for idx, e := range bat {
 		img.bat[idx] = e
 	}
-	return img.updateHeader(func(h *Header) { h.LogGuid = GUID{} })
+	if err := img.updateHeader(func(h *Header) { h.LogGuid = GUID{} }); err != nil {
+		return fail(err)
+	}
+	return nil
+}
+
+// usableLocked returns an error if an earlier metadata update of this handle failed
+// half way (see commitLocked). The caller holds mu.
+func (img *Image) usableLocked(off int64) error {
+	if img.failed != nil {
+		return fmt.Errorf("%s: write at %d: an earlier metadata update failed, and only reopening the image replays its log: %w", img.name, off, img.failed)
+	}
+	return nil
 }

@@ -75,7 +75,7 @@ func (img *Image) checkHeaders(add addFunc) {
 	if h.LogLength == 0 {
 		add(image.Warning, "header at %d: no log region (length 0): a write that allocates a block fails", cur)
 	}
-	if img.logEntries > 0 {
+	if img.src.ov != nil { // a writable open replayed the log into the file
 		add(image.Warning, "log holds %d entries (log GUID %v), replayed in memory for reading only: qemu refuses the file until they are replayed into it (vhdfs check --repair)", img.logEntries, h.LogGuid)
 	}
 }

@@ -266,6 +266,17 @@ func TestRepair(t *testing.T) {
 			t.Errorf("after Repair: %v", pr)
 		}
 	}
+	f2, _, _ := logImage(t)
+	w, err := Open(writeFile(t, f2), true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, pr := range problems(t, w) {
+		if strings.Contains(pr.Message, "log holds") {
+			t.Errorf("a writable open, which replayed the log: %v", pr)
+		}
+	}
+	w.Close()
 	before := fileSum(t, p)
 	if n, err := Repair(p); err != nil || n != 0 {
 		t.Errorf("a second Repair = %d, %v; want 0 entries", n, err)

@@ -4,6 +4,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 
@@ -291,5 +292,56 @@ func TestRepair(t *testing.T) {
 		if out, err := exec.Command(path, "check", "-f", "vhdx", "-U", p).CombinedOutput(); err != nil {
 			t.Errorf("qemu-img check after Repair: %v\n%s", err, out)
 		}
+	}
+}
+
+// TestCheckBitmapInDynamic: a sector bitmap entry that is present in an image
+// without a parent is a warning. It takes more than one chunk (4 GiB): a sparse
+// qemu-img file, its first sector bitmap entry pointed at a new 1 MiB at the end.
+func TestCheckBitmapInDynamic(t *testing.T) {
+	needTool(t, "qemu-img")
+	p := filepath.Join(t.TempDir(), "big.vhdx")
+	run(t, "qemu-img", "create", "-q", "-f", "vhdx", p, "5G")
+	img, err := Open(p, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	g, batOff := img.geo, img.batOff
+	img.Close()
+	if g.entries <= g.chunkRatio {
+		t.Fatalf("%d BAT entries: no sector bitmap entry in use", g.entries)
+	}
+	f, err := os.OpenFile(p, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	st, err := f.Stat()
+	if err != nil {
+		t.Fatal(err)
+	}
+	end := (st.Size() + MiB - 1) / MiB * MiB
+	if err := f.Truncate(end + MiB); err != nil {
+		t.Fatal(err)
+	}
+	e := make([]byte, 8)
+	put64(e, 0, uint64(makeEntry(Present, end)))
+	if _, err := f.WriteAt(e, batOff+8*g.chunkRatio); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+	img, err = Open(p, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer img.Close()
+	want := "a sector bitmap block is present at " + strconv.FormatInt(end, 10) + " in an image without a parent"
+	found := false
+	for _, pr := range problems(t, img) {
+		if strings.Contains(pr.Message, want) && pr.Severity == image.Warning {
+			found = true
+		}
+	}
+	if !found {
+		t.Errorf("no warning says %q", want)
 	}
 }

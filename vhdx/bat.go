@@ -112,7 +112,7 @@ func (img *Image) readBAT(off, n int64, meta []span) error {
 		}
 	}
 	var used []span
-	diff := img.meta.HasParent
+	diff := img.meta.Load().HasParent
 	for i, e := range img.bat {
 		i := int64(i)
 		bitmap := (i+1)%(g.chunkRatio+1) == 0

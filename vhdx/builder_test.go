@@ -213,7 +213,7 @@ func buildLogEntry(seq uint64, tail uint32, guid GUID, flushed, last uint64, ops
 }
 
 // writeFile writes b to a new file in a temporary directory and returns its path.
-func writeFile(t *testing.T, b []byte) string {
+func writeFile(t testing.TB, b []byte) string {
 	t.Helper()
 	p := filepath.Join(t.TempDir(), "x.vhdx")
 	if err := os.WriteFile(p, b, 0o644); err != nil {

@@ -9,19 +9,24 @@ package vhdx
 import (
 	"errors"
 
-	"github.com/vhdfs/vhdfs/internal/imagelock"
+	"github.com/vhdfs/vhdfs/image"
 )
 
 // Sentinel errors; every error this package returns wraps one of these or an I/O
-// error, and names the file and the field.
+// error, and names the file and the field. The second group are package image's,
+// shared by every format, under this package's names.
 var (
 	ErrNotVHDX     = errors.New("not a VHDX image")
 	ErrChecksum    = errors.New("checksum mismatch")
 	ErrTruncated   = errors.New("file truncated")
 	ErrCorrupt     = errors.New("corrupt image")
 	ErrUnsupported = errors.New("unsupported image")
-	ErrReadOnly    = errors.New("image is read-only")
-	ErrOutOfRange  = errors.New("offset past the end of the disk")
-	ErrInvalidArg  = errors.New("invalid argument")
-	ErrLocked      = imagelock.ErrLocked // another process (or handle) uses the image
+
+	ErrReadOnly     = image.ErrReadOnly
+	ErrOutOfRange   = image.ErrOutOfRange
+	ErrInvalidArg   = image.ErrInvalidArg
+	ErrLocked       = image.ErrLocked // another process (or handle) uses the image
+	ErrReplaced     = image.ErrReplaced
+	ErrNotInPlace   = image.ErrNotInPlace
+	ErrNoKernelCopy = image.ErrNoKernelCopy
 )

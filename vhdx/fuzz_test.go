@@ -397,5 +397,19 @@ func exercise(t *testing.T, img *Image) []byte {
 		}
 		off += k
 	}
+	// The other readers of what the file says must not fail on what Open accepts.
+	for _, pr := range img.Check() {
+		if pr.Message == "" || strings.Contains(pr.Message, "\n") {
+			t.Fatalf("Check: %q", pr.Message)
+		}
+	}
+	_ = img.Describe()
+	_, _ = img.ParentHints()
+	_ = img.AcceptsParent(img.ParentID())
+	for _, off := range []int64{0, size / 2, size - 1} {
+		if f, fo, k, ok := img.FileRun(off, size); ok && (f == nil || fo < 0 || k <= 0 || k > size-off) {
+			t.Fatalf("FileRun(%d) = %d, %d, %v", off, fo, k, ok)
+		}
+	}
 	return view
 }

@@ -6,6 +6,8 @@ import (
 	"encoding/hex"
 	"fmt"
 	"strings"
+
+	"github.com/vhdfs/vhdfs/image"
 )
 
 // GUID is a GUID as VHDX stores it (MS-VHDX §2.2.3.2): the first three fields
@@ -47,6 +49,26 @@ func NewGUID() GUID {
 	b[6] = b[6]&0x0f | 0x40
 	b[8] = b[8]&0x3f | 0x80
 	g, _ := ParseGUID(fmt.Sprintf("%x-%x-%x-%x-%x", b[0:4], b[4:6], b[6:8], b[8:10], b[10:16]))
+	return g
+}
+
+// ID is g in the byte order of its text form, as package image keeps IDs.
+func (g GUID) ID() image.ID {
+	var u image.ID
+	binary.BigEndian.PutUint32(u[0:], binary.LittleEndian.Uint32(g[0:]))
+	binary.BigEndian.PutUint16(u[4:], binary.LittleEndian.Uint16(g[4:]))
+	binary.BigEndian.PutUint16(u[6:], binary.LittleEndian.Uint16(g[6:]))
+	copy(u[8:], g[8:])
+	return u
+}
+
+// GUIDOf is the GUID whose ID is id: its first three fields turned little-endian.
+func GUIDOf(id image.ID) GUID {
+	var g GUID
+	binary.LittleEndian.PutUint32(g[0:], binary.BigEndian.Uint32(id[0:]))
+	binary.LittleEndian.PutUint16(g[4:], binary.BigEndian.Uint16(id[4:]))
+	binary.LittleEndian.PutUint16(g[6:], binary.BigEndian.Uint16(id[6:]))
+	copy(g[8:], id[8:])
 	return g
 }
 

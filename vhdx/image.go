@@ -7,8 +7,10 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"sync/atomic"
 	"syscall"
 
+	"github.com/vhdfs/vhdfs/image"
 	"github.com/vhdfs/vhdfs/internal/imagelock"
 )
 
@@ -23,17 +25,13 @@ type File interface {
 }
 
 // DiskType is the kind of image, as the metadata says it.
-type DiskType int
+type DiskType = image.Type
 
 const (
-	TypeFixed        DiskType = iota // LeaveBlockAllocated, no parent
-	TypeDynamic                      // no parent
-	TypeDifferencing                 // HasParent
+	TypeFixed        = image.Fixed        // LeaveBlockAllocated, no parent
+	TypeDynamic      = image.Dynamic      // no parent
+	TypeDifferencing = image.Differencing // HasParent
 )
-
-func (t DiskType) String() string {
-	return [...]string{"fixed", "dynamic", "differencing"}[t]
-}
 
 // Image is one open VHDX file. ReadAt and Run may be called concurrently with each
 // other and with WriteAt; WriteAt calls serialise on the image's lock.
@@ -47,17 +45,19 @@ type Image struct {
 	header     Header // the current one
 	headerSlot int64  // where the current header is: header1Off or header2Off
 	regions    []RegionEntry
-	meta       *Metadata
+	meta       atomic.Pointer[Metadata] // replaced whole by SetParent; read without mu
 	geo        geometry
 
-	batOff     int64 // where the BAT region starts
-	logEntries int   // entries of the log replayed at open
+	id         uint64 // names its slices in bitmapCache
+	batOff     int64  // where the BAT region starts
+	logEntries int    // entries of the log replayed at open
 
 	mu               sync.RWMutex // WriteAt holds it; ReadAt and Run read under it
 	bat              []batEntry   // guarded by mu
 	fileWriteGuidSet bool         // guarded by mu: a new FileWriteGuid is on disk (§2.2.2.1)
 	dataWriteGuidSet bool         // guarded by mu: a new DataWriteGuid is on disk
 	logSeq           uint64       // guarded by mu: the sequence number of the last log entry written
+	failed           error        // guarded by mu: a metadata update that failed half way; no more writes
 }
 
 // Open opens the image at name, read-only unless writable, and locks it with qemu's
@@ -66,38 +66,102 @@ type Image struct {
 // image whose log is not empty shows the replayed view and stays as it is; a
 // writable one has its log replayed into the file.
 func Open(name string, writable bool) (*Image, error) {
+	return open(name, name, writable, false, false)
+}
+
+// OpenForceShare opens the image at name read-only without any lock, as qemu-img's
+// -U (force-share) does: it can read an image another process writes, and may then
+// see it torn.
+func OpenForceShare(name string) (*Image, error) {
+	return open(name, name, false, false, true)
+}
+
+// open opens path, called name in errors. A path other than name is a
+// /proc/self/fd link of Reopen: the file was checked when it was first opened, and
+// its log must already be empty for a writable open (see Reopen).
+func open(path, name string, writable, joint, noLock bool) (*Image, error) {
 	// O_NONBLOCK and O_NOCTTY: should a FIFO or a terminal slip past openRegular's
 	// check, the open must neither hang nor take a controlling terminal.
 	flag := os.O_RDONLY | syscall.O_NONBLOCK | syscall.O_NOCTTY
 	if writable {
 		flag = os.O_RDWR | syscall.O_NONBLOCK | syscall.O_NOCTTY
 	}
-	f, err := openRegular(name, flag)
+	var f *os.File
+	var err error
+	if path == name {
+		f, err = openRegular(path, flag)
+	} else if f, err = os.OpenFile(path, flag, 0); err != nil {
+		err = fmt.Errorf("%s: %w", name, err)
+	}
 	if err != nil {
 		return nil, err
 	}
-	need := imagelock.Reader
-	if writable {
-		need = imagelock.Writer
-	}
-	lock, err := imagelock.Acquire(f, name, need)
+	st, err := f.Stat()
 	if err != nil {
 		f.Close()
-		return nil, err
+		return nil, fmt.Errorf("%s: %w", name, err)
 	}
-	img, err := OpenFile(f, name, writable)
+	if !st.Mode().IsRegular() {
+		f.Close()
+		return nil, fmt.Errorf("%s: is not a regular file (%v): %w", name, st.Mode().Type(), ErrNotVHDX)
+	}
+	var lock *imagelock.Handle
+	if !noLock {
+		need := imagelock.Reader
+		if writable {
+			need = imagelock.Writer
+		}
+		need.Joint = joint
+		if lock, err = imagelock.Acquire(f, name, need); err != nil {
+			f.Close()
+			return nil, err
+		}
+	}
+	img, err := openFile(f, name, writable, path == name)
 	if err != nil {
 		lock.Release()
 		f.Close()
 		return nil, err
 	}
 	img.lock = lock
-	if st, err := f.Stat(); err == nil {
-		if sys, ok := st.Sys().(*syscall.Stat_t); ok {
-			img.dev, img.ino = uint64(sys.Dev), sys.Ino
-		}
+	if sys, ok := st.Sys().(*syscall.Stat_t); ok {
+		img.dev, img.ino = uint64(sys.Dev), sys.Ino
 	}
 	return img, nil
+}
+
+// Reopen opens the file img has open a second time, through its descriptor rather
+// than its path, so it is the same file whatever was renamed since; writable for a
+// merge. Its lock is joint with img's (a handle opened by OpenForceShare gets none
+// for reading). The caller checks the ID if it matters. A writable reopen of an
+// image whose log img replayed only in memory is refused: it would replay the log
+// into the file under img, whose view of the metadata would then go stale; open the
+// image writable first (vhdfs check --repair).
+func (img *Image) Reopen(writable bool) (image.Image, error) {
+	r, err := img.reopen(writable)
+	if err != nil {
+		return nil, err
+	}
+	return r, nil
+}
+
+func (img *Image) reopen(writable bool) (*Image, error) {
+	f, ok := img.src.f.(*os.File)
+	if !ok {
+		return nil, fmt.Errorf("%s: reopen: not a plain file: %w", img.name, ErrInvalidArg)
+	}
+	if writable && img.src.ov != nil {
+		return nil, fmt.Errorf("%s: reopen for writing: the log holds %d entries, replayed in memory only: %w", img.name, img.logEntries, ErrUnsupported)
+	}
+	r, err := open(fmt.Sprintf("/proc/self/fd/%d", f.Fd()), img.name, writable, true, img.lock == nil && !writable)
+	if err != nil {
+		return nil, err
+	}
+	if r.dev != img.dev || r.ino != img.ino {
+		r.Close()
+		return nil, fmt.Errorf("%s: reopen found another file: %w", img.name, ErrReplaced)
+	}
+	return r, nil
 }
 
 // SameFile reports an error unless path names the file img has open (the same
@@ -109,7 +173,7 @@ func (img *Image) SameFile(path string) error {
 	}
 	sys, ok := st.Sys().(*syscall.Stat_t)
 	if !ok || uint64(sys.Dev) != img.dev || sys.Ino != img.ino {
-		return fmt.Errorf("%s: is no longer the file that was opened (it was moved or replaced): %w", path, ErrInvalidArg)
+		return fmt.Errorf("%s: is no longer the file that was opened (it was moved or replaced): %w", path, ErrReplaced)
 	}
 	return nil
 }
@@ -167,6 +231,12 @@ func openRegular(name string, flag int) (*os.File, error) {
 // is not empty, and then replays the log into the file only once everything checked
 // out. The image takes ownership of f on success.
 func OpenFile(f File, name string, writable bool) (*Image, error) {
+	return openFile(f, name, writable, true)
+}
+
+// openFile is OpenFile; unless replay, a writable open of a file whose log is not
+// empty fails, wrapping ErrUnsupported, and writes nothing.
+func openFile(f File, name string, writable, replay bool) (*Image, error) {
 	st, err := f.Stat()
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w", name, err)
@@ -175,7 +245,7 @@ func OpenFile(f File, name string, writable bool) (*Image, error) {
 		return nil, fmt.Errorf("%s: is not a regular file (%v): %w", name, st.Mode().Type(), ErrNotVHDX)
 	}
 	size := st.Size()
-	img := &Image{name: name, writable: writable, src: &source{f: f, vsize: size}}
+	img := &Image{name: name, writable: writable, src: &source{f: f, vsize: size}, id: nextImageID.Add(1)}
 	id := make([]byte, 8)
 	n, err := f.ReadAt(id, fileIDOff)
 	if err != nil && err != io.EOF {
@@ -202,6 +272,9 @@ func OpenFile(f File, name string, writable bool) (*Image, error) {
 		return nil, err
 	}
 	if writable && img.src.ov != nil {
+		if !replay {
+			return nil, fmt.Errorf("%s: log holds %d entries to replay, and this open must not replay them: %w", name, img.logEntries, ErrUnsupported)
+		}
 		if err := img.replayIntoFile(); err != nil {
 			return nil, err
 		}
@@ -327,7 +400,7 @@ func (img *Image) readRegions() error {
 	if err != nil {
 		return err
 	}
-	img.meta = m
+	img.meta.Store(m)
 	img.geo = newGeometry(int64(m.VirtualDiskSize), int64(m.BlockSize), int64(m.LogicalSectorSize), m.HasParent)
 	img.batOff = int64(bat.FileOffset)
 	return img.readBAT(int64(bat.FileOffset), int64(bat.Length), meta)
@@ -354,8 +427,18 @@ func (img *Image) updateHeader(edit func(*Header)) error {
 	return nil
 }
 
-// Name is the path the image was opened with.
+// Name is the path the image was opened with, or the one SetName gave it.
 func (img *Image) Name() string { return img.name }
+
+// SetName changes the name errors and problems give the image (after a rename).
+// Call it before the image is shared between goroutines.
+func (img *Image) SetName(name string) { img.name = name }
+
+// Format is "vhdx".
+func (img *Image) Format() string { return "vhdx" }
+
+// SectorSize is the logical sector size: the unit of WriteAt and of the bitmaps.
+func (img *Image) SectorSize() int64 { return img.geo.sectorSize }
 
 // Size is the virtual disk size in bytes.
 func (img *Image) Size() int64 { return img.geo.size }
@@ -367,17 +450,17 @@ func (img *Image) BlockSize() int64 { return img.geo.blockSize }
 func (img *Image) LogicalSectorSize() int64 { return img.geo.sectorSize }
 
 // PhysicalSectorSize is 512 or 4096.
-func (img *Image) PhysicalSectorSize() int64 { return int64(img.meta.PhysicalSectorSize) }
+func (img *Image) PhysicalSectorSize() int64 { return int64(img.meta.Load().PhysicalSectorSize) }
 
 // HasParent reports whether the image is a differencing image.
-func (img *Image) HasParent() bool { return img.meta.HasParent }
+func (img *Image) HasParent() bool { return img.meta.Load().HasParent }
 
 // Type is fixed, dynamic or differencing, from the file parameters.
 func (img *Image) Type() DiskType {
 	switch {
-	case img.meta.HasParent:
+	case img.meta.Load().HasParent:
 		return TypeDifferencing
-	case img.meta.LeaveBlockAllocated:
+	case img.meta.Load().LeaveBlockAllocated:
 		return TypeFixed
 	}
 	return TypeDynamic
@@ -391,7 +474,7 @@ func (img *Image) DataWriteGuid() GUID { return img.Header().DataWriteGuid }
 func (img *Image) FileWriteGuid() GUID { return img.Header().FileWriteGuid }
 
 // VirtualDiskID is the page 83 data; children copy it, so it identifies no file.
-func (img *Image) VirtualDiskID() GUID { return img.meta.Page83Data }
+func (img *Image) VirtualDiskID() GUID { return img.meta.Load().Page83Data }
 
 // Header returns a copy of the current header.
 func (img *Image) Header() Header {
@@ -402,18 +485,18 @@ func (img *Image) Header() Header {
 
 // Metadata returns a copy of the known metadata items.
 func (img *Image) Metadata() Metadata {
-	m := *img.meta
+	m := *img.meta.Load()
 	m.ParentLocator = append([]KeyValue(nil), m.ParentLocator...)
 	return m
 }
 
 // ParentLocator returns the parent locator's key/value pairs; nil without a locator.
 func (img *Image) ParentLocator() map[string]string {
-	if img.meta.ParentLocator == nil {
+	if img.meta.Load().ParentLocator == nil {
 		return nil
 	}
-	m := make(map[string]string, len(img.meta.ParentLocator))
-	for _, kv := range img.meta.ParentLocator {
+	m := make(map[string]string, len(img.meta.Load().ParentLocator))
+	for _, kv := range img.meta.Load().ParentLocator {
 		m[kv.Key] = kv.Value
 	}
 	return m
@@ -444,5 +527,6 @@ func (img *Image) Close() error {
 		err = fmt.Errorf("%s: close: %w", img.name, cerr)
 	}
 	img.lock.Release()
+	bitmapCache.drop(img.id)
 	return err
 }

@@ -76,7 +76,7 @@ func (img *Image) Run(off, n int64) (int64, bool, error) {
 				return 0, false, err
 			}
 		default: // ZERO, UNMAPPED, UNDEFINED
-			p = img.meta.HasParent
+			p = img.meta.Load().HasParent
 		}
 		if run > 0 && p != present {
 			break
@@ -90,29 +90,52 @@ func (img *Image) Run(off, n int64) (int64, bool, error) {
 	return run, present, nil
 }
 
-// maxBitmapRead bounds the bitmap bytes one bitmapRun reads.
-const maxBitmapRead = 4 * KiB
-
 // bitmapRun returns the length of the run from byte in of PARTIALLY_PRESENT block
 // blk whose sectors share the state of in's sector, at most avail, and that state.
-// Bits are one per logical sector, least significant first (§2.5.1.2).
+// Bits are one per logical sector, least significant first (§2.5.1.2). The caller
+// holds mu.
 func (img *Image) bitmapRun(blk, in, avail int64) (int64, bool, error) {
-	g := img.geo
-	ss := g.sectorSize
-	first, last := in/ss, (in+avail-1)/ss
-	last = min(last, first+8*maxBitmapRead-1)
-	byteLo, byteHi := first/8, last/8+1
-	be := img.bat[g.bitmapIndex(blk)]
-	off := be.offset() + blk%g.chunkRatio*g.bitmapSlice + byteLo
-	bm := make([]byte, byteHi-byteLo)
-	if err := img.src.readAt(bm, off); err != nil {
-		return 0, false, fmt.Errorf("%s: read sector bitmap of block %d at %d: %w", img.name, blk, off, err)
+	ss := img.geo.sectorSize
+	bm, err := img.sectorBits(blk)
+	if err != nil {
+		return 0, false, err
 	}
-	bit := func(s int64) bool { s -= byteLo * 8; return bm[s/8]&(1<<(s%8)) != 0 }
+	first, last := in/ss, (in+avail-1)/ss
+	bit := func(s int64) bool { return bm[s/8]&(1<<(s%8)) != 0 }
 	set := bit(first)
+	same := byte(0)
+	if set {
+		same = 0xff
+	}
 	s := first + 1
-	for s <= last && bit(s) == set {
+	for s <= last {
+		if s%8 == 0 && s+7 <= last && bm[s/8] == same {
+			s += 8
+			continue
+		}
+		if bit(s) != set {
+			break
+		}
 		s++
 	}
 	return min(s*ss, in+avail) - in, set, nil
+}
+
+// sectorBits returns block blk's slice of its sector bitmap block, from the cache or
+// read (through the log's overlay) and cached. The caller holds mu and must not
+// change the slice; commitLocked, which changes bits under mu held for writing,
+// forgets the cached slice first.
+func (img *Image) sectorBits(blk int64) ([]byte, error) {
+	k := sliceKey{img.id, blk}
+	if bm := bitmapCache.get(k); bm != nil {
+		return bm, nil
+	}
+	g := img.geo
+	off := img.bat[g.bitmapIndex(blk)].offset() + blk%g.chunkRatio*g.bitmapSlice
+	bm := make([]byte, g.bitmapSlice)
+	if err := img.src.readAt(bm, off); err != nil {
+		return nil, fmt.Errorf("%s: read sector bitmap of block %d at %d: %w", img.name, blk, off, err)
+	}
+	bitmapCache.put(k, bm)
+	return bm, nil
 }

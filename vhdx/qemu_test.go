@@ -198,9 +198,3 @@ func checkHolesZero(t *testing.T, img *Image, raw string) {
 		off += n
 	}
 }
-
-var zeros16M = make([]byte, 16*MiB)
-
-// allZero reports whether p (at most 16 MiB) is all zeros, without a per-byte loop
-// that the race detector would slow down.
-func allZero(p []byte) bool { return bytes.Equal(p, zeros16M[:len(p)]) }

@@ -24,7 +24,7 @@ func (img *Image) SetParent(parentID image.ID, parentPath, childPath string) err
 	if !img.writable {
 		return fmt.Errorf("%s: set parent: %w", img.name, ErrReadOnly)
 	}
-	if !img.meta.HasParent {
+	if !img.meta.Load().HasParent {
 		return fmt.Errorf("%s: set parent of a %v image: %w", img.name, img.Type(), ErrInvalidArg)
 	}
 	kvs, err := newLocator(parentID.String(), parentPath, childPath)
@@ -37,6 +37,9 @@ func (img *Image) SetParent(parentID image.ID, parentPath, childPath string) err
 	}
 	img.mu.Lock()
 	defer img.mu.Unlock()
+	if err := img.usableLocked(0); err != nil {
+		return err
+	}
 	var md *RegionEntry
 	for i := range img.regions {
 		if img.regions[i].Guid == RegionMetadata {
@@ -116,9 +119,9 @@ func (img *Image) SetParent(parentID image.ID, parentPath, childPath string) err
 		img.fileWriteGuidSet = true
 	}
 	return img.logWriteLocked(sectors, func() {
-		m := *img.meta
+		m := *img.meta.Load()
 		m.LocatorType, m.ParentLocator = LocatorTypeVHDX, kvs
-		img.meta = &m
+		img.meta.Store(&m)
 	})
 }
 

@@ -15,7 +15,10 @@ import (
 // new FileWriteGuid and DataWriteGuid (§2.2.2.1). In a differencing image a new
 // block that was NOT_PRESENT gets bitmap bits only for the sectors written; one that
 // was ZERO, UNMAPPED or UNDEFINED becomes FULLY_PRESENT with zeros around the data,
-// so it never exposes the parent. Each call is durable when it returns.
+// so it never exposes the parent. A call that changes metadata (a new block, new
+// bitmap bits) is durable when it returns, its data flushed before the log entry;
+// data written over sectors already stored, which changes no metadata, is durable
+// at the next Sync.
 func (img *Image) WriteAt(p []byte, off int64) (int, error) {
 	g := img.geo
 	if !img.writable {
@@ -29,11 +32,13 @@ func (img *Image) WriteAt(p []byte, off int64) (int, error) {
 	}
 	img.mu.Lock()
 	defer img.mu.Unlock()
-	if !img.dataWriteGuidSet && len(p) > 0 {
-		if err := img.updateHeader(func(h *Header) { h.FileWriteGuid, h.DataWriteGuid = NewGUID(), NewGUID() }); err != nil {
+	if err := img.usableLocked(off); err != nil {
+		return 0, err
+	}
+	if len(p) > 0 {
+		if err := img.beginWriteLocked(); err != nil {
 			return 0, err
 		}
-		img.fileWriteGuidSet, img.dataWriteGuidSet = true, true
 	}
 	for done := 0; done < len(p); {
 		o := off + int64(done)
@@ -65,7 +70,7 @@ func (img *Image) writeBlockLocked(blk, in int64, d []byte) error {
 		}
 		blockLen := min(g.blockSize, g.size-blk*g.blockSize)
 		state := FullyPresent
-		if img.meta.HasParent && e.state() == NotPresent && !(in == 0 && int64(len(d)) == blockLen) {
+		if img.meta.Load().HasParent && e.state() == NotPresent && !(in == 0 && int64(len(d)) == blockLen) {
 			state, setBits = PartiallyPresent, true
 		}
 		e = makeEntry(state, start)
@@ -115,6 +120,11 @@ func (img *Image) commitLocked(bat map[int64]batEntry, bits *bitRange) error {
 		return nil
 	}
 	g, name := img.geo, img.name
+	if bits != nil {
+		// Readers are shut out (mu): none can cache the slice again before the
+		// bits are in place, and a failure below leaves the file to be read again.
+		bitmapCache.invalidate(sliceKey{img.id, bits.blk})
+	}
 	sectors := map[int64][]byte{}
 	get := func(off int64) ([]byte, error) {
 		k := off &^ (logSector - 1)
@@ -205,17 +215,36 @@ func (img *Image) logWriteLocked(sectors map[int64][]byte, applied func()) error
 	if err := img.src.f.Sync(); err != nil {
 		return fmt.Errorf("%s: fsync: %w", name, err)
 	}
-	if err := img.updateHeader(func(h *Header) { h.LogGuid = guid }); err != nil {
+	// From here a failure may leave the entry pending in the file, with the
+	// metadata in place half written: only an open's replay sets that right, so the
+	// handle takes no more writes.
+	fail := func(err error) error {
+		img.failed = err
 		return err
+	}
+	if err := img.updateHeader(func(h *Header) { h.LogGuid = guid }); err != nil {
+		return fail(err)
 	}
 	for _, op := range ops {
 		if _, err := img.src.f.WriteAt(op.data, op.off); err != nil {
-			return fmt.Errorf("%s: write metadata at %d: %w", name, op.off, err)
+			return fail(fmt.Errorf("%s: write metadata at %d: %w", name, op.off, err))
 		}
 	}
 	if err := img.src.f.Sync(); err != nil {
-		return fmt.Errorf("%s: fsync: %w", name, err)
+		return fail(fmt.Errorf("%s: fsync: %w", name, err))
 	}
 	applied()
-	return img.updateHeader(func(h *Header) { h.LogGuid = GUID{} })
+	if err := img.updateHeader(func(h *Header) { h.LogGuid = GUID{} }); err != nil {
+		return fail(err)
+	}
+	return nil
+}
+
+// usableLocked returns an error if an earlier metadata update of this handle failed
+// half way (see logWriteLocked). The caller holds mu.
+func (img *Image) usableLocked(off int64) error {
+	if img.failed != nil {
+		return fmt.Errorf("%s: write at %d: an earlier metadata update failed, and only reopening the image replays its log: %w", img.name, off, img.failed)
+	}
+	return nil
 }

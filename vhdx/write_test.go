@@ -7,7 +7,10 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"testing"
+
+	"github.com/vhdfs/vhdfs/image"
 )
 
 // parentByte is what a synthetic parent holds in every byte: the view of a
@@ -256,4 +259,70 @@ func copyFile(t *testing.T, src string) string {
 		t.Fatal(err)
 	}
 	return p
+}
+
+// TestWriteAfterFailedCommit: once a metadata update fails half way, the handle
+// takes no more writes (its log may be pending in the file); one that failed before
+// the header named the log does. Either way the file opens with each sector old or
+// new.
+func TestWriteAfterFailedCommit(t *testing.T) {
+	b := newBuilder(8*MiB, MiB)
+	b.states[0], b.data[0] = FullyPresent, fill(MiB, 1)
+	base := writeFile(t, b.build())
+	refused, accepted := 0, 0
+	for k := 0; ; k++ {
+		p := copyFile(t, base)
+		f, err := os.OpenFile(p, os.O_RDWR, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		left := k
+		img, err := OpenFile(cutFile{f, &left}, p, true)
+		if err != nil {
+			t.Fatal(err)
+		}
+		old := view(t, img)
+		_, err = img.WriteAt(fill(4096, 0x11), 5*MiB)
+		if err == nil {
+			img.Close()
+			break
+		}
+		left = 1 << 30
+		_, err2 := img.WriteAt(fill(4096, 0x22), 6*MiB)
+		switch {
+		case err2 == nil:
+			accepted++
+		case errors.Is(err2, errCut) && strings.Contains(err2.Error(), "earlier metadata update failed"):
+			refused++
+			if err := img.SetID(image.NewID()); !errors.Is(err, errCut) {
+				t.Errorf("cut after %d: SetID after a failed update: %v", k, err)
+			}
+		default:
+			t.Fatalf("cut after %d: the second write: %v", k, err2)
+		}
+		img.Close()
+		ro, err := Open(p, false)
+		if err != nil {
+			t.Fatalf("cut after %d: %v", k, err)
+		}
+		got := view(t, ro)
+		ro.Close()
+		want := append([]byte(nil), old...)
+		copy(want[5*MiB:], fill(4096, 0x11))
+		if err2 == nil {
+			copy(want[6*MiB:], fill(4096, 0x22))
+		}
+		for s := int64(0); s < int64(len(got))/512; s++ {
+			g := got[s*512 : (s+1)*512]
+			if !bytes.Equal(g, old[s*512:(s+1)*512]) && !bytes.Equal(g, want[s*512:(s+1)*512]) {
+				t.Fatalf("cut after %d: sector %d is neither old nor new", k, s)
+			}
+		}
+		if err2 == nil && !bytes.Equal(got[6*MiB:6*MiB+4096], fill(4096, 0x22)) {
+			t.Fatalf("cut after %d: the accepted second write is not in the file", k)
+		}
+	}
+	if refused == 0 || accepted == 0 {
+		t.Errorf("%d second writes refused, %d accepted: want some of each", refused, accepted)
+	}
 }

@@ -1,0 +1,406 @@
+package vhdx
+
+import (
+	"bytes"
+	"encoding/binary"
+	"fmt"
+	"sort"
+
+	"github.com/vhdfs/vhdfs/image"
+)
+
+// Check returns the problems of the open image beyond those Open refuses (Open
+// already refuses bad signatures and checksums, a truncated file, unknown required
+// regions and metadata items, bad sizes, regions and BAT entries that overlap or lie
+// past the end of the file, PARTIALLY_PRESENT blocks without a parent or a sector
+// bitmap, and logs that cannot be replayed). It writes nothing. It looks at both
+// headers and both region tables, the metadata table and its items, the parent
+// locator, every BAT entry (the in-memory table again too, which writes change) and
+// the sector bitmaps of PARTIALLY_PRESENT blocks.
+func (img *Image) Check() []image.Problem {
+	var out []image.Problem
+	add := func(s image.Severity, format string, args ...any) {
+		out = append(out, image.Problem{Severity: s, File: img.name, Message: fmt.Sprintf(format, args...)})
+	}
+	// A writer's header updates, BAT changes and file growth wait meanwhile. The
+	// checks below take no lock themselves: a second read lock could deadlock
+	// behind a waiting writer.
+	img.mu.RLock()
+	defer img.mu.RUnlock()
+	img.checkHeaders(add)
+	img.checkRegionTables(add)
+	img.checkMetadata(add)
+	img.checkLocator(add)
+	img.checkBAT(add)
+	if st, err := img.src.f.Stat(); err != nil {
+		add(image.Error, "stat: %v", err)
+	} else if st.Size()%MiB != 0 {
+		add(image.Note, "file size %d is not a multiple of 1 MiB, as every object of the format is", st.Size())
+	}
+	return out
+}
+
+type addFunc func(s image.Severity, format string, args ...any)
+
+// checkHeaders compares both headers (§2.2.2) and reports the log. The caller
+// holds mu.
+func (img *Image) checkHeaders(add addFunc) {
+	h, cur := img.header, img.headerSlot
+	other := int64(header1Off)
+	if cur == header1Off {
+		other = header2Off
+	}
+	raw := make([]byte, headerSize)
+	if _, err := img.src.f.ReadAt(raw, other); err != nil {
+		add(image.Error, "read header at %d: %v", other, err)
+	} else if o, err := parseHeader(raw, other); err != nil {
+		add(image.Warning, "header at %d is not valid (%v): only the header at %d is left", other, err, cur)
+	} else {
+		switch {
+		case o.SequenceNumber == h.SequenceNumber:
+			add(image.Note, "both headers have sequence number %d (identical, as qemu accepts)", h.SequenceNumber)
+		case o.LogOffset != h.LogOffset || o.LogLength != h.LogLength:
+			add(image.Warning, "header at %d (sequence number %d) puts the log at %d, length %d; the current header at %d puts it at %d, length %d", other, o.SequenceNumber, o.LogOffset, o.LogLength, cur, h.LogOffset, h.LogLength)
+		}
+	}
+	if _, err := img.src.f.ReadAt(raw, cur); err == nil && !allZero(raw[headerLen:]) {
+		add(image.Warning, "header at %d: reserved bytes %d-%d are not zero", cur, headerLen, headerSize-1)
+	}
+	if h.DataWriteGuid.IsZero() {
+		add(image.Warning, "header at %d: DataWriteGuid is zero: a child's parent_linkage cannot name this image", cur)
+	}
+	if h.FileWriteGuid.IsZero() {
+		add(image.Note, "header at %d: FileWriteGuid is zero", cur)
+	}
+	if h.LogLength == 0 {
+		add(image.Warning, "header at %d: no log region (length 0): a write that allocates a block fails", cur)
+	}
+	if img.src.ov != nil { // a writable open replayed the log into the file
+		add(image.Warning, "log holds %d entries (log GUID %v), replayed in memory for reading only: qemu refuses the file until they are replayed into it (vhdfs check --repair)", img.logEntries, h.LogGuid)
+	}
+}
+
+// headerLen is the bytes of the header that have fields; the rest of its 4 KiB is
+// reserved (§2.2.2).
+const headerLen = 80
+
+// checkRegionTables compares both region tables (§2.2.3) and reports unknown
+// optional regions and known ones not marked required.
+func (img *Image) checkRegionTables(add addFunc) {
+	var tables [2][]byte
+	valid := 0
+	for i, off := range []int64{regionTable1Off, regionTable2Off} {
+		b := make([]byte, regionTableSize)
+		if err := img.src.readAt(b, off); err != nil {
+			add(image.Error, "read region table at %d: %v", off, err)
+			continue
+		}
+		if _, err := parseRegionTable(b, off); err != nil {
+			add(image.Warning, "region table at %d is not valid (%v): only the other copy is left", off, err)
+			continue
+		}
+		if binary.LittleEndian.Uint32(b[12:]) != 0 {
+			add(image.Note, "region table at %d: reserved field is not zero", off)
+		}
+		tables[i] = b
+		valid++
+	}
+	if valid == 2 && !bytes.Equal(tables[0], tables[1]) {
+		add(image.Warning, "region tables at %d and %d differ: the first is used", regionTable1Off, regionTable2Off)
+	}
+	for i, e := range img.regions {
+		switch e.Guid {
+		case RegionBAT, RegionMetadata:
+			if !e.Required() {
+				what := map[GUID]string{RegionBAT: "BAT", RegionMetadata: "metadata"}[e.Guid]
+				add(image.Note, "region %d (the %s) is not marked required, as qemu writes it", i, what)
+			}
+		default:
+			add(image.Note, "region %d (%v) at %d, length %d, is not known and not required: ignored", i, e.Guid, e.FileOffset, e.Length)
+		}
+		if e.Flags&^1 != 0 {
+			add(image.Warning, "region %d (%v): reserved flag bits %#x are set", i, e.Guid, e.Flags&^1)
+		}
+	}
+}
+
+// checkMetadata reads the metadata table again (§2.6.1) and reports items that
+// overlap, known items with unusual flags or lengths, and ignored items.
+func (img *Image) checkMetadata(add addFunc) {
+	var md RegionEntry
+	for _, e := range img.regions {
+		if e.Guid == RegionMetadata {
+			md = e
+		}
+	}
+	off := int64(md.FileOffset)
+	tbl := make([]byte, metadataTableSize)
+	if err := img.src.readAt(tbl, off); err != nil {
+		add(image.Error, "read metadata table at %d: %v", off, err)
+		return
+	}
+	var h metadataTableHeader
+	_, _ = binary.Decode(tbl, binary.LittleEndian, &h)
+	if h.Reserved != 0 || !allZero(h.Reserved2[:]) {
+		add(image.Note, "metadata table at %d: reserved fields are not zero", off)
+	}
+	entries := make([]MetadataEntry, h.EntryCount)
+	_, _ = binary.Decode(tbl[metadataHeaderLen:], binary.LittleEndian, entries)
+	wantLen := map[GUID]uint32{ItemFileParameters: 8, ItemVirtualDiskSize: 8, ItemPage83Data: 16, ItemLogicalSectorSize: 4, ItemPhysicalSectorSize: 4}
+	virtualDisk := map[GUID]bool{ItemVirtualDiskSize: true, ItemPage83Data: true, ItemLogicalSectorSize: true, ItemPhysicalSectorSize: true}
+	var used []span
+	for i, e := range entries {
+		what := fmt.Sprintf("metadata item %d (%v)", i, e.ItemID)
+		if e.Length > 0 {
+			used = append(used, span{int64(e.Offset), int64(e.Length), what})
+		}
+		if e.Reserved != 0 || e.Flags&^uint32(itemIsUser|itemIsVirtualDisk|itemIsRequired) != 0 {
+			add(image.Note, "%s: reserved bits are set (flags %#x, reserved %#x)", what, e.Flags, e.Reserved)
+		}
+		if e.Flags&itemIsUser != 0 || !isKnownItem(e.ItemID) {
+			add(image.Note, "%s is a user item or not known, and not required: ignored", what)
+			continue
+		}
+		if e.Flags&itemIsRequired == 0 {
+			add(image.Warning, "%s is a system item not marked required (§2.6.2 marks every one required)", what)
+		}
+		if vd := e.Flags&itemIsVirtualDisk != 0; vd != virtualDisk[e.ItemID] {
+			add(image.Note, "%s: IsVirtualDisk is %v, want %v", what, vd, virtualDisk[e.ItemID])
+		}
+		if n, ok := wantLen[e.ItemID]; ok && e.Length != n {
+			add(image.Warning, "%s is %d bytes long, want %d", what, e.Length, n)
+		}
+	}
+	sort.Slice(used, func(a, b int) bool { return used[a].off < used[b].off })
+	for k := 1; k < len(used); k++ {
+		if p := used[k-1]; used[k].off < p.off+p.len {
+			add(image.Error, "%s at region offset %d overlaps %s at %d, length %d", used[k].name, used[k].off, p.name, p.off, p.len)
+		}
+	}
+	b := make([]byte, 8)
+	for _, e := range entries {
+		if e.ItemID == ItemFileParameters && e.Flags&itemIsUser == 0 && e.Length >= 8 {
+			if err := img.src.readAt(b, off+int64(e.Offset)); err == nil {
+				if f := binary.LittleEndian.Uint32(b[4:]); f&^3 != 0 {
+					add(image.Warning, "file parameters: reserved flag bits %#x are set", f&^3)
+				}
+			}
+		}
+	}
+	if img.meta.Load().Page83Data.IsZero() {
+		add(image.Note, "page 83 data (VirtualDiskId) is zero")
+	}
+}
+
+// checkLocator checks the parent locator's keys (§2.6.2.6.3).
+func (img *Image) checkLocator(add addFunc) {
+	kv := img.ParentLocator()
+	if !img.meta.Load().HasParent {
+		if kv != nil {
+			add(image.Note, "parent locator item in an image without a parent (file parameters HasParent clear): ignored")
+		}
+		return
+	}
+	if v, ok := kv[keyParentLinkage]; !ok {
+		add(image.Error, "parent locator has no parent_linkage: no image can be accepted as the parent")
+	} else if _, err := image.ParseID(v); err != nil {
+		add(image.Error, "parent locator: parent_linkage %q is not a GUID: no image can be accepted as the parent", v)
+	}
+	if v, ok := kv[keyParentLinkage2]; ok {
+		if id, err := image.ParseID(v); err != nil {
+			add(image.Warning, "parent locator: parent_linkage2 %q is not a GUID", v)
+		} else if id.IsZero() {
+			add(image.Note, "parent locator: parent_linkage2 is zero (as Windows writes it): it names no parent")
+		}
+	}
+	if kv[keyRelativePath] == "" && kv[keyVolumePath] == "" && kv[keyAbsolutePath] == "" {
+		add(image.Warning, "parent locator has no relative_path, volume_path or absolute_win32_path: nothing says where the parent is")
+	}
+	for _, e := range img.meta.Load().ParentLocator {
+		switch e.Key {
+		case keyParentLinkage, keyParentLinkage2, keyRelativePath, keyVolumePath, keyAbsolutePath:
+		default:
+			add(image.Note, "parent locator key %q is not known: ignored", e.Key)
+		}
+	}
+}
+
+// checkBAT checks every BAT entry, in the file and in memory (§2.5). The caller
+// holds mu.
+func (img *Image) checkBAT(add addFunc) {
+	g := img.geo
+	var bat RegionEntry
+	for _, e := range img.regions {
+		if e.Guid == RegionBAT {
+			bat = e
+		}
+	}
+	// The entries past the count in use, which Open ignores.
+	if extra := int64(bat.Length)/8 - g.entries; extra > 0 {
+		buf := make([]byte, 8*min(extra, MiB/8))
+		var n, first int64 = 0, -1
+		for i := int64(0); i < extra; i += int64(len(buf)) / 8 {
+			k := min(int64(len(buf))/8, extra-i)
+			if err := img.src.readAt(buf[:8*k], img.batOff+8*(g.entries+i)); err != nil {
+				add(image.Error, "read BAT at %d: %v", img.batOff+8*(g.entries+i), err)
+				break
+			}
+			for j := int64(0); j < k; j++ {
+				if binary.LittleEndian.Uint64(buf[8*j:]) != 0 {
+					if first < 0 {
+						first = g.entries + i + j
+					}
+					n++
+				}
+			}
+		}
+		if n > 0 {
+			add(image.Note, "BAT entries past the %d in use: %d not zero (the first: entry %d), ignored (a qemu 5.2 file has one)", g.entries, n, first)
+		}
+	}
+	entries, h, fileEnd := img.bat, img.header, img.src.vsize
+	diff, fixed := img.meta.Load().HasParent, img.meta.Load().LeaveBlockAllocated
+	var notFull, firstNotFull int64 = 0, -1
+	var draft int64
+	spans := []span{{0, headerSection, "the header section"}}
+	if h.LogLength > 0 {
+		spans = append(spans, span{int64(h.LogOffset), int64(h.LogLength), "the log"})
+	}
+	for i, r := range img.regions {
+		what := map[GUID]string{RegionBAT: "the BAT region", RegionMetadata: "the metadata region"}[r.Guid]
+		if what == "" {
+			what = fmt.Sprintf("region %d (%v)", i, r.Guid)
+		}
+		spans = append(spans, span{int64(r.FileOffset), int64(r.Length), what})
+	}
+	nregions := len(spans)
+	for i, e := range entries {
+		i := int64(i)
+		bitmap := (i+1)%(g.chunkRatio+1) == 0
+		if r := uint64(e) >> 3 & (1<<17 - 1); r != 0 {
+			add(image.Warning, "BAT entry %d: reserved bits 3-19 are %#x, want 0", i, r)
+		}
+		s := e.state()
+		if bitmap {
+			if s == Present {
+				if !diff {
+					add(image.Warning, "BAT entry %d: a sector bitmap block is present at %d in an image without a parent (§2.5.1.2 wants NOT_PRESENT)", i, e.offset())
+				}
+				spans = append(spans, span{e.offset(), sectorBitmapBlockSize, fmt.Sprintf("BAT entry %d (sector bitmap)", i)})
+			}
+			continue
+		}
+		p := i - i/(g.chunkRatio+1)
+		if s == unmappedDraft {
+			draft++
+		}
+		if fixed && s != FullyPresent {
+			if firstNotFull < 0 {
+				firstNotFull = p
+			}
+			notFull++
+		}
+		if s == FullyPresent || s == PartiallyPresent {
+			spans = append(spans, span{e.offset(), min(g.blockSize, g.size-p*g.blockSize), fmt.Sprintf("BAT entry %d (block %d)", i, p)})
+		}
+	}
+	if draft > 0 {
+		add(image.Note, "%d BAT entries are UNMAPPED with the 0.95 draft's value 5 (version 1.0 has 3)", draft)
+	}
+	if notFull > 0 {
+		add(image.Note, "fixed image (LeaveBlockAllocated) has %d blocks not FULLY_PRESENT (the first: block %d, %v), as qemu 7.2 makes them", notFull, firstNotFull, entries[g.payloadIndex(firstNotFull)].state())
+	}
+	// The in-memory table: writes since the open change it.
+	for _, sp := range spans[nregions:] {
+		if sp.off+sp.len > fileEnd {
+			add(image.Error, "%s points to %d+%d, past the end of the file at %d", sp.name, sp.off, sp.len, fileEnd)
+		}
+		for _, m := range spans[:nregions] {
+			if overlaps(sp.off, sp.len, m.off, m.len) {
+				add(image.Error, "%s points to %d, overlapping %s at %d", sp.name, sp.off, m.name, m.off)
+			}
+		}
+	}
+	blocks := spans[nregions:]
+	sort.Slice(blocks, func(a, b int) bool { return blocks[a].off < blocks[b].off })
+	for k := 1; k < len(blocks); k++ {
+		if p := blocks[k-1]; blocks[k].off < p.off+p.len {
+			add(image.Error, "%s and %s overlap at %d", p.name, blocks[k].name, blocks[k].off)
+		}
+	}
+	if diff {
+		img.checkBitmaps(add, entries)
+	}
+}
+
+// checkBitmaps reports PARTIALLY_PRESENT blocks whose sector bits are all clear
+// (the block reads wholly from the parent) or all set (it could be FULLY_PRESENT).
+func (img *Image) checkBitmaps(add addFunc, entries []batEntry) {
+	g := img.geo
+	var chunk []byte
+	chunkAt := int64(-1)
+	for p := int64(0); p < g.blocks; p++ {
+		if entries[g.payloadIndex(p)].state() != PartiallyPresent {
+			continue
+		}
+		be := entries[g.bitmapIndex(p)]
+		if be.state() != Present {
+			add(image.Error, "BAT entry %d is PARTIALLY_PRESENT but its sector bitmap entry %d is %v", g.payloadIndex(p), g.bitmapIndex(p), be.state())
+			continue
+		}
+		if c := p / g.chunkRatio; c != chunkAt {
+			chunk = make([]byte, sectorBitmapBlockSize)
+			if err := img.src.readAt(chunk, be.offset()); err != nil {
+				add(image.Error, "read sector bitmap of chunk %d at %d: %v", c, be.offset(), err)
+				return
+			}
+			chunkAt = c
+		}
+		// The sectors of the block that lie inside the disk.
+		sectors := min(g.blockSize, g.size-p*g.blockSize) / g.sectorSize
+		slice := chunk[p%g.chunkRatio*g.bitmapSlice:]
+		set := 0
+		for s := int64(0); s < sectors; s++ {
+			if slice[s/8]&(1<<(s%8)) != 0 {
+				set++
+			}
+		}
+		switch int64(set) {
+		case 0:
+			add(image.Note, "block %d is PARTIALLY_PRESENT with no sector bit set (bitmap at %d): it reads wholly from the parent", p, be.offset()+p%g.chunkRatio*g.bitmapSlice)
+		case sectors:
+			add(image.Note, "block %d is PARTIALLY_PRESENT with every sector bit set: it could be FULLY_PRESENT", p)
+		}
+	}
+}
+
+var zeros64K = make([]byte, 64*KiB)
+
+// allZero reports whether b is all zeros, without a per-byte loop that the race
+// detector would slow down.
+func allZero(b []byte) bool {
+	for len(b) > 0 {
+		n := min(len(b), len(zeros64K))
+		if !bytes.Equal(b[:n], zeros64K[:n]) {
+			return false
+		}
+		b = b[n:]
+	}
+	return true
+}
+
+// Repair opens the image at name for writing, which replays a non-empty log into
+// the file (§2.3.3), and closes it; it reports how many log entries it replayed (0
+// when the log was empty and nothing was written). It takes the image's lock as
+// Open does: the image must not be open for writing elsewhere.
+func Repair(name string) (replayed int, err error) {
+	img, err := Open(name, true)
+	if err != nil {
+		return 0, err
+	}
+	n := img.LogReplayed()
+	if err := img.Close(); err != nil {
+		return n, err
+	}
+	return n, nil
+}

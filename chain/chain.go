@@ -32,7 +32,17 @@ var (
 type Layer struct {
 	Image   image.Image
 	Path    string // as found: the top as given, parents through their locators
-	FoundBy string // which locator found it ("W2ru", "W2ku", "MacX", "name"), "" for the top
+	FoundBy string // which locator found it ("W2ru", "relative_path", ...), "" for the top
+}
+
+// FirstLocator is the name of the locator a child made by vhdfs finds its parent
+// through (the first of its ParentHints), for Layer.FoundBy of a parent put in place
+// rather than found.
+func FirstLocator(child image.Image) string {
+	if h, err := child.ParentHints(); err == nil && len(h) > 0 {
+		return h[0].Source
+	}
+	return ""
 }
 
 // Chain is an open chain, top (depth 0) to base. Reads may run concurrently with each

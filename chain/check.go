@@ -62,9 +62,6 @@ func CheckWith(path string, o OpenOptions) []image.Problem {
 			out = append(out, image.Problem{Severity: image.Note, File: cur.Path, Message: fmt.Sprintf("parent time stamp %s differs from the parent's modification time %s (reported, not enforced)",
 				ts.UTC().Format("2006-01-02 15:04:05"), st.ModTime().UTC().Format("2006-01-02 15:04:05"))})
 		}
-		if bs := parent.Image.BlockSize(); bs != 0 && bs != cur.Image.BlockSize() {
-			out = append(out, image.Problem{Severity: image.Note, File: cur.Path, Message: fmt.Sprintf("block size %d differs from its parent's %d", cur.Image.BlockSize(), bs)})
-		}
 		if cur.Image.Size() < parent.Image.Size() {
 			out = append(out, image.Problem{Severity: image.Warning, File: cur.Path, Message: fmt.Sprintf("virtual size %d is smaller than its parent's %d", cur.Image.Size(), parent.Image.Size())})
 		}

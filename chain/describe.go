@@ -25,7 +25,9 @@ type LayerInfo struct {
 	// Locators are the parent locators of a differencing image, in slot order.
 	Locators []image.Locator `json:"locators,omitempty"`
 	// Fields are what only this layer's format records, for the text output.
-	Fields [][2]string `json:"details,omitempty"`
+	Fields [][2]string `json:"-"`
+	// Details are the Fields for JSON.
+	Details map[string]string `json:"details,omitempty"`
 }
 
 // Info describes a chain.
@@ -105,6 +107,12 @@ func DescribeLayer(depth int, l *Layer) LayerInfo {
 		FoundBy:        l.FoundBy,
 		Locators:       d.Locators,
 		Fields:         d.Fields,
+	}
+	for _, f := range d.Fields {
+		if li.Details == nil {
+			li.Details = map[string]string{}
+		}
+		li.Details[f[0]] = f[1]
 	}
 	if img.Type() == image.Differencing {
 		li.ParentUniqueID = img.ParentID().String()

@@ -68,7 +68,7 @@ func (c *Chain) Snapshot(name string) (*Layer, error) {
 		return fail(err)
 	}
 	fresh := &Layer{Image: img, Path: name}
-	c.Replace(append([]*Layer{fresh, {Image: ro, Path: old.Path, FoundBy: "W2ru"}}, layers[1:]...))
+	c.Replace(append([]*Layer{fresh, {Image: ro, Path: old.Path, FoundBy: FirstLocator(img)}}, layers[1:]...))
 	// The swap is done and synced: a failing close loses nothing written.
 	if err := old.Image.Close(); err != nil {
 		return fresh, fmt.Errorf("snapshot %s made; closing the old top's writable handle: %w", name, err)

@@ -286,7 +286,7 @@ func pushTop(c *chain.Chain, opts Options) (*pushed, error) {
 		opts.Logf("merge: %v", err)
 	}
 	img.SetName(real)
-	newLayers := []*chain.Layer{{Image: img, Path: top.Path}, {Image: top.Image, Path: p.oldTop, FoundBy: "W2ru"}}
+	newLayers := []*chain.Layer{{Image: img, Path: top.Path}, {Image: top.Image, Path: p.oldTop, FoundBy: chain.FirstLocator(img)}}
 	c.Replace(append(newLayers, layers[1:]...))
 	opts.Logf("merge: writes now go to a fresh top at %s; the old top is %s until the merge is done", real, p.oldTop)
 	return p, nil
@@ -650,7 +650,7 @@ func relink(c *chain.Chain, opts Options, from int, dst image.Image, p *pushed, 
 	opts.Hook("relink-after")
 	opts.Logf("merge: %s re-linked to %s, which now has unique ID %s", above.Path, target.Path, newID)
 	newLayers := append([]*chain.Layer{}, layers[:from-1]...)
-	newLayers = append(newLayers, aboveNew, &chain.Layer{Image: fresh, Path: target.Path, FoundBy: "W2ru"})
+	newLayers = append(newLayers, aboveNew, &chain.Layer{Image: fresh, Path: target.Path, FoundBy: chain.FirstLocator(aboveNew.Image)})
 	newLayers = append(newLayers, layers[to+1:]...)
 	c.Replace(newLayers)
 	if aboveNew != above {

@@ -10,6 +10,7 @@ import (
 	"github.com/vhdfs/vhdfs/image"
 	"github.com/vhdfs/vhdfs/internal/fileio"
 	"github.com/vhdfs/vhdfs/vhd"
+	"github.com/vhdfs/vhdfs/vhdx"
 )
 
 // Mode says how Open opens a file.
@@ -29,8 +30,11 @@ type format struct {
 	notMine error
 }
 
+// VHD first: its check of the file's two ends is as cheap as VHDX's signature, and
+// a file no format claims then says what a VHD would need first.
 var formats = []format{
 	{"VHD", openVHD, vhd.ErrNotVHD},
+	{"VHDX", openVHDX, vhdx.ErrNotVHDX},
 }
 
 func openVHD(path string, m Mode) (image.Image, error) {
@@ -40,6 +44,20 @@ func openVHD(path string, m Mode) (image.Image, error) {
 		img, err = vhd.OpenForceShare(path)
 	} else {
 		img, err = vhd.Open(path, m == Writable)
+	}
+	if err != nil {
+		return nil, err
+	}
+	return img, nil
+}
+
+func openVHDX(path string, m Mode) (image.Image, error) {
+	var img *vhdx.Image
+	var err error
+	if m == ForceShare {
+		img, err = vhdx.OpenForceShare(path)
+	} else {
+		img, err = vhdx.Open(path, m == Writable)
 	}
 	if err != nil {
 		return nil, err

@@ -140,7 +140,7 @@ func open(path, name string, writable, joint, noLock bool) (*Image, error) {
 	}
 	var file File = f
 	if faults.Armed() {
-		file = faultFile{f}
+		file = faults.File{File: f}
 	}
 	img, err := OpenFile(file, name, writable)
 	if err != nil {

@@ -6,6 +6,8 @@ import (
 	"os"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/vhdfs/vhdfs/internal/faults"
 )
 
 // FileRun returns where the bytes from off lie in the image's file in one piece: the
@@ -18,7 +20,7 @@ import (
 // in memory (the file does not hold what the image shows).
 func (img *Image) FileRun(off, n int64) (f *os.File, fileOff, k int64, ok bool) {
 	g := img.geo
-	f, isFile := img.src.f.(*os.File)
+	f, isFile := faults.OSFile(img.src.f)
 	if !isFile || img.src.ov != nil || off < 0 || off >= g.size || n <= 0 {
 		return nil, 0, 0, false
 	}
@@ -72,7 +74,7 @@ func (img *Image) CopyFrom(src *os.File, srcOff, off, n int64) (int64, error) {
 		return 0, fmt.Errorf("%s: copy of %d bytes to %d past the size %d: %w", img.name, n, off, g.size, ErrOutOfRange)
 	}
 	// Only a plain file: a File that injects faults must see every write.
-	dst, ok := img.src.f.(*os.File)
+	dst, ok := faults.OSFile(img.src.f)
 	if !ok {
 		return 0, fmt.Errorf("%s: copy to %d: not a plain file: %w", img.name, off, ErrNotInPlace)
 	}
@@ -124,7 +126,7 @@ func (img *Image) NoReservation() {}
 // StartWriteback asks the kernel to begin writing the file's dirty pages without
 // waiting for them (sync_file_range with SYNC_FILE_RANGE_WRITE).
 func (img *Image) StartWriteback() {
-	if f, ok := img.src.f.(*os.File); ok && img.writable {
+	if f, ok := faults.OSFile(img.src.f); ok && img.writable {
 		_ = unix.SyncFileRange(int(f.Fd()), 0, 0, unix.SYNC_FILE_RANGE_WRITE)
 	}
 }

@@ -11,6 +11,7 @@ import (
 	"syscall"
 
 	"github.com/vhdfs/vhdfs/image"
+	"github.com/vhdfs/vhdfs/internal/faults"
 	"github.com/vhdfs/vhdfs/internal/imagelock"
 )
 
@@ -117,7 +118,7 @@ func open(path, name string, writable, joint, noLock bool) (*Image, error) {
 			return nil, err
 		}
 	}
-	img, err := openFile(f, name, writable, path == name)
+	img, err := openFile(faults.Wrap(f), name, writable, path == name)
 	if err != nil {
 		lock.Release()
 		f.Close()
@@ -146,7 +147,7 @@ func (img *Image) Reopen(writable bool) (image.Image, error) {
 }
 
 func (img *Image) reopen(writable bool) (*Image, error) {
-	f, ok := img.src.f.(*os.File)
+	f, ok := faults.OSFile(img.src.f)
 	if !ok {
 		return nil, fmt.Errorf("%s: reopen: not a plain file: %w", img.name, ErrInvalidArg)
 	}

@@ -7,7 +7,9 @@ import (
 
 	"github.com/vhdfs/vhdfs/chain"
 	"github.com/vhdfs/vhdfs/merge"
+	"github.com/vhdfs/vhdfs/probe"
 	"github.com/vhdfs/vhdfs/vhd"
+	"github.com/vhdfs/vhdfs/vhdx"
 )
 
 // checkFailed is returned when check found errors; they were already printed.
@@ -50,15 +52,12 @@ func cmdCheck(args []string) error {
 				continue
 			}
 			done[p.File] = true
-			if st, err := vhdFooterState(p.File); err != nil || st != vhd.FooterCopyOnly {
-				continue
-			}
-			fixed, err := vhd.RepairFooter(p.File)
+			msg, err := repairFile(p.File)
 			if err != nil {
 				return err
 			}
-			if fixed {
-				repairs = append(repairs, p.File+": repaired: footer at the end restored from the copy at offset 0")
+			if msg != "" {
+				repairs = append(repairs, p.File+": repaired: "+msg)
 				repaired = true
 			}
 		}
@@ -123,12 +122,34 @@ type problemJSON struct {
 	Message  string `json:"message"`
 }
 
-func vhdFooterState(path string) (vhd.FooterState, error) {
-	img, err := vhd.Open(path, false)
+// repairFile repairs what can be repaired in one file by itself, and says what it
+// did ("" if nothing): a VHD whose footer survives only as its copy at offset 0 gets
+// it back at the end; a VHDX has its log replayed into the file.
+func repairFile(path string) (string, error) {
+	img, err := probe.Open(path, probe.ForceShare)
 	if err != nil {
-		return 0, err
+		return "", nil // the check said why
 	}
-	defer img.Close()
-	st, _ := img.FooterState()
-	return st, nil
+	format := img.Format()
+	var copyOnly bool
+	if v, ok := img.(*vhd.Image); ok {
+		st, _ := v.FooterState()
+		copyOnly = st == vhd.FooterCopyOnly
+	}
+	img.Close()
+	switch {
+	case format == "vhd" && copyOnly:
+		fixed, err := vhd.RepairFooter(path)
+		if err != nil || !fixed {
+			return "", err
+		}
+		return "footer at the end restored from the copy at offset 0", nil
+	case format == "vhdx":
+		n, err := vhdx.Repair(path)
+		if err != nil || n == 0 {
+			return "", err
+		}
+		return fmt.Sprintf("replayed %d log entries into the file", n), nil
+	}
+	return "", nil
 }

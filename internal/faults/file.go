@@ -1,0 +1,54 @@
+package faults
+
+import "os"
+
+// File is the file of an image opened while the package is armed: each write,
+// fsync and truncate spends a step, so a test can cut them as a power loss would.
+type File struct{ *os.File }
+
+// Wrap returns f as it should be used now: a File while armed, else f itself.
+func Wrap(f *os.File) interface {
+	ReadAt(p []byte, off int64) (int, error)
+	WriteAt(p []byte, off int64) (int, error)
+	Close() error
+	Sync() error
+	Stat() (os.FileInfo, error)
+	Truncate(size int64) error
+} {
+	if Armed() {
+		return File{f}
+	}
+	return f
+}
+
+func (f File) WriteAt(p []byte, off int64) (int, error) {
+	if err := Step(); err != nil {
+		return 0, err
+	}
+	return f.File.WriteAt(p, off)
+}
+
+func (f File) Sync() error {
+	if err := Step(); err != nil {
+		return err
+	}
+	return f.File.Sync()
+}
+
+func (f File) Truncate(size int64) error {
+	if err := Step(); err != nil {
+		return err
+	}
+	return f.File.Truncate(size)
+}
+
+// OSFile returns the *os.File under f, if there is one: f itself or a File's.
+func OSFile(f any) (*os.File, bool) {
+	switch f := f.(type) {
+	case *os.File:
+		return f, true
+	case File:
+		return f.File, true
+	}
+	return nil, false
+}

@@ -163,17 +163,18 @@ func makeChainIn(t testing.TB, dir string, opts chainOptions) *testChain {
 type infoJSON struct {
 	VirtualSize int64 `json:"virtual_size"`
 	Layers      []struct {
-		Depth          int    `json:"depth"`
-		Path           string `json:"path"`
-		Type           string `json:"type"`
-		VirtualSize    int64  `json:"virtual_size"`
-		BlockSize      int64  `json:"block_size"`
-		AllocatedBytes int64  `json:"allocated_bytes"`
-		Creator        string `json:"creator"`
-		UniqueID       string `json:"unique_id"`
-		ParentUniqueID string `json:"parent_unique_id"`
-		ParentName     string `json:"parent_name"`
-		FoundBy        string `json:"found_by"`
+		Depth          int               `json:"depth"`
+		Path           string            `json:"path"`
+		Type           string            `json:"type"`
+		VirtualSize    int64             `json:"virtual_size"`
+		BlockSize      int64             `json:"block_size"`
+		AllocatedBytes int64             `json:"allocated_bytes"`
+		Creator        string            `json:"creator"`
+		UniqueID       string            `json:"unique_id"`
+		ParentUniqueID string            `json:"parent_unique_id"`
+		ParentName     string            `json:"parent_name"`
+		FoundBy        string            `json:"found_by"`
+		Details        map[string]string `json:"details"`
 		Locators       []struct {
 			Platform string `json:"platform"`
 			Path     string `json:"path"`

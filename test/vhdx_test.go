@@ -51,7 +51,6 @@ func fileBytesAt(t testing.TB, path string, off, n int64) []byte {
 	return b
 }
 
-
 func pattern(seed uint64, n int) []byte {
 	b := make([]byte, n)
 	r := rand.NewChaCha8([32]byte{byte(seed), byte(seed >> 8)})

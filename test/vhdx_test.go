@@ -302,3 +302,57 @@ func TestVHDXFromQemu(t *testing.T) {
 		})
 	}
 }
+
+// TestMixedFormatsRefused: a chain is one format throughout. A parent of the other
+// format, found where the child's locator points, is refused with one line that
+// says so, and nothing changes; create --parent refuses a name of the other format.
+func TestMixedFormatsRefused(t *testing.T) {
+	t.Parallel()
+	for _, tc := range []struct {
+		name, child, parent, impostor string
+		says                          string
+	}{
+		{"VHDX child, VHD parent", "top.avhdx", "base.vhdx", "--format=vhd", "is a VHD image, but a VHDX image's parent must be VHDX too"},
+		{"VHD child, VHDX parent", "top.vhd", "base.vhd", "--format=vhdx", "is a VHDX image, but a VHD image's parent must be VHD too"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			dir := t.TempDir()
+			base, top := filepath.Join(dir, tc.parent), filepath.Join(dir, tc.child)
+			mustVhdfs(t, "create", "-q", "--size", "8M", base)
+			mustVhdfs(t, "create", "-q", "--parent", base, top)
+			// The parent is replaced by an image of the other format, same name.
+			if err := os.Remove(base); err != nil {
+				t.Fatal(err)
+			}
+			mustVhdfs(t, "create", "-q", "--size", "8M", tc.impostor, base)
+			snap := snapshotFiles(t, base, top)
+			mnt := mMountpoint(t)
+			unmountOnCleanup(t, mnt)
+			for _, args := range [][]string{{"info", top}, {"check", top}, {"export", top, filepath.Join(dir, "out.raw")}, {"mount", "-r", top, mnt}} {
+				_, stderr, code := vhdfs(t, args...)
+				if code == 0 {
+					t.Errorf("vhdfs %v succeeded on a mixed chain", args)
+					continue
+				}
+				if args[0] != "check" {
+					assertOneLineError(t, stderr, tc.says)
+				} else if !bytes.Contains([]byte(stderr), []byte(tc.says)) {
+					t.Errorf("vhdfs check: %q does not say %q", stderr, tc.says)
+				}
+			}
+			assertUnchanged(t, snap)
+		})
+	}
+	t.Run("create --parent with a name of the other format", func(t *testing.T) {
+		dir := t.TempDir()
+		base := filepath.Join(dir, "base.vhdx")
+		mustVhdfs(t, "create", "-q", "--size", "8M", base)
+		_, stderr, code := vhdfs(t, "create", "--parent", base, filepath.Join(dir, "snap.vhd"))
+		if code != 2 || !bytes.Contains([]byte(stderr), []byte("name it")) {
+			t.Errorf("create --parent base.vhdx snap.vhd: exit %d, %q", code, stderr)
+		}
+		if _, err := os.Stat(filepath.Join(dir, "snap.vhd")); err == nil {
+			t.Error("snap.vhd was made")
+		}
+	})
+}

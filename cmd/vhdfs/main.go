@@ -29,8 +29,9 @@ const usage = `usage:
   vhdfs IMAGE MOUNTPOINT [-o OPTS]   (as mount.fuse3 runs it for mount -t fuse.vhdfs)
   vhdfs umount [--abort] MOUNTPOINT
   vhdfs info [--json] [-U] [--parent PARENT]... IMAGE
-  vhdfs create --size SIZE [--type dynamic|fixed] [--block-size SIZE] [--exact-size] [--json|-q] IMAGE
-  vhdfs create --parent PARENT IMAGE
+  vhdfs create --size SIZE [--type dynamic|fixed] [--format vhd|vhdx] [--block-size SIZE] [--exact-size]
+               [--logical-sector 512|4096] [--physical-sector 512|4096] [--json|-q] IMAGE
+  vhdfs create --parent PARENT [--block-size SIZE] IMAGE
   vhdfs snapshot IMAGE NEW
   vhdfs merge [-p|--progress] [--depth N] [--from S] IMAGE
   vhdfs check [--repair] [-U] [--json] [--parent PARENT]... IMAGE

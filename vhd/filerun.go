@@ -2,12 +2,10 @@ package vhd
 
 import (
 	"fmt"
-	"io"
 	"os"
 
-	"golang.org/x/sys/unix"
-
 	"github.com/vhdfs/vhdfs/image"
+	"github.com/vhdfs/vhdfs/internal/fileio"
 )
 
 // Errors of CopyFrom after which the caller copies the range with ReadAt and WriteAt.
@@ -68,7 +66,7 @@ func (img *Image) CopyFrom(src *os.File, srcOff, off, n int64) (int64, error) {
 		return 0, fmt.Errorf("%s: copy to %d: %w", img.name, off, ErrNotInPlace)
 	}
 	if img.header == nil {
-		return copyRange(src, srcOff, dst, off, n, img.name)
+		return fileio.CopyRange(src, srcOff, dst, off, n, SectorSize, img.name)
 	}
 	img.mu.Lock()
 	defer img.mu.Unlock()
@@ -86,7 +84,7 @@ func (img *Image) CopyFrom(src *os.File, srcOff, off, n int64) (int64, error) {
 			return 0, err
 		}
 	}
-	k, err := copyRange(src, srcOff, dst, int64(e)*SectorSize+img.bitmapSize+in, n, img.name)
+	k, err := fileio.CopyRange(src, srcOff, dst, int64(e)*SectorSize+img.bitmapSize+in, n, SectorSize, img.name)
 	if k > 0 {
 		if err := img.markWrittenLocked(uint32(blk), e, in, k); err != nil {
 			return 0, err
@@ -96,26 +94,4 @@ func (img *Image) CopyFrom(src *os.File, srcOff, off, n int64) (int64, error) {
 		err = img.syncLocked()
 	}
 	return k, err
-}
-
-// copyRange copies n bytes with copy_file_range(2) and returns how many whole
-// sectors it copied.
-func copyRange(src *os.File, srcOff int64, dst *os.File, dstOff, n int64, name string) (int64, error) {
-	var done int64
-	for done < n {
-		roff, woff := srcOff+done, dstOff+done
-		k, err := unix.CopyFileRange(int(src.Fd()), &roff, int(dst.Fd()), &woff, int(n-done), 0)
-		switch {
-		case err == unix.EINTR:
-			continue
-		case err == unix.EXDEV || err == unix.EINVAL || err == unix.EOPNOTSUPP || err == unix.ENOSYS:
-			return done / SectorSize * SectorSize, fmt.Errorf("%s: copy_file_range to %d: %v: %w", name, woff, err, ErrNoKernelCopy)
-		case err != nil:
-			return done / SectorSize * SectorSize, fmt.Errorf("%s: copy_file_range to %d: %w", name, woff, err)
-		case k == 0:
-			return done / SectorSize * SectorSize, fmt.Errorf("%s: copy_file_range from %s at %d: %w", name, src.Name(), roff, io.ErrUnexpectedEOF)
-		}
-		done += int64(k)
-	}
-	return done, nil
 }

@@ -5,6 +5,8 @@ import (
 	"fmt"
 	"path/filepath"
 	"strings"
+
+	"github.com/vhdfs/vhdfs/internal/fileio"
 )
 
 // locatorSpace is the data space each parent locator gets when vhdfs creates a
@@ -29,15 +31,7 @@ type locatorData struct {
 // them, so that a chain moved together resolves. No W2ku: that holds an absolute
 // Windows path, and none can be formed from a Linux one.
 func parentFields(h *Header, parentID UUID, parentPath, childPath string) ([]locatorData, error) {
-	parentAbs, err := filepath.Abs(parentPath)
-	if err != nil {
-		return nil, err
-	}
-	childAbs, err := filepath.Abs(childPath)
-	if err != nil {
-		return nil, err
-	}
-	rel, err := filepath.Rel(filepath.Dir(childAbs), parentAbs)
+	rel, parentAbs, err := fileio.ParentPaths(parentPath, childPath)
 	if err != nil {
 		return nil, err
 	}
@@ -45,9 +39,6 @@ func parentFields(h *Header, parentID UUID, parentPath, childPath string) ([]loc
 	name := encodeUTF16(base, binary.BigEndian)
 	if len(name) > len(h.ParentUnicodeName) {
 		return nil, fmt.Errorf("parent file name %q is too long for the header: %w", base, ErrInvalidArg)
-	}
-	if !strings.HasPrefix(rel, "../") {
-		rel = "./" + rel
 	}
 	locs := []locatorData{
 		{0, PlatformW2ru, encodeUTF16(strings.ReplaceAll(rel, "/", `\`), binary.LittleEndian)},

@@ -10,9 +10,10 @@ import (
 	"os"
 	"path/filepath"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/vhdfs/vhdfs/image"
 	"github.com/vhdfs/vhdfs/internal/faults"
-	"golang.org/x/sys/unix"
 )
 
 // CreatorName is what Create writes into the file identifier's Creator field.

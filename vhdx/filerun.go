@@ -2,12 +2,12 @@ package vhdx
 
 import (
 	"fmt"
-	"io"
 	"os"
 
 	"golang.org/x/sys/unix"
 
 	"github.com/vhdfs/vhdfs/internal/faults"
+	"github.com/vhdfs/vhdfs/internal/fileio"
 )
 
 // FileRun returns where the bytes from off lie in the image's file in one piece: the
@@ -94,29 +94,7 @@ func (img *Image) CopyFrom(src *os.File, srcOff, off, n int64) (int64, error) {
 	if err := img.beginWriteLocked(); err != nil {
 		return 0, err
 	}
-	return copyRange(src, srcOff, dst, e.offset()+in, min(n, g.blockSize-in), g.sectorSize, img.name)
-}
-
-// copyRange copies n bytes with copy_file_range(2) and returns how many whole
-// sectors of sector bytes it copied.
-func copyRange(src *os.File, srcOff int64, dst *os.File, dstOff, n, sector int64, name string) (int64, error) {
-	var done int64
-	for done < n {
-		roff, woff := srcOff+done, dstOff+done
-		k, err := unix.CopyFileRange(int(src.Fd()), &roff, int(dst.Fd()), &woff, int(n-done), 0)
-		switch {
-		case err == unix.EINTR:
-			continue
-		case err == unix.EXDEV || err == unix.EINVAL || err == unix.EOPNOTSUPP || err == unix.ENOSYS:
-			return done / sector * sector, fmt.Errorf("%s: copy_file_range to %d: %v: %w", name, woff, err, ErrNoKernelCopy)
-		case err != nil:
-			return done / sector * sector, fmt.Errorf("%s: copy_file_range to %d: %w", name, woff, err)
-		case k == 0:
-			return done / sector * sector, fmt.Errorf("%s: copy_file_range from %s at %d: %w", name, src.Name(), roff, io.ErrUnexpectedEOF)
-		}
-		done += int64(k)
-	}
-	return done, nil
+	return fileio.CopyRange(src, srcOff, dst, e.offset()+in, min(n, g.blockSize-in), g.sectorSize, img.name)
 }
 
 // NoReservation does nothing: new blocks are holes the file grows by (extendLocked)

@@ -3,9 +3,10 @@ package vhdx
 import (
 	"encoding/binary"
 	"fmt"
-	"path/filepath"
 	"strings"
 	"unicode/utf16"
+
+	"github.com/vhdfs/vhdfs/internal/fileio"
 )
 
 // newLocator returns the parent locator entries vhdfs writes (§2.6.2.6.3) for a
@@ -23,20 +24,9 @@ func newLocator(linkage, parentPath, childPath string) ([]KeyValue, error) {
 			return nil, fmt.Errorf("parent locator path %q is empty or holds a backslash: %w", p, ErrInvalidArg)
 		}
 	}
-	parentAbs, err := filepath.Abs(parentPath)
+	rel, parentAbs, err := fileio.ParentPaths(parentPath, childPath)
 	if err != nil {
 		return nil, err
-	}
-	childAbs, err := filepath.Abs(childPath)
-	if err != nil {
-		return nil, err
-	}
-	rel, err := filepath.Rel(filepath.Dir(childAbs), parentAbs)
-	if err != nil {
-		return nil, err
-	}
-	if !strings.HasPrefix(rel, "../") {
-		rel = "./" + rel
 	}
 	win := func(p string) string { return strings.ReplaceAll(p, "/", `\`) }
 	return []KeyValue{

@@ -2,9 +2,13 @@ package fileio
 
 import (
 	"encoding/binary"
+	"fmt"
+	"io"
 	"os"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/vhdfs/vhdfs/image"
 )
 
 // StartWriteback asks the kernel to begin writing f's dirty pages without waiting,
@@ -31,4 +35,28 @@ func AllZero(p []byte) bool {
 		}
 	}
 	return true
+}
+
+// CopyRange copies n bytes from src at srcOff to dst at dstOff with
+// copy_file_range(2), so the kernel moves them (and XFS or btrfs share them), and
+// returns how many whole sectors of sector bytes it copied. A file system that
+// refuses gives an error wrapping image.ErrNoKernelCopy; name is dst's, for errors.
+func CopyRange(src *os.File, srcOff int64, dst *os.File, dstOff, n, sector int64, name string) (int64, error) {
+	var done int64
+	for done < n {
+		roff, woff := srcOff+done, dstOff+done
+		k, err := unix.CopyFileRange(int(src.Fd()), &roff, int(dst.Fd()), &woff, int(n-done), 0)
+		switch {
+		case err == unix.EINTR:
+			continue
+		case err == unix.EXDEV || err == unix.EINVAL || err == unix.EOPNOTSUPP || err == unix.ENOSYS:
+			return done / sector * sector, fmt.Errorf("%s: copy_file_range to %d: %v: %w", name, woff, err, image.ErrNoKernelCopy)
+		case err != nil:
+			return done / sector * sector, fmt.Errorf("%s: copy_file_range to %d: %w", name, woff, err)
+		case k == 0:
+			return done / sector * sector, fmt.Errorf("%s: copy_file_range from %s at %d: %w", name, src.Name(), roff, io.ErrUnexpectedEOF)
+		}
+		done += int64(k)
+	}
+	return done, nil
 }

@@ -90,66 +90,22 @@ func OpenForceShare(name string) (*Image, error) {
 	return open(name, name, false, false, true)
 }
 
-// open opens path, called name in errors.
+// open opens path, called name in errors (see fileio.OpenImage).
 func open(path, name string, writable, joint, noLock bool) (*Image, error) {
-	// O_NONBLOCK and O_NOCTTY: a parent locator may name a FIFO or a terminal; such
-	// an open must neither hang nor take a controlling terminal, should one slip past
-	// OpenRegular's check.
-	flag := os.O_RDONLY | syscall.O_NONBLOCK | syscall.O_NOCTTY
-	if writable {
-		flag = os.O_RDWR | syscall.O_NONBLOCK | syscall.O_NOCTTY
-	}
-	var f *os.File
-	var err error
-	if path == name {
-		f, err = fileio.OpenRegular(path, flag)
-	} else {
-		// Reopen: /proc/self/fd/N, a link to the file already open and checked.
-		f, err = os.OpenFile(path, flag, 0)
-	}
+	o, err := fileio.OpenImage(path, name, writable, joint, noLock, ErrNotVHD)
 	if err != nil {
-		if path != name {
-			return nil, fmt.Errorf("%s: %w", name, err)
-		}
 		return nil, err
 	}
-	st, err := f.Stat()
-	if err != nil {
-		f.Close()
-		return nil, fmt.Errorf("%s: %w", name, err)
-	}
-	if st.IsDir() {
-		f.Close()
-		return nil, fmt.Errorf("%s: is a directory: %w", name, ErrNotVHD)
-	}
-	if !st.Mode().IsRegular() {
-		f.Close()
-		return nil, fmt.Errorf("%s: is not a regular file (%v): %w", name, st.Mode().Type(), ErrNotVHD)
-	}
-	var lock *imagelock.Handle
-	if !noLock {
-		need := imagelock.Reader
-		if writable {
-			need = imagelock.Writer
-		}
-		need.Joint = joint
-		if lock, err = imagelock.Acquire(f, name, need); err != nil {
-			f.Close()
-			return nil, err
-		}
-	}
-	var file File = f
+	var file File = o.File
 	if faults.Armed() {
-		file = faults.File{File: f}
+		file = faults.File{File: o.File}
 	}
 	img, err := OpenFile(file, name, writable)
 	if err != nil {
-		lock.Release()
-		f.Close()
+		o.Close()
 		return nil, err
 	}
-	img.lock = lock
-	img.dev, img.ino = fileID(st)
+	img.lock, img.dev, img.ino = o.Lock, o.Dev, o.Ino
 	return img, nil
 }
 

@@ -3,15 +3,14 @@ package vhdx
 import (
 	"fmt"
 	"io"
-	"io/fs"
 	"os"
-	"path/filepath"
 	"sync"
 	"sync/atomic"
 	"syscall"
 
 	"github.com/vhdfs/vhdfs/image"
 	"github.com/vhdfs/vhdfs/internal/faults"
+	"github.com/vhdfs/vhdfs/internal/fileio"
 	"github.com/vhdfs/vhdfs/internal/imagelock"
 )
 
@@ -77,57 +76,20 @@ func OpenForceShare(name string) (*Image, error) {
 	return open(name, name, false, false, true)
 }
 
-// open opens path, called name in errors. A path other than name is a
-// /proc/self/fd link of Reopen: the file was checked when it was first opened, and
-// its log must already be empty for a writable open (see Reopen).
+// open opens path, called name in errors (see fileio.OpenImage). A path other than
+// name is a /proc/self/fd link of Reopen: its log must already be empty for a
+// writable open (see Reopen).
 func open(path, name string, writable, joint, noLock bool) (*Image, error) {
-	// O_NONBLOCK and O_NOCTTY: should a FIFO or a terminal slip past openRegular's
-	// check, the open must neither hang nor take a controlling terminal.
-	flag := os.O_RDONLY | syscall.O_NONBLOCK | syscall.O_NOCTTY
-	if writable {
-		flag = os.O_RDWR | syscall.O_NONBLOCK | syscall.O_NOCTTY
-	}
-	var f *os.File
-	var err error
-	if path == name {
-		f, err = openRegular(path, flag)
-	} else if f, err = os.OpenFile(path, flag, 0); err != nil {
-		err = fmt.Errorf("%s: %w", name, err)
-	}
+	o, err := fileio.OpenImage(path, name, writable, joint, noLock, ErrNotVHDX)
 	if err != nil {
 		return nil, err
 	}
-	st, err := f.Stat()
+	img, err := openFile(faults.Wrap(o.File), name, writable, path == name)
 	if err != nil {
-		f.Close()
-		return nil, fmt.Errorf("%s: %w", name, err)
-	}
-	if !st.Mode().IsRegular() {
-		f.Close()
-		return nil, fmt.Errorf("%s: is not a regular file (%v): %w", name, st.Mode().Type(), ErrNotVHDX)
-	}
-	var lock *imagelock.Handle
-	if !noLock {
-		need := imagelock.Reader
-		if writable {
-			need = imagelock.Writer
-		}
-		need.Joint = joint
-		if lock, err = imagelock.Acquire(f, name, need); err != nil {
-			f.Close()
-			return nil, err
-		}
-	}
-	img, err := openFile(faults.Wrap(f), name, writable, path == name)
-	if err != nil {
-		lock.Release()
-		f.Close()
+		o.Close()
 		return nil, err
 	}
-	img.lock = lock
-	if sys, ok := st.Sys().(*syscall.Stat_t); ok {
-		img.dev, img.ino = uint64(sys.Dev), sys.Ino
-	}
+	img.lock, img.dev, img.ino = o.Lock, o.Dev, o.Ino
 	return img, nil
 }
 
@@ -193,37 +155,6 @@ func (img *Image) AllocatedBytes() int64 {
 		}
 	}
 	return n * img.geo.blockSize
-}
-
-// openRegular opens name, a regular file or a symbolic link to one, with O_NOFOLLOW
-// on the checked path, and confirms with fstat that the file checked is the file
-// opened (as vhd.OpenRegular does): opening a device or a FIFO has effects.
-func openRegular(name string, flag int) (*os.File, error) {
-	path := name
-	st, err := os.Lstat(name)
-	if err != nil {
-		return nil, err
-	}
-	if st.Mode()&fs.ModeSymlink != 0 {
-		if path, err = filepath.EvalSymlinks(name); err != nil {
-			return nil, err
-		}
-		if st, err = os.Lstat(path); err != nil {
-			return nil, err
-		}
-	}
-	if !st.Mode().IsRegular() {
-		return nil, fmt.Errorf("%s: is not a regular file (%v): %w", name, st.Mode().Type(), ErrNotVHDX)
-	}
-	f, err := os.OpenFile(path, flag|syscall.O_NOFOLLOW, 0)
-	if err != nil {
-		return nil, err
-	}
-	if fst, err := f.Stat(); err != nil || !os.SameFile(st, fst) {
-		f.Close()
-		return nil, fmt.Errorf("%s: replaced while being opened: %w", name, ErrNotVHDX)
-	}
-	return f, nil
 }
 
 // OpenFile opens an image on f, named name in errors. It reads and checks the file

@@ -149,20 +149,7 @@ func RemoveJournal(top string) error {
 }
 
 // SyncDir makes the entries of a folder (a rename, a new or removed file) durable.
-func SyncDir(dir string) error {
-	if err := faults.Step(); err != nil {
-		return err
-	}
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	if err := d.Sync(); err != nil {
-		return fmt.Errorf("fsync %s: %w", dir, err)
-	}
-	return nil
-}
+func SyncDir(dir string) error { return faults.SyncDir(dir) }
 
 // checkJournal refuses a chain whose journal says the re-link was cut short: what
 // is on disk may mix the old and new chain until it is rolled forward.

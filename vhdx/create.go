@@ -92,7 +92,7 @@ func Create(name string, o CreateOptions) error {
 		err = cerr
 	}
 	if err == nil {
-		err = syncDir(filepath.Dir(name))
+		err = faults.SyncDir(filepath.Dir(name))
 	}
 	if err != nil {
 		os.Remove(name)
@@ -337,22 +337,6 @@ func (n *newFile) writeFixedBAT(f *os.File) error {
 		if _, err := f.WriteAt(buf[:8*k], newBATOff+8*base); err != nil {
 			return fmt.Errorf("write BAT at %d: %w", newBATOff+8*base, err)
 		}
-	}
-	return nil
-}
-
-// syncDir makes the entries of the folder dir durable.
-func syncDir(dir string) error {
-	if err := faults.Step(); err != nil {
-		return err
-	}
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	if err := d.Sync(); err != nil {
-		return fmt.Errorf("fsync %s: %w", dir, err)
 	}
 	return nil
 }

@@ -1,6 +1,9 @@
 package faults
 
-import "os"
+import (
+	"fmt"
+	"os"
+)
 
 // File is the file of an image opened while the package is armed: each write,
 // fsync and truncate spends a step, so a test can cut them as a power loss would.
@@ -51,4 +54,21 @@ func OSFile(f any) (*os.File, bool) {
 		return f.File, true
 	}
 	return nil, false
+}
+
+// SyncDir makes the entries of a folder (a rename, a new or removed file) durable;
+// a step of its own.
+func SyncDir(dir string) error {
+	if err := Step(); err != nil {
+		return err
+	}
+	d, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	if err := d.Sync(); err != nil {
+		return fmt.Errorf("fsync %s: %w", dir, err)
+	}
+	return nil
 }

@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"fmt"
 	"sort"
+	"strings"
 
 	"github.com/vhdfs/vhdfs/image"
 )
@@ -338,6 +339,7 @@ func (img *Image) checkBAT(add addFunc) {
 func (img *Image) checkBitmaps(add addFunc, entries []batEntry) {
 	g := img.geo
 	var chunk []byte
+	var none, all []int64 // blocks with no bit set, with every bit set
 	chunkAt := int64(-1)
 	for p := int64(0); p < g.blocks; p++ {
 		if entries[g.payloadIndex(p)].state() != PartiallyPresent {
@@ -367,11 +369,33 @@ func (img *Image) checkBitmaps(add addFunc, entries []batEntry) {
 		}
 		switch int64(set) {
 		case 0:
-			add(image.Note, "block %d is PARTIALLY_PRESENT with no sector bit set (bitmap at %d): it reads wholly from the parent", p, be.offset()+p%g.chunkRatio*g.bitmapSlice)
+			none = append(none, p)
 		case sectors:
-			add(image.Note, "block %d is PARTIALLY_PRESENT with every sector bit set: it could be FULLY_PRESENT", p)
+			all = append(all, p)
 		}
 	}
+	if len(none) > 0 {
+		add(image.Note, "%s PARTIALLY_PRESENT with no sector bit set: %s wholly from the parent", blockList(none), map[bool]string{true: "it reads", false: "they read"}[len(none) == 1])
+	}
+	if len(all) > 0 {
+		add(image.Note, "%s PARTIALLY_PRESENT with every sector bit set: %s be FULLY_PRESENT", blockList(all), map[bool]string{true: "it could", false: "they could"}[len(all) == 1])
+	}
+}
+
+// blockList names blocks for one line: "block 7 is", "3 blocks (1, 2, 9) are",
+// "40 blocks (0, 1, 2, 3, 4, ...) are".
+func blockList(b []int64) string {
+	if len(b) == 1 {
+		return fmt.Sprintf("block %d is", b[0])
+	}
+	var names []string
+	for _, p := range b[:min(len(b), 5)] {
+		names = append(names, fmt.Sprint(p))
+	}
+	if len(b) > 5 {
+		names = append(names, "...")
+	}
+	return fmt.Sprintf("%d blocks (%s) are", len(b), strings.Join(names, ", "))
 }
 
 var zeros64K = make([]byte, 64*KiB)

@@ -116,6 +116,10 @@ func (img *Image) SetID(id image.ID) error {
 	if err := img.usableLocked(0); err != nil {
 		return err
 	}
+	// The writes made before the new ID are durable under the old one first.
+	if err := img.flushPendingLocked(); err != nil {
+		return err
+	}
 	newFile := !img.fileWriteGuidSet
 	if err := img.updateHeader(func(h *Header) {
 		h.DataWriteGuid = GUIDOf(id)

@@ -116,6 +116,10 @@ func (img *Image) reopen(writable bool) (*Image, error) {
 	if writable && img.src.ov != nil {
 		return nil, fmt.Errorf("%s: reopen for writing: the log holds %d entries, replayed in memory only: %w", img.name, img.logEntries, ErrUnsupported)
 	}
+	// The new handle reads the file: what this one has pending goes there first.
+	if err := img.Sync(); err != nil {
+		return nil, err
+	}
 	r, err := open(fmt.Sprintf("/proc/self/fd/%d", f.Fd()), img.name, writable, true, img.lock == nil && !writable)
 	if err != nil {
 		return nil, err
@@ -441,10 +445,17 @@ func (img *Image) LogReplayed() int { return img.logEntries }
 // Writable reports whether the image was opened for writing.
 func (img *Image) Writable() bool { return img.writable }
 
-// Sync makes every write before it durable. Nothing is buffered yet.
+// Sync makes every write before it durable: the metadata changes that wait
+// (commitLocked) go through the log, then the file is flushed.
 func (img *Image) Sync() error {
 	if !img.writable {
 		return nil
+	}
+	img.mu.Lock()
+	err := img.flushPendingLocked()
+	img.mu.Unlock()
+	if err != nil {
+		return err
 	}
 	if err := img.src.f.Sync(); err != nil {
 		return fmt.Errorf("%s: fsync: %w", img.name, err)

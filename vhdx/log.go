@@ -272,6 +272,10 @@ type source struct {
 	f     File
 	vsize int64    // the file's size once replayed
 	ov    *overlay // nil once the log is replayed into the file, or if it was empty
+	// pending are metadata sectors (4 KiB, by file offset) changed by writes and
+	// not yet through the log (see commitLocked); guarded by the image's mu, written
+	// under its write lock.
+	pending map[int64][]byte
 }
 
 // readAt fills p from off: what the file holds (zeros past its end, up to the size
@@ -288,6 +292,12 @@ func (s *source) readAt(p []byte, off int64) error {
 	}
 	if s.ov != nil {
 		s.ov.patch(p, off)
+	}
+	for k := off &^ (logSector - 1); len(s.pending) > 0 && k < off+int64(len(p)); k += logSector {
+		if d, ok := s.pending[k]; ok {
+			lo, hi := max(k, off), min(k+logSector, off+int64(len(p)))
+			copy(p[lo-off:hi-off], d[lo-k:hi-k])
+		}
 	}
 	return nil
 }

@@ -40,6 +40,9 @@ func (img *Image) SetParent(parentID image.ID, parentPath, childPath string) err
 	if err := img.usableLocked(0); err != nil {
 		return err
 	}
+	if err := img.flushPendingLocked(); err != nil {
+		return err
+	}
 	var md *RegionEntry
 	for i := range img.regions {
 		if img.regions[i].Guid == RegionMetadata {

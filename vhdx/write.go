@@ -15,10 +15,8 @@ import (
 // new FileWriteGuid and DataWriteGuid (§2.2.2.1). In a differencing image a new
 // block that was NOT_PRESENT gets bitmap bits only for the sectors written; one that
 // was ZERO, UNMAPPED or UNDEFINED becomes FULLY_PRESENT with zeros around the data,
-// so it never exposes the parent. A call that changes metadata (a new block, new
-// bitmap bits) is durable when it returns, its data flushed before the log entry;
-// data written over sectors already stored, which changes no metadata, is durable
-// at the next Sync.
+// so it never exposes the parent. Writes are durable at the next Sync: the metadata
+// changes they make wait for it in memory (commitLocked), unless many do.
 func (img *Image) WriteAt(p []byte, off int64) (int, error) {
 	g := img.geo
 	if !img.writable {
@@ -113,8 +111,17 @@ type bitRange struct {
 	reset             bool
 }
 
-// commitLocked makes the BAT entries in bat and the bits in bits durable through the
-// log (logWriteLocked), the data written before it first.
+// maxPendingSectors bounds the metadata sectors that wait for the next Sync; past it
+// they go through the log at once. 64 sectors are 32768 BAT entries or 1 Mi bitmap
+// bits, and a log entry of 264 KiB.
+const maxPendingSectors = 64
+
+// commitLocked applies the BAT entries in bat and the bits in bits: at once in
+// memory, and on disk through the log (flushPendingLocked) at the next Sync, or now
+// if too many sectors are waiting. Until then the sectors are pending: reads of the
+// file see them (source.readAt), a crash loses them, as it loses every write not yet
+// synced, and the file stays consistent (the new blocks' data lies past what any BAT
+// entry on disk points at).
 func (img *Image) commitLocked(bat map[int64]batEntry, bits *bitRange) error {
 	if len(bat) == 0 && bits == nil {
 		return nil
@@ -125,7 +132,10 @@ func (img *Image) commitLocked(bat map[int64]batEntry, bits *bitRange) error {
 		// bits are in place, and a failure below leaves the file to be read again.
 		bitmapCache.invalidate(sliceKey{img.id, bits.blk})
 	}
-	sectors := map[int64][]byte{}
+	if img.src.pending == nil {
+		img.src.pending = map[int64][]byte{}
+	}
+	sectors := img.src.pending
 	get := func(off int64) ([]byte, error) {
 		k := off &^ (logSector - 1)
 		if s, ok := sectors[k]; ok {
@@ -177,11 +187,25 @@ func (img *Image) commitLocked(bat map[int64]batEntry, bits *bitRange) error {
 			return nil // every bit was set already: the data write was all
 		}
 	}
-	return img.logWriteLocked(sectors, func() {
-		for idx, e := range bat {
-			img.bat[idx] = e
-		}
-	})
+	for idx, e := range bat {
+		img.bat[idx] = e
+	}
+	if len(sectors) >= maxPendingSectors {
+		return img.flushPendingLocked()
+	}
+	return nil
+}
+
+// flushPendingLocked makes the pending metadata sectors durable through the log (see
+// logWriteLocked), the data written before them first. The caller holds mu.
+func (img *Image) flushPendingLocked() error {
+	if len(img.src.pending) == 0 {
+		return nil
+	}
+	if err := img.usableLocked(0); err != nil {
+		return err
+	}
+	return img.logWriteLocked(img.src.pending, func() { img.src.pending = nil })
 }
 
 // logWriteLocked makes the 4 KiB sectors in sectors (keyed by their 4 KiB-aligned

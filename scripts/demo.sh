@@ -53,7 +53,8 @@ printf 'written into the VHDX checkpoint\n' | dd of="$mnt/disk.raw" bs=512 seek=
 "$vhdfs" umount "$mnt"
 "$vhdfs" info "$dir/base_ckpt.avhdx"
 echo "the two messages, read back through the exported chain:"
-"$vhdfs" export "$dir/base_ckpt.avhdx" - | dd bs=512 skip=400000 count=16 status=none | strings
+"$vhdfs" export "$dir/base_ckpt.avhdx" "$dir/ckpt.raw"
+dd if="$dir/ckpt.raw" bs=512 skip=400000 count=16 status=none | strings
 "$vhdfs" check "$dir/base_ckpt.avhdx"
 
 echo

@@ -139,11 +139,13 @@ func formatArgs(format string, sector int64) []string {
 // with the given arguments (size, type…), and returns its path.
 //
 // VHDX blocks are 1 MiB at least: for VHDX a smaller --block-size (the VHD tables use
-// 4K to 512K to put many block boundaries in a small disk) becomes 1M.
+// 4K to 512K to put many block boundaries in a small disk) becomes 1M; --exact-size,
+// which keeps a VHD from rounding up to a CHS geometry, is dropped: VHDX sizes are
+// exact.
 func createBase(t testing.TB, dir, format string, sector int64, name string, args ...string) string {
 	t.Helper()
 	if format == "vhdx" {
-		args = slices.Clone(args)
+		args = slices.DeleteFunc(slices.Clone(args), func(a string) bool { return a == "--exact-size" })
 		for i := 0; i+1 < len(args); i++ {
 			if args[i] == "--block-size" && parseSize(t, args[i+1]) < 1<<20 {
 				args[i+1] = "1M"

@@ -163,12 +163,17 @@ func createChild(t testing.TB, parent, name string) string {
 	t.Helper()
 	format := formatOf(parent)
 	p := filepath.Join(filepath.Dir(parent), imageName(format, name, true))
-	args := []string{"create", "--parent", parent, p}
-	if format != "vhd" {
-		args = []string{"create", "--format", format, "--parent", parent, p}
-	}
-	mustVhdfs(t, args...)
+	mustVhdfs(t, append([]string{"create", "--parent", parent}, childFormatArgs(format, p)...)...)
 	return p
+}
+
+// childFormatArgs ends the arguments of `vhdfs create --parent PARENT` for a child
+// at path in format: --format for VHDX (the extension says it too), then path.
+func childFormatArgs(format, path string) []string {
+	if format == "" || format == "vhd" {
+		return []string{path}
+	}
+	return []string{"--format", format, path}
 }
 
 // parseSize reads a size as `vhdfs create` takes it: a number with an optional K, M

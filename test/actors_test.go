@@ -573,7 +573,7 @@ func (s *qemuSession) output() string {
 func holdQemu(t testing.TB, img, command, want string, flags ...string) func() {
 	t.Helper()
 	s := &qemuSession{done: make(chan error, 1)}
-	s.cmd = exec.Command("qemu-io", append(append([]string{"-f", "vpc"}, flags...), img)...)
+	s.cmd = exec.Command("qemu-io", append(append([]string{"-f", qemuFormat(img)}, flags...), img)...)
 	s.cmd.Stdout, s.cmd.Stderr = s, s
 	var err error
 	if s.stdin, err = s.cmd.StdinPipe(); err != nil {

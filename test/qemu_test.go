@@ -74,7 +74,7 @@ type qemuWrite struct {
 func qemuIOWrite(t testing.TB, image string, ws []qemuWrite) {
 	t.Helper()
 	requireTool(t, "qemu-io")
-	args := []string{"-f", "vpc"}
+	args := []string{"-f", qemuFormat(image)}
 	for _, w := range ws {
 		args = append(args, "-c", fmt.Sprintf("write -P %#02x %d %d", w.pattern, w.off, w.n))
 	}

@@ -237,13 +237,6 @@ func (c *testChain) Top() string { return c.Images[len(c.Images)-1] }
 // Model is the expected contents of the whole chain.
 func (c *testChain) Model() []byte { return c.Views[len(c.Views)-1] }
 
-// Child makes a differencing image called name in the chain's directory on parent
-// (an image of the chain, or one made by Child) and returns its path.
-func (c *testChain) Child(t testing.TB, parent, name string) string {
-	t.Helper()
-	return createChild(t, parent, name)
-}
-
 // Files lists every image of the chain, for snapshotFiles.
 func (c *testChain) Files() []string { return append([]string(nil), c.Images...) }
 

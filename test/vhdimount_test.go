@@ -88,15 +88,25 @@ func TestChainsAgainstLibvhdi(t *testing.T) {
 func TestChainsSectorGranular(t *testing.T) {
 	t.Parallel()
 	forEachFormat(t, func(t *testing.T, format string) {
-		for _, tc := range []struct {
+		type row struct {
 			name string
 			opts chainOptions
-		}{
+		}
+		rows := []row{
 			{"depth 3, 512-byte writes", chainOptions{Format: format, Depth: 3, Create: []string{"--size", "16M"}, Writes: 40, Align: 512, MaxLen: 64 << 10, Seed: 11}},
 			{"depth 4, 512-byte writes, 512K blocks", chainOptions{Format: format, Depth: 4, Create: []string{"--size", "12M", "--block-size", "512K"}, Writes: 30, Align: 512, MaxLen: 700 << 10, Seed: 12}},
 			{"depth 3, unaligned writes", chainOptions{Format: format, Depth: 3, Create: []string{"--size", "16M"}, Writes: 40, Align: 1, MaxLen: 20 << 10, Seed: 13}},
 			{"depth 4, unaligned writes, fixed base", chainOptions{Format: format, Depth: 4, Create: []string{"--size", "8M", "--type", "fixed"}, Writes: 30, Align: 1, MaxLen: 3 * mib, Seed: 14}},
-		} {
+		}
+		if format == "vhdx" {
+			// 4096-byte logical sectors: 512-byte and unaligned writes are
+			// read-modify-writes of whole logical sectors.
+			rows = append(rows,
+				row{"depth 3, 512-byte writes, 4K logical sectors", chainOptions{Format: format, SectorSize: 4096, Depth: 3, Create: []string{"--size", "16M"}, Writes: 40, Align: 512, MaxLen: 64 << 10, Seed: 15}},
+				row{"depth 4, unaligned writes, fixed base, 4K logical sectors", chainOptions{Format: format, SectorSize: 4096, Depth: 4, Create: []string{"--size", "8M", "--type", "fixed"}, Writes: 30, Align: 1, MaxLen: 3 * mib, Seed: 16}},
+			)
+		}
+		for _, tc := range rows {
 			t.Run(tc.name, func(t *testing.T) {
 				c := makeChain(t, tc.opts)
 				snap := snapshotFiles(t, c.Dir)

@@ -218,6 +218,11 @@ type chainOptions struct {
 	Align      int64    // granularity of the writes: 4096 (safe for libvhdi), 512 or 1; default 4096
 	MaxLen     int64    // longest write; default 256 KiB
 	Seed       uint64
+	// LayerWrites, if set, gives writes into image i (0 = the base) made after the
+	// random ones, while it is the top: a test that wants given data in given layers
+	// says so here, because a write into an image that already has a child changes
+	// a VHDX's DataWriteGuid and leaves the child invalid.
+	LayerWrites func(i int) []write
 }
 
 // testChain is a chain built for a test, with the expected contents of every view.
@@ -276,6 +281,9 @@ func makeChainIn(t testing.TB, dir string, opts chainOptions) *testChain {
 		}
 		if opts.Writes > 0 {
 			applyWrites(t, c.Images[i], model, gen.writes(opts.Writes))
+		}
+		if opts.LayerWrites != nil {
+			applyWrites(t, c.Images[i], model, opts.LayerWrites(i))
 		}
 		c.Views = append(c.Views, model)
 	}

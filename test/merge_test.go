@@ -231,16 +231,10 @@ func vhdimountView(t testing.TB, image string) string {
 // after merging everything into the base, the top's byte is what the disk shows.
 func TestMergeNearestWins(t *testing.T) {
 	forEachFormat(t, func(t *testing.T, format string) {
-		c := makeChain(t, chainOptions{Format: format, Depth: 4, Create: []string{"--size", "8M"}})
-		for i, img := range c.Images {
-			// Sector 9 everywhere, sector 20+i only in layer i.
-			w := []write{{9 * 512, bytes.Repeat([]byte{byte(0x10 + i)}, 512)}, {int64(20+i) * 512, bytes.Repeat([]byte{byte(0x20 + i)}, 512)}}
-			applyWrites(t, img, c.Views[i], w)
-			for j := i + 1; j < len(c.Views); j++ {
-				copy(c.Views[j][9*512:], w[0].Data)
-				copy(c.Views[j][(20+i)*512:], w[1].Data)
-			}
-		}
+		// Sector 9 everywhere, sector 20+i only in layer i.
+		c := makeChain(t, chainOptions{Format: format, Depth: 4, Create: []string{"--size", "8M"}, LayerWrites: func(i int) []write {
+			return []write{{9 * 512, bytes.Repeat([]byte{byte(0x10 + i)}, 512)}, {int64(20+i) * 512, bytes.Repeat([]byte{byte(0x20 + i)}, 512)}}
+		}})
 		mustVhdfs(t, "merge", "--depth", "3", c.Top())
 		got := fileBytes(t, exportImage(t, c.Top()))
 		if got[9*512] != 0x13 {

@@ -197,14 +197,14 @@ func TestMergeDepths(t *testing.T) {
 					}
 					assertFileEquals(t, exportImage(t, top), c.Model())
 					// libvhdi 20210425 misreads a VHDX child block whose sector bitmap entry
-				// is not present (it takes the bitmap from file offset 0), and the fresh
-				// top a merge leaves has only such blocks: for VHDX it reads the target,
-				// whose view is the same.
-				libvhdiImage := top
-				if format == "vhdx" {
-					libvhdiImage = targetPath
-				}
-				assertFileEquals(t, vhdimountView(t, libvhdiImage), c.Model())
+					// is not present (it takes the bitmap from file offset 0), and the fresh
+					// top a merge leaves has only such blocks: for VHDX it reads the target,
+					// whose view is the same.
+					libvhdiImage := top
+					if format == "vhdx" {
+						libvhdiImage = targetPath
+					}
+					assertFileEquals(t, vhdimountView(t, libvhdiImage), c.Model())
 					if out, errs, code := vhdfs(t, "check", top); code != 0 {
 						t.Errorf("check after merge: exit %d\n%s%s", code, out, errs)
 					}

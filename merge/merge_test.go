@@ -16,14 +16,17 @@ import (
 	"testing"
 
 	"github.com/vhdfs/vhdfs/chain"
+	"github.com/vhdfs/vhdfs/image"
 	"github.com/vhdfs/vhdfs/internal/fileio"
-	"github.com/vhdfs/vhdfs/vhd"
+	"github.com/vhdfs/vhdfs/probe"
 )
 
 const (
-	kib    = 1 << 10
-	mib    = 1 << 20
-	sector = vhd.SectorSize
+	kib = 1 << 10
+	mib = 1 << 20
+	// sector is the unit the models track: the logical sector of VHD and of a VHDX
+	// with 512-byte logical sectors. (A 4096-byte VHDX row needs it per fixture.)
+	sector = 512
 )
 
 // Regions of every test disk that random writes leave alone, for the writes that
@@ -39,10 +42,11 @@ var (
 
 // spec describes a test chain, built base first.
 type spec struct {
-	base       vhd.DiskType // TypeFixed or TypeDynamic
-	size       int64        // exact virtual size
-	blockSizes []int64      // per image, base first; the base's is ignored when fixed
-	writes     int          // random writes into each image while it is the top
+	format     string     // "vhd" or "vhdx"
+	base       image.Type // image.Fixed or image.Dynamic
+	size       int64      // exact virtual size
+	blockSizes []int64    // per image, base first; the base's is ignored when fixed
+	writes     int        // random writes into each image while it is the top
 	seed       uint64
 }
 
@@ -51,7 +55,7 @@ type spec struct {
 type fixture struct {
 	dir   string
 	paths []string
-	types []vhd.DiskType
+	types []image.Type
 	size  int64
 	// store[i] is what image i holds where it holds anything (zeros elsewhere);
 	// bits[i][s] says whether differencing image i holds sector s. A base holds
@@ -121,23 +125,13 @@ func buildChain(t *testing.T, sp spec) *fixture {
 	sectors := sp.size / sector
 	for i := range n {
 		var path string
-		typ := vhd.TypeDifferencing
+		typ := image.Differencing
 		if i == 0 {
-			path, typ = filepath.Join(dir, "base.vhd"), sp.base
-			if err := vhd.Create(path, vhd.CreateOptions{Type: sp.base, Size: sp.size, ExactSize: true, BlockSize: sp.blockSizes[0]}); err != nil {
-				t.Fatalf("create base: %v", err)
-			}
+			path, typ = filepath.Join(dir, imageName(sp.format, "base", false)), sp.base
+			createBase(t, sp.format, path, sp.base, sp.size, sp.blockSizes[0])
 		} else {
-			path = filepath.Join(dir, fmt.Sprintf("snap%d.vhd", i))
-			parent, err := vhd.Open(f.paths[0], false)
-			if err != nil {
-				t.Fatal(err)
-			}
-			err = vhd.Create(path, vhd.CreateOptions{Type: vhd.TypeDifferencing, Parent: parent, ParentPath: f.paths[0], BlockSize: sp.blockSizes[i]})
-			parent.Close()
-			if err != nil {
-				t.Fatalf("create %s: %v", path, err)
-			}
+			path = filepath.Join(dir, imageName(sp.format, fmt.Sprintf("snap%d", i), true))
+			createChild(t, f.paths[0], path, sp.blockSizes[i])
 		}
 		// Prepend: index 0 is always the top.
 		f.paths = slices.Insert(f.paths, 0, path)
@@ -196,7 +190,7 @@ func (f *fixture) viewAt(k int) []byte {
 	out := make([]byte, f.size)
 	for s := int64(0); s < f.size/sector; s++ {
 		for i := k; i < len(f.paths); i++ {
-			if f.types[i] != vhd.TypeDifferencing || f.bits[i][s] {
+			if f.types[i] != image.Differencing || f.bits[i][s] {
 				copy(out[s*sector:(s+1)*sector], f.store[i][s*sector:(s+1)*sector])
 				break
 			}
@@ -324,7 +318,7 @@ func assertUnchanged(t *testing.T, dir string, before map[string][32]byte, names
 func assertClean(t *testing.T, path string) {
 	t.Helper()
 	for _, p := range chain.Check(path) {
-		if p.Severity == vhd.Error {
+		if p.Severity == image.Error {
 			t.Errorf("check %s: %v", path, p)
 		}
 	}
@@ -340,7 +334,7 @@ func layerPaths(c *chain.Chain) []string {
 
 // presentSectors walks Run over a whole image and returns, per sector, whether the
 // file stores it.
-func presentSectors(t *testing.T, img *vhd.Image) []bool {
+func presentSectors(t *testing.T, img image.Image) []bool {
 	t.Helper()
 	out := make([]bool, img.Size()/sector)
 	for off := int64(0); off < img.Size(); {
@@ -363,14 +357,12 @@ func presentSectors(t *testing.T, img *vhd.Image) []bool {
 // and the block size.
 func allocatedBlocks(t *testing.T, path string) ([]bool, int64) {
 	t.Helper()
-	img, err := vhd.Open(path, false)
-	if err != nil {
-		t.Fatal(err)
-	}
+	img := openImage(t, path)
 	defer img.Close()
 	bs := img.BlockSize()
 	out := make([]bool, (img.Size()+bs-1)/bs)
 	for b := range out {
+		var err error
 		_, out[b], err = img.Run(int64(b)*bs, 1)
 		if err != nil {
 			t.Fatal(err)
@@ -436,27 +428,30 @@ func TestValidate(t *testing.T) {
 	}
 }
 
-// chainSpec is the 4-deep chain the merge tests run on: a fixed or dynamic base
-// and three differencing images with other block sizes than the base and each other.
-func chainSpec(base vhd.DiskType, seed uint64) spec {
-	return spec{base: base, size: 8 * mib, blockSizes: []int64{1 * mib, 512 * kib, 2 * mib, 64 * kib}, writes: 20, seed: seed}
+// chainSpec is the 4-deep chain of format the merge tests run on: a fixed or dynamic
+// base and three differencing images with other block sizes than the base and each
+// other.
+func chainSpec(format string, base image.Type, seed uint64) spec {
+	return spec{format: format, base: base, size: 8 * mib, blockSizes: blockSizes(format, 1*mib, 512*kib, 2*mib, 64*kib), writes: 20, seed: seed}
 }
 
 // TestMergeFromTop merges the top and depth-1 images below it into the image depth
 // levels down, for differencing, dynamic and fixed targets.
 func TestMergeFromTop(t *testing.T) {
-	for _, base := range []vhd.DiskType{vhd.TypeDynamic, vhd.TypeFixed} {
-		for depth := 1; depth <= 3; depth++ {
-			target := "differencing"
-			if depth == 3 {
-				target = base.String()
+	forEachFormat(t, func(t *testing.T, format string) {
+		for _, base := range []image.Type{image.Dynamic, image.Fixed} {
+			for depth := 1; depth <= 3; depth++ {
+				target := "differencing"
+				if depth == 3 {
+					target = base.String()
+				}
+				t.Run(fmt.Sprintf("depth %d into %s (base %s)", depth, target, base), func(t *testing.T) {
+					f := buildChain(t, chainSpec(format, base, uint64(depth)*10+uint64(base)))
+					testMergeFromTop(t, f, depth)
+				})
 			}
-			t.Run(fmt.Sprintf("depth %d into %s (base %s)", depth, target, base), func(t *testing.T) {
-				f := buildChain(t, chainSpec(base, uint64(depth)*10+uint64(base)))
-				testMergeFromTop(t, f, depth)
-			})
 		}
-	}
+	})
 }
 
 func testMergeFromTop(t *testing.T, f *fixture, depth int) {
@@ -466,13 +461,13 @@ func testMergeFromTop(t *testing.T, f *fixture, depth int) {
 	var wantBits []bool
 	var wantBlocks []bool
 	switch f.types[depth] {
-	case vhd.TypeDifferencing:
+	case image.Differencing:
 		// The target gains exactly the merged sectors, zeros included.
 		wantBits = slices.Clone(f.bits[depth])
 		for s, m := range mask {
 			wantBits[s] = wantBits[s] || m
 		}
-	case vhd.TypeDynamic:
+	case image.Dynamic:
 		// A block gets allocated only for non-zero merged data.
 		var bs int64
 		wantBlocks, bs = allocatedBlocks(t, targetPath)
@@ -523,11 +518,8 @@ func testMergeFromTop(t *testing.T, f *fixture, depth int) {
 
 	// The new top: an empty differencing image at the old top's path, on the target.
 	top := c.Layers()[0].Image
-	targetImg, err := vhd.Open(targetPath, false)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if top.Type() != vhd.TypeDifferencing || top.AllocatedBytes() != 0 || top.Size() != f.size || !top.Writable() {
+	targetImg := openImage(t, targetPath)
+	if top.Type() != image.Differencing || top.AllocatedBytes() != 0 || top.Size() != f.size || !top.Writable() {
 		t.Errorf("new top: %v, %d bytes allocated, size %d, writable %v", top.Type(), top.AllocatedBytes(), top.Size(), top.Writable())
 	}
 	if top.ParentID() != targetImg.ID() {
@@ -538,7 +530,7 @@ func testMergeFromTop(t *testing.T, f *fixture, depth int) {
 	if got := top.ID(); got != oldTopID {
 		t.Errorf("new top's unique ID %s, want the old top's %s", got, oldTopID)
 	}
-	if got := targetImg.Footer().UniqueID; got == oldTargetID {
+	if got := targetImg.ID(); got == oldTargetID {
 		t.Errorf("target kept its unique ID %s after being merged into", got)
 	}
 	switch {
@@ -574,7 +566,7 @@ func testMergeFromTop(t *testing.T, f *fixture, depth int) {
 	// The images merged away no longer open: their chain runs into the target,
 	// whose unique ID changed.
 	for _, p := range f.paths[1:depth] {
-		if c, err := chain.Open(p, false); !errors.Is(err, vhd.ErrParentMismatch) || !strings.Contains(err.Error(), "no longer valid") {
+		if c, err := chain.Open(p, false); !errors.Is(err, image.ErrParentMismatch) || !strings.Contains(err.Error(), "no longer valid") {
 			if err == nil {
 				c.Close()
 			}
@@ -607,182 +599,177 @@ func testMergeFromTop(t *testing.T, f *fixture, depth int) {
 // TestMergeMiddle merges a range below the top into the image under it; the image
 // above the range is re-linked to the target and the top stays writable.
 func TestMergeMiddle(t *testing.T) {
-	cases := []struct{ from, depth int }{{1, 1}, {2, 1}, {1, 2}}
-	for _, base := range []vhd.DiskType{vhd.TypeDynamic, vhd.TypeFixed} {
-		for _, tc := range cases {
-			t.Run(fmt.Sprintf("from %d depth %d (base %s)", tc.from, tc.depth, base), func(t *testing.T) {
-				f := buildChain(t, chainSpec(base, uint64(100+tc.from*10+tc.depth)+uint64(base)))
-				from, depth := tc.from, tc.depth
-				to := from + depth
-				targetPath := f.paths[to]
-				before := snapshot(t, f.dir)
-				targetView := f.viewAt(from)
-				mask, _ := f.merged(from, to)
+	forEachFormat(t, func(t *testing.T, format string) {
+		cases := []struct{ from, depth int }{{1, 1}, {2, 1}, {1, 2}}
+		for _, base := range []image.Type{image.Dynamic, image.Fixed} {
+			for _, tc := range cases {
+				t.Run(fmt.Sprintf("from %d depth %d (base %s)", tc.from, tc.depth, base), func(t *testing.T) {
+					f := buildChain(t, chainSpec(format, base, uint64(100+tc.from*10+tc.depth)+uint64(base)))
+					from, depth := tc.from, tc.depth
+					to := from + depth
+					targetPath := f.paths[to]
+					before := snapshot(t, f.dir)
+					targetView := f.viewAt(from)
+					mask, _ := f.merged(from, to)
 
-				c := openChain(t, f.paths[0], true)
-				defer c.Close()
-				res, err := Merge(context.Background(), c, Options{From: from, Depth: depth})
-				if err != nil {
-					t.Fatalf("merge from=%d depth=%d: %v", from, depth, err)
-				}
-				if want := f.paths[from:to]; !slices.Equal(res.Detached, want) || res.Target != targetPath {
-					t.Errorf("result: target %s, detached %v; want %s, %v", res.Target, res.Detached, targetPath, want)
-				}
-				if want := countTrue(mask) * sector; res.Bytes != want {
-					t.Errorf("result bytes %d, want %d", res.Bytes, want)
-				}
-				assertSame(t, "view after the merge", readView(t, c), f.model)
-				wantPaths := append(slices.Clone(f.paths[:from]), f.paths[to:]...)
-				if got := layerPaths(c); !slices.Equal(got, wantPaths) {
-					t.Errorf("layers after the merge %v, want %v", got, wantPaths)
-				}
-
-				// The image above the range now names the target as its parent.
-				above, err := vhd.Open(f.paths[from-1], false)
-				if err != nil {
-					t.Fatal(err)
-				}
-				targetImg, err := vhd.Open(targetPath, false)
-				if err != nil {
-					t.Fatal(err)
-				}
-				if h, _ := above.Header(); h.ParentUniqueID != targetImg.Footer().UniqueID {
-					t.Errorf("%s: parent unique ID %s, want the target's %s", f.paths[from-1], h.ParentUniqueID, targetImg.Footer().UniqueID)
-				}
-				above.Close()
-				targetImg.Close()
-
-				// Merged images and those below the target are untouched, but for the
-				// merged layer right above the target, which records the target's interim
-				// ID; so is the top when it is not the re-linked one.
-				var untouched []string
-				for i, p := range f.paths {
-					if i != from-1 && i != to && i != to-1 {
-						untouched = append(untouched, filepath.Base(p))
+					c := openChain(t, f.paths[0], true)
+					defer c.Close()
+					res, err := Merge(context.Background(), c, Options{From: from, Depth: depth})
+					if err != nil {
+						t.Fatalf("merge from=%d depth=%d: %v", from, depth, err)
 					}
-				}
-				assertUnchanged(t, f.dir, before, untouched...)
-				assertView(t, "the target's view", targetPath, targetView)
+					if want := f.paths[from:to]; !slices.Equal(res.Detached, want) || res.Target != targetPath {
+						t.Errorf("result: target %s, detached %v; want %s, %v", res.Target, res.Detached, targetPath, want)
+					}
+					if want := countTrue(mask) * sector; res.Bytes != want {
+						t.Errorf("result bytes %d, want %d", res.Bytes, want)
+					}
+					assertSame(t, "view after the merge", readView(t, c), f.model)
+					wantPaths := append(slices.Clone(f.paths[:from]), f.paths[to:]...)
+					if got := layerPaths(c); !slices.Equal(got, wantPaths) {
+						t.Errorf("layers after the merge %v, want %v", got, wantPaths)
+					}
 
-				// The top still takes writes, through the new chain.
-				w := bytes.Repeat([]byte{0xc3}, 3000)
-				if _, err := c.WriteAt(w, 7*mib+11); err != nil {
-					t.Fatalf("write after the merge: %v", err)
-				}
-				copy(f.model[7*mib+11:], w)
-				assertSame(t, "view after a write", readView(t, c), f.model)
-				if err := c.Close(); err != nil {
-					t.Fatal(err)
-				}
-				c2 := openChain(t, f.paths[0], false)
-				defer c2.Close()
-				if got := layerPaths(c2); !slices.Equal(got, wantPaths) {
-					t.Errorf("layers reopened %v, want %v", got, wantPaths)
-				}
-				assertSame(t, "view reopened", readView(t, c2), f.model)
-				assertClean(t, f.paths[0])
-			})
+					// The image above the range now names the target as its parent.
+					above := openImage(t, f.paths[from-1])
+					targetImg := openImage(t, targetPath)
+					if above.ParentID() != targetImg.ID() {
+						t.Errorf("%s: parent ID %s, want the target's %s", f.paths[from-1], above.ParentID(), targetImg.ID())
+					}
+					above.Close()
+					targetImg.Close()
+
+					// Merged images and those below the target are untouched, but for the
+					// merged layer right above the target, which records the target's interim
+					// ID; so is the top when it is not the re-linked one.
+					var untouched []string
+					for i, p := range f.paths {
+						if i != from-1 && i != to && i != to-1 {
+							untouched = append(untouched, filepath.Base(p))
+						}
+					}
+					assertUnchanged(t, f.dir, before, untouched...)
+					assertView(t, "the target's view", targetPath, targetView)
+
+					// The top still takes writes, through the new chain.
+					w := bytes.Repeat([]byte{0xc3}, 3000)
+					if _, err := c.WriteAt(w, 7*mib+11); err != nil {
+						t.Fatalf("write after the merge: %v", err)
+					}
+					copy(f.model[7*mib+11:], w)
+					assertSame(t, "view after a write", readView(t, c), f.model)
+					if err := c.Close(); err != nil {
+						t.Fatal(err)
+					}
+					c2 := openChain(t, f.paths[0], false)
+					defer c2.Close()
+					if got := layerPaths(c2); !slices.Equal(got, wantPaths) {
+						t.Errorf("layers reopened %v, want %v", got, wantPaths)
+					}
+					assertSame(t, "view reopened", readView(t, c2), f.model)
+					assertClean(t, f.paths[0])
+				})
+			}
 		}
-	}
+	})
 }
 
 // TestMergeAbort cancels the context from the hook at a point of the copy: Merge
 // returns context.Canceled, the chain is as it was (in memory and on disk), and the
 // same merge then completes.
 func TestMergeAbort(t *testing.T) {
-	cases := []struct {
-		point       string
-		from, depth int
-	}{
-		{"copy-half", 0, 2},
-		{"copy-half", 0, 3},
-		{"copy-half", 1, 2},
-		{"copy-start", 0, 1},
-		{"copy-done", 0, 2},
-		{"copy-done", 2, 1},
-	}
-	for i, tc := range cases {
-		t.Run(fmt.Sprintf("from %d depth %d cancelled at %s", tc.from, tc.depth, tc.point), func(t *testing.T) {
-			sp := chainSpec(vhd.TypeDynamic, uint64(200+i))
-			sp.size, sp.writes = 16*mib, 40 // several 4 MiB chunks, so copy-half falls inside the copy
-			f := buildChain(t, sp)
-			// The images an abort must not touch: all but the target and the merged
-			// layer right above it, which records the target's interim unique ID.
-			var keep []string
-			to := tc.from + tc.depth
-			for k, p := range f.paths {
-				if k != to && k != to-1 {
-					keep = append(keep, filepath.Base(p))
-				}
-			}
-			oldTargetID := readID(t, f.paths[to])
-			before := snapshot(t, f.dir)
-			c := openChain(t, f.paths[0], true)
-			defer c.Close()
-			ctx, cancel := context.WithCancel(context.Background())
-			defer cancel()
-			var progress int64
-			var points []string
-			opts := Options{From: tc.from, Depth: tc.depth,
-				Progress: func(done, total int64) { progress = done },
-				Hook: func(p string) {
-					points = append(points, p)
-					if p == tc.point {
-						cancel()
+	forEachFormat(t, func(t *testing.T, format string) {
+		cases := []struct {
+			point       string
+			from, depth int
+		}{
+			{"copy-half", 0, 2},
+			{"copy-half", 0, 3},
+			{"copy-half", 1, 2},
+			{"copy-start", 0, 1},
+			{"copy-done", 0, 2},
+			{"copy-done", 2, 1},
+		}
+		for i, tc := range cases {
+			t.Run(fmt.Sprintf("from %d depth %d cancelled at %s", tc.from, tc.depth, tc.point), func(t *testing.T) {
+				sp := chainSpec(format, image.Dynamic, uint64(200+i))
+				sp.size, sp.writes = 16*mib, 40 // several 4 MiB chunks, so copy-half falls inside the copy
+				f := buildChain(t, sp)
+				// The images an abort must not touch: all but the target and the merged
+				// layer right above it, which records the target's interim unique ID.
+				var keep []string
+				to := tc.from + tc.depth
+				for k, p := range f.paths {
+					if k != to && k != to-1 {
+						keep = append(keep, filepath.Base(p))
 					}
-				}}
-			res, err := Merge(ctx, c, opts)
-			if !errors.Is(err, context.Canceled) {
-				t.Fatalf("merge cancelled at %s: %v (result %+v), want context.Canceled", tc.point, err, res)
-			}
-			if slices.Contains(points, "relink-before") {
-				t.Errorf("a cancelled merge went on to re-link: %v", points)
-			}
-			if tc.point == "copy-half" && progress == 0 {
-				t.Errorf("cancelled at copy-half before anything was copied")
-			}
-			if got := layerPaths(c); !slices.Equal(got, f.paths) {
-				t.Errorf("layers after abort %v, want %v", got, f.paths)
-			}
-			assertSame(t, "view after abort", readView(t, c), f.model)
-			assertUnchanged(t, f.dir, before, keep...)
-			if got, want := len(snapshot(t, f.dir)), len(before); got != want {
-				t.Errorf("%d files after abort, want %d", got, want)
-			}
-			// What is on disk is a valid chain with the same view; the target took an
-			// interim ID before the copy changed it, and the layer above records it.
-			assertClean(t, f.paths[0])
-			assertView(t, "view reopened after abort", f.paths[0], f.model)
-			if id := readID(t, f.paths[to]); id == oldTargetID {
-				t.Errorf("the target kept its unique ID %s although the copy changed it", id)
-			}
+				}
+				oldTargetID := readID(t, f.paths[to])
+				before := snapshot(t, f.dir)
+				c := openChain(t, f.paths[0], true)
+				defer c.Close()
+				ctx, cancel := context.WithCancel(context.Background())
+				defer cancel()
+				var progress int64
+				var points []string
+				opts := Options{From: tc.from, Depth: tc.depth,
+					Progress: func(done, total int64) { progress = done },
+					Hook: func(p string) {
+						points = append(points, p)
+						if p == tc.point {
+							cancel()
+						}
+					}}
+				res, err := Merge(ctx, c, opts)
+				if !errors.Is(err, context.Canceled) {
+					t.Fatalf("merge cancelled at %s: %v (result %+v), want context.Canceled", tc.point, err, res)
+				}
+				if slices.Contains(points, "relink-before") {
+					t.Errorf("a cancelled merge went on to re-link: %v", points)
+				}
+				if tc.point == "copy-half" && progress == 0 {
+					t.Errorf("cancelled at copy-half before anything was copied")
+				}
+				if got := layerPaths(c); !slices.Equal(got, f.paths) {
+					t.Errorf("layers after abort %v, want %v", got, f.paths)
+				}
+				assertSame(t, "view after abort", readView(t, c), f.model)
+				assertUnchanged(t, f.dir, before, keep...)
+				if got, want := len(snapshot(t, f.dir)), len(before); got != want {
+					t.Errorf("%d files after abort, want %d", got, want)
+				}
+				// What is on disk is a valid chain with the same view; the target took an
+				// interim ID before the copy changed it, and the layer above records it.
+				assertClean(t, f.paths[0])
+				assertView(t, "view reopened after abort", f.paths[0], f.model)
+				if id := readID(t, f.paths[to]); id == oldTargetID {
+					t.Errorf("the target kept its unique ID %s although the copy changed it", id)
+				}
 
-			// The same merge again completes.
-			if _, err := Merge(context.Background(), c, Options{From: tc.from, Depth: tc.depth}); err != nil {
-				t.Fatalf("merge after abort: %v", err)
-			}
-			if got, want := c.Len(), len(f.paths)-tc.depth+boolInt(tc.from == 0); got != want {
-				t.Errorf("chain of %d after the merge, want %d", got, want)
-			}
-			assertSame(t, "view after the merge", readView(t, c), f.model)
-			if err := c.Close(); err != nil {
-				t.Fatal(err)
-			}
-			assertView(t, "view reopened after the merge", f.paths[0], f.model)
-			assertClean(t, f.paths[0])
-		})
-	}
+				// The same merge again completes.
+				if _, err := Merge(context.Background(), c, Options{From: tc.from, Depth: tc.depth}); err != nil {
+					t.Fatalf("merge after abort: %v", err)
+				}
+				if got, want := c.Len(), len(f.paths)-tc.depth+boolInt(tc.from == 0); got != want {
+					t.Errorf("chain of %d after the merge, want %d", got, want)
+				}
+				assertSame(t, "view after the merge", readView(t, c), f.model)
+				if err := c.Close(); err != nil {
+					t.Fatal(err)
+				}
+				assertView(t, "view reopened after the merge", f.paths[0], f.model)
+				assertClean(t, f.paths[0])
+			})
+		}
+	})
 }
 
 // readID returns the unique ID of the image at path.
-func readID(t *testing.T, path string) vhd.UUID {
+func readID(t *testing.T, path string) image.ID {
 	t.Helper()
-	img, err := vhd.Open(path, false)
-	if err != nil {
-		t.Fatal(err)
-	}
+	img := openImage(t, path)
 	defer img.Close()
-	return img.Footer().UniqueID
+	return img.ID()
 }
 
 func boolInt(b bool) int {
@@ -795,139 +782,127 @@ func boolInt(b bool) int {
 // TestMergeProgress: the callback starts at 0, never goes back, keeps one total, and
 // ends at done == total == the bytes the merged layers hold.
 func TestMergeProgress(t *testing.T) {
-	for _, tc := range []struct{ from, depth int }{{0, 1}, {0, 3}, {1, 2}} {
-		t.Run(fmt.Sprintf("from %d depth %d", tc.from, tc.depth), func(t *testing.T) {
-			sp := chainSpec(vhd.TypeFixed, uint64(300+tc.from*10+tc.depth))
-			sp.size, sp.writes = 16*mib, 40
-			f := buildChain(t, sp)
-			mask, _ := f.merged(tc.from, tc.from+tc.depth)
-			want := countTrue(mask) * sector
-			c := openChain(t, f.paths[0], true)
-			defer c.Close()
-			type call struct{ done, total int64 }
-			var calls []call
-			res, err := Merge(context.Background(), c, Options{From: tc.from, Depth: tc.depth,
-				Progress: func(done, total int64) { calls = append(calls, call{done, total}) }})
-			if err != nil {
-				t.Fatal(err)
-			}
-			if len(calls) < 2 {
-				t.Fatalf("progress called %d times: %v", len(calls), calls)
-			}
-			if calls[0].done != 0 {
-				t.Errorf("first progress call %v, want done 0", calls[0])
-			}
-			for k, cl := range calls {
-				if cl.total != want {
-					t.Errorf("progress call %d: total %d, want %d", k, cl.total, want)
+	forEachFormat(t, func(t *testing.T, format string) {
+		for _, tc := range []struct{ from, depth int }{{0, 1}, {0, 3}, {1, 2}} {
+			t.Run(fmt.Sprintf("from %d depth %d", tc.from, tc.depth), func(t *testing.T) {
+				sp := chainSpec(format, image.Fixed, uint64(300+tc.from*10+tc.depth))
+				sp.size, sp.writes = 16*mib, 40
+				f := buildChain(t, sp)
+				mask, _ := f.merged(tc.from, tc.from+tc.depth)
+				want := countTrue(mask) * sector
+				c := openChain(t, f.paths[0], true)
+				defer c.Close()
+				type call struct{ done, total int64 }
+				var calls []call
+				res, err := Merge(context.Background(), c, Options{From: tc.from, Depth: tc.depth,
+					Progress: func(done, total int64) { calls = append(calls, call{done, total}) }})
+				if err != nil {
+					t.Fatal(err)
 				}
-				if cl.done < 0 || cl.done > cl.total || (k > 0 && cl.done < calls[k-1].done) {
-					t.Errorf("progress call %d: %v after %v", k, cl, calls[max(k-1, 0)])
+				if len(calls) < 2 {
+					t.Fatalf("progress called %d times: %v", len(calls), calls)
 				}
-			}
-			if last := calls[len(calls)-1]; last.done != want || last.total != want {
-				t.Errorf("last progress call %v, want done = total = %d", last, want)
-			}
-			if res.Bytes != want {
-				t.Errorf("result bytes %d, want %d", res.Bytes, want)
-			}
-			assertSame(t, "view after the merge", readView(t, c), f.model)
-		})
-	}
+				if calls[0].done != 0 {
+					t.Errorf("first progress call %v, want done 0", calls[0])
+				}
+				for k, cl := range calls {
+					if cl.total != want {
+						t.Errorf("progress call %d: total %d, want %d", k, cl.total, want)
+					}
+					if cl.done < 0 || cl.done > cl.total || (k > 0 && cl.done < calls[k-1].done) {
+						t.Errorf("progress call %d: %v after %v", k, cl, calls[max(k-1, 0)])
+					}
+				}
+				if last := calls[len(calls)-1]; last.done != want || last.total != want {
+					t.Errorf("last progress call %v, want done = total = %d", last, want)
+				}
+				if res.Bytes != want {
+					t.Errorf("result bytes %d, want %d", res.Bytes, want)
+				}
+				assertSame(t, "view after the merge", readView(t, c), f.model)
+			})
+		}
+	})
 }
 
 // TestMergeRejects: merges that cannot run fail before writing anything.
 func TestMergeRejects(t *testing.T) {
-	// big.vhd (8 MiB) sits on small.vhd (4 MiB): re-linked there from an 8 MiB
-	// base, as a resized or hand-built chain would be. top.vhd (8 MiB) is above it.
-	dir := t.TempDir()
-	r := newRand(t, 400)
-	small, big8, mid, top := filepath.Join(dir, "small.vhd"), filepath.Join(dir, "big8.vhd"), filepath.Join(dir, "mid.vhd"), filepath.Join(dir, "top.vhd")
-	mustCreate := func(path string, o vhd.CreateOptions) {
-		t.Helper()
-		if o.Type == vhd.TypeDifferencing {
-			p, err := vhd.Open(o.ParentPath, false)
-			if err != nil {
+	forEachFormat(t, func(t *testing.T, format string) {
+		// mid (8 MiB) sits on small (4 MiB): re-linked there from an 8 MiB base, big8, as
+		// a resized or hand-built chain would be. top (8 MiB) is above it.
+		dir := t.TempDir()
+		r := newRand(t, 400)
+		small, big8 := filepath.Join(dir, imageName(format, "small", false)), filepath.Join(dir, imageName(format, "big8", false))
+		mid, top := filepath.Join(dir, imageName(format, "mid", true)), filepath.Join(dir, imageName(format, "top", true))
+		write := func(path string, off int64, n int) {
+			t.Helper()
+			c := openChain(t, path, true)
+			if _, err := c.WriteAt(randBytes(r, n), off); err != nil {
 				t.Fatal(err)
 			}
-			defer p.Close()
-			o.Parent = p
-		}
-		if err := vhd.Create(path, o); err != nil {
-			t.Fatal(err)
-		}
-	}
-	write := func(path string, off int64, n int) {
-		t.Helper()
-		c := openChain(t, path, true)
-		if _, err := c.WriteAt(randBytes(r, n), off); err != nil {
-			t.Fatal(err)
-		}
-		if err := c.Close(); err != nil {
-			t.Fatal(err)
-		}
-	}
-	mustCreate(small, vhd.CreateOptions{Type: vhd.TypeDynamic, Size: 4 * mib, ExactSize: true})
-	mustCreate(big8, vhd.CreateOptions{Type: vhd.TypeDynamic, Size: 8 * mib, ExactSize: true})
-	write(small, 1*mib, 100*kib)
-	mustCreate(mid, vhd.CreateOptions{Type: vhd.TypeDifferencing, ParentPath: big8})
-	{
-		w, err := vhd.Open(mid, true)
-		if err != nil {
-			t.Fatal(err)
-		}
-		p, err := vhd.Open(small, false)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := w.SetParent(p.Footer().UniqueID, small, mid); err != nil {
-			t.Fatal(err)
-		}
-		p.Close()
-		if err := w.Close(); err != nil {
-			t.Fatal(err)
-		}
-	}
-	write(mid, 1*mib+50*kib, 100*kib)
-	write(mid, 6*mib, 100*kib) // past the end of small.vhd
-	mustCreate(top, vhd.CreateOptions{Type: vhd.TypeDifferencing, ParentPath: mid})
-	write(top, 7*mib+3, 5000)
-
-	cases := []struct {
-		name        string
-		from, depth int
-		err         error
-	}{
-		{"depth reaching past the base", 0, 3, ErrDepth},
-		{"from and depth reaching past the base", 1, 2, ErrDepth},
-		{"negative depth", 0, -1, ErrDepth},
-		{"from at the base", 2, 1, ErrDepth},
-		{"merged layers larger than the target", 0, 2, ErrTooLarge},
-		{"middle layer larger than the target", 1, 1, ErrTooLarge},
-	}
-	for _, tc := range cases {
-		t.Run(tc.name, func(t *testing.T) {
-			before := snapshot(t, dir)
-			c := openChain(t, top, true)
-			defer c.Close()
-			want := readView(t, c)
-			paths := layerPaths(c)
-			var points []string
-			res, err := Merge(context.Background(), c, Options{From: tc.from, Depth: tc.depth, Hook: func(p string) { points = append(points, p) }})
-			if !errors.Is(err, tc.err) {
-				t.Fatalf("merge from=%d depth=%d: %v (result %+v), want %v", tc.from, tc.depth, err, res, tc.err)
-			}
-			if len(points) != 0 {
-				t.Errorf("a rejected merge reached %v", points)
-			}
-			if got := layerPaths(c); !slices.Equal(got, paths) {
-				t.Errorf("layers %v, want %v", got, paths)
-			}
-			assertSame(t, "view", readView(t, c), want)
 			if err := c.Close(); err != nil {
 				t.Fatal(err)
 			}
-			assertUnchanged(t, dir, before)
-		})
-	}
+		}
+		createBase(t, format, small, image.Dynamic, 4*mib, 0)
+		createBase(t, format, big8, image.Dynamic, 8*mib, 0)
+		write(small, 1*mib, 100*kib)
+		createChild(t, big8, mid, 0)
+		{
+			w, err := probe.Open(mid, probe.Writable)
+			if err != nil {
+				t.Fatal(err)
+			}
+			p := openImage(t, small)
+			if err := w.SetParent(p.ID(), small, mid); err != nil {
+				t.Fatal(err)
+			}
+			p.Close()
+			if err := w.Close(); err != nil {
+				t.Fatal(err)
+			}
+		}
+		write(mid, 1*mib+50*kib, 100*kib)
+		write(mid, 6*mib, 100*kib) // past the end of small
+		createChild(t, mid, top, 0)
+		write(top, 7*mib+3, 5000)
+
+		cases := []struct {
+			name        string
+			from, depth int
+			err         error
+		}{
+			{"depth reaching past the base", 0, 3, ErrDepth},
+			{"from and depth reaching past the base", 1, 2, ErrDepth},
+			{"negative depth", 0, -1, ErrDepth},
+			{"from at the base", 2, 1, ErrDepth},
+			{"merged layers larger than the target", 0, 2, ErrTooLarge},
+			{"middle layer larger than the target", 1, 1, ErrTooLarge},
+		}
+		for _, tc := range cases {
+			t.Run(tc.name, func(t *testing.T) {
+				before := snapshot(t, dir)
+				c := openChain(t, top, true)
+				defer c.Close()
+				want := readView(t, c)
+				paths := layerPaths(c)
+				var points []string
+				res, err := Merge(context.Background(), c, Options{From: tc.from, Depth: tc.depth, Hook: func(p string) { points = append(points, p) }})
+				if !errors.Is(err, tc.err) {
+					t.Fatalf("merge from=%d depth=%d: %v (result %+v), want %v", tc.from, tc.depth, err, res, tc.err)
+				}
+				if len(points) != 0 {
+					t.Errorf("a rejected merge reached %v", points)
+				}
+				if got := layerPaths(c); !slices.Equal(got, paths) {
+					t.Errorf("layers %v, want %v", got, paths)
+				}
+				assertSame(t, "view", readView(t, c), want)
+				if err := c.Close(); err != nil {
+					t.Fatal(err)
+				}
+				assertUnchanged(t, dir, before)
+			})
+		}
+	})
 }

@@ -10,8 +10,8 @@ import (
 	"testing"
 
 	"github.com/vhdfs/vhdfs/chain"
+	"github.com/vhdfs/vhdfs/image"
 	"github.com/vhdfs/vhdfs/internal/faults"
-	"github.com/vhdfs/vhdfs/vhd"
 )
 
 // TestMergePowerLoss cuts every write, fsync, rename, link and unlink of a merge
@@ -21,109 +21,111 @@ import (
 // shows the same data; the top's child still opens; once the chain has its new shape,
 // the target's sibling and the images merged away refuse to open.
 func TestMergePowerLoss(t *testing.T) {
-	cases := []struct {
-		base        vhd.DiskType
-		from, depth int
-	}{
-		{vhd.TypeDynamic, 0, 1}, // into a differencing image
-		{vhd.TypeDynamic, 0, 3}, // into the dynamic base
-		{vhd.TypeDynamic, 1, 1},
-		{vhd.TypeFixed, 1, 2}, // into the fixed base
-	}
-	for i, tc := range cases {
-		t.Run(fmt.Sprintf("from %d depth %d into %s", tc.from, tc.depth, targetType(tc.base, tc.from+tc.depth)), func(t *testing.T) {
-			sp := spec{base: tc.base, size: 8 * mib, blockSizes: []int64{512 * kib, 256 * kib, 512 * kib, 128 * kib}, writes: 4, seed: uint64(900 + i)}
-			f := buildChain(t, sp)
-			top := f.paths[0]
-			target := f.paths[tc.from+tc.depth]
-			child := filepath.Join(f.dir, "child.vhd")
-			sibling := filepath.Join(f.dir, "sibling.vhd")
-			createChildOf(t, top, child)
-			createChildOf(t, target, sibling)
-			pristine := t.TempDir()
-			copyDir(t, f.dir, pristine)
-			var gone []string // merged away: every merged layer but a merged top, which is replaced
-			for k := max(tc.from, 1); k < tc.from+tc.depth; k++ {
-				gone = append(gone, f.paths[k])
-			}
-			newLen := len(f.paths) - tc.depth
-			if tc.from == 0 {
-				newLen++ // the fresh top
-			}
-			// A dry run counts the steps: every one is cut but those in the middle of
-			// the copy (writes of data the merged layers shadow), of which every 5th.
-			copyStart, copyDone := stepsAt(t, f, pristine, tc.from, tc.depth)
-			for k := 0; ; k++ {
-				if k > 2000 {
-					t.Fatal("the merge never completed")
+	forEachFormat(t, func(t *testing.T, format string) {
+		cases := []struct {
+			base        image.Type
+			from, depth int
+		}{
+			{image.Dynamic, 0, 1}, // into a differencing image
+			{image.Dynamic, 0, 3}, // into the dynamic base
+			{image.Dynamic, 1, 1},
+			{image.Fixed, 1, 2}, // into the fixed base
+		}
+		for i, tc := range cases {
+			t.Run(fmt.Sprintf("from %d depth %d into %s", tc.from, tc.depth, targetType(tc.base, tc.from+tc.depth)), func(t *testing.T) {
+				sp := spec{format: format, base: tc.base, size: 8 * mib, blockSizes: blockSizes(format, 512*kib, 256*kib, 512*kib, 128*kib), writes: 4, seed: uint64(900 + i)}
+				f := buildChain(t, sp)
+				top := f.paths[0]
+				target := f.paths[tc.from+tc.depth]
+				child := filepath.Join(f.dir, imageName(format, "child", true))
+				sibling := filepath.Join(f.dir, imageName(format, "sibling", true))
+				createChild(t, top, child, 0)
+				createChild(t, target, sibling, 0)
+				pristine := t.TempDir()
+				copyDir(t, f.dir, pristine)
+				var gone []string // merged away: every merged layer but a merged top, which is replaced
+				for k := max(tc.from, 1); k < tc.from+tc.depth; k++ {
+					gone = append(gone, f.paths[k])
 				}
-				if k > copyStart+3 && k < copyDone-3 && k%5 != 0 {
-					continue
+				newLen := len(f.paths) - tc.depth
+				if tc.from == 0 {
+					newLen++ // the fresh top
 				}
-				restoreDir(t, pristine, f.dir)
-				c := openChain(t, top, true)
-				faults.Arm(k)
-				_, err := Merge(context.Background(), c, Options{From: tc.from, Depth: tc.depth})
-				c.Close() // with the power still off: nothing more reaches the disk
-				faults.Disarm()
-				completed := err == nil
-				if err != nil && !errors.Is(err, faults.ErrPowerLost) {
-					t.Fatalf("k=%d: merge: %v, want the injected power loss", k, err)
-				}
+				// A dry run counts the steps: every one is cut but those in the middle of
+				// the copy (writes of data the merged layers shadow), of which every 5th.
+				copyStart, copyDone := stepsAt(t, f, pristine, tc.from, tc.depth)
+				for k := 0; ; k++ {
+					if k > 2000 {
+						t.Fatal("the merge never completed")
+					}
+					if k > copyStart+3 && k < copyDone-3 && k%5 != 0 {
+						continue
+					}
+					restoreDir(t, pristine, f.dir)
+					c := openChain(t, top, true)
+					faults.Arm(k)
+					_, err := Merge(context.Background(), c, Options{From: tc.from, Depth: tc.depth})
+					c.Close() // with the power still off: nothing more reaches the disk
+					faults.Disarm()
+					completed := err == nil
+					if err != nil && !errors.Is(err, faults.ErrPowerLost) {
+						t.Fatalf("k=%d: merge: %v, want the injected power loss", k, err)
+					}
 
-				msg, err := Recover(top)
-				if err != nil {
-					t.Fatalf("k=%d: Recover: %v", k, err)
-				}
-				if ps := problemsOf(chain.Check(top), vhd.Warning); len(ps) > 0 {
-					t.Fatalf("k=%d: after Recover (%s), check: %v", k, msg, ps)
-				}
-				c2, err := chain.Open(top, false)
-				if err != nil {
-					t.Fatalf("k=%d: after Recover (%s), open: %v", k, msg, err)
-				}
-				n := c2.Len()
-				topData := c2.Layers()[0].Image.AllocatedBytes()
-				assertSame(t, fmt.Sprintf("k=%d: view after Recover (%s)", k, msg), readView(t, c2), f.model)
-				c2.Close()
-				assertView(t, fmt.Sprintf("k=%d: the top's child", k), child, f.model)
-				// A merge from the top leaves an empty top (the fresh one, with the old
-				// top's identity); the old top had data.
-				newShape := n == newLen && (tc.from > 0 || topData == 0)
-				oldShape := n == len(f.paths) && (tc.from > 0 || topData > 0)
-				switch {
-				case newShape:
-					for _, p := range append([]string{sibling}, gone...) {
-						if c, err := chain.Open(p, false); !errors.Is(err, vhd.ErrParentMismatch) {
-							if err == nil {
-								c.Close()
+					msg, err := Recover(top)
+					if err != nil {
+						t.Fatalf("k=%d: Recover: %v", k, err)
+					}
+					if ps := problemsOf(chain.Check(top), image.Warning); len(ps) > 0 {
+						t.Fatalf("k=%d: after Recover (%s), check: %v", k, msg, ps)
+					}
+					c2, err := chain.Open(top, false)
+					if err != nil {
+						t.Fatalf("k=%d: after Recover (%s), open: %v", k, msg, err)
+					}
+					n := c2.Len()
+					topData := c2.Layers()[0].Image.AllocatedBytes()
+					assertSame(t, fmt.Sprintf("k=%d: view after Recover (%s)", k, msg), readView(t, c2), f.model)
+					c2.Close()
+					assertView(t, fmt.Sprintf("k=%d: the top's child", k), child, f.model)
+					// A merge from the top leaves an empty top (the fresh one, with the old
+					// top's identity); the old top had data.
+					newShape := n == newLen && (tc.from > 0 || topData == 0)
+					oldShape := n == len(f.paths) && (tc.from > 0 || topData > 0)
+					switch {
+					case newShape:
+						for _, p := range append([]string{sibling}, gone...) {
+							if c, err := chain.Open(p, false); !errors.Is(err, image.ErrParentMismatch) {
+								if err == nil {
+									c.Close()
+								}
+								t.Fatalf("k=%d: %s opens after the merge: %v", k, filepath.Base(p), err)
 							}
-							t.Fatalf("k=%d: %s opens after the merge: %v", k, filepath.Base(p), err)
 						}
+					case oldShape:
+						if completed {
+							t.Fatalf("k=%d: the merge completed but the chain has its old shape", k)
+						}
+						// Rolled back: the sibling either refuses (the target took its interim
+						// ID before the copy touched it) or sees the target untouched.
+						if c, err := chain.Open(sibling, false); err == nil {
+							got := readView(t, c)
+							c.Close()
+							assertSame(t, fmt.Sprintf("k=%d: the sibling of a target not yet touched", k), got, f.viewAt(tc.from+tc.depth))
+						} else if !errors.Is(err, image.ErrParentMismatch) {
+							t.Fatalf("k=%d: sibling after the rollback: %v", k, err)
+						}
+					default:
+						t.Fatalf("k=%d: chain of %d images, want %d or %d", k, n, len(f.paths), newLen)
 					}
-				case oldShape:
 					if completed {
-						t.Fatalf("k=%d: the merge completed but the chain has its old shape", k)
+						t.Logf("the merge took %d durable steps", k)
+						return
 					}
-					// Rolled back: the sibling either refuses (the target took its interim
-					// ID before the copy touched it) or sees the target untouched.
-					if c, err := chain.Open(sibling, false); err == nil {
-						got := readView(t, c)
-						c.Close()
-						assertSame(t, fmt.Sprintf("k=%d: the sibling of a target not yet touched", k), got, f.viewAt(tc.from+tc.depth))
-					} else if !errors.Is(err, vhd.ErrParentMismatch) {
-						t.Fatalf("k=%d: sibling after the rollback: %v", k, err)
-					}
-				default:
-					t.Fatalf("k=%d: chain of %d images, want %d or %d", k, n, len(f.paths), newLen)
 				}
-				if completed {
-					t.Logf("the merge took %d durable steps", k)
-					return
-				}
-			}
-		})
-	}
+			})
+		}
+	})
 }
 
 // stepsAt runs the merge once, uncut, and returns the steps taken by its copy-start
@@ -150,27 +152,15 @@ func stepsAt(t *testing.T, f *fixture, pristine string, from, depth int) (int, i
 	return copyStart, copyDone
 }
 
-func targetType(base vhd.DiskType, depth int) string {
+func targetType(base image.Type, depth int) string {
 	if depth == 3 {
 		return base.String()
 	}
 	return "differencing"
 }
 
-func createChildOf(t *testing.T, parent, child string) {
-	t.Helper()
-	p, err := vhd.Open(parent, false)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer p.Close()
-	if err := vhd.Create(child, vhd.CreateOptions{Type: vhd.TypeDifferencing, Parent: p, ParentPath: parent}); err != nil {
-		t.Fatal(err)
-	}
-}
-
-func problemsOf(ps []vhd.Problem, min vhd.Severity) []vhd.Problem {
-	var out []vhd.Problem
+func problemsOf(ps []image.Problem, min image.Severity) []image.Problem {
+	var out []image.Problem
 	for _, p := range ps {
 		if p.Severity >= min {
 			out = append(out, p)

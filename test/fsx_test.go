@@ -24,68 +24,70 @@ import (
 // VHDFS_FSX_SEED and VHDFS_FSX_OPS override the seed and the number of operations; the
 // seed is printed when the test fails.
 func TestFsx(t *testing.T) {
-	for _, tc := range []struct {
-		name   string
-		create []string
-		seed   uint64
-	}{
-		{"64K blocks", []string{"--size", "32M", "--block-size", "64K"}, 1},
-		{"2M blocks", []string{"--size", "40M"}, 2},
-	} {
-		t.Run(tc.name, func(t *testing.T) {
-			seed, ops := tc.seed, 3000
-			if s := os.Getenv("VHDFS_FSX_SEED"); s != "" {
-				v, err := strconv.ParseUint(s, 10, 64)
-				if err != nil {
-					t.Fatalf("VHDFS_FSX_SEED=%q: %v", s, err)
+	forEachFormat(t, func(t *testing.T, format string) {
+		for _, tc := range []struct {
+			name   string
+			create []string
+			seed   uint64
+		}{
+			{"64K blocks", []string{"--size", "32M", "--block-size", "64K"}, 1},
+			{"2M blocks", []string{"--size", "40M"}, 2},
+		} {
+			t.Run(tc.name, func(t *testing.T) {
+				seed, ops := tc.seed, 3000
+				if s := os.Getenv("VHDFS_FSX_SEED"); s != "" {
+					v, err := strconv.ParseUint(s, 10, 64)
+					if err != nil {
+						t.Fatalf("VHDFS_FSX_SEED=%q: %v", s, err)
+					}
+					seed = v
 				}
-				seed = v
-			}
-			if s := os.Getenv("VHDFS_FSX_OPS"); s != "" {
-				v, err := strconv.Atoi(s)
-				if err != nil {
-					t.Fatalf("VHDFS_FSX_OPS=%q: %v", s, err)
+				if s := os.Getenv("VHDFS_FSX_OPS"); s != "" {
+					v, err := strconv.Atoi(s)
+					if err != nil {
+						t.Fatalf("VHDFS_FSX_OPS=%q: %v", s, err)
+					}
+					ops = v
 				}
-				ops = v
-			}
-			c := makeChain(t, chainOptions{Depth: 3, Create: tc.create, Writes: 15, Align: 512, MaxLen: 200 << 10, Seed: seed})
-			lower := snapshotFiles(t, c.Images[:len(c.Images)-1]...)
-			block := vhdfsInfo(t, c.Top()).Layers[0].BlockSize
-			mnt := mMountpoint(t)
-			mMount(t, c.Top(), mnt)
-			x := &fsx{
-				t:     t,
-				rng:   rand.New(rand.NewPCG(seed, 0xf5)),
-				disk:  filepath.Join(mnt, "disk.raw"),
-				model: bytes.Clone(c.Model()),
-				size:  c.Size,
-				block: block,
-			}
-			t.Cleanup(func() {
+				c := makeChain(t, chainOptions{Format: format, Depth: 3, Create: tc.create, Writes: 15, Align: 512, MaxLen: 200 << 10, Seed: seed})
+				lower := snapshotFiles(t, c.Images[:len(c.Images)-1]...)
+				block := vhdfsInfo(t, c.Top()).Layers[0].BlockSize
+				mnt := mMountpoint(t)
+				mMount(t, c.Top(), mnt)
+				x := &fsx{
+					t:     t,
+					rng:   rand.New(rand.NewPCG(seed, 0xf5)),
+					disk:  filepath.Join(mnt, "disk.raw"),
+					model: bytes.Clone(c.Model()),
+					size:  c.Size,
+					block: block,
+				}
+				t.Cleanup(func() {
+					if t.Failed() {
+						t.Logf("fsx seed %d (rerun with VHDFS_FSX_SEED=%d); the last operations:\n%s", seed, seed, strings.Join(x.log, "\n"))
+					}
+				})
+				x.open()
+				for i := range ops {
+					x.step(i)
+					if t.Failed() {
+						break
+					}
+				}
+				x.close()
 				if t.Failed() {
-					t.Logf("fsx seed %d (rerun with VHDFS_FSX_SEED=%d); the last operations:\n%s", seed, seed, strings.Join(x.log, "\n"))
+					mUmount(t, mnt)
+					return
 				}
-			})
-			x.open()
-			for i := range ops {
-				x.step(i)
-				if t.Failed() {
-					break
-				}
-			}
-			x.close()
-			if t.Failed() {
+				assertSameBytes(t, "disk.raw at the end", fileBytes(t, x.disk), x.model)
 				mUmount(t, mnt)
-				return
-			}
-			assertSameBytes(t, "disk.raw at the end", fileBytes(t, x.disk), x.model)
-			mUmount(t, mnt)
-			assertUnchanged(t, lower)
-			mCheck(t, c.Top())
-			assertSameBytes(t, "a fresh mount", mMountRead(t, c.Top()), x.model)
-			t.Logf("seed %d: %d operations: %v", seed, ops, x.counts)
-		})
-	}
+				assertUnchanged(t, lower)
+				mCheck(t, c.Top())
+				assertSameBytes(t, "a fresh mount", mMountRead(t, c.Top()), x.model)
+				t.Logf("seed %d: %d operations: %v", seed, ops, x.counts)
+			})
+		}
+	})
 }
 
 // fsx is the state of one fsx run.

@@ -291,62 +291,66 @@ func mLayerName(depth int, image string) string {
 func TestMountReadsMatchExport(t *testing.T) {
 	requireTool(t, "dd")
 	requireTool(t, "qemu-img")
-	for _, tc := range []struct {
-		name string
-		opts chainOptions
-	}{
-		{"depth 3, dynamic base, unaligned writes", chainOptions{Depth: 3, Create: []string{"--size", "48M"}, Writes: 20, Align: 1, MaxLen: 600 << 10, Seed: 101}},
-		{"depth 3, fixed base, sector writes", chainOptions{Depth: 3, Create: []string{"--size", "16M", "--type", "fixed"}, Writes: 20, Align: 512, Seed: 102}},
-		{"depth 4, 64K blocks", chainOptions{Depth: 4, Create: []string{"--size", "32M", "--block-size", "64K"}, Writes: 25, Align: 512, MaxLen: 200 << 10, Seed: 103}},
-	} {
-		t.Run(tc.name, func(t *testing.T) {
-			c := makeChain(t, tc.opts)
-			snap := snapshotFiles(t, c.Dir)
-			export := fileBytes(t, exportImage(t, c.Top()))
-			assertSameBytes(t, "export", export, c.Model())
+	forEachFormat(t, func(t *testing.T, format string) {
+		for _, tc := range []struct {
+			name string
+			opts chainOptions
+		}{
+			{"depth 3, dynamic base, unaligned writes", chainOptions{Format: format, Depth: 3, Create: []string{"--size", "48M"}, Writes: 20, Align: 1, MaxLen: 600 << 10, Seed: 101}},
+			{"depth 3, fixed base, sector writes", chainOptions{Format: format, Depth: 3, Create: []string{"--size", "16M", "--type", "fixed"}, Writes: 20, Align: 512, Seed: 102}},
+			{"depth 4, 64K blocks", chainOptions{Format: format, Depth: 4, Create: []string{"--size", "32M", "--block-size", "64K"}, Writes: 25, Align: 512, MaxLen: 200 << 10, Seed: 103}},
+		} {
+			t.Run(tc.name, func(t *testing.T) {
+				opts := tc.opts
+				opts.Format = format
+				c := makeChain(t, opts)
+				snap := snapshotFiles(t, c.Dir)
+				export := fileBytes(t, exportImage(t, c.Top()))
+				assertSameBytes(t, "export", export, c.Model())
 
-			mnt := mMountpoint(t)
-			mMount(t, c.Top(), mnt)
-			disk := filepath.Join(mnt, "disk.raw")
-			if st, err := os.Stat(disk); err != nil || st.Size() != c.Size {
-				t.Fatalf("stat disk.raw: %v, want size %d", err, c.Size)
-			}
-			out := t.TempDir()
-			mustRun(t, "dd", "if="+disk, "of="+filepath.Join(out, "dd.raw"), "bs=1M", "status=none")
-			assertSameBytes(t, "dd of disk.raw vs export", fileBytes(t, filepath.Join(out, "dd.raw")), export)
-			mustRun(t, "qemu-img", "convert", "-f", "raw", "-O", "raw", disk, filepath.Join(out, "qemu.raw"))
-			assertSameBytes(t, "qemu-img convert of disk.raw vs export", fileBytes(t, filepath.Join(out, "qemu.raw")), export)
-
-			var want []string
-			for depth := range c.Images {
-				want = append(want, mLayerName(depth, c.Images[len(c.Images)-1-depth]))
-			}
-			ents, err := os.ReadDir(filepath.Join(mnt, "layers"))
-			if err != nil {
-				t.Fatal(err)
-			}
-			var got []string
-			for _, e := range ents {
-				got = append(got, e.Name())
-			}
-			slices.Sort(got)
-			if !slices.Equal(got, want) {
-				t.Errorf("layers/ holds %q, want %q", got, want)
-			}
-			for depth, name := range want {
-				img := c.Images[len(c.Images)-1-depth]
-				layer := fileBytes(t, filepath.Join(mnt, "layers", name))
-				assertSameBytes(t, "layers/"+name+" vs export of "+filepath.Base(img), layer, fileBytes(t, exportShared(t, img)))
-				assertSameBytes(t, "layers/"+name+" vs model", layer, c.Views[len(c.Images)-1-depth])
-				if _, err := os.OpenFile(filepath.Join(mnt, "layers", name), os.O_WRONLY, 0); !errors.Is(err, syscall.EROFS) && !errors.Is(err, syscall.EACCES) {
-					t.Errorf("open layers/%s for writing: %v, want EROFS", name, err)
+				mnt := mMountpoint(t)
+				mMount(t, c.Top(), mnt)
+				disk := filepath.Join(mnt, "disk.raw")
+				if st, err := os.Stat(disk); err != nil || st.Size() != c.Size {
+					t.Fatalf("stat disk.raw: %v, want size %d", err, c.Size)
 				}
-			}
-			mAssertSeekData(t, disk, c)
-			mUmount(t, mnt)
-			assertUnchanged(t, snap)
-		})
-	}
+				out := t.TempDir()
+				mustRun(t, "dd", "if="+disk, "of="+filepath.Join(out, "dd.raw"), "bs=1M", "status=none")
+				assertSameBytes(t, "dd of disk.raw vs export", fileBytes(t, filepath.Join(out, "dd.raw")), export)
+				mustRun(t, "qemu-img", "convert", "-f", "raw", "-O", "raw", disk, filepath.Join(out, "qemu.raw"))
+				assertSameBytes(t, "qemu-img convert of disk.raw vs export", fileBytes(t, filepath.Join(out, "qemu.raw")), export)
+
+				var want []string
+				for depth := range c.Images {
+					want = append(want, mLayerName(depth, c.Images[len(c.Images)-1-depth]))
+				}
+				ents, err := os.ReadDir(filepath.Join(mnt, "layers"))
+				if err != nil {
+					t.Fatal(err)
+				}
+				var got []string
+				for _, e := range ents {
+					got = append(got, e.Name())
+				}
+				slices.Sort(got)
+				if !slices.Equal(got, want) {
+					t.Errorf("layers/ holds %q, want %q", got, want)
+				}
+				for depth, name := range want {
+					img := c.Images[len(c.Images)-1-depth]
+					layer := fileBytes(t, filepath.Join(mnt, "layers", name))
+					assertSameBytes(t, "layers/"+name+" vs export of "+filepath.Base(img), layer, fileBytes(t, exportShared(t, img)))
+					assertSameBytes(t, "layers/"+name+" vs model", layer, c.Views[len(c.Images)-1-depth])
+					if _, err := os.OpenFile(filepath.Join(mnt, "layers", name), os.O_WRONLY, 0); !errors.Is(err, syscall.EROFS) && !errors.Is(err, syscall.EACCES) {
+						t.Errorf("open layers/%s for writing: %v, want EROFS", name, err)
+					}
+				}
+				mAssertSeekData(t, disk, c)
+				mUmount(t, mnt)
+				assertUnchanged(t, snap)
+			})
+		}
+	})
 }
 
 // mAssertSeekData walks disk.raw with SEEK_DATA and SEEK_HOLE: every hole reads as
@@ -356,21 +360,7 @@ func mAssertSeekData(t testing.TB, disk string, c *testChain) {
 	t.Helper()
 	const seekData, seekHole = 3, 4
 	size := c.Size
-	var layouts []layout
-	for _, img := range c.Images {
-		layouts = append(layouts, readLayout(t, img))
-	}
-	stored := func(off int64) bool {
-		for _, l := range layouts {
-			if !l.Dynamic {
-				return true
-			}
-			if b := off / int64(l.BlockSize); b < int64(len(l.BAT)) && l.BAT[b] != 0xffffffff {
-				return true
-			}
-		}
-		return false
-	}
+	stored := blockStored(t, c.Images)
 	f, err := os.Open(disk)
 	if err != nil {
 		t.Fatal(err)
@@ -456,123 +446,125 @@ func mAssertSameGranules(t testing.TB, what string, got, want []byte, skip map[i
 func TestMountWrites(t *testing.T) {
 	requireTool(t, "dd")
 	requireTool(t, "fio")
-	c := makeChain(t, chainOptions{Depth: 3, Create: []string{"--size", "64M"}, Writes: 20, Seed: 201})
-	lower := snapshotFiles(t, c.Images[:len(c.Images)-1]...)
-	model := bytes.Clone(c.Model())
-	size := c.Size
-	unaligned := map[int64]bool{}
-	rng := rand.New(rand.NewPCG(201, 202))
+	forEachFormat(t, func(t *testing.T, format string) {
+		c := makeChain(t, chainOptions{Format: format, Depth: 3, Create: []string{"--size", "64M"}, Writes: 20, Seed: 201})
+		lower := snapshotFiles(t, c.Images[:len(c.Images)-1]...)
+		model := bytes.Clone(c.Model())
+		size := c.Size
+		unaligned := map[int64]bool{}
+		rng := rand.New(rand.NewPCG(201, 202))
 
-	mnt := mMountpoint(t)
-	mMount(t, c.Top(), mnt)
-	disk := filepath.Join(mnt, "disk.raw")
-	assertSize := func(what string) {
-		t.Helper()
-		if st, err := os.Stat(disk); err != nil || st.Size() != size {
-			t.Fatalf("after %s: stat disk.raw: %v, want size %d", what, err, size)
+		mnt := mMountpoint(t)
+		mMount(t, c.Top(), mnt)
+		disk := filepath.Join(mnt, "disk.raw")
+		assertSize := func(what string) {
+			t.Helper()
+			if st, err := os.Stat(disk); err != nil || st.Size() != size {
+				t.Fatalf("after %s: stat disk.raw: %v, want size %d", what, err, size)
+			}
 		}
-	}
 
-	// fio writes 4 KiB blocks at random over 8..40 MiB with O_DIRECT and verifies each
-	// (crc32c in every block); what it wrote becomes the model there.
-	fioOff, fioSize := int64(8*mib), int64(32*mib)
-	mustRun(t, "fio", "--name=v", "--filename="+disk, "--rw=randwrite", "--bs=4k",
-		fmt.Sprintf("--offset=%d", fioOff), fmt.Sprintf("--size=%d", fioSize),
-		"--verify=crc32c", "--do_verify=1", "--verify_fatal=1", "--direct=1",
-		"--ioengine=psync", "--iodepth=1", "--numjobs=1", "--randrepeat=1", "--verify_state_save=0", "--output-format=terse")
-	assertSize("fio")
-	got := fileBytes(t, disk)
-	for off := fioOff; off < fioOff+fioSize; off += 4096 {
-		if bytes.Equal(got[off:off+4096], model[off:off+4096]) {
-			t.Fatalf("fio left the 4 KiB at %d as they were", off)
+		// fio writes 4 KiB blocks at random over 8..40 MiB with O_DIRECT and verifies each
+		// (crc32c in every block); what it wrote becomes the model there.
+		fioOff, fioSize := int64(8*mib), int64(32*mib)
+		mustRun(t, "fio", "--name=v", "--filename="+disk, "--rw=randwrite", "--bs=4k",
+			fmt.Sprintf("--offset=%d", fioOff), fmt.Sprintf("--size=%d", fioSize),
+			"--verify=crc32c", "--do_verify=1", "--verify_fatal=1", "--direct=1",
+			"--ioengine=psync", "--iodepth=1", "--numjobs=1", "--randrepeat=1", "--verify_state_save=0", "--output-format=terse")
+		assertSize("fio")
+		got := fileBytes(t, disk)
+		for off := fioOff; off < fioOff+fioSize; off += 4096 {
+			if bytes.Equal(got[off:off+4096], model[off:off+4096]) {
+				t.Fatalf("fio left the 4 KiB at %d as they were", off)
+			}
 		}
-	}
-	copy(model[fioOff:fioOff+fioSize], got[fioOff:fioOff+fioSize])
+		copy(model[fioOff:fioOff+fioSize], got[fioOff:fioOff+fioSize])
 
-	src := filepath.Join(t.TempDir(), "src")
-	ddRun := func(name string, data []byte, off int64, args ...string) {
-		t.Helper()
-		if err := os.WriteFile(src, data, 0o644); err != nil {
+		src := filepath.Join(t.TempDir(), "src")
+		ddRun := func(name string, data []byte, off int64, args ...string) {
+			t.Helper()
+			if err := os.WriteFile(src, data, 0o644); err != nil {
+				t.Fatal(err)
+			}
+			_, errs, code := run(t, "dd", append([]string{"if=" + src, "of=" + disk, "status=none"}, args...)...)
+			if code != 0 {
+				t.Fatalf("%s: dd %s: exit %d: %s", name, strings.Join(args, " "), code, errs)
+			}
+			if errs != "" && !strings.Contains(name, "seek=") {
+				t.Errorf("%s: dd %s says: %s", name, strings.Join(args, " "), errs)
+			}
+			copy(model[off:], data)
+			assertSize(name)
+		}
+		// Across the block boundary at 2 MiB, over fio's data at 8 MiB.
+		ddRun("dd conv=notrunc across a block boundary", mRandBytes(rng, 3*mib), 2*mib-64<<10, "bs=64k", fmt.Sprintf("seek=%d", (2*mib-64<<10)/(64<<10)), "conv=notrunc")
+		ddRun("dd conv=notrunc over fio's data", mRandBytes(rng, 1*mib+4096), 8*mib-4096, "bs=4k", fmt.Sprintf("seek=%d", (8*mib-4096)/4096), "conv=notrunc")
+		// Without notrunc dd opens with O_TRUNC, which must not change the size, and with
+		// seek= it ftruncates to the seek offset first: that fails (dd warns but goes on).
+		ddRun("dd without conv=notrunc", mRandBytes(rng, 1*mib), 0, "bs=1M")
+		ddRun("dd seek= without conv=notrunc", mRandBytes(rng, 512<<10), 20*mib, "bs=512k", "seek=40")
+
+		// Unaligned pwrites through an *os.File: sector edges are read, modified, written.
+		f, err := os.OpenFile(disk, os.O_RDWR, 0)
+		if err != nil {
 			t.Fatal(err)
 		}
-		_, errs, code := run(t, "dd", append([]string{"if=" + src, "of=" + disk, "status=none"}, args...)...)
-		if code != 0 {
-			t.Fatalf("%s: dd %s: exit %d: %s", name, strings.Join(args, " "), code, errs)
+		for _, w := range []struct {
+			name string
+			off  int64
+			n    int
+		}{
+			{"the first byte", 0, 1},
+			{"three bytes inside a sector", 4097, 3},
+			{"odd offset across the 2 MiB block boundary", 2*mib - 333, 1000},
+			{"odd offset and length across two block boundaries", 6*mib - 1, 4*mib + 3},
+			{"one byte each side of a sector boundary", 10*mib + 511, 2},
+			{"into fio's data, odd length", 12*mib + 7, 70001},
+			{"the last sector", size - 512, 512},
+			{"the last seven bytes", size - 7, 7},
+			{"ending one byte short of the end", size - 5000, 4999},
+		} {
+			n := w.n
+			data := mRandBytes(rng, n)
+			if k, err := f.WriteAt(data, w.off); err != nil || k != n {
+				t.Fatalf("%s: WriteAt %d bytes at %d: wrote %d: %v", w.name, n, w.off, k, err)
+			}
+			copy(model[w.off:], data)
+			mGranules(unaligned, w.off, int64(n))
+			// Read back through the same handle at once, with a sector of context.
+			lo, hi := max(w.off-512, 0), min(w.off+int64(n)+512, size)
+			back := make([]byte, hi-lo)
+			if _, err := f.ReadAt(back, lo); err != nil && err != io.EOF {
+				t.Fatalf("%s: read back: %v", w.name, err)
+			}
+			assertSameBytes(t, w.name+": read back", back, model[lo:hi])
 		}
-		if errs != "" && !strings.Contains(name, "seek=") {
-			t.Errorf("%s: dd %s says: %s", name, strings.Join(args, " "), errs)
+		if err := f.Sync(); err != nil {
+			t.Fatalf("fsync disk.raw: %v", err)
 		}
-		copy(model[off:], data)
-		assertSize(name)
-	}
-	// Across the block boundary at 2 MiB, over fio's data at 8 MiB.
-	ddRun("dd conv=notrunc across a block boundary", mRandBytes(rng, 3*mib), 2*mib-64<<10, "bs=64k", fmt.Sprintf("seek=%d", (2*mib-64<<10)/(64<<10)), "conv=notrunc")
-	ddRun("dd conv=notrunc over fio's data", mRandBytes(rng, 1*mib+4096), 8*mib-4096, "bs=4k", fmt.Sprintf("seek=%d", (8*mib-4096)/4096), "conv=notrunc")
-	// Without notrunc dd opens with O_TRUNC, which must not change the size, and with
-	// seek= it ftruncates to the seek offset first: that fails (dd warns but goes on).
-	ddRun("dd without conv=notrunc", mRandBytes(rng, 1*mib), 0, "bs=1M")
-	ddRun("dd seek= without conv=notrunc", mRandBytes(rng, 512<<10), 20*mib, "bs=512k", "seek=40")
+		if err := f.Close(); err != nil {
+			t.Fatal(err)
+		}
+		assertSize("the pwrites")
+		assertSameBytes(t, "disk.raw before unmounting", fileBytes(t, disk), model)
+		for depth := range c.Images {
+			img := c.Images[len(c.Images)-1-depth]
+			want := c.Views[len(c.Images)-1-depth]
+			if depth == 0 {
+				want = model
+			}
+			assertSameBytes(t, "layers/"+mLayerName(depth, img)+" after the writes", fileBytes(t, filepath.Join(mnt, "layers", mLayerName(depth, img))), want)
+		}
+		mUmount(t, mnt)
 
-	// Unaligned pwrites through an *os.File: sector edges are read, modified, written.
-	f, err := os.OpenFile(disk, os.O_RDWR, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, w := range []struct {
-		name string
-		off  int64
-		n    int
-	}{
-		{"the first byte", 0, 1},
-		{"three bytes inside a sector", 4097, 3},
-		{"odd offset across the 2 MiB block boundary", 2*mib - 333, 1000},
-		{"odd offset and length across two block boundaries", 6*mib - 1, 4*mib + 3},
-		{"one byte each side of a sector boundary", 10*mib + 511, 2},
-		{"into fio's data, odd length", 12*mib + 7, 70001},
-		{"the last sector", size - 512, 512},
-		{"the last seven bytes", size - 7, 7},
-		{"ending one byte short of the end", size - 5000, 4999},
-	} {
-		n := w.n
-		data := mRandBytes(rng, n)
-		if k, err := f.WriteAt(data, w.off); err != nil || k != n {
-			t.Fatalf("%s: WriteAt %d bytes at %d: wrote %d: %v", w.name, n, w.off, k, err)
-		}
-		copy(model[w.off:], data)
-		mGranules(unaligned, w.off, int64(n))
-		// Read back through the same handle at once, with a sector of context.
-		lo, hi := max(w.off-512, 0), min(w.off+int64(n)+512, size)
-		back := make([]byte, hi-lo)
-		if _, err := f.ReadAt(back, lo); err != nil && err != io.EOF {
-			t.Fatalf("%s: read back: %v", w.name, err)
-		}
-		assertSameBytes(t, w.name+": read back", back, model[lo:hi])
-	}
-	if err := f.Sync(); err != nil {
-		t.Fatalf("fsync disk.raw: %v", err)
-	}
-	if err := f.Close(); err != nil {
-		t.Fatal(err)
-	}
-	assertSize("the pwrites")
-	assertSameBytes(t, "disk.raw before unmounting", fileBytes(t, disk), model)
-	for depth := range c.Images {
-		img := c.Images[len(c.Images)-1-depth]
-		want := c.Views[len(c.Images)-1-depth]
-		if depth == 0 {
-			want = model
-		}
-		assertSameBytes(t, "layers/"+mLayerName(depth, img)+" after the writes", fileBytes(t, filepath.Join(mnt, "layers", mLayerName(depth, img))), want)
-	}
-	mUmount(t, mnt)
-
-	assertUnchanged(t, lower)
-	mCheck(t, c.Top())
-	assertSameBytes(t, "a fresh mount", mMountRead(t, c.Top()), model)
-	assertSameBytes(t, "export", fileBytes(t, exportImage(t, c.Top())), model)
-	vmnt := vhdimount(t, c.Top())
-	mAssertSameGranules(t, "vhdimount of the top (4 KiB-aligned data)", fileBytes(t, vhdiFile(vmnt, len(c.Images)-1)), model, unaligned)
-	assertUnchanged(t, lower)
+		assertUnchanged(t, lower)
+		mCheck(t, c.Top())
+		assertSameBytes(t, "a fresh mount", mMountRead(t, c.Top()), model)
+		assertSameBytes(t, "export", fileBytes(t, exportImage(t, c.Top())), model)
+		vmnt := vhdimount(t, c.Top())
+		mAssertSameGranules(t, "vhdimount of the top (4 KiB-aligned data)", fileBytes(t, vhdiFile(vmnt, len(c.Images)-1)), model, unaligned)
+		assertUnchanged(t, lower)
+	})
 }
 
 // mLoopCleanup detaches the loop device *dev when the test ends, if the test left it
@@ -613,62 +605,64 @@ func mUmountCleanup(t testing.TB, dir string) {
 // (read-only, loop read-only, ext4 read-only) shows the same files, and e2fsck finds
 // the file system clean.
 func TestMountExt4OnLoop(t *testing.T) {
-	for _, tool := range []string{"losetup", "mkfs.ext4", "e2fsck", "mount", "umount"} {
-		requireTool(t, tool)
-	}
-	c := makeChain(t, chainOptions{Depth: 2, Create: []string{"--size", "96M"}})
-	lower := snapshotFiles(t, c.Images[0])
-	rng := rand.New(rand.NewPCG(301, 302))
-	files := map[string][]byte{
-		"hello.txt":       []byte("hello, vhdfs\n"),
-		"random.bin":      mRandBytes(rng, 5*mib+123),
-		"dir/small.bin":   mRandBytes(rng, 4097),
-		"dir/zeros.bin":   make([]byte, 3*mib),
-		"dir/sub/odd.bin": mRandBytes(rng, 777777),
-	}
+	forEachFormat(t, func(t *testing.T, format string) {
+		for _, tool := range []string{"losetup", "mkfs.ext4", "e2fsck", "mount", "umount"} {
+			requireTool(t, tool)
+		}
+		c := makeChain(t, chainOptions{Format: format, Depth: 2, Create: []string{"--size", "96M"}})
+		lower := snapshotFiles(t, c.Images[0])
+		rng := rand.New(rand.NewPCG(301, 302))
+		files := map[string][]byte{
+			"hello.txt":       []byte("hello, vhdfs\n"),
+			"random.bin":      mRandBytes(rng, 5*mib+123),
+			"dir/small.bin":   mRandBytes(rng, 4097),
+			"dir/zeros.bin":   make([]byte, 3*mib),
+			"dir/sub/odd.bin": mRandBytes(rng, 777777),
+		}
 
-	mnt := mMountpoint(t)
-	fsdir := filepath.Join(t.TempDir(), "ext4")
-	if err := os.Mkdir(fsdir, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	var loop string
-	mMount(t, c.Top(), mnt)
-	mLoopCleanup(t, &loop)
-	mUmountCleanup(t, fsdir)
-	loop = strings.TrimSpace(mustRun(t, "losetup", "--find", "--show", filepath.Join(mnt, "disk.raw")))
-	mustRun(t, "mkfs.ext4", "-q", "-F", loop)
-	mustRun(t, "mount", "-t", "ext4", loop, fsdir)
-	for name, data := range files {
-		p := filepath.Join(fsdir, name)
-		if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
+		mnt := mMountpoint(t)
+		fsdir := filepath.Join(t.TempDir(), "ext4")
+		if err := os.Mkdir(fsdir, 0o755); err != nil {
 			t.Fatal(err)
 		}
-		if err := os.WriteFile(p, data, 0o644); err != nil {
-			t.Fatal(err)
+		var loop string
+		mMount(t, c.Top(), mnt)
+		mLoopCleanup(t, &loop)
+		mUmountCleanup(t, fsdir)
+		loop = strings.TrimSpace(mustRun(t, "losetup", "--find", "--show", filepath.Join(mnt, "disk.raw")))
+		mustRun(t, "mkfs.ext4", "-q", "-F", loop)
+		mustRun(t, "mount", "-t", "ext4", loop, fsdir)
+		for name, data := range files {
+			p := filepath.Join(fsdir, name)
+			if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
+				t.Fatal(err)
+			}
+			if err := os.WriteFile(p, data, 0o644); err != nil {
+				t.Fatal(err)
+			}
 		}
-	}
-	mustRun(t, "umount", fsdir)
-	mustRun(t, "losetup", "-d", loop)
-	loop = ""
-	mUmount(t, mnt)
-	assertUnchanged(t, lower)
-	mCheck(t, c.Top())
+		mustRun(t, "umount", fsdir)
+		mustRun(t, "losetup", "-d", loop)
+		loop = ""
+		mUmount(t, mnt)
+		assertUnchanged(t, lower)
+		mCheck(t, c.Top())
 
-	mMount(t, c.Top(), mnt, "-r")
-	mLoopCleanup(t, &loop) // again, to run before this mount's cleanup
-	mUmountCleanup(t, fsdir)
-	loop = strings.TrimSpace(mustRun(t, "losetup", "--find", "--show", "--read-only", filepath.Join(mnt, "disk.raw")))
-	mustRun(t, "e2fsck", "-f", "-n", loop)
-	mustRun(t, "mount", "-t", "ext4", "-o", "ro", loop, fsdir)
-	for name, data := range files {
-		assertFileEquals(t, filepath.Join(fsdir, name), data)
-	}
-	mustRun(t, "umount", fsdir)
-	mustRun(t, "losetup", "-d", loop)
-	loop = ""
-	mUmount(t, mnt)
-	assertUnchanged(t, lower)
+		mMount(t, c.Top(), mnt, "-r")
+		mLoopCleanup(t, &loop) // again, to run before this mount's cleanup
+		mUmountCleanup(t, fsdir)
+		loop = strings.TrimSpace(mustRun(t, "losetup", "--find", "--show", "--read-only", filepath.Join(mnt, "disk.raw")))
+		mustRun(t, "e2fsck", "-f", "-n", loop)
+		mustRun(t, "mount", "-t", "ext4", "-o", "ro", loop, fsdir)
+		for name, data := range files {
+			assertFileEquals(t, filepath.Join(fsdir, name), data)
+		}
+		mustRun(t, "umount", fsdir)
+		mustRun(t, "losetup", "-d", loop)
+		loop = ""
+		mUmount(t, mnt)
+		assertUnchanged(t, lower)
+	})
 }
 
 // TestMountKill9: the mount process killed with SIGKILL during a run of writes with
@@ -679,17 +673,19 @@ func TestMountExt4OnLoop(t *testing.T) {
 // fsyncs, so later rounds also write into an image a crash left behind.
 func TestMountKill9(t *testing.T) {
 	requireTool(t, "fusermount3")
-	c := makeChain(t, chainOptions{Depth: 2, Create: []string{"--size", "64M", "--block-size", "512K"}, Writes: 20, Seed: 501})
-	lower := snapshotFiles(t, c.Images[0])
-	model := bytes.Clone(c.Model())
-	for round, killAt := range []int{8, 15, 0} {
-		t.Logf("round %d: kill after %d writes past the last fsync", round, killAt)
-		model = mKillRound(t, c.Top(), model, uint64(round), killAt)
-		if t.Failed() {
-			return
+	forEachFormat(t, func(t *testing.T, format string) {
+		c := makeChain(t, chainOptions{Format: format, Depth: 2, Create: []string{"--size", "64M", "--block-size", "512K"}, Writes: 20, Seed: 501})
+		lower := snapshotFiles(t, c.Images[0])
+		model := bytes.Clone(c.Model())
+		for round, killAt := range []int{8, 15, 0} {
+			t.Logf("round %d: kill after %d writes past the last fsync", round, killAt)
+			model = mKillRound(t, c.Top(), model, uint64(round), killAt)
+			if t.Failed() {
+				return
+			}
+			assertUnchanged(t, lower)
 		}
-		assertUnchanged(t, lower)
-	}
+	})
 }
 
 // mKillRound mounts image with `mount -f`, writes until 12 fsyncs and killAt more
@@ -808,129 +804,131 @@ func mKillRound(t *testing.T, image string, durable []byte, seed uint64, killAt 
 // across it writes what fits; truncating to another size fails with EINVAL, to the
 // same size succeeds.
 func TestMountSizeRules(t *testing.T) {
-	c := makeChain(t, chainOptions{Depth: 2, Create: []string{"--size", "32M"}, Writes: 10, Seed: 601})
-	model := bytes.Clone(c.Model())
-	size := c.Size
-	mnt := mMountpoint(t)
-	mMount(t, c.Top(), mnt)
-	disk := filepath.Join(mnt, "disk.raw")
-	f, err := os.OpenFile(disk, os.O_RDWR, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	pat := bytes.Repeat([]byte{0x5a}, 4096)
-
-	t.Run("reads", func(t *testing.T) {
-		for _, tc := range []struct {
-			name string
-			off  int64
-			n    int
-			want int // bytes read
-		}{
-			{"read at the end", size, 4096, 0},
-			{"read one byte past the end", size + 1, 1, 0},
-			{"read far past the end", size + 1<<30, 4096, 0},
-			{"read across the end", size - 1000, 4096, 1000},
-			{"read ending at the end", size - 4096, 4096, 4096},
-		} {
-			buf := make([]byte, tc.n)
-			k, err := f.ReadAt(buf, tc.off)
-			if k != tc.want {
-				t.Errorf("%s: read %d bytes, want %d", tc.name, k, tc.want)
-			}
-			if k < tc.n && err != io.EOF {
-				t.Errorf("%s: short read with %v, want EOF", tc.name, err)
-			}
-			if tc.want > 0 {
-				assertSameBytes(t, tc.name, buf[:k], model[tc.off:tc.off+int64(k)])
-			}
-		}
-	})
-
-	t.Run("writes", func(t *testing.T) {
-		for _, tc := range []struct {
-			name string
-			off  int64
-			n    int
-			want int // bytes written; fewer than n means ENOSPC
-		}{
-			{"write at the end", size, 512, 0},
-			{"write one byte at the end", size, 1, 0},
-			{"write past the end", size + 4096, 4096, 0},
-			{"write across the end", size - 512, 4096, 512},
-			{"write across the end, unaligned", size - 3, 10, 3},
-			{"write ending at the end", size - 4096, 4096, 4096},
-		} {
-			k, err := mPwrite(f, pat[:tc.n], tc.off)
-			if k != tc.want {
-				t.Errorf("%s: wrote %d bytes, want %d", tc.name, k, tc.want)
-			}
-			if tc.want < tc.n && !errors.Is(err, syscall.ENOSPC) {
-				t.Errorf("%s: %v, want ENOSPC", tc.name, err)
-			}
-			if tc.want == tc.n && err != nil {
-				t.Errorf("%s: %v", tc.name, err)
-			}
-			if k > 0 {
-				copy(model[tc.off:], pat[:k])
-			}
-		}
-		// pwrite(2) with an offset past the end: no bytes at all, ENOSPC.
-		if k, err := syscall.Pwrite(int(f.Fd()), pat[:512], size); k > 0 || err != syscall.ENOSPC {
-			t.Errorf("pwrite at the end: %d, %v; want ENOSPC", k, err)
-		}
-	})
-
-	t.Run("truncate", func(t *testing.T) {
-		for _, tc := range []struct {
-			name  string
-			do    func(sz int64) error
-			sz    int64
-			ok    bool
-			errno syscall.Errno
-		}{
-			{"ftruncate smaller", f.Truncate, size - 512, false, syscall.EINVAL},
-			{"ftruncate larger", f.Truncate, size + 512, false, syscall.EINVAL},
-			{"ftruncate to 0", f.Truncate, 0, false, syscall.EINVAL},
-			{"ftruncate to the same size", f.Truncate, size, true, 0},
-			{"truncate smaller", func(sz int64) error { return os.Truncate(disk, sz) }, size / 2, false, syscall.EINVAL},
-			{"truncate larger", func(sz int64) error { return os.Truncate(disk, sz) }, 2 * size, false, syscall.EINVAL},
-			{"truncate to the same size", func(sz int64) error { return os.Truncate(disk, sz) }, size, true, 0},
-		} {
-			err := tc.do(tc.sz)
-			if tc.ok && err != nil {
-				t.Errorf("%s: %v", tc.name, err)
-			}
-			if !tc.ok && !errors.Is(err, tc.errno) {
-				t.Errorf("%s: %v, want %v", tc.name, err, tc.errno)
-			}
-			if st, err := os.Stat(disk); err != nil || st.Size() != size {
-				t.Errorf("after %s: stat: %v, want size %d", tc.name, err, size)
-			}
-			if st, err := f.Stat(); err != nil || st.Size() != size {
-				t.Errorf("after %s: fstat: %v, want size %d", tc.name, err, size)
-			}
-		}
-		// open(O_TRUNC) reaches the file system as a truncate to 0 with no handle, as
-		// does truncate(path, 0): both leave the disk as it is.
-		g, err := os.OpenFile(disk, os.O_WRONLY|os.O_TRUNC, 0)
+	forEachFormat(t, func(t *testing.T, format string) {
+		c := makeChain(t, chainOptions{Format: format, Depth: 2, Create: []string{"--size", "32M"}, Writes: 10, Seed: 601})
+		model := bytes.Clone(c.Model())
+		size := c.Size
+		mnt := mMountpoint(t)
+		mMount(t, c.Top(), mnt)
+		disk := filepath.Join(mnt, "disk.raw")
+		f, err := os.OpenFile(disk, os.O_RDWR, 0)
 		if err != nil {
-			t.Fatalf("open O_TRUNC: %v", err)
+			t.Fatal(err)
 		}
-		g.Close()
-		os.Truncate(disk, 0)
-		if st, err := os.Stat(disk); err != nil || st.Size() != size {
-			t.Errorf("after O_TRUNC: stat: %v, want size %d", err, size)
-		}
-	})
+		defer f.Close()
+		pat := bytes.Repeat([]byte{0x5a}, 4096)
 
-	if err := f.Close(); err != nil {
-		t.Fatal(err)
-	}
-	assertSameBytes(t, "disk.raw", fileBytes(t, disk), model)
-	mUmount(t, mnt)
-	assertSameBytes(t, "a fresh mount", mMountRead(t, c.Top()), model)
+		t.Run("reads", func(t *testing.T) {
+			for _, tc := range []struct {
+				name string
+				off  int64
+				n    int
+				want int // bytes read
+			}{
+				{"read at the end", size, 4096, 0},
+				{"read one byte past the end", size + 1, 1, 0},
+				{"read far past the end", size + 1<<30, 4096, 0},
+				{"read across the end", size - 1000, 4096, 1000},
+				{"read ending at the end", size - 4096, 4096, 4096},
+			} {
+				buf := make([]byte, tc.n)
+				k, err := f.ReadAt(buf, tc.off)
+				if k != tc.want {
+					t.Errorf("%s: read %d bytes, want %d", tc.name, k, tc.want)
+				}
+				if k < tc.n && err != io.EOF {
+					t.Errorf("%s: short read with %v, want EOF", tc.name, err)
+				}
+				if tc.want > 0 {
+					assertSameBytes(t, tc.name, buf[:k], model[tc.off:tc.off+int64(k)])
+				}
+			}
+		})
+
+		t.Run("writes", func(t *testing.T) {
+			for _, tc := range []struct {
+				name string
+				off  int64
+				n    int
+				want int // bytes written; fewer than n means ENOSPC
+			}{
+				{"write at the end", size, 512, 0},
+				{"write one byte at the end", size, 1, 0},
+				{"write past the end", size + 4096, 4096, 0},
+				{"write across the end", size - 512, 4096, 512},
+				{"write across the end, unaligned", size - 3, 10, 3},
+				{"write ending at the end", size - 4096, 4096, 4096},
+			} {
+				k, err := mPwrite(f, pat[:tc.n], tc.off)
+				if k != tc.want {
+					t.Errorf("%s: wrote %d bytes, want %d", tc.name, k, tc.want)
+				}
+				if tc.want < tc.n && !errors.Is(err, syscall.ENOSPC) {
+					t.Errorf("%s: %v, want ENOSPC", tc.name, err)
+				}
+				if tc.want == tc.n && err != nil {
+					t.Errorf("%s: %v", tc.name, err)
+				}
+				if k > 0 {
+					copy(model[tc.off:], pat[:k])
+				}
+			}
+			// pwrite(2) with an offset past the end: no bytes at all, ENOSPC.
+			if k, err := syscall.Pwrite(int(f.Fd()), pat[:512], size); k > 0 || err != syscall.ENOSPC {
+				t.Errorf("pwrite at the end: %d, %v; want ENOSPC", k, err)
+			}
+		})
+
+		t.Run("truncate", func(t *testing.T) {
+			for _, tc := range []struct {
+				name  string
+				do    func(sz int64) error
+				sz    int64
+				ok    bool
+				errno syscall.Errno
+			}{
+				{"ftruncate smaller", f.Truncate, size - 512, false, syscall.EINVAL},
+				{"ftruncate larger", f.Truncate, size + 512, false, syscall.EINVAL},
+				{"ftruncate to 0", f.Truncate, 0, false, syscall.EINVAL},
+				{"ftruncate to the same size", f.Truncate, size, true, 0},
+				{"truncate smaller", func(sz int64) error { return os.Truncate(disk, sz) }, size / 2, false, syscall.EINVAL},
+				{"truncate larger", func(sz int64) error { return os.Truncate(disk, sz) }, 2 * size, false, syscall.EINVAL},
+				{"truncate to the same size", func(sz int64) error { return os.Truncate(disk, sz) }, size, true, 0},
+			} {
+				err := tc.do(tc.sz)
+				if tc.ok && err != nil {
+					t.Errorf("%s: %v", tc.name, err)
+				}
+				if !tc.ok && !errors.Is(err, tc.errno) {
+					t.Errorf("%s: %v, want %v", tc.name, err, tc.errno)
+				}
+				if st, err := os.Stat(disk); err != nil || st.Size() != size {
+					t.Errorf("after %s: stat: %v, want size %d", tc.name, err, size)
+				}
+				if st, err := f.Stat(); err != nil || st.Size() != size {
+					t.Errorf("after %s: fstat: %v, want size %d", tc.name, err, size)
+				}
+			}
+			// open(O_TRUNC) reaches the file system as a truncate to 0 with no handle, as
+			// does truncate(path, 0): both leave the disk as it is.
+			g, err := os.OpenFile(disk, os.O_WRONLY|os.O_TRUNC, 0)
+			if err != nil {
+				t.Fatalf("open O_TRUNC: %v", err)
+			}
+			g.Close()
+			os.Truncate(disk, 0)
+			if st, err := os.Stat(disk); err != nil || st.Size() != size {
+				t.Errorf("after O_TRUNC: stat: %v, want size %d", err, size)
+			}
+		})
+
+		if err := f.Close(); err != nil {
+			t.Fatal(err)
+		}
+		assertSameBytes(t, "disk.raw", fileBytes(t, disk), model)
+		mUmount(t, mnt)
+		assertSameBytes(t, "a fresh mount", mMountRead(t, c.Top()), model)
+	})
 }
 
 // TestMountBadInput: broken chains fail to mount with the one-line error info gives,
@@ -1143,56 +1141,58 @@ func TestMountBadInput(t *testing.T) {
 // writes everything and exits 0; while it runs, a second read-write mount of the same
 // image fails because the image is locked.
 func TestMountForeground(t *testing.T) {
-	for _, sig := range []syscall.Signal{syscall.SIGTERM, syscall.SIGINT} {
-		t.Run(sig.String(), func(t *testing.T) {
-			c := makeChain(t, chainOptions{Depth: 2, Create: []string{"--size", "16M"}, Writes: 5, Seed: 801})
-			lower := snapshotFiles(t, c.Images[0])
-			model := bytes.Clone(c.Model())
-			mnt := mMountpoint(t)
-			p := mStartForeground(t, c.Top(), mnt)
-			if st := mStatus(t, mnt); st.PID != p.cmd.Process.Pid {
-				t.Errorf("control says pid %d, the process is %d", st.PID, p.cmd.Process.Pid)
-			}
+	forEachFormat(t, func(t *testing.T, format string) {
+		for _, sig := range []syscall.Signal{syscall.SIGTERM, syscall.SIGINT} {
+			t.Run(sig.String(), func(t *testing.T) {
+				c := makeChain(t, chainOptions{Format: format, Depth: 2, Create: []string{"--size", "16M"}, Writes: 5, Seed: 801})
+				lower := snapshotFiles(t, c.Images[0])
+				model := bytes.Clone(c.Model())
+				mnt := mMountpoint(t)
+				p := mStartForeground(t, c.Top(), mnt)
+				if st := mStatus(t, mnt); st.PID != p.cmd.Process.Pid {
+					t.Errorf("control says pid %d, the process is %d", st.PID, p.cmd.Process.Pid)
+				}
 
-			mnt2 := mMountpoint(t)
-			mCleanupMount(t, mnt2)
-			_, errs, code := vhdfs(t, "mount", c.Top(), mnt2)
-			if code != 1 {
-				t.Errorf("second read-write mount: exit %d, want 1", code)
-			}
-			assertOneLineError(t, errs, c.Top(), "locked for writing by another process (vhdfs, pid")
-			if mountedAt(t, mnt2) {
-				t.Errorf("the refused second mount left %s mounted", mnt2)
-			}
+				mnt2 := mMountpoint(t)
+				mCleanupMount(t, mnt2)
+				_, errs, code := vhdfs(t, "mount", c.Top(), mnt2)
+				if code != 1 {
+					t.Errorf("second read-write mount: exit %d, want 1", code)
+				}
+				assertOneLineError(t, errs, c.Top(), "locked for writing by another process (vhdfs, pid")
+				if mountedAt(t, mnt2) {
+					t.Errorf("the refused second mount left %s mounted", mnt2)
+				}
 
-			// Written, never fsynced: the clean shutdown must write it out.
-			data := mRandBytes(rand.New(rand.NewPCG(802, 803)), 3*mib+1234)
-			f, err := os.OpenFile(filepath.Join(mnt, "disk.raw"), os.O_RDWR, 0)
-			if err != nil {
-				t.Fatal(err)
-			}
-			if _, err := f.WriteAt(data, 1*mib+77); err != nil {
-				t.Fatal(err)
-			}
-			copy(model[1*mib+77:], data)
-			if err := f.Close(); err != nil {
-				t.Fatal(err)
-			}
+				// Written, never fsynced: the clean shutdown must write it out.
+				data := mRandBytes(rand.New(rand.NewPCG(802, 803)), 3*mib+1234)
+				f, err := os.OpenFile(filepath.Join(mnt, "disk.raw"), os.O_RDWR, 0)
+				if err != nil {
+					t.Fatal(err)
+				}
+				if _, err := f.WriteAt(data, 1*mib+77); err != nil {
+					t.Fatal(err)
+				}
+				copy(model[1*mib+77:], data)
+				if err := f.Close(); err != nil {
+					t.Fatal(err)
+				}
 
-			if err := p.cmd.Process.Signal(sig); err != nil {
-				t.Fatal(err)
-			}
-			if err := p.wait(t); err != nil {
-				t.Errorf("after %v the mount process ended with %v\n%s", sig, err, p.stderr.String())
-			}
-			if mountedAt(t, mnt) {
-				t.Fatalf("after %v and the process's exit, %s is still mounted", sig, mnt)
-			}
-			assertUnchanged(t, lower)
-			mCheck(t, c.Top())
-			assertSameBytes(t, "a fresh mount", mMountRead(t, c.Top()), model)
-		})
-	}
+				if err := p.cmd.Process.Signal(sig); err != nil {
+					t.Fatal(err)
+				}
+				if err := p.wait(t); err != nil {
+					t.Errorf("after %v the mount process ended with %v\n%s", sig, err, p.stderr.String())
+				}
+				if mountedAt(t, mnt) {
+					t.Fatalf("after %v and the process's exit, %s is still mounted", sig, mnt)
+				}
+				assertUnchanged(t, lower)
+				mCheck(t, c.Top())
+				assertSameBytes(t, "a fresh mount", mMountRead(t, c.Top()), model)
+			})
+		}
+	})
 }
 
 // TestMountSingleImages: a lone fixed or dynamic image (no parent) takes unaligned
@@ -1200,66 +1200,76 @@ func TestMountForeground(t *testing.T) {
 // which reads these types itself, sees the model.
 func TestMountSingleImages(t *testing.T) {
 	requireTool(t, "qemu-img")
-	for _, tc := range []struct {
-		name   string
-		create []string
-	}{
-		{"fixed", []string{"--size", "16M", "--type", "fixed"}},
-		{"dynamic", []string{"--size", "16M"}},
-		{"dynamic 4K blocks", []string{"--size", "16M", "--block-size", "4K"}},
-	} {
-		t.Run(tc.name, func(t *testing.T) {
-			c := makeChain(t, chainOptions{Depth: 1, Create: tc.create})
-			model := bytes.Clone(c.Model())
-			mnt := mMountpoint(t)
-			mMount(t, c.Top(), mnt)
-			f, err := os.OpenFile(filepath.Join(mnt, "disk.raw"), os.O_RDWR, 0)
-			if err != nil {
-				t.Fatal(err)
-			}
-			for i, w := range newWriteGen(1101, c.Size, 1, 300<<10).writes(60) {
-				if i%7 == 3 {
-					clear(w.Data) // zeros over data, and zeros into empty blocks
+	forEachFormat(t, func(t *testing.T, format string) {
+		for _, tc := range []struct {
+			name   string
+			create []string
+		}{
+			{"fixed", []string{"--size", "16M", "--type", "fixed"}},
+			{"dynamic", []string{"--size", "16M"}},
+			{"dynamic 4K blocks", []string{"--size", "16M", "--block-size", "4K"}},
+		} {
+			t.Run(tc.name, func(t *testing.T) {
+				c := makeChain(t, chainOptions{Format: format, Depth: 1, Create: tc.create})
+				model := bytes.Clone(c.Model())
+				mnt := mMountpoint(t)
+				mMount(t, c.Top(), mnt)
+				f, err := os.OpenFile(filepath.Join(mnt, "disk.raw"), os.O_RDWR, 0)
+				if err != nil {
+					t.Fatal(err)
 				}
-				if k, err := mPwrite(f, w.Data, w.Off); err != nil || k != len(w.Data) {
-					t.Fatalf("write %v: wrote %d: %v", w, k, err)
+				for i, w := range newWriteGen(1101, c.Size, 1, 300<<10).writes(60) {
+					if i%7 == 3 {
+						clear(w.Data) // zeros over data, and zeros into empty blocks
+					}
+					if k, err := mPwrite(f, w.Data, w.Off); err != nil || k != len(w.Data) {
+						t.Fatalf("write %v: wrote %d: %v", w, k, err)
+					}
+					copy(model[w.Off:], w.Data)
 				}
-				copy(model[w.Off:], w.Data)
-			}
-			if err := f.Close(); err != nil {
-				t.Fatal(err)
-			}
-			assertSameBytes(t, "disk.raw", fileBytes(t, filepath.Join(mnt, "disk.raw")), model)
-			mUmount(t, mnt)
-			mCheck(t, c.Top())
-			assertSameBytes(t, "qemu-img convert", qemuConvert(t, c.Top()), model)
-			assertSameBytes(t, "a fresh mount", mMountRead(t, c.Top()), model)
-		})
-	}
+				if err := f.Close(); err != nil {
+					t.Fatal(err)
+				}
+				assertSameBytes(t, "disk.raw", fileBytes(t, filepath.Join(mnt, "disk.raw")), model)
+				mUmount(t, mnt)
+				mCheck(t, c.Top())
+				assertSameBytes(t, "qemu-img convert", qemuConvert(t, c.Top()), model)
+				assertSameBytes(t, "a fresh mount", mMountRead(t, c.Top()), model)
+			})
+		}
+	})
 }
 
 // TestMountOddNames: an image and a mount point whose paths hold spaces, a comma, a
 // backslash and non-ASCII letters mount, serve and unmount like any other.
 func TestMountOddNames(t *testing.T) {
-	dir := filepath.Join(t.TempDir(), "my disks, 2026 \\ Übersicht")
-	if err := os.Mkdir(dir, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	c := makeChainIn(t, dir, chainOptions{Depth: 2, Create: []string{"--size", "8M"}, Writes: 5, Seed: 1001})
-	top := filepath.Join(dir, "top snapshot, v2.vhd")
-	if err := os.Rename(c.Top(), top); err != nil {
-		t.Fatal(err)
-	}
-	mnt := filepath.Join(t.TempDir(), "mount point, ß")
-	if err := os.Mkdir(mnt, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	mMount(t, top, mnt)
-	assertSameBytes(t, "disk.raw", fileBytes(t, filepath.Join(mnt, "disk.raw")), c.Model())
-	if _, err := os.Stat(filepath.Join(mnt, "layers", mLayerName(0, top))); err != nil {
-		t.Errorf("layers/: %v", err)
-	}
-	mUmount(t, mnt)
+	forEachFormat(t, func(t *testing.T, format string) {
+		name := "my disks, 2026 \\ Übersicht"
+		if format == "vhdx" {
+			// A VHDX parent locator holds Windows paths, where a backslash is the
+			// separator: create refuses a parent whose path holds one.
+			name = "my disks, 2026 Übersicht"
+		}
+		dir := filepath.Join(t.TempDir(), name)
+		if err := os.Mkdir(dir, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		c := makeChainIn(t, dir, chainOptions{Format: format, Depth: 2, Create: []string{"--size", "8M"}, Writes: 5, Seed: 1001})
+		top := filepath.Join(dir, imageName(format, "top snapshot, v2", true))
+		if err := os.Rename(c.Top(), top); err != nil {
+			t.Fatal(err)
+		}
+		mnt := filepath.Join(t.TempDir(), "mount point, ß")
+		if err := os.Mkdir(mnt, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		mMount(t, top, mnt)
+		assertSameBytes(t, "disk.raw", fileBytes(t, filepath.Join(mnt, "disk.raw")), c.Model())
+		if _, err := os.Stat(filepath.Join(mnt, "layers", mLayerName(0, top))); err != nil {
+			t.Errorf("layers/: %v", err)
+		}
+		mUmount(t, mnt)
+	})
 }
 
 // TestMountConcurrentReadsAndWrites: readers at random ranges while one writer writes.
@@ -1268,102 +1278,104 @@ func TestMountOddNames(t *testing.T) {
 // and read anywhere else for length. At the end the disk equals the model, before and
 // after unmounting.
 func TestMountConcurrentReadsAndWrites(t *testing.T) {
-	c := makeChain(t, chainOptions{Depth: 3, Create: []string{"--size", "32M", "--block-size", "512K"}, Writes: 15, Align: 512, Seed: 901})
-	lower := snapshotFiles(t, c.Images[:len(c.Images)-1]...)
-	model := bytes.Clone(c.Model())
-	static := bytes.Clone(model) // what the odd MiB hold throughout
-	size := c.Size
-	mnt := mMountpoint(t)
-	mMount(t, c.Top(), mnt)
-	disk := filepath.Join(mnt, "disk.raw")
+	forEachFormat(t, func(t *testing.T, format string) {
+		c := makeChain(t, chainOptions{Format: format, Depth: 3, Create: []string{"--size", "32M", "--block-size", "512K"}, Writes: 15, Align: 512, Seed: 901})
+		lower := snapshotFiles(t, c.Images[:len(c.Images)-1]...)
+		model := bytes.Clone(c.Model())
+		static := bytes.Clone(model) // what the odd MiB hold throughout
+		size := c.Size
+		mnt := mMountpoint(t)
+		mMount(t, c.Top(), mnt)
+		disk := filepath.Join(mnt, "disk.raw")
 
-	const readers, nWrites = 4, 400
-	stop := make(chan struct{})
-	var wg sync.WaitGroup
-	errs := make(chan error, readers+1)
-	for r := range readers {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			flag := os.O_RDONLY
-			if r%2 == 1 {
-				flag |= syscall.O_DIRECT // past the page cache, straight to the mount
-			}
-			f, err := os.OpenFile(disk, flag, 0)
+		const readers, nWrites = 4, 400
+		stop := make(chan struct{})
+		var wg sync.WaitGroup
+		errs := make(chan error, readers+1)
+		for r := range readers {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				flag := os.O_RDONLY
+				if r%2 == 1 {
+					flag |= syscall.O_DIRECT // past the page cache, straight to the mount
+				}
+				f, err := os.OpenFile(disk, flag, 0)
+				if err != nil {
+					errs <- err
+					return
+				}
+				defer f.Close()
+				rng := rand.New(rand.NewPCG(uint64(910+r), 911))
+				buf := make([]byte, 1*mib)
+				for i := 0; ; i++ {
+					select {
+					case <-stop:
+						return
+					default:
+					}
+					var off, n int64
+					if i%2 == 0 {
+						// Inside an odd MiB, nothing written there.
+						m := 2*rng.Int64N(size/mib/2) + 1
+						n = 1 + rng.Int64N(mib)
+						off = m*mib + rng.Int64N(mib-n+1)
+					} else {
+						off, n = rng.Int64N(size), 1+rng.Int64N(mib)
+					}
+					if flag&syscall.O_DIRECT != 0 {
+						off, n = off&^511, max(n&^511, 512)
+					}
+					k, err := f.ReadAt(buf[:n], off)
+					want := min(n, size-off)
+					if int64(k) != want || (err != nil && err != io.EOF) {
+						errs <- fmt.Errorf("reader %d: read %d bytes at %d: got %d: %v", r, n, off, k, err)
+						return
+					}
+					if i%2 == 0 && !bytes.Equal(buf[:k], static[off:off+int64(k)]) {
+						errs <- fmt.Errorf("reader %d: %d bytes at %d (in a MiB nobody writes) differ from the model", r, k, off)
+						return
+					}
+				}
+			}()
+		}
+		func() {
+			defer close(stop)
+			f, err := os.OpenFile(disk, os.O_RDWR, 0)
 			if err != nil {
 				errs <- err
 				return
 			}
 			defer f.Close()
-			rng := rand.New(rand.NewPCG(uint64(910+r), 911))
-			buf := make([]byte, 1*mib)
-			for i := 0; ; i++ {
-				select {
-				case <-stop:
-					return
-				default:
-				}
-				var off, n int64
-				if i%2 == 0 {
-					// Inside an odd MiB, nothing written there.
-					m := 2*rng.Int64N(size/mib/2) + 1
-					n = 1 + rng.Int64N(mib)
-					off = m*mib + rng.Int64N(mib-n+1)
-				} else {
-					off, n = rng.Int64N(size), 1+rng.Int64N(mib)
-				}
-				if flag&syscall.O_DIRECT != 0 {
-					off, n = off&^511, max(n&^511, 512)
-				}
-				k, err := f.ReadAt(buf[:n], off)
-				want := min(n, size-off)
-				if int64(k) != want || (err != nil && err != io.EOF) {
-					errs <- fmt.Errorf("reader %d: read %d bytes at %d: got %d: %v", r, n, off, k, err)
+			rng := rand.New(rand.NewPCG(920, 921))
+			for i := range nWrites {
+				m := 2 * rng.Int64N((size/mib+1)/2)
+				end := min((m+1)*mib, size)
+				n := 1 + rng.Int64N(min(64<<10, end-m*mib))
+				off := m*mib + rng.Int64N(end-m*mib-n+1)
+				data := mRandBytes(rng, int(n))
+				if _, err := f.WriteAt(data, off); err != nil {
+					errs <- fmt.Errorf("write %d: %d bytes at %d: %v", i, n, off, err)
 					return
 				}
-				if i%2 == 0 && !bytes.Equal(buf[:k], static[off:off+int64(k)]) {
-					errs <- fmt.Errorf("reader %d: %d bytes at %d (in a MiB nobody writes) differ from the model", r, k, off)
-					return
+				copy(model[off:], data)
+				if i%100 == 99 {
+					if err := f.Sync(); err != nil {
+						errs <- fmt.Errorf("fsync: %v", err)
+						return
+					}
 				}
 			}
 		}()
-	}
-	func() {
-		defer close(stop)
-		f, err := os.OpenFile(disk, os.O_RDWR, 0)
-		if err != nil {
-			errs <- err
-			return
+		wg.Wait()
+		close(errs)
+		for err := range errs {
+			t.Error(err)
 		}
-		defer f.Close()
-		rng := rand.New(rand.NewPCG(920, 921))
-		for i := range nWrites {
-			m := 2 * rng.Int64N((size/mib+1)/2)
-			end := min((m+1)*mib, size)
-			n := 1 + rng.Int64N(min(64<<10, end-m*mib))
-			off := m*mib + rng.Int64N(end-m*mib-n+1)
-			data := mRandBytes(rng, int(n))
-			if _, err := f.WriteAt(data, off); err != nil {
-				errs <- fmt.Errorf("write %d: %d bytes at %d: %v", i, n, off, err)
-				return
-			}
-			copy(model[off:], data)
-			if i%100 == 99 {
-				if err := f.Sync(); err != nil {
-					errs <- fmt.Errorf("fsync: %v", err)
-					return
-				}
-			}
-		}
-	}()
-	wg.Wait()
-	close(errs)
-	for err := range errs {
-		t.Error(err)
-	}
-	assertSameBytes(t, "disk.raw after the run", fileBytes(t, disk), model)
-	mUmount(t, mnt)
-	assertUnchanged(t, lower)
-	mCheck(t, c.Top())
-	assertSameBytes(t, "a fresh mount", mMountRead(t, c.Top()), model)
+		assertSameBytes(t, "disk.raw after the run", fileBytes(t, disk), model)
+		mUmount(t, mnt)
+		assertUnchanged(t, lower)
+		mCheck(t, c.Top())
+		assertSameBytes(t, "a fresh mount", mMountRead(t, c.Top()), model)
+	})
 }

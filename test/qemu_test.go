@@ -48,11 +48,21 @@ func qemuConvert(t testing.TB, src ...string) []byte {
 	out := filepath.Join(t.TempDir(), "qemu.raw")
 	args := []string{"convert"}
 	if len(src) == 1 {
-		args = append(args, "-f", "vpc")
+		// qemu reads fixed and dynamic VHDX (512-byte logical sectors), not
+		// differencing ones: callers give it a lone image.
+		args = append(args, "-f", qemuFormat(src[0]))
 	}
 	args = append(append(args, src...), "-O", "raw", out)
 	mustRun(t, "qemu-img", args...)
 	return fileBytes(t, out)
+}
+
+// qemuFormat is qemu's name for the format of a test image: vpc or vhdx.
+func qemuFormat(path string) string {
+	if formatOf(path) == "vhdx" {
+		return "vhdx"
+	}
+	return "vpc"
 }
 
 // qemuWrite writes pattern bytes into a vpc image with qemu-io.
@@ -64,7 +74,7 @@ type qemuWrite struct {
 func qemuIOWrite(t testing.TB, image string, ws []qemuWrite) {
 	t.Helper()
 	requireTool(t, "qemu-io")
-	args := []string{"-f", "vpc"}
+	args := []string{"-f", qemuFormat(image)}
 	for _, w := range ws {
 		args = append(args, "-c", fmt.Sprintf("write -P %#02x %d %d", w.pattern, w.off, w.n))
 	}

@@ -12,11 +12,10 @@ import (
 	"time"
 )
 
-// rpImage makes a 16 MiB dynamic image with its first 8 MiB written.
-func rpImage(t *testing.T) string {
+// rpImage makes a 16 MiB dynamic image of format with its first 8 MiB written.
+func rpImage(t *testing.T, format string) string {
 	t.Helper()
-	img := filepath.Join(t.TempDir(), "a.vhd")
-	mustVhdfs(t, "create", "--size", "16M", img)
+	img := createBase(t, t.TempDir(), format, 0, "a", "--size", "16M")
 	mnt := mMountpoint(t)
 	mMount(t, img, mnt)
 	mustRun(t, "dd", "if=/dev/urandom", "of="+filepath.Join(mnt, "disk.raw"), "bs=1M", "count=8", "conv=notrunc", "status=none")
@@ -90,7 +89,7 @@ func TestMountReadAhead(t *testing.T) {
 	if os.Geteuid() != 0 {
 		t.Skip("only root may set a mount's read_ahead_kb")
 	}
-	img := rpImage(t)
+	img := rpImage(t, "vhd") // mount options: the format does not matter
 	for _, tc := range []struct {
 		name  string
 		flags []string
@@ -115,23 +114,25 @@ func TestMountReadAhead(t *testing.T) {
 // (go-fuse 2.12.1 logged a failed splice for each).
 func TestMountReadsLogNothing(t *testing.T) {
 	requireTool(t, "dd")
-	img := rpImage(t)
-	mnt := mMountpoint(t)
-	logPath := rpForeground(t, img, mnt, "-r")
-	mustRun(t, "dd", "if="+filepath.Join(mnt, "disk.raw"), "of=/dev/null", "iflag=direct", "bs=1M", "status=none")
-	mustRun(t, "dd", "if="+filepath.Join(mnt, "disk.raw"), "of=/dev/null", "bs=1M", "status=none")
-	mUmount(t, mnt)
-	for _, line := range strings.Split(strings.TrimSpace(string(fileBytes(t, logPath))), "\n") {
-		if !strings.Contains(line, "mounted") {
-			t.Errorf("mount log has a line besides (un)mounted: %q", line)
+	forEachFormat(t, func(t *testing.T, format string) {
+		img := rpImage(t, format)
+		mnt := mMountpoint(t)
+		logPath := rpForeground(t, img, mnt, "-r")
+		mustRun(t, "dd", "if="+filepath.Join(mnt, "disk.raw"), "of=/dev/null", "iflag=direct", "bs=1M", "status=none")
+		mustRun(t, "dd", "if="+filepath.Join(mnt, "disk.raw"), "of=/dev/null", "bs=1M", "status=none")
+		mUmount(t, mnt)
+		for _, line := range strings.Split(strings.TrimSpace(string(fileBytes(t, logPath))), "\n") {
+			if !strings.Contains(line, "mounted") {
+				t.Errorf("mount log has a line besides (un)mounted: %q", line)
+			}
 		}
-	}
+	})
 }
 
 // TestMountDirectIO: with direct_io every read of disk.raw reaches vhdfs, the second
 // as much as the first; without it the second comes from the page cache.
 func TestMountDirectIO(t *testing.T) {
-	img := rpImage(t)
+	img := rpImage(t, "vhd") // a mount option: the format does not matter
 	for _, tc := range []struct {
 		name      string
 		flags     []string

@@ -6,13 +6,13 @@ import (
 	"github.com/vhdfs/vhdfs/image"
 	"github.com/vhdfs/vhdfs/probe"
 	"github.com/vhdfs/vhdfs/vhd"
+	"github.com/vhdfs/vhdfs/vhdx"
 )
 
 // testFormats are the formats the merge tests build their chains in: every test that
-// builds a chain runs once per format, from the same table. VHDX joins ("vhdx") when
-// package vhdx creates images (issue 10): add it here and a case to createBase.
-// (test/chain_test.go keeps the same list for the end-to-end tests.)
-var testFormats = []string{"vhd"}
+// builds a chain runs once per format, from the same table (test/chain_test.go keeps
+// the same list for the end-to-end tests).
+var testFormats = []string{"vhd", "vhdx"}
 
 // forEachFormat runs f as a subtest named after each format of testFormats.
 func forEachFormat(t *testing.T, f func(t *testing.T, format string)) {
@@ -65,13 +65,12 @@ func createBase(t *testing.T, format, path string, typ image.Type, size, blockSi
 	switch format {
 	case "vhd":
 		err = vhd.Create(path, vhd.CreateOptions{Type: typ, Size: size, ExactSize: true, BlockSize: blockSize})
-	// VHDX, once package vhdx has Create (issue 10):
-	//	case "vhdx":
-	//		o := vhdx.CreateOptions{Type: typ, Size: size}
-	//		if typ != image.Fixed {
-	//			o.BlockSize = blockSize
-	//		}
-	//		err = vhdx.Create(path, o)
+	case "vhdx":
+		o := vhdx.CreateOptions{Type: typ, Size: size}
+		if typ != image.Fixed {
+			o.BlockSize = blockSize
+		}
+		err = vhdx.Create(path, o)
 	default:
 		t.Fatalf("the merge tests cannot create %s images yet: add a case to createBase", format)
 	}

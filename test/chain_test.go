@@ -95,9 +95,7 @@ func (g *writeGen) writes(n int) []write {
 
 // testFormats are the formats every table-driven end-to-end test runs on: each test
 // that mounts, writes, merges or kills runs once per format, from the same table.
-// VHDX joins ("vhdx") when `vhdfs create` makes VHDX images (issue 10); nothing else
-// has to change.
-var testFormats = []string{"vhd"}
+var testFormats = []string{"vhd", "vhdx"}
 
 // forEachFormat runs f as a subtest named after each format of testFormats.
 func forEachFormat(t *testing.T, f func(t *testing.T, format string)) {

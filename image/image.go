@@ -82,6 +82,13 @@ type Image interface {
 	Describe() Description
 }
 
+// LogHolder is implemented by formats with a metadata log (VHDX): LogPending reports
+// whether the file holds log entries not yet replayed into it, which this handle
+// (opened read-only) replays in memory. A writable open replays them into the file.
+type LogHolder interface {
+	LogPending() bool
+}
+
 // Type is the kind of image. The values are the VHD footer's.
 type Type uint32
 

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 
 	"github.com/vhdfs/vhdfs/chain"
 	"github.com/vhdfs/vhdfs/image"
@@ -20,6 +21,36 @@ import (
 // completes it). It returns a line for people saying which, or "" if there was no
 // journal.
 func Recover(top string) (string, error) {
+	msg, err := recoverJournal(top)
+	if err != nil {
+		return "", err
+	}
+	// Then the logs of the chain's images: a crash while a merge wrote its target
+	// (with or without a journal) can leave one there, which readers replay in
+	// memory only, and qemu refuses.
+	c, err := chain.OpenWith(top, chain.OpenOptions{ForceShare: true})
+	if err != nil {
+		return msg, nil // the writer's own open says why
+	}
+	var paths []string
+	for _, l := range c.Layers() {
+		paths = append(paths, l.Path)
+	}
+	c.Close()
+	for _, p := range paths {
+		replayed, err := replayLog(p)
+		if err != nil {
+			return "", fmt.Errorf("%s: %w", top, err)
+		}
+		if replayed {
+			msg = strings.TrimPrefix(msg+"; replayed the log of "+p, "; ")
+		}
+	}
+	return msg, nil
+}
+
+// recoverJournal is Recover's work on the journal.
+func recoverJournal(top string) (string, error) {
 	j, err := chain.ReadJournal(top)
 	if err != nil || j == nil {
 		return "", err
@@ -27,6 +58,13 @@ func Recover(top string) (string, error) {
 	jp := chain.JournalPath(top)
 	fail := func(err error) (string, error) {
 		return "", fmt.Errorf("%s: recovering the interrupted %q (journal %s): %w", top, j.Command, jp, err)
+	}
+	// A cut inside a VHDX's log write leaves entries to replay: the files the merge
+	// wrote get them replayed into the file first, whatever is done next.
+	for _, p := range []string{j.Top, j.OldTop, j.Target, j.Last, j.Above} {
+		if _, err := replayLog(p); err != nil {
+			return fail(err)
+		}
 	}
 	if j.Phase == chain.PhaseRelink {
 		if err := rollForward(j); err != nil {
@@ -79,6 +117,34 @@ func Recover(top string) (string, error) {
 		return fail(err)
 	}
 	return fmt.Sprintf("rolled back the interrupted %q: the old top is back at %s%s (journal %s)", j.Command, j.Top, note, jp), nil
+}
+
+// replayLog replays into the file the log entries an image at path holds, if its
+// format has a log and the log is not empty, and says whether it did. No file
+// there, or one another process has open, is left as it is (a reader replays the
+// log in memory).
+func replayLog(path string) (bool, error) {
+	if path == "" {
+		return false, nil
+	}
+	img, err := probe.Open(path, probe.ForceShare)
+	if err != nil {
+		return false, nil // the steps that need the file say why
+	}
+	lh, ok := img.(image.LogHolder)
+	pending := ok && lh.LogPending()
+	img.Close()
+	if !pending {
+		return false, nil
+	}
+	w, err := probe.Open(path, probe.Writable)
+	if errors.Is(err, image.ErrLocked) {
+		return false, nil
+	}
+	if err != nil {
+		return false, err
+	}
+	return true, w.Close()
 }
 
 // pushDone reports whether the fresh top of a merge from the top took the top's

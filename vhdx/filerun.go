@@ -54,9 +54,10 @@ func (img *Image) FileRun(off, n int64) (f *os.File, fileOff, k int64, ok bool) 
 
 // CopyFrom copies n bytes at srcOff of src into the image at off with
 // copy_file_range(2), so the kernel moves the bytes (and XFS or btrfs share them by
-// reflink). It copies only into a FULLY_PRESENT block, which stores the range in
-// place, and stops at the block's end (the caller calls again for the rest); any
-// other block is ErrNotInPlace (WriteAt allocates it and logs its BAT entry). It
+// reflink). It copies only into a block that is stored (FULLY_PRESENT, or
+// PARTIALLY_PRESENT, whose bits for the range it then sets), and stops at the
+// block's end (the caller calls again for the rest); any other block is
+// ErrNotInPlace (WriteAt allocates it). It
 // follows WriteAt's rules: off and n are whole logical sectors inside Size, and the
 // first change of data gives the header a new DataWriteGuid unless SetID gave one.
 // The bytes are durable at the next Sync. It returns the bytes copied (whole logical
@@ -74,7 +75,7 @@ func (img *Image) CopyFrom(src *os.File, srcOff, off, n int64) (int64, error) {
 		return 0, fmt.Errorf("%s: copy of %d bytes to %d past the size %d: %w", img.name, n, off, g.size, ErrOutOfRange)
 	}
 	// Only a plain file: a File that injects faults must see every write.
-	dst, ok := faults.OSFile(img.src.f)
+	dst, ok := img.src.f.(*os.File)
 	if !ok {
 		return 0, fmt.Errorf("%s: copy to %d: not a plain file: %w", img.name, off, ErrNotInPlace)
 	}
@@ -85,7 +86,7 @@ func (img *Image) CopyFrom(src *os.File, srcOff, off, n int64) (int64, error) {
 	defer img.mu.Unlock()
 	blk, in := off/g.blockSize, off%g.blockSize
 	e := img.bat[g.payloadIndex(blk)]
-	if e.state() != FullyPresent {
+	if e.state() != FullyPresent && e.state() != PartiallyPresent {
 		return 0, fmt.Errorf("%s: copy to block %d, which is %v: %w", img.name, blk, e.state(), ErrNotInPlace)
 	}
 	if err := img.usableLocked(off); err != nil {
@@ -94,12 +95,24 @@ func (img *Image) CopyFrom(src *os.File, srcOff, off, n int64) (int64, error) {
 	if err := img.beginWriteLocked(); err != nil {
 		return 0, err
 	}
-	return fileio.CopyRange(src, srcOff, dst, e.offset()+in, min(n, g.blockSize-in), g.sectorSize, img.name)
+	k, err := fileio.CopyRange(src, srcOff, dst, e.offset()+in, min(n, g.blockSize-in), g.sectorSize, img.name)
+	if k > 0 && e.state() == PartiallyPresent {
+		// The copied sectors are the block's now: their bits are set as a write's.
+		if berr := img.commitLocked(nil, &bitRange{blk, in / g.sectorSize, k / g.sectorSize, false}); berr != nil {
+			return 0, berr
+		}
+	}
+	return k, err
 }
 
-// NoReservation does nothing: new blocks are holes the file grows by (extendLocked)
-// and are never reserved ahead with fallocate.
-func (img *Image) NoReservation() {}
+// NoReservation stops reserving the space of new blocks (reserveLocked): for a
+// writer whose writes count only once its own Sync succeeds (a merge copying into its
+// target, which fails as a whole on ENOSPC). Call it before the first write.
+func (img *Image) NoReservation() {
+	img.mu.Lock()
+	img.noReserve = true
+	img.mu.Unlock()
+}
 
 // StartWriteback asks the kernel to begin writing the file's dirty pages without
 // waiting for them (sync_file_range with SYNC_FILE_RANGE_WRITE).

@@ -58,6 +58,7 @@ type Image struct {
 	dataWriteGuidSet bool         // guarded by mu: a new DataWriteGuid is on disk
 	logSeq           uint64       // guarded by mu: the sequence number of the last log entry written
 	failed           error        // guarded by mu: a metadata update that failed half way; no more writes
+	noReserve        bool         // guarded by mu: see NoReservation
 }
 
 // Open opens the image at name, read-only unless writable, and locks it with qemu's
@@ -441,6 +442,12 @@ func (img *Image) ParentLocator() map[string]string {
 // LogReplayed is the number of log entries replayed at open: in memory for a
 // read-only image, into the file for a writable one.
 func (img *Image) LogReplayed() int { return img.logEntries }
+
+// LogPending reports whether the file holds log entries this read-only handle
+// replayed in memory only (image.LogHolder).
+func (img *Image) LogPending() bool { return img.src.ov != nil }
+
+var _ image.LogHolder = (*Image)(nil)
 
 // Writable reports whether the image was opened for writing.
 func (img *Image) Writable() bool { return img.writable }

@@ -2,8 +2,11 @@ package vhdx
 
 import (
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"sort"
+
+	"github.com/vhdfs/vhdfs/internal/fileio"
 )
 
 // WriteAt writes whole logical sectors: off and len(p) must be multiples of the
@@ -62,8 +65,16 @@ func (img *Image) writeBlockLocked(blk, in int64, d []byte) error {
 	case PartiallyPresent:
 		setBits = true
 	default:
+		// Zeros over a block that reads as zeros (every state but NOT_PRESENT of a
+		// differencing image, which shows the parent) change nothing.
+		if !(img.meta.Load().HasParent && e.state() == NotPresent) && fileio.AllZero(d) {
+			return nil
+		}
 		start, err := img.extendLocked(g.blockSize)
 		if err != nil {
+			return err
+		}
+		if err := img.reserveLocked(blk, start, in, int64(len(d))); err != nil {
 			return err
 		}
 		blockLen := min(g.blockSize, g.size-blk*g.blockSize)
@@ -76,6 +87,9 @@ func (img *Image) writeBlockLocked(blk, in int64, d []byte) error {
 		if bi := g.bitmapIndex(blk); setBits && img.bat[bi].state() != Present {
 			bstart, err := img.extendLocked(sectorBitmapBlockSize)
 			if err != nil {
+				return err
+			}
+			if err := img.reserveLocked(-1, bstart, 0, sectorBitmapBlockSize); err != nil {
 				return err
 			}
 			bat[bi] = makeEntry(Present, bstart)
@@ -91,6 +105,36 @@ func (img *Image) writeBlockLocked(blk, in int64, d []byte) error {
 		bits = &bitRange{blk, in / g.sectorSize, int64(len(d)) / g.sectorSize, bat != nil}
 	}
 	return img.commitLocked(bat, bits)
+}
+
+// maxReservedBlock is the largest block reserved whole when it is allocated (as
+// VHD's): 2 MiB checkpoint blocks are; of Hyper-V's 32 MiB blocks only what is
+// written is.
+const maxReservedBlock = 16 * MiB
+
+// reserveLocked sets aside the file space a write into new block blk at start needs
+// (all of a block up to maxReservedBlock, else the n bytes written at in; blk -1 is a
+// sector bitmap block, reserved whole), so that a full file system fails the write
+// with ENOSPC before any of its bytes land. Nothing is reserved after NoReservation,
+// or where the file system cannot.
+func (img *Image) reserveLocked(blk, start, in, n int64) error {
+	if img.noReserve {
+		return nil
+	}
+	if blk < 0 || img.geo.blockSize <= maxReservedBlock {
+		in, n = 0, min(img.geo.blockSize, img.src.vsize-start)
+		if blk < 0 {
+			n = sectorBitmapBlockSize
+		}
+	}
+	err := fileio.Reserve(img.src.f, start+in, n)
+	if errors.Is(err, errors.ErrUnsupported) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("%s: reserve %d bytes for block %d at %d: %w", img.name, n, blk, start+in, err)
+	}
+	return nil
 }
 
 // extendLocked makes room for n bytes at the end of the file, 1 MiB-aligned, and

@@ -17,6 +17,7 @@ import (
 
 	"github.com/hanwen/go-fuse/v2/fs"
 	"github.com/hanwen/go-fuse/v2/fuse"
+	"github.com/hanwen/go-fuse/v2/splice"
 	"golang.org/x/sys/unix"
 
 	"github.com/vhdfs/vhdfs/chain"
@@ -63,6 +64,8 @@ type Root struct {
 	mtime time.Time
 
 	ctl *control
+	// splice: go-fuse splices replies that name a file (it can on this kernel).
+	splice bool
 
 	controlIno atomic.Uint64 // inode numbers of control, one per lookup
 
@@ -221,6 +224,21 @@ func (r *Root) debugf(format string, args ...any) {
 // Mount serves c at dir and returns once the kernel has the mount.
 func Mount(dir string, c *chain.Chain, opts Options) (*fuse.Server, *Root, error) {
 	root := NewRoot(c, opts)
+	root.splice = splice.Resizable() && os.Getenv("VHDFS_XSPLICE") != "0"
+	if v := os.Getenv("VHDFS_XMINSPLICE"); v != "" {
+		minSplice, _ = strconv.ParseInt(v, 10, 64)
+	}
+	// 1 MiB: the largest request the kernel's default max_pages (256) allows.
+	// go-fuse asks for max_pages from MaxWrite, and makes it max_read too. When
+	// replies are spliced, 512 KiB: go-fuse's pipe, at most pipe-max-size (1 MiB
+	// by default), must hold a reply and a page more (see maxSplice).
+	mw := 1 << 20
+	if root.splice {
+		mw = int(min(maxRequest, maxSplice))
+	}
+	if v := os.Getenv("VHDFS_XMAXWRITE"); v != "" {
+		mw, _ = strconv.Atoi(v)
+	}
 	sec := time.Second
 	top := c.Layers()[0].Path
 	fsname := opts.FsName
@@ -233,6 +251,9 @@ func Mount(dir string, c *chain.Chain, opts Options) (*fuse.Server, *Root, error
 	if opts.ReadOnly {
 		kopts = append(kopts, "ro")
 	}
+	if mr := os.Getenv("VHDFS_XMAXREAD"); mr != "" {
+		kopts = append(kopts, "max_read="+mr)
+	}
 	fsopts := &fs.Options{
 		// No default entry timeout: the lookups set theirs, control's is zero.
 		AttrTimeout: &sec,
@@ -240,14 +261,11 @@ func Mount(dir string, c *chain.Chain, opts Options) (*fuse.Server, *Root, error
 			AllowOther: opts.AllowOther,
 			FsName:     strings.ReplaceAll(fsname, ",", "_"),
 			Name:       "vhdfs",
-			// 1 MiB: the largest request the kernel's default max_pages (256) allows;
-			// go-fuse asks for max_pages from MaxWrite.
-			MaxWrite:     1 << 20,
-			MaxReadAhead: 1 << 20,
-			// go-fuse would try to splice every reply made of bytes, fail, and drain
-			// its pipe: three wasted syscalls per READ, and a log line for each
-			// reply of 1 MiB.
-			DisableSplice: true,
+			MaxWrite:     mw,
+			MaxReadAhead: mw,
+			// Replies of bytes go as vectors, which go-fuse never tries to splice;
+			// only the replies that name an image file do (see Read).
+			DisableSplice: !root.splice,
 			Debug:         opts.Debug,
 			DisableXAttrs: true,
 			Options:       kopts,

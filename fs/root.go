@@ -258,9 +258,9 @@ func Mount(dir string, c *chain.Chain, opts Options) (*fuse.Server, *Root, error
 		// No default entry timeout: the lookups set theirs, control's is zero.
 		AttrTimeout: &sec,
 		MountOptions: fuse.MountOptions{
-			AllowOther: opts.AllowOther,
-			FsName:     strings.ReplaceAll(fsname, ",", "_"),
-			Name:       "vhdfs",
+			AllowOther:   opts.AllowOther,
+			FsName:       strings.ReplaceAll(fsname, ",", "_"),
+			Name:         "vhdfs",
 			MaxWrite:     mw,
 			MaxReadAhead: mw,
 			// Replies of bytes go as vectors, which go-fuse never tries to splice;

@@ -224,20 +224,17 @@ func (r *Root) debugf(format string, args ...any) {
 // Mount serves c at dir and returns once the kernel has the mount.
 func Mount(dir string, c *chain.Chain, opts Options) (*fuse.Server, *Root, error) {
 	root := NewRoot(c, opts)
-	root.splice = splice.Resizable() && os.Getenv("VHDFS_XSPLICE") != "0"
-	if v := os.Getenv("VHDFS_XMINSPLICE"); v != "" {
-		minSplice, _ = strconv.ParseInt(v, 10, 64)
-	}
+	// Splice where pipes can hold a whole 512 KiB request (pipe-max-size is 1 MiB
+	// unless someone lowered it).
+	root.splice = splice.Resizable() && maxSplice >= maxRequest
 	// 1 MiB: the largest request the kernel's default max_pages (256) allows.
 	// go-fuse asks for max_pages from MaxWrite, and makes it max_read too. When
-	// replies are spliced, 512 KiB: go-fuse's pipe, at most pipe-max-size (1 MiB
-	// by default), must hold a reply and a page more (see maxSplice).
+	// replies are spliced, 512 KiB: go-fuse's pipe must hold a reply and a page
+	// more (see maxSplice). Measured on a cold read of a 2 GiB chain, 512 KiB
+	// spliced beat 1 MiB copied by a third, with a quarter less server CPU.
 	mw := 1 << 20
 	if root.splice {
-		mw = int(min(maxRequest, maxSplice))
-	}
-	if v := os.Getenv("VHDFS_XMAXWRITE"); v != "" {
-		mw, _ = strconv.Atoi(v)
+		mw = int(maxRequest)
 	}
 	sec := time.Second
 	top := c.Layers()[0].Path
@@ -251,9 +248,6 @@ func Mount(dir string, c *chain.Chain, opts Options) (*fuse.Server, *Root, error
 	if opts.ReadOnly {
 		kopts = append(kopts, "ro")
 	}
-	if mr := os.Getenv("VHDFS_XMAXREAD"); mr != "" {
-		kopts = append(kopts, "max_read="+mr)
-	}
 	fsopts := &fs.Options{
 		// No default entry timeout: the lookups set theirs, control's is zero.
 		AttrTimeout: &sec,
@@ -262,7 +256,7 @@ func Mount(dir string, c *chain.Chain, opts Options) (*fuse.Server, *Root, error
 			FsName:       strings.ReplaceAll(fsname, ",", "_"),
 			Name:         "vhdfs",
 			MaxWrite:     mw,
-			MaxReadAhead: mw,
+			MaxReadAhead: 1 << 20,
 			// Replies of bytes go as vectors, which go-fuse never tries to splice;
 			// only the replies that name an image file do (see Read).
 			DisableSplice: !root.splice,

@@ -12,6 +12,8 @@
 #   BENCH_OUT          where the table goes as well (default bench-results.md)
 #   BENCH_DIR          parent of the fixture directory (default $TMPDIR or /tmp)
 #   BENCH_KEEP=1       keep the fixtures (everything is still unmounted)
+#   BENCH_BASELINE     another vhdfs binary: its fresh-mount sequential read joins
+#                      the rotation, for an A/B within one run
 #
 # Progress goes to stderr, the table to stdout. Every mount is undone on exit, even on
 # failure or Ctrl-C, and the fixtures are removed.
@@ -321,6 +323,14 @@ coldread() { # KEY
         timed_read direct_vhdfs "$disk" "$pid" $(ddr "$mnt/disk.raw" iflag=direct)
       fi
       ;;
+    baseline) # BENCH_BASELINE: another vhdfs binary, for an A/B in one run
+      vumount "$mnt"
+      "$BENCH_BASELINE" mount -r "$dir/top.vhd" "$mnt" >>"$dir/cmd.log"
+      pid=$(json_field "$mnt/control" 'd["pid"]')
+      timed_read baseline "$disk" "$pid" $(ddr "$mnt/disk.raw")
+      "$BENCH_BASELINE" umount "$mnt"
+      vmount -r "$dir/top.vhd" "$mnt"
+      ;;
     loopback)
       "$loopback" -ro -q "$lmnt" "$lodir" >>"$dir/cmd.log" 2>&1 &
       pid=$!
@@ -347,7 +357,7 @@ coldread() { # KEY
       ;;
   esac
 }
-cold_tools="vhdfs direct_vhdfs cat vhdimount${loopback:+ loopback}${qsd:+ qsd}"
+cold_tools="vhdfs direct_vhdfs cat vhdimount${loopback:+ loopback}${qsd:+ qsd}${BENCH_BASELINE:+ baseline}"
 for ((i = 1; i <= runs; i++)); do
   # Rotate the order so none of them always goes first.
   set -- $cold_tools
@@ -680,6 +690,9 @@ def info(name, a, b, unit, alt_name):
     if a in samples and b in samples:
         va, vb = med(a), med(b)
         rows.append([name, f"{num(va)} {unit}", f"{alt_name}: {num(vb)} {unit}", f"{va / vb:.2f}×", "—", "—"])
+if "coldread_baseline" in samples:
+    info("sequential read, dd bs=1M, fresh mount, against BENCH_BASELINE", "coldread_vhdfs", "coldread_baseline", "MiB/s", "$(basename "${BENCH_BASELINE:-none}")")
+    rows[-1][2] += f" (CPU {med('coldcpu_baseline'):.2f} s/GiB)"
 info("sequential read, dd bs=1M, fresh mount (informational)", "coldread_vhdfs", "coldread_qsd", "MiB/s", "qemu-storage-daemon's FUSE export of base.vhd")
 info("sequential read, dd bs=1M, fresh mount (informational)", "coldread_vhdfs", "coldread_vhdimount", "MiB/s", "vhdimount, fresh")
 compare("sequential read, dd bs=1M iflag=direct, fresh mount", "coldread_direct_vhdfs", "coldread_cat", "MiB/s", "cat of the exported raw", 0.5)

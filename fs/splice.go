@@ -7,6 +7,7 @@ import (
 
 	"github.com/hanwen/go-fuse/v2/fuse"
 	"github.com/hanwen/go-fuse/v2/splice"
+	"golang.org/x/sys/unix"
 
 	"github.com/vhdfs/vhdfs/chain"
 )
@@ -69,7 +70,8 @@ func (n *diskNode) spliceRead(size, off int64) (fuse.ReadResult, bool) {
 			var k int64
 			var err error
 			for {
-				k, err = syscall.Splice(fd, &fo, int(pair.WriteFd()), nil, int(left), 0)
+				// Never wait for room: a full pipe falls back to a copy.
+				k, err = syscall.Splice(fd, &fo, int(pair.WriteFd()), nil, int(left), unix.SPLICE_F_NONBLOCK)
 				if err != syscall.EINTR {
 					break
 				}

@@ -64,7 +64,8 @@ type Root struct {
 	mtime time.Time
 
 	ctl *control
-	// splice: go-fuse splices replies that name a file (it can on this kernel).
+	// splice: large READ replies are spliced from the image files (see Read);
+	// set at mount, where pipes can be resized to hold a whole request.
 	splice bool
 
 	controlIno atomic.Uint64 // inode numbers of control, one per lookup

@@ -17,7 +17,9 @@ import (
 // (ReadResultPipe); a reply of bytes goes as a ReadResultVector, which go-fuse writes
 // with writev and never tries to splice.
 var (
-	// minSplice: below it, the splice's extra syscalls cost more than a copy.
+	// minSplice: below it, the splice's extra syscalls cost more than a copy. Server
+	// CPU per GiB of O_DIRECT reads of a 2 GiB chain, copied / spliced: 64 KiB
+	// 0.63 / 0.72 s, 128 KiB 0.56 / 0.43 s, 512 KiB 0.49 / 0.34 s.
 	minSplice int64 = 128 << 10
 	// maxSplice: go-fuse's own pipe holds the reply's header, the payload and a
 	// page, and cannot grow past pipe-max-size; a larger reply would fail its

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/binary"
 	"errors"
+	"fmt"
 	"io"
 	"math/rand/v2"
 	"os"
@@ -183,7 +184,9 @@ func checkReads(t *testing.T, r *rand.Rand, c *Chain, depth int, model []byte) {
 		if k > 0 && !bytes.Equal(p[:k], model[off:off+int64(k)]) {
 			t.Fatalf("depth %d: ReadAtDepth(%d bytes at %d) differs from the model at +%d", depth, n, off, firstDiff(p[:k], model[off:]))
 		}
+		checkFileRuns(t, c, depth, model, off, n)
 	}
+	checkFileRuns(t, c, depth, model, 0, size)
 	for off := int64(0); off < size; {
 		n, present, err := c.Run(depth, off, size-off)
 		if err != nil || n <= 0 {
@@ -304,4 +307,42 @@ func setLocators(t *testing.T, path string, name string, locs []locator) {
 	copy(h.ParentUnicodeName[:], utf16BE(name))
 	copy(body[headerOff:], h.Marshal())
 	writeFile(t, path, append(body, foot...))
+}
+
+// checkFileRuns compares the pieces FileRuns gives for [off, off+n) of the view from
+// depth down, read from their files, with model.
+func checkFileRuns(t *testing.T, c *Chain, depth int, model []byte, off, n int64) {
+	t.Helper()
+	size := int64(len(model))
+	var l *Layer // the whole chain: nil
+	if depth > 0 {
+		l = c.Layers()[depth]
+	}
+	var got []byte
+	total, err := c.FileRuns(l, off, n, func(p Piece) error {
+		if p.N <= 0 {
+			return fmt.Errorf("a piece of %d bytes", p.N)
+		}
+		b := make([]byte, p.N)
+		if p.File != nil {
+			if _, err := p.File.ReadAt(b, p.FileOff); err != nil {
+				return err
+			}
+		}
+		got = append(got, b...)
+		return nil
+	})
+	if off >= size {
+		if total != 0 || !errors.Is(err, io.EOF) {
+			t.Fatalf("depth %d: FileRuns(%d bytes at %d), past the end = %d, %v; want 0, EOF", depth, n, off, total, err)
+		}
+		return
+	}
+	want := min(n, size-off)
+	if err != nil || total != want || int64(len(got)) != want {
+		t.Fatalf("depth %d: FileRuns(%d bytes at %d) = %d (pieces of %d bytes), %v; want %d", depth, n, off, total, len(got), err, want)
+	}
+	if !bytes.Equal(got, model[off:off+want]) {
+		t.Fatalf("depth %d: FileRuns(%d bytes at %d) differ from the model at +%d", depth, n, off, firstDiff(got, model[off:]))
+	}
 }

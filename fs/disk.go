@@ -83,12 +83,21 @@ func (n *diskNode) Open(ctx context.Context, flags uint32) (fs.FileHandle, uint3
 
 var _ = (fs.NodeReader)((*diskNode)(nil))
 
+// Read splices the replies large enough for a splice to win (see minSplice) from
+// the image files; it copies the rest.
 func (n *diskNode) Read(ctx context.Context, fh fs.FileHandle, dest []byte, off int64) (fuse.ReadResult, syscall.Errno) {
+	if want := int64(len(dest)); want >= minSplice && want <= maxSplice && n.root.splice {
+		if r, ok := n.spliceRead(want, off); ok {
+			return r, 0
+		}
+	}
 	k, err := n.readAt(dest, off)
 	if err != nil && err != io.EOF {
 		return nil, n.root.errno("read", err)
 	}
-	return fuse.ReadResultData(dest[:k]), 0
+	// A vector, not ReadResultData: go-fuse writes it with writev and does not
+	// try (and fail) to splice it.
+	return fuse.ReadResultVector([][]byte{dest[:k]}), 0
 }
 
 var _ = (fs.NodeWriter)((*diskNode)(nil))

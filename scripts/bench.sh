@@ -12,6 +12,8 @@
 #   BENCH_OUT          where the table goes as well (default bench-results.md)
 #   BENCH_DIR          parent of the fixture directory (default $TMPDIR or /tmp)
 #   BENCH_KEEP=1       keep the fixtures (everything is still unmounted)
+#   BENCH_BASELINE     another vhdfs binary: its fresh-mount sequential read joins
+#                      the rotation, for an A/B within one run
 #
 # Progress goes to stderr, the table to stdout. Every mount is undone on exit, even on
 # failure or Ctrl-C, and the fixtures are removed.
@@ -81,6 +83,10 @@ cleanup() {
     0 | 130 | 143) ;;
     *) echo "bench: failed (exit $rc); cleaning up" >&2 ;;
   esac
+  if [ -s "$dir/qsd.pid" ] && grep -q qemu-storage "/proc/$(cat "$dir/qsd.pid")/comm" 2>/dev/null; then
+    kill "$(cat "$dir/qsd.pid")"
+    sleep 0.5
+  fi
   while read -r mp type; do
     [ -n "$mp" ] || continue
     echo "bench: unmounting $mp" >&2
@@ -244,26 +250,144 @@ done
 
 # The primary read rows: a fresh mount for every sample, so disk.raw starts cold and
 # every byte goes through FUSE and vhdfs (the image files stay in the page cache, as
-# chain.raw does for cat).
-coldread() { # KEY
-  local t0
-  vumount "$mnt"
-  vmount -r "$dir/top.vhd" "$mnt"
-  t0=$(now)
-  case $1 in
-    cat) cat "$dir/chain.raw" >/dev/null ;;
-    vhdfs) dd if="$mnt/disk.raw" of=/dev/null bs=1M status=none ;;
-    direct_vhdfs) dd if="$mnt/disk.raw" of=/dev/null bs=1M iflag=direct status=none ;;
-  esac
-  record "coldread_$1" "$(mibps "$disk" $(($(now) - t0)))"
+# chain.raw does for cat). The others, each fresh for every sample too: go-fuse's own
+# loopback serving chain.raw (the FUSE ceiling without passthrough),
+# qemu-storage-daemon's FUSE export of base.vhd (qemu reads no differencing VHD; the
+# base is as large and fully written) and vhdimount. CPU is the reader's (rusage) plus
+# the server's (/proc/PID/stat), per GiB read.
+lodir=$dir/lo lmnt=$dir/lmnt qfile=$dir/qsd.raw vmnt2=$dir/vmnt2
+mkdir -p "$lodir" "$lmnt" "$vmnt2"
+ln "$dir/chain.raw" "$lodir/chain.raw"
+: >"$qfile"
+loopback=""
+# go-fuse's example loopback hands each file to the kernel (FUSE passthrough) when it
+# runs as root; internal/benchloopback is the same file system without it.
+if (cd "$repo" && ${GO:-go} build -o "$dir/loopback" ./internal/benchloopback) 2>>"$dir/cmd.log"; then
+  loopback=$dir/loopback
+else
+  note "no go-fuse loopback rows: could not build internal/benchloopback (see cmd.log)"
+fi
+qsd=$(command -v qemu-storage-daemon || true)
+[ -n "$qsd" ] || note "no qemu-storage-daemon rows: it is missing (qemu-system-common; make deps)"
+tck=$(getconf CLK_TCK)
+proc_cpu() { # PID: CPU seconds used so far by the process
+  awk -v t="$tck" '{ printf "%.3f", ($14 + $15) / t }' "/proc/$1/stat"
 }
-for ((i = 1; i <= runs; i++)); do
-  case $((i % 3)) in
-    1) order="vhdfs direct_vhdfs cat" ;; 2) order="direct_vhdfs cat vhdfs" ;; 0) order="cat vhdfs direct_vhdfs" ;;
+# timed_read KEY BYTES SERVER_PID CMD...: runs CMD, records MiB/s and CPU s/GiB.
+timed_read() {
+  local key=$1 bytes=$2 spid=$3 s0=0 s1=0 ns c
+  shift 3
+  [ -z "$spid" ] || s0=$(proc_cpu "$spid")
+  # Timed inside python, which starts before and reports after: ns and CPU seconds.
+  read -r ns c < <(python3 -c '
+import resource, subprocess, sys, time
+t = time.monotonic_ns()
+subprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL)
+t = time.monotonic_ns() - t
+r = resource.getrusage(resource.RUSAGE_CHILDREN)
+print(t, r.ru_utime + r.ru_stime)' "$@")
+  [ -z "$spid" ] || s1=$(proc_cpu "$spid")
+  record "coldread_$key" "$(mibps "$bytes" "$ns")"
+  record "coldcpu_$key" "$(awk -v c="$c" -v a="$s0" -v b="$s1" -v n="$bytes" 'BEGIN { printf "%.3f", (c + b - a) / (n / 1073741824) }')"
+}
+stop_qsd() { # PID: qemu-storage-daemon stays up when its export is unmounted
+  kill "$1" 2>/dev/null || true
+  wait_gone "$1"
+  if mountpoint -q "$qfile"; then fusermount3 -u "$qfile" || true; fi
+}
+wait_mounted() { # DIR
+  local i
+  for ((i = 0; i < 500; i++)); do
+    mountpoint -q "$1" && return 0
+    sleep 0.01
+  done
+  die "$1: not mounted after 5 s"
+}
+wait_gone() { # PID
+  local i
+  for ((i = 0; i < 500; i++)); do
+    kill -0 "$1" 2>/dev/null || return 0
+    sleep 0.01
+  done
+}
+ddr() { echo dd "if=$1" of=/dev/null bs=1M "${@:2}" status=none; }
+coldread() { # KEY
+  local pid
+  case $1 in
+    cat) timed_read cat "$disk" "" cat "$dir/chain.raw" ;;
+    vhdfs | direct_vhdfs)
+      vumount "$mnt"
+      vmount -r "$dir/top.vhd" "$mnt"
+      pid=$(json_field "$mnt/control" 'd["pid"]')
+      if [ "$1" = vhdfs ]; then
+        timed_read vhdfs "$disk" "$pid" $(ddr "$mnt/disk.raw")
+      else
+        timed_read direct_vhdfs "$disk" "$pid" $(ddr "$mnt/disk.raw" iflag=direct)
+      fi
+      ;;
+    baseline) # BENCH_BASELINE: another vhdfs binary, for an A/B in one run
+      vumount "$mnt"
+      "$BENCH_BASELINE" mount -r "$dir/top.vhd" "$mnt" >>"$dir/cmd.log"
+      pid=$(json_field "$mnt/control" 'd["pid"]')
+      timed_read baseline "$disk" "$pid" $(ddr "$mnt/disk.raw")
+      "$BENCH_BASELINE" umount "$mnt"
+      vmount -r "$dir/top.vhd" "$mnt"
+      ;;
+    loopback)
+      "$loopback" "$lmnt" "$lodir" >>"$dir/cmd.log" 2>&1 &
+      pid=$!
+      wait_mounted "$lmnt"
+      timed_read loopback "$disk" "$pid" $(ddr "$lmnt/chain.raw")
+      fusermount3 -u "$lmnt"
+      wait_gone "$pid"
+      ;;
+    qsd)
+      "$qsd" --blockdev "driver=file,node-name=f,filename=$dir/base.vhd,read-only=on" \
+        --blockdev driver=vpc,node-name=d,file=f,read-only=on \
+        --export "type=fuse,id=e,node-name=d,mountpoint=$qfile,writable=off" \
+        --pidfile "$dir/qsd.pid" --daemonize >>"$dir/cmd.log" 2>&1
+      pid=$(cat "$dir/qsd.pid")
+      timed_read qsd "$(stat -c %s "$qfile")" "$pid" $(ddr "$qfile")
+      stop_qsd "$pid"
+      ;;
+    vhdimount)
+      vhdimount "$dir/top.vhd" "$vmnt2" >>"$dir/cmd.log"
+      pid=$(pgrep -n -f -- "vhdimount $dir/top.vhd $vmnt2")
+      timed_read vhdimount "$vhdi_bytes" "$pid" $(ddr "$vmnt2/$(basename "$vfile")" "${vhdi_count[@]}")
+      fusermount3 -u "$vmnt2"
+      wait_gone "$pid"
+      ;;
   esac
-  for w in $order; do coldread "$w"; done
-  log "cold read $i/$runs: $(tail -n 3 "$samples" | awk '{ printf "%s %s MiB/s  ", substr($1, 10), $2 }')"
+}
+cold_tools="vhdfs direct_vhdfs cat vhdimount${loopback:+ loopback}${qsd:+ qsd}${BENCH_BASELINE:+ baseline}"
+for ((i = 1; i <= runs; i++)); do
+  # Rotate the order so none of them always goes first.
+  set -- $cold_tools
+  for ((k = 0; k < (i - 1) % $#; k++)); do set -- "${@:2}" "$1"; done
+  for w in "$@"; do coldread "$w"; done
+  log "cold read $i/$runs: $(tail -n $((2 * $#)) "$samples" | awk '$1 ~ /^coldread/ { printf "%s %s MiB/s  ", substr($1, 10), $2 }')"
 done
+vumount "$mnt"
+vmount -r "$dir/top.vhd" "$mnt"
+
+# --- 1c. -o direct_io: what a re-read costs without the page cache ------------------
+
+# The warm re-read of disk.raw mounted with -o direct_io (every read goes through vhdfs
+# again) against the default mount's warm re-read (the page cache).
+dmnt=$dir/dmnt
+mkdir -p "$dmnt"
+vmount -r -o direct_io "$dir/top.vhd" "$dmnt"
+dd if="$mnt/disk.raw" of=/dev/null bs=1M status=none
+dd if="$dmnt/disk.raw" of=/dev/null bs=1M status=none
+for ((i = 1; i <= runs; i++)); do
+  for w in directio cached; do
+    t0=$(now)
+    dd if="$([ $w = directio ] && echo "$dmnt" || echo "$mnt")/disk.raw" of=/dev/null bs=1M status=none
+    record "reread_$w" "$(mibps "$disk" $(($(now) - t0)))"
+  done
+  log "re-read $i/$runs: $(tail -n 2 "$samples" | awk '{ printf "%s %s MiB/s  ", substr($1, 8), $2 }')"
+done
+vumount "$dmnt"
 
 # --- 2. random 4 KiB reads, fio ----------------------------------------------------
 
@@ -276,18 +400,49 @@ fio_run() { # KEY FILE [--direct=1]
     --output-format=json --output="$dir/fio.json" ${3:+"$3"} >/dev/null
   record "fio_$1" "$(json_field "$dir/fio.json" 'round(d["jobs"][0]["read"]["iops"])')"
 }
+# O_DIRECT against go-fuse's loopback of chain.raw and qemu-storage-daemon's export of
+# base.vhd too, each served for the whole loop.
+direct_alts=()
+if [ -n "$loopback" ]; then
+  "$loopback" "$lmnt" "$lodir" >>"$dir/cmd.log" 2>&1 &
+  lpid=$!
+  wait_mounted "$lmnt"
+  direct_alts+=(loopback)
+fi
+if [ -n "$qsd" ]; then
+  "$qsd" --blockdev "driver=file,node-name=f,filename=$dir/base.vhd,read-only=on" \
+    --blockdev driver=vpc,node-name=d,file=f,read-only=on \
+    --export "type=fuse,id=e,node-name=d,mountpoint=$qfile,writable=off" \
+    --pidfile "$dir/qsd.pid" --daemonize >>"$dir/cmd.log" 2>&1
+  direct_alts+=(qsd)
+fi
+fio_direct_alt() {
+  case $1 in
+    loopback) fio_run direct_loopback "$lmnt/chain.raw" --direct=1 ;;
+    qsd) fio_run direct_qsd "$qfile" --direct=1 ;;
+  esac
+}
 for ((i = 1; i <= runs; i++)); do
   if ((i % 2)); then
     fio_run vhdfs "$mnt/disk.raw"; fio_run vhdimount "$vfile"
     fio_run direct_vhdfs "$mnt/disk.raw" --direct=1; fio_run direct_vhdimount "$vfile" --direct=1
+    for a in "${direct_alts[@]}"; do fio_direct_alt "$a"; done
   else
     fio_run vhdimount "$vfile"; fio_run vhdfs "$mnt/disk.raw"
+    for a in "${direct_alts[@]}"; do fio_direct_alt "$a"; done
     fio_run direct_vhdimount "$vfile" --direct=1; fio_run direct_vhdfs "$mnt/disk.raw" --direct=1
   fi
-  log "random read $i/$runs: $(tail -n 4 "$samples" | awk '{ printf "%s %s IOPS  ", substr($1, 5), $2 }')"
+  log "random read $i/$runs: $(tail -n $((4 + ${#direct_alts[@]})) "$samples" | awk '{ printf "%s %s IOPS  ", substr($1, 5), $2 }')"
 done
 fusermount3 -u "$vmnt"
 vumount "$mnt"
+if [ -n "$loopback" ]; then
+  fusermount3 -u "$lmnt"
+  wait_gone "$lpid"
+fi
+if [ -n "$qsd" ]; then
+  stop_qsd "$(cat "$dir/qsd.pid")"
+fi
 
 # --- 3. sequential write into a fresh top ------------------------------------------
 
@@ -531,7 +686,24 @@ def compare(name, a, b, unit, alt_name, target, extra=None):
         cells[1] += f" ({num(med(extra[1]))} ms)"
     rows.append([name] + cells)
 compare("sequential read, dd bs=1M, fresh mount (disk.raw cold, images cached)", "coldread_vhdfs", "coldread_cat", "MiB/s", "cat of the exported raw", 0.35)
+if "coldread_loopback" in samples:
+    compare("sequential read, dd bs=1M, fresh mount", "coldread_vhdfs", "coldread_loopback", "MiB/s", "go-fuse's loopback of the exported raw, no passthrough", 1.6)
+def info(name, a, b, unit, alt_name):
+    if a in samples and b in samples:
+        va, vb = med(a), med(b)
+        rows.append([name, f"{num(va)} {unit}", f"{alt_name}: {num(vb)} {unit}", f"{va / vb:.2f}×", "—", "—"])
+if "coldread_baseline" in samples:
+    info("sequential read, dd bs=1M, fresh mount, against BENCH_BASELINE", "coldread_vhdfs", "coldread_baseline", "MiB/s", "$(basename "${BENCH_BASELINE:-none}")")
+    rows[-1][2] += f" (CPU {med('coldcpu_baseline'):.2f} s/GiB)"
+info("sequential read, dd bs=1M, fresh mount (informational)", "coldread_vhdfs", "coldread_qsd", "MiB/s", "qemu-storage-daemon's FUSE export of base.vhd")
+info("sequential read, dd bs=1M, fresh mount (informational)", "coldread_vhdfs", "coldread_vhdimount", "MiB/s", "vhdimount, fresh")
 compare("sequential read, dd bs=1M iflag=direct, fresh mount", "coldread_direct_vhdfs", "coldread_cat", "MiB/s", "cat of the exported raw", 0.5)
+cpu = med("coldcpu_vhdfs")
+alts = " / ".join(f"{n} {med('coldcpu_' + k):.2f}" for k, n in
+                  [("cat", "cat"), ("loopback", "loopback"), ("qsd", "qemu-storage-daemon"), ("vhdimount", "vhdimount")]
+                  if "coldcpu_" + k in samples)
+rows.append(["CPU of that fresh-mount read (reader + server), s per GiB", f"{cpu:.2f} s (O_DIRECT: {med('coldcpu_direct_vhdfs'):.2f} s)",
+             alts, "—", "≤ 0.7 s", "yes" if cpu <= 0.7 else "**no**"])
 compare("sequential read, warm cache: the kernel's page cache", "seqread_vhdfs", "seqread_vhdimount", "MiB/s", "vhdimount", 20)
 compare("sequential read, warm cache: the kernel's page cache", "seqread_vhdfs", "seqread_cat", "MiB/s", "cat of the exported raw", 0.5)
 va, vb = med("seqread_vhdfs_fuse"), med("seqread_vhdimount")
@@ -541,6 +713,11 @@ compare("random 4 KiB reads, fio psync, 4 jobs", "fio_vhdfs", "fio_vhdimount", "
 va, vb = med("fio_direct_vhdfs"), med("fio_direct_vhdimount")
 rows.append(["random 4 KiB reads, O_DIRECT: no page cache (informational)", f"{num(va)} IOPS",
              f"vhdimount: {num(vb)} IOPS", f"{va / vb:.2f}×", "—", "—"])
+if "fio_direct_qsd" in samples:
+    compare("random 4 KiB reads, O_DIRECT, 4 jobs", "fio_direct_vhdfs", "fio_direct_qsd", "IOPS", "qemu-storage-daemon's FUSE export of base.vhd", 2.2)
+if "fio_direct_loopback" in samples:
+    compare("random 4 KiB reads, O_DIRECT, 4 jobs", "fio_direct_vhdfs", "fio_direct_loopback", "IOPS", "go-fuse's loopback of the exported raw, no passthrough", 0.9)
+info("re-read of disk.raw mounted with -o direct_io (its cost; informational)", "reread_directio", "reread_cached", "MiB/s", "the default mount's page cache")
 compare("sequential write $((half >> 20)) MiB, dd conv=fsync, fresh top", "write_vhdfs", "write_plain", "MiB/s", "plain file", 0.4)
 compare("merge depth=1 of a $((half >> 20)) MiB overlay", "merge_vhdfs", "merge_cp", "MiB/s", "cp + sync", 0.5, ("merge_vhdfs_ms", "merge_cp_ms"))
 if "merge_xfs_vhdfs" in samples:

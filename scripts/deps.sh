@@ -6,6 +6,7 @@ command -v fusermount3 >/dev/null || need+=(fuse3)
 command -v qemu-img >/dev/null || need+=(qemu-utils)
 command -v vhdimount >/dev/null || need+=(libvhdi-utils)
 command -v fio >/dev/null || need+=(fio)
+command -v qemu-storage-daemon >/dev/null || need+=(qemu-system-common) # the bench's FUSE export rows
 command -v mkfs.ext4 >/dev/null || need+=(e2fsprogs)
 command -v mkfs.xfs >/dev/null || need+=(xfsprogs) # the bench's merge on XFS (reflink)
 command -v losetup >/dev/null || need+=(mount)

@@ -1,0 +1,88 @@
+package chain
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"os"
+)
+
+// Piece is a part of a range of a view: N bytes at FileOff of File, or N zeros
+// (File nil).
+type Piece struct {
+	File    *os.File
+	FileOff int64
+	N       int64
+}
+
+// ErrNotInFile: a layer stores part of the range somewhere other than in one plain
+// file at a known offset (FileRun said no), so the range cannot be spliced.
+var ErrNotInFile = errors.New("range not stored in a plain file")
+
+// FileRuns calls fn, in order, for each piece of [off, off+n) of the view from layer
+// l down (l nil: the whole chain): the runs of the image files that hold it and the
+// zeros that no layer stores. It does so under the chain's read lock, so each File
+// stays open, and the layers stay as they are, until fn returns; fn must not call the
+// chain. It returns how many bytes the pieces cover (fewer than n at the view's end,
+// io.EOF from off on), and stops at the first error, fn's or its own (ErrNotInFile,
+// ErrGone for a layer that left the chain).
+func (c *Chain) FileRuns(l *Layer, off, n int64, fn func(Piece) error) (int64, error) {
+	c.mu.RLock()
+	defer c.mu.RUnlock()
+	d := 0
+	if l != nil {
+		if d = c.depthLocked(l); d < 0 {
+			return 0, fmt.Errorf("%s: %w", l.Path, ErrGone)
+		}
+	}
+	layers := c.layers[d:]
+	size := layers[0].Image.Size()
+	if off < 0 || off >= size {
+		return 0, io.EOF
+	}
+	n = min(n, size-off)
+	return n, fileRunsFrom(layers, off, n, fn)
+}
+
+func fileRunsFrom(layers []*Layer, off, n int64, fn func(Piece) error) error {
+	img := layers[0].Image
+	if end := img.Size(); off+n > end {
+		// A child may be larger than its parent: past the parent's end are zeros.
+		split := max(end-off, 0)
+		if split > 0 {
+			if err := fileRunsFrom(layers, off, split, fn); err != nil {
+				return err
+			}
+		}
+		return fn(Piece{N: n - split})
+	}
+	for n > 0 {
+		k, present, err := img.Run(off, n)
+		if err != nil {
+			return err
+		}
+		switch {
+		case present:
+			for m := k; m > 0; {
+				f, fo, j, ok := img.FileRun(off+k-m, m)
+				if !ok {
+					return fmt.Errorf("%s at %d: %w", layers[0].Path, off+k-m, ErrNotInFile)
+				}
+				if err := fn(Piece{File: f, FileOff: fo, N: j}); err != nil {
+					return err
+				}
+				m -= j
+			}
+		case len(layers) > 1:
+			if err := fileRunsFrom(layers[1:], off, k, fn); err != nil {
+				return err
+			}
+		default:
+			if err := fn(Piece{N: k}); err != nil {
+				return err
+			}
+		}
+		off, n = off+k, n-k
+	}
+	return nil
+}

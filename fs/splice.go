@@ -1,0 +1,96 @@
+package fs
+
+import (
+	"errors"
+	"os"
+	"syscall"
+
+	"github.com/hanwen/go-fuse/v2/fuse"
+	"github.com/hanwen/go-fuse/v2/splice"
+	"golang.org/x/sys/unix"
+
+	"github.com/vhdfs/vhdfs/chain"
+)
+
+// Which READ replies vhdfs splices from the image files rather than copying. With
+// splicing on in go-fuse, a reply only takes go-fuse's splice path if it is a pipe
+// (ReadResultPipe); a reply of bytes goes as a ReadResultVector, which go-fuse writes
+// with writev and never tries to splice.
+var (
+	// minSplice: below it, the splice's extra syscalls cost more than a copy. Server
+	// CPU per GiB of O_DIRECT reads of a 2 GiB chain, copied / spliced: 64 KiB
+	// 0.63 / 0.72 s, 128 KiB 0.56 / 0.43 s, 512 KiB 0.49 / 0.34 s.
+	minSplice int64 = 128 << 10
+	// maxSplice: go-fuse's own pipe holds the reply's header, the payload and a
+	// page, and cannot grow past pipe-max-size; a larger reply would fail its
+	// splice, log a line and fall back to a copy.
+	maxSplice = int64(splice.MaxPipeSize() - os.Getpagesize() - 64)
+	// maxPieces: a reply made of more pieces than this is copied (each piece takes
+	// a syscall and at least one of the pipe's slots).
+	maxPieces = 32
+	// maxRequest is the largest READ vhdfs asks for when it splices: a power of
+	// two, so requests stay aligned to the images' blocks.
+	maxRequest int64 = 512 << 10
+)
+
+var errTooManyPieces = errors.New("too many pieces to splice")
+
+// zeros is what a reply's unstored runs are written from.
+var zeros = make([]byte, 64<<10)
+
+// spliceRead loads [off, off+len) of the view into a pipe, splicing the runs of the
+// image files (the pipe then holds references to their pages, so a merge may close
+// the files before go-fuse sends the reply) and writing zeros for the rest. ok is
+// false when it cannot (the caller copies): too many pieces, a layer not in a plain
+// file, or any error, which the copy path reports again.
+func (n *diskNode) spliceRead(size, off int64) (fuse.ReadResult, bool) {
+	pair, err := splice.Get()
+	if err != nil {
+		return nil, false
+	}
+	if err := pair.Grow(int(size) + os.Getpagesize()); err != nil {
+		splice.Done(pair)
+		return nil, false
+	}
+	pieces := 0
+	total, err := n.chain().FileRuns(n.layer, off, size, func(p chain.Piece) error {
+		if pieces++; pieces > maxPieces {
+			return errTooManyPieces
+		}
+		if p.File == nil {
+			for left := p.N; left > 0; {
+				k, err := pair.Write(zeros[:min(left, int64(len(zeros)))])
+				if err != nil {
+					return err
+				}
+				left -= int64(k)
+			}
+			return nil
+		}
+		fd := int(p.File.Fd())
+		for left, fo := p.N, p.FileOff; left > 0; {
+			var k int64
+			var err error
+			for {
+				// Never wait for room: a full pipe falls back to a copy.
+				k, err = syscall.Splice(fd, &fo, int(pair.WriteFd()), nil, int(left), unix.SPLICE_F_NONBLOCK)
+				if err != syscall.EINTR {
+					break
+				}
+			}
+			if err != nil {
+				return err
+			}
+			if k == 0 {
+				return syscall.EIO // the file is shorter than its image says
+			}
+			left -= k
+		}
+		return nil
+	})
+	if err != nil || total <= 0 {
+		splice.Done(pair)
+		return nil, false
+	}
+	return fuse.ReadResultPipe(pair, int(total)), true
+}

@@ -60,7 +60,7 @@ done
 parent=${BENCH_DIR:-${TMPDIR:-/tmp}}
 mkdir -p "$parent"
 avail=$(($(df -Pk "$parent" | awk 'NR == 2 { print $4 }') * 1024))
-need=$((size_req * 9 / 2 + (256 << 20)))
+need=$((size_req * 13 / 2 + (256 << 20)))
 ((avail >= need)) || die "$parent has $((avail >> 20)) MiB free; BENCH_SIZE=$size_arg needs about $((need >> 20)) MiB"
 dir=$(mktemp -d "$parent/vhdfs-bench.XXXXXX")
 mnt=$dir/mnt   # vhdfs mounts
@@ -659,6 +659,129 @@ for ((i = 1; i <= runs; i++)); do
   log "mount $i/$runs: $(ms "$t") ms, RSS $rss MiB"
 done
 
+# --- 7. VHDX: the same chain as base.vhdx <- mid.avhdx <- top.avhdx ------------------
+
+# The same bytes as the VHD chain (the same generator and seeds), made by vhdfs with
+# Hyper-V's defaults: 32 MiB blocks in the base, 2 MiB in the checkpoints.
+vx=$dir/vx
+mkdir "$vx"
+"$vhdfs" create --size "$disk" "$vx/base.vhdx" >>"$dir/cmd.log"
+vmount "$vx/base.vhdx" "$mnt"
+gen base "$disk" | dd of="$mnt/disk.raw" bs=1M iflag=fullblock conv=notrunc,fsync status=none
+vumount "$mnt"
+"$vhdfs" create --parent "$vx/base.vhdx" "$vx/mid.avhdx" >>"$dir/cmd.log"
+vmount "$vx/mid.avhdx" "$mnt"
+scatter "$mnt/disk.raw" "$n_mid" 1
+vumount "$mnt"
+"$vhdfs" create --parent "$vx/mid.avhdx" "$vx/top.avhdx" >>"$dir/cmd.log"
+vmount "$vx/top.avhdx" "$mnt"
+scatter "$mnt/disk.raw" "$n_top" 2
+[ "$(md5 "$mnt/disk.raw")" = "$sum_raw" ] || note "VHDX: the chain differs from the VHD chain's chain.raw"
+vumount "$mnt"
+vhdimount "$vx/top.avhdx" "$vmnt" >>"$dir/cmd.log"
+vxfile=$vmnt/$(ls "$vmnt" | sort -V | tail -n 1)
+[ "$(head_md5 "$vxfile")" = "$sum_raw_head" ] || note "VHDX: vhdimount's $(basename "$vxfile") and chain.raw differ (in the first $vhdi_bytes bytes)"
+fusermount3 -u "$vmnt"
+log "VHDX: the same chain, 3 deep"
+
+vx_coldread() { # KEY
+  local pid
+  case $1 in
+    vhdfs)
+      vmount -r "$vx/top.avhdx" "$mnt"
+      pid=$(json_field "$mnt/control" 'd["pid"]')
+      timed_read vx_vhdfs "$disk" "$pid" $(ddr "$mnt/disk.raw")
+      vumount "$mnt"
+      ;;
+    vhdimount)
+      vhdimount "$vx/top.avhdx" "$vmnt2" >>"$dir/cmd.log"
+      pid=$(pgrep -n -f -- "vhdimount $vx/top.avhdx $vmnt2")
+      timed_read vx_vhdimount "$vhdi_bytes" "$pid" $(ddr "$vmnt2/$(basename "$vxfile")" "${vhdi_count[@]}")
+      fusermount3 -u "$vmnt2"
+      wait_gone "$pid"
+      ;;
+  esac
+}
+for ((i = 1; i <= runs; i++)); do
+  if ((i % 2)); then vx_coldread vhdfs; vx_coldread vhdimount; else vx_coldread vhdimount; vx_coldread vhdfs; fi
+done
+vmount -r "$vx/top.avhdx" "$mnt"
+vhdimount "$vx/top.avhdx" "$vmnt" >>"$dir/cmd.log"
+for ((i = 1; i <= runs; i++)); do
+  if ((i % 2)); then fio_run vx_vhdfs "$mnt/disk.raw"; fio_run vx_vhdimount "$vxfile"; else fio_run vx_vhdimount "$vxfile"; fio_run vx_vhdfs "$mnt/disk.raw"; fi
+done
+fusermount3 -u "$vmnt"
+vumount "$mnt"
+log "VHDX reads: $(grep -E '^(coldread|fio)_vx_' "$samples" | awk '{ printf "%s %s  ", $1, $2 }')"
+
+# Export of the dynamic base, against qemu-img convert (qemu reads dynamic VHDX).
+vx_export() { # KEY
+  local o=$dir/out-$1.raw t0
+  rm -f "$o"
+  t0=$(now)
+  if [ "$1" = vhdfs ]; then
+    "$vhdfs" export "$vx/base.vhdx" "$o" >>"$dir/cmd.log"
+  else
+    qemu-img convert -f vhdx -O raw "$vx/base.vhdx" "$o"
+  fi
+  sync "$o"
+  local t=$(($(now) - t0))
+  record "export_vx_$1" "$(mibps "$disk" "$t")"
+  record "export_vx_$1_ms" "$(ms "$t")"
+}
+for ((i = 1; i <= runs; i++)); do
+  if ((i % 2)); then vx_export vhdfs; vx_export qemu; else vx_export qemu; vx_export vhdfs; fi
+  if ((i == 1)) && ! cmp -s "$dir/out-vhdfs.raw" "$dir/out-qemu.raw"; then
+    note "VHDX export: vhdfs and qemu-img produce different raw images of base.vhdx"
+  fi
+  rm -f "$dir/out-vhdfs.raw" "$dir/out-qemu.raw"
+done
+
+# Merge depth=1 of an overlay of half the disk into a fresh copy of mid.avhdx, against
+# cp + sync of the same bytes.
+mkdir "$vx/m0"
+ln "$vx/base.vhdx" "$vx/m0/base.vhdx"
+cp --sparse=always "$vx/mid.avhdx" "$vx/m0/mid.avhdx"
+"$vhdfs" create --parent "$vx/m0/mid.avhdx" "$vx/m0/over.avhdx" >>"$dir/cmd.log"
+vmount "$vx/m0/over.avhdx" "$mnt"
+dd if="$dir/src.raw" of="$mnt/disk.raw" bs=1M conv=notrunc,fsync status=none
+vumount "$mnt"
+vx_merge() {
+  local r=$vx/mrun t0
+  rm -rf "$r"
+  mkdir "$r"
+  ln "$vx/m0/base.vhdx" "$r/base.vhdx"
+  cp --sparse=always "$vx/m0/mid.avhdx" "$vx/m0/over.avhdx" "$r/"
+  sync "$r/mid.avhdx" "$r/over.avhdx"
+  vmount "$r/over.avhdx" "$mnt"
+  t0=$(now)
+  echo 'merge depth=1' >"$mnt/control"
+  local t=$(($(now) - t0))
+  record merge_vx_vhdfs "$(mibps "$half" "$t")"
+  record merge_vx_vhdfs_ms "$(ms "$t")"
+  if [ "$(json_field "$mnt/control" 'd["last"]["errno"]')" != 0 ]; then
+    note "VHDX merge: control reports $(json_field "$mnt/control" 'd["last"]')"
+  fi
+  vumount "$mnt"
+  rm -rf "$r"
+}
+merge_vx_cp() {
+  local t0
+  rm -f "$dir/cp.raw"
+  t0=$(now)
+  cp "$dir/src.raw" "$dir/cp.raw"
+  sync "$dir/cp.raw"
+  local t=$(($(now) - t0))
+  record merge_vx_cp "$(mibps "$half" "$t")"
+  record merge_vx_cp_ms "$(ms "$t")"
+  rm -f "$dir/cp.raw"
+}
+for ((i = 1; i <= runs; i++)); do
+  if ((i % 2)); then vx_merge; merge_vx_cp; else merge_vx_cp; vx_merge; fi
+  log "VHDX merge $i/$runs: vhdfs $(grep '^merge_vx_vhdfs_ms' "$samples" | tail -n 1 | cut -f2) ms, cp+sync $(grep '^merge_vx_cp_ms' "$samples" | tail -n 1 | cut -f2) ms"
+done
+rm -rf "$vx"
+
 # --- the table ---------------------------------------------------------------------
 
 log "done in $(($(date +%s) - t_begin)) s"
@@ -726,6 +849,10 @@ va, vb = med("merge_vhdfs"), med("merge_qemu")
 rows.append(["merge depth=1 of a $((half >> 20)) MiB overlay (informational)", f"{num(va)} MiB/s ({num(med('merge_vhdfs_ms'))} ms)",
              f"qemu-img commit of the same qcow2 chain: {num(vb)} MiB/s ({num(med('merge_qemu_ms'))} ms)", f"{va / vb:.2f}×", "—", "—"])
 compare("export of one dynamic layer", "export_vhdfs", "export_qemu", "MiB/s", "qemu-img convert", 1, ("export_vhdfs_ms", "export_qemu_ms"))
+compare("VHDX: sequential read, dd bs=1M, fresh mount", "coldread_vx_vhdfs", "coldread_vx_vhdimount", "MiB/s", "vhdimount, fresh", 20)
+compare("VHDX: random 4 KiB reads, fio psync, 4 jobs", "fio_vx_vhdfs", "fio_vx_vhdimount", "IOPS", "vhdimount", 10)
+compare("VHDX: export of the dynamic base", "export_vx_vhdfs", "export_vx_qemu", "MiB/s", "qemu-img convert", 1, ("export_vx_vhdfs_ms", "export_vx_qemu_ms"))
+compare("VHDX: merge depth=1 of a $((half >> 20)) MiB overlay", "merge_vx_vhdfs", "merge_vx_cp", "MiB/s", "cp + sync", 0.5, ("merge_vx_vhdfs_ms", "merge_vx_cp_ms"))
 m, rss = med("mount_ms"), med("mount_rss")
 rows.append(["mount of a 16-deep chain of 2 TiB images", f"{num(m)} ms", "—", "—", "< 300 ms", "yes" if m < 300 else "**no**"])
 rows.append(["RSS of that mount after reading 12 MiB", f"{num(rss)} MiB", "—", "—", "< 100 MiB", "yes" if rss < 100 else "**no**"])

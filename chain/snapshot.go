@@ -33,8 +33,8 @@ func (c *Chain) Snapshot(name string) (*Layer, error) {
 		}
 	}
 	parentPath := Abs(top.Path)
-	// Created before the write lock: it reads only the top's footer, which writes
-	// leave alone.
+	// Created before the write lock, which holds writes off only for the swap (the
+	// child's parent ID is checked again under it).
 	err := top.Image.CreateChild(name, image.ChildOptions{ParentPath: parentPath})
 	if err != nil {
 		return nil, err
@@ -61,6 +61,14 @@ func (c *Chain) Snapshot(name string) (*Layer, error) {
 	if err := c.SyncLocked(); err != nil {
 		img.Close()
 		return fail(err)
+	}
+	// A write since the child was made may have given the top a new ID (a VHDX's
+	// first change of data does): the child then records the one it has now.
+	if id := old.Image.ID(); !img.AcceptsParent(id) {
+		if err := img.SetParent(id, parentPath, name); err != nil {
+			img.Close()
+			return fail(err)
+		}
 	}
 	ro, err := old.Image.Reopen(false)
 	if err != nil {

@@ -10,7 +10,7 @@ import (
 	"github.com/vhdfs/vhdfs/image"
 )
 
-// errno maps an error of chain, vhd or merge to the errno a FUSE request returns.
+// errno maps an error of chain, an image format or merge to the errno a FUSE request returns.
 // It is the only place errors become errnos; unknown errors are EIO, logged, and
 // kept for the control file's status (a background mount has no stderr).
 func (r *Root) errno(op string, err error) syscall.Errno {

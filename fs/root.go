@@ -1,4 +1,4 @@
-// Package fs serves a VHD chain over FUSE: disk.raw (the whole chain), layers/ (the
+// Package fs serves a chain of virtual disks (VHD or VHDX) over FUSE: disk.raw (the whole chain), layers/ (the
 // view from each depth down) and control (commands in, JSON state out). Nodes are
 // thin: checks, locks, then a call into chain or merge.
 package fs

@@ -273,6 +273,20 @@ func pushTop(c *chain.Chain, opts Options) (*pushed, error) {
 		img.Close()
 		return fail(err)
 	}
+	// A write since the fresh top was made may have given the top a new ID (a
+	// VHDX's first change of data does; no write reaches the old top after the
+	// swap): the journal and the fresh top take the one it has now.
+	if id := top.Image.ID(); id != p.oldTopID {
+		p.oldTopID, p.journal.AboveID = id, id.String()
+		err := p.journal.Write(real)
+		if err == nil {
+			err = img.SetParent(id, p.oldTop, real)
+		}
+		if err != nil {
+			img.Close()
+			return fail(err)
+		}
+	}
 	if err := durably(func() error { return os.Link(real, p.oldTop) }); err != nil {
 		img.Close()
 		return fail(fmt.Errorf("link %s to %s: %w", real, p.oldTop, err))

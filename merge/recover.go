@@ -221,7 +221,7 @@ func rollForward(j *chain.Journal) error {
 // repoint makes the image child record targetID as its parent's unique ID (with
 // locators to target), gives it childID if that is set, and then gives the target
 // targetID, in the order a merge does; each write is repeated or found done. The ID
-// writes are always repeated: the footer copy at offset 0 may lag the one at the end.
+// writes are always repeated: a VHD's footer copy at offset 0 may lag the one at the end.
 func repoint(target string, targetF chain.FileID, targetID image.ID, child string, childF chain.FileID, childID *image.ID) error {
 	t, err := openChecked(target, targetF)
 	if err != nil {

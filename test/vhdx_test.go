@@ -169,6 +169,9 @@ func logPendingCopy(t testing.TB, path, dir string, model []byte, w write) strin
 		}
 		faults.Arm(k)
 		_, werr := c.WriteAt(w.Data, w.Off)
+		if werr == nil {
+			werr = c.Sync() // new blocks' metadata goes through the log here
+		}
 		faults.Disarm()
 		c.Close()
 		if werr == nil {

@@ -252,6 +252,12 @@ func newMetadata(blockSize, flags uint32, size uint64, page83 GUID, ls, ps uint3
 
 // write lays the planned file out in f, an empty file.
 func (n *newFile) write(f *os.File) error {
+	// The headers, log, metadata and BAT are allocated now: a write acknowledged by
+	// fsync must never fail later for want of room for its BAT entry or log entry.
+	err := unix.Fallocate(int(f.Fd()), 0, 0, n.dataOff)
+	if err != nil && !errors.Is(err, unix.EOPNOTSUPP) && !errors.Is(err, unix.ENOSYS) {
+		return fmt.Errorf("allocate %d bytes at 0: %w", n.dataOff, err)
+	}
 	if n.fixed {
 		// Allocated and reading as zeros, without writing them; a file system
 		// without fallocate gets a sparse file.

@@ -189,7 +189,8 @@ func openFile(f File, name string, writable, replay bool) (*Image, error) {
 		return nil, fmt.Errorf("%s: read file identifier: %w", name, err)
 	}
 	if n < len(id) || !isFileID(id) {
-		return nil, fmt.Errorf("%s: file identifier is %q, want \"vhdxfile\": %w", name, id[:n], ErrNotVHDX)
+		// Not the bytes themselves: a locator may point at any file (a secret).
+		return nil, fmt.Errorf("%s: no \"vhdxfile\" file identifier at offset 0: %w", name, ErrNotVHDX)
 	}
 	if size < regionTable2Off+regionTableSize {
 		return nil, fmt.Errorf("%s: file is %d bytes, shorter than the VHDX header section: %w", name, size, ErrTruncated)

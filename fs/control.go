@@ -219,9 +219,13 @@ const unclaimedFor = time.Minute
 // the result claims it: a later write of the same command starts a new merge.
 func (c *control) wait(ctx context.Context, j *mergeJob) syscall.Errno {
 	select {
-	case <-j.finished:
-	case <-ctx.Done():
-		return syscall.EINTR
+	case <-j.finished: // a result that is there is given, even to an interrupted writer
+	default:
+		select {
+		case <-j.finished:
+		case <-ctx.Done():
+			return syscall.EINTR
+		}
 	}
 	c.mu.Lock()
 	if c.unclaimed == j {
@@ -249,12 +253,14 @@ func (c *control) startMerge(line string, opts merge.Options) (*mergeJob, syscal
 		return nil, c.record(line, fmt.Errorf("%s is running: %w", c.busyWith(), errBusy), "")
 	}
 	if u := c.unclaimed; u != nil {
-		c.unclaimed = nil
 		if u.line == line && time.Since(u.ended) < unclaimedFor {
 			// The retry came after the merge ended: it gets the result nobody got.
+			// It stays unclaimed until wait gives it (this retry may be interrupted
+			// too, and the next one must not start the merge again).
 			c.mu.Unlock()
 			return u, 0
 		}
+		c.unclaimed = nil
 	}
 	if err := opts.Validate(c.root.chain.Len()); err != nil {
 		c.mu.Unlock()

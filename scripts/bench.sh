@@ -483,36 +483,40 @@ dd if="$dir/src.raw" of="$mnt/disk.raw" bs=1M conv=notrunc,fsync status=none
 vumount "$mnt"
 log "merge: over.vhd holds $((half >> 20)) MiB"
 
-merge_vhdfs() {
-  local r=$dir/mrun t0
+# merge_run KEY DIR BASE MID OVER: merges OVER (made in DIR on MID, on BASE) into a fresh
+# copy of MID through a mount's control file, and records KEY's MiB/s and ms.
+merge_run() {
+  local key=$1 src=$2 base=$3 mid=$4 over=$5 r=$dir/mrun t0
   rm -rf "$r"
   mkdir "$r"
-  ln "$dir/m0/base.vhd" "$r/base.vhd" 2>/dev/null || ln -s "$dir/base.vhd" "$r/base.vhd"
-  cp --sparse=always "$dir/m0/mid.vhd" "$dir/m0/over.vhd" "$r/"
-  sync "$r/mid.vhd" "$r/over.vhd" # no writeback of the copy during the merge
-  vmount "$r/over.vhd" "$mnt"
+  ln "$src/$base" "$r/$base" 2>/dev/null || ln -s "$(readlink -f "$src/$base")" "$r/$base"
+  cp --sparse=always "$src/$mid" "$src/$over" "$r/"
+  sync "$r/$mid" "$r/$over" # no writeback of the copy during the merge
+  vmount "$r/$over" "$mnt"
   t0=$(now)
   echo 'merge depth=1' >"$mnt/control"
   local t=$(($(now) - t0))
-  record merge_vhdfs "$(mibps "$half" "$t")"
-  record merge_vhdfs_ms "$(ms "$t")"
+  record "$key" "$(mibps "$half" "$t")"
+  record "${key}_ms" "$(ms "$t")"
   if [ "$(json_field "$mnt/control" 'd["last"]["errno"]')" != 0 ]; then
-    note "merge: control reports $(json_field "$mnt/control" 'd["last"]')"
+    note "merge ($key): control reports $(json_field "$mnt/control" 'd["last"]')"
   fi
   vumount "$mnt"
   rm -rf "$r"
 }
-merge_cp() {
+merge_vhdfs() { merge_run merge_vhdfs "$dir/m0" base.vhd mid.vhd over.vhd; }
+cp_run() { # KEY: cp + sync of the overlay's bytes, recorded as KEY's MiB/s and ms
   local t0
   rm -f "$dir/cp.raw"
   t0=$(now)
   cp "$dir/src.raw" "$dir/cp.raw"
   sync "$dir/cp.raw"
   local t=$(($(now) - t0))
-  record merge_cp "$(mibps "$half" "$t")"
-  record merge_cp_ms "$(ms "$t")"
+  record "$1" "$(mibps "$half" "$t")"
+  record "$1_ms" "$(ms "$t")"
   rm -f "$dir/cp.raw"
 }
+merge_cp() { cp_run merge_cp; }
 # The same shape as qcow2 for qemu-img commit: base <- mid (the same scattered writes
 # as mid.vhd) <- over (the same data as over.vhd); each run commits over into a fresh
 # copy of mid.
@@ -604,20 +608,21 @@ rm -rf "$dir/m0" "$dir/q0"
 
 # --- 5. export of a single dynamic layer -------------------------------------------
 
-export_one() { # KEY
-  local o=$dir/out-$1.raw t0
+export_run() { # KEY TOOL IMAGE QEMU_FORMAT: records KEY_TOOL's MiB/s and ms
+  local o=$dir/out-$2.raw t0
   rm -f "$o"
   t0=$(now)
-  if [ "$1" = vhdfs ]; then
-    "$vhdfs" export "$dir/base.vhd" "$o" >>"$dir/cmd.log"
+  if [ "$2" = vhdfs ]; then
+    "$vhdfs" export "$3" "$o" >>"$dir/cmd.log"
   else
-    qemu-img convert -f vpc -O raw "$dir/base.vhd" "$o"
+    qemu-img convert -f "$4" -O raw "$3" "$o"
   fi
   sync "$o"
   local t=$(($(now) - t0))
-  record "export_$1" "$(mibps "$disk" "$t")"
-  record "export_$1_ms" "$(ms "$t")"
+  record "$1_$2" "$(mibps "$disk" "$t")"
+  record "$1_$2_ms" "$(ms "$t")"
 }
+export_one() { export_run export "$1" "$dir/base.vhd" vpc; }
 for ((i = 1; i <= runs; i++)); do
   if ((i % 2)); then export_one vhdfs; export_one qemu; else export_one qemu; export_one vhdfs; fi
   if ((i == 1)) && ! cmp -s "$dir/out-vhdfs.raw" "$dir/out-qemu.raw"; then
@@ -715,20 +720,7 @@ vumount "$mnt"
 log "VHDX reads: $(grep -E '^(coldread|fio)_vx_' "$samples" | awk '{ printf "%s %s  ", $1, $2 }')"
 
 # Export of the dynamic base, against qemu-img convert (qemu reads dynamic VHDX).
-vx_export() { # KEY
-  local o=$dir/out-$1.raw t0
-  rm -f "$o"
-  t0=$(now)
-  if [ "$1" = vhdfs ]; then
-    "$vhdfs" export "$vx/base.vhdx" "$o" >>"$dir/cmd.log"
-  else
-    qemu-img convert -f vhdx -O raw "$vx/base.vhdx" "$o"
-  fi
-  sync "$o"
-  local t=$(($(now) - t0))
-  record "export_vx_$1" "$(mibps "$disk" "$t")"
-  record "export_vx_$1_ms" "$(ms "$t")"
-}
+vx_export() { export_run export_vx "$1" "$vx/base.vhdx" vhdx; }
 for ((i = 1; i <= runs; i++)); do
   if ((i % 2)); then vx_export vhdfs; vx_export qemu; else vx_export qemu; vx_export vhdfs; fi
   if ((i == 1)) && ! cmp -s "$dir/out-vhdfs.raw" "$dir/out-qemu.raw"; then
@@ -746,36 +738,8 @@ cp --sparse=always "$vx/mid.avhdx" "$vx/m0/mid.avhdx"
 vmount "$vx/m0/over.avhdx" "$mnt"
 dd if="$dir/src.raw" of="$mnt/disk.raw" bs=1M conv=notrunc,fsync status=none
 vumount "$mnt"
-vx_merge() {
-  local r=$vx/mrun t0
-  rm -rf "$r"
-  mkdir "$r"
-  ln "$vx/m0/base.vhdx" "$r/base.vhdx"
-  cp --sparse=always "$vx/m0/mid.avhdx" "$vx/m0/over.avhdx" "$r/"
-  sync "$r/mid.avhdx" "$r/over.avhdx"
-  vmount "$r/over.avhdx" "$mnt"
-  t0=$(now)
-  echo 'merge depth=1' >"$mnt/control"
-  local t=$(($(now) - t0))
-  record merge_vx_vhdfs "$(mibps "$half" "$t")"
-  record merge_vx_vhdfs_ms "$(ms "$t")"
-  if [ "$(json_field "$mnt/control" 'd["last"]["errno"]')" != 0 ]; then
-    note "VHDX merge: control reports $(json_field "$mnt/control" 'd["last"]')"
-  fi
-  vumount "$mnt"
-  rm -rf "$r"
-}
-merge_vx_cp() {
-  local t0
-  rm -f "$dir/cp.raw"
-  t0=$(now)
-  cp "$dir/src.raw" "$dir/cp.raw"
-  sync "$dir/cp.raw"
-  local t=$(($(now) - t0))
-  record merge_vx_cp "$(mibps "$half" "$t")"
-  record merge_vx_cp_ms "$(ms "$t")"
-  rm -f "$dir/cp.raw"
-}
+vx_merge() { merge_run merge_vx_vhdfs "$vx/m0" base.vhdx mid.avhdx over.avhdx; }
+merge_vx_cp() { cp_run merge_vx_cp; }
 for ((i = 1; i <= runs; i++)); do
   if ((i % 2)); then vx_merge; merge_vx_cp; else merge_vx_cp; vx_merge; fi
   log "VHDX merge $i/$runs: vhdfs $(grep '^merge_vx_vhdfs_ms' "$samples" | tail -n 1 | cut -f2) ms, cp+sync $(grep '^merge_vx_cp_ms' "$samples" | tail -n 1 | cut -f2) ms"

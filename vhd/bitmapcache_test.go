@@ -3,56 +3,9 @@ package vhd
 import (
 	"path/filepath"
 	"testing"
-)
 
-// TestPageCacheClock: the cache keeps within its budget, a page read since the hand
-// last passed survives an eviction, and drop removes one image's pages only.
-func TestPageCacheClock(t *testing.T) {
-	const pages = 8
-	c := newPageCache(pages * (512 + pageOverhead))
-	key := func(img uint64, i int) pageKey { return pageKey{img: img, blk: uint32(i)} }
-	for i := 0; i < pages; i++ {
-		c.put(key(1, i), make([]byte, 512))
-	}
-	if got := c.size(); got != c.budget {
-		t.Fatalf("full cache charges %d bytes, want %d", got, c.budget)
-	}
-	if c.get(key(1, 0)) == nil {
-		t.Fatal("page 0 is not cached")
-	}
-	c.put(key(2, 100), make([]byte, 512))
-	switch {
-	case c.get(key(1, 0)) == nil:
-		t.Error("the page just read was evicted")
-	case c.get(key(1, 1)) != nil:
-		t.Error("the oldest unread page was kept")
-	case c.get(key(2, 100)) == nil:
-		t.Error("the new page is not cached")
-	}
-	c.drop(1)
-	for i := 0; i < pages; i++ {
-		if c.get(key(1, i)) != nil {
-			t.Errorf("page %d of a dropped image is still cached", i)
-		}
-	}
-	if c.get(key(2, 100)) == nil {
-		t.Error("drop removed another image's page")
-	}
-	if got, want := c.size(), int64(512+pageOverhead); got != want {
-		t.Errorf("cache charges %d bytes for one page, want %d", got, want)
-	}
-	// A 4 KiB page takes the room of several 512-byte ones.
-	for i := 0; i < pages; i++ {
-		c.put(key(3, i), make([]byte, 512))
-	}
-	c.put(key(2, 101), make([]byte, 4096))
-	if got := c.size(); got > c.budget {
-		t.Errorf("cache charges %d bytes, over its budget of %d", got, c.budget)
-	}
-	if c.take(key(2, 101)) == nil || c.get(key(2, 101)) != nil {
-		t.Error("take did not remove the page")
-	}
-}
+	"github.com/vhdfs/vhdfs/internal/pagecache"
+)
 
 // TestBitmapBytesBounded writes a sector into every bitmap page of 2 GiB blocks
 // (128 pages of 4 KiB each): the pending bits stay under maxDirtyBitmapBytes, the
@@ -100,8 +53,8 @@ func TestBitmapBytesBounded(t *testing.T) {
 		if n, present, err = img.Run(off, 2*SectorSize); err != nil || n != SectorSize || !present {
 			t.Fatalf("Run(%d) = %d, %v, %v: want %d present bytes", off, n, present, err, SectorSize)
 		}
-		if got := bitmapCache.size(); got > bitmapCacheBytes {
-			t.Fatalf("bitmap cache holds %d bytes, over %d", got, bitmapCacheBytes)
+		if got, _ := bitmapCache.Size(); got > pagecache.Budget {
+			t.Fatalf("bitmap cache holds %d bytes, over %d", got, pagecache.Budget)
 		}
 	}
 }

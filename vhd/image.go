@@ -7,6 +7,7 @@ import (
 	"github.com/vhdfs/vhdfs/internal/faults"
 	"github.com/vhdfs/vhdfs/internal/fileio"
 	"github.com/vhdfs/vhdfs/internal/imagelock"
+	"github.com/vhdfs/vhdfs/internal/pagecache"
 
 	"fmt"
 	"io"
@@ -66,11 +67,11 @@ type Image struct {
 	id uint64 // names its pages in bitmapCache, which holds those clean on disk
 
 	mu         sync.RWMutex
-	bat        batTable           // guarded by mu
-	dirtyBAT   map[uint32]bool    // guarded by mu: entries not yet written to disk
-	dirty      map[pageKey][]byte // guarded by mu: bitmap pages not yet written to disk
-	dirtyBytes int64              // guarded by mu: the bytes of dirty
-	footerOff  int64              // guarded by mu: where the end footer is; new blocks go here
+	bat        batTable                 // guarded by mu
+	dirtyBAT   map[uint32]bool          // guarded by mu: entries not yet written to disk
+	dirty      map[pagecache.Key][]byte // guarded by mu: bitmap pages not yet written to disk
+	dirtyBytes int64                    // guarded by mu: the bytes of dirty
+	footerOff  int64                    // guarded by mu: where the end footer is; new blocks go here
 }
 
 // maxDirtyBlocks bounds the BAT entries kept in memory between syncs.
@@ -185,9 +186,9 @@ func OpenFile(f File, name string, writable bool) (*Image, error) {
 	if err := img.readBAT(); err != nil {
 		return nil, err
 	}
-	img.id = nextImageID.Add(1)
+	img.id = pagecache.NewImage()
 	img.dirtyBAT = map[uint32]bool{}
-	img.dirty = map[pageKey][]byte{}
+	img.dirty = map[pagecache.Key][]byte{}
 	return img, nil
 }
 
@@ -423,7 +424,7 @@ func (img *Image) Close() error {
 		err = img.Sync()
 	}
 	if img.header != nil {
-		bitmapCache.drop(img.id)
+		bitmapCache.Drop(img.id)
 	}
 	if cerr := img.f.Close(); err == nil && cerr != nil {
 		err = fmt.Errorf("%s: close: %w", img.name, cerr)

@@ -7,6 +7,7 @@ import (
 	"io"
 
 	"github.com/vhdfs/vhdfs/internal/fileio"
+	"github.com/vhdfs/vhdfs/internal/pagecache"
 )
 
 // dataAlign is the alignment of a new block's data region, as Windows and tapdisk do,
@@ -132,13 +133,13 @@ func bitRun(bm []byte, in, avail int64) (int64, bool) {
 // pending bits if it has any, else the bits on disk, through the cache. The caller
 // holds mu, for reading at least, and must not modify the page.
 func (img *Image) bitmapPageLocked(blk, e, pg uint32) ([]byte, error) {
-	k := pageKey{img.id, blk, pg}
+	k := pageKey(img.id, blk, pg)
 	if len(img.dirty) > 0 {
 		if bm, ok := img.dirty[k]; ok {
 			return bm, nil
 		}
 	}
-	if bm := bitmapCache.get(k); bm != nil {
+	if bm := bitmapCache.Get(k); bm != nil {
 		return bm, nil
 	}
 	bm, err := img.readBitmapPage(k, e)
@@ -146,17 +147,17 @@ func (img *Image) bitmapPageLocked(blk, e, pg uint32) ([]byte, error) {
 		return nil, err
 	}
 	// No writer can change the page while we hold mu, so what we read is current.
-	bitmapCache.put(k, bm)
+	bitmapCache.Put(k, bm)
 	return bm, nil
 }
 
 // readBitmapPage reads page k of the bitmap of the block at BAT entry e from disk.
-func (img *Image) readBitmapPage(k pageKey, e uint32) ([]byte, error) {
-	start := int64(k.page) * bitmapPage
+func (img *Image) readBitmapPage(k pagecache.Key, e uint32) ([]byte, error) {
+	start := k.Page * bitmapPage
 	bm := make([]byte, min(bitmapPage, img.bitmapSize-start))
 	off := int64(e)*SectorSize + start
 	if _, err := img.f.ReadAt(bm, off); err != nil {
-		return nil, fmt.Errorf("%s: read bitmap of block %d at %d: %w", img.name, k.blk, off, err)
+		return nil, fmt.Errorf("%s: read bitmap of block %d at %d: %w", img.name, k.Block, off, err)
 	}
 	return bm, nil
 }
@@ -225,7 +226,7 @@ func (img *Image) writeBlockLocked(blk uint32, in int64, p []byte) error {
 func (img *Image) markWrittenLocked(blk, e uint32, in, n int64) error {
 	first, end := in/SectorSize, (in+n)/SectorSize
 	for pg := first / sectorsPerPage; pg*sectorsPerPage < end; pg++ {
-		k := pageKey{img.id, blk, uint32(pg)}
+		k := pageKey(img.id, blk, uint32(pg))
 		bm, ok := img.dirty[k]
 		if !ok {
 			var err error
@@ -239,7 +240,7 @@ func (img *Image) markWrittenLocked(blk, e uint32, in, n int64) error {
 			img.dirty[k] = bm
 			img.dirtyBytes += int64(len(bm))
 		case !ok:
-			bitmapCache.put(k, bm)
+			bitmapCache.Put(k, bm)
 		}
 	}
 	return nil
@@ -248,8 +249,8 @@ func (img *Image) markWrittenLocked(blk, e uint32, in, n int64) error {
 // pageToChangeLocked returns a clean bitmap page for a writer to change, taken out
 // of the cache or read from disk (a new block's bitmap lies in a hole and reads as
 // zeros). The caller holds mu for writing.
-func (img *Image) pageToChangeLocked(k pageKey, e uint32) ([]byte, error) {
-	if bm := bitmapCache.take(k); bm != nil {
+func (img *Image) pageToChangeLocked(k pagecache.Key, e uint32) ([]byte, error) {
+	if bm := bitmapCache.Take(k); bm != nil {
 		return bm, nil
 	}
 	return img.readBitmapPage(k, e)
@@ -376,13 +377,13 @@ func (img *Image) syncLocked() error {
 		return nil
 	}
 	for k, bm := range img.dirty {
-		off := int64(img.bat.get(int64(k.blk)))*SectorSize + int64(k.page)*bitmapPage
+		off := int64(img.bat.get(k.Block))*SectorSize + k.Page*bitmapPage
 		if _, err := img.f.WriteAt(bm, off); err != nil {
-			return fmt.Errorf("%s: write bitmap of block %d at %d: %w", img.name, k.blk, off, err)
+			return fmt.Errorf("%s: write bitmap of block %d at %d: %w", img.name, k.Block, off, err)
 		}
 		delete(img.dirty, k)
 		img.dirtyBytes -= int64(len(bm))
-		bitmapCache.put(k, bm)
+		bitmapCache.Put(k, bm)
 	}
 	// BAT entries go out a sector at a time: a sector write is atomic on disk.
 	sectors := map[int64]bool{}

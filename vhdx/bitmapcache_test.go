@@ -1,55 +1,13 @@
 package vhdx
 
 import (
-	"bytes"
 	"strings"
 	"sync"
 	"testing"
 
 	"github.com/vhdfs/vhdfs/image"
+	"github.com/vhdfs/vhdfs/internal/pagecache"
 )
-
-// TestSliceCacheBudget: the cache stays within its budget, the clock spares a slice
-// used since the hand last passed, and drop forgets one image's slices only.
-func TestSliceCacheBudget(t *testing.T) {
-	const n = 256
-	c := newSliceCache(10 * (n + sliceOverhead))
-	for i := range int64(10) {
-		c.put(sliceKey{1, i}, bytes.Repeat([]byte{byte(i)}, n))
-	}
-	if b, s := c.size(); s != 10 || b != 10*(n+sliceOverhead) {
-		t.Fatalf("size %d bytes, %d slices; want 10 slices", b, s)
-	}
-	if got := c.get(sliceKey{1, 0}); len(got) != n || got[0] != 0 {
-		t.Fatal("slice 0 is not cached")
-	}
-	c.put(sliceKey{2, 0}, make([]byte, n)) // evicts one: not slice 0, just used
-	if b, s := c.size(); s != 10 || b > c.budget {
-		t.Fatalf("over budget: %d bytes, %d slices", b, s)
-	}
-	if c.get(sliceKey{1, 0}) == nil {
-		t.Error("the clock evicted the slice just used")
-	}
-	if c.get(sliceKey{1, 1}) != nil {
-		t.Error("slice 1, unused, is still cached")
-	}
-	c.put(sliceKey{1, 0}, bytes.Repeat([]byte{9}, n)) // replaces
-	if got := c.get(sliceKey{1, 0}); got[0] != 9 {
-		t.Error("put did not replace")
-	}
-	c.put(sliceKey{3, 0}, make([]byte, c.budget)) // larger than the budget: not kept
-	if c.get(sliceKey{3, 0}) != nil {
-		t.Error("a slice over the budget is cached")
-	}
-	c.invalidate(sliceKey{1, 5})
-	if c.get(sliceKey{1, 5}) != nil {
-		t.Error("invalidate left the slice")
-	}
-	c.drop(1)
-	if _, s := c.size(); s != 1 || c.get(sliceKey{2, 0}) == nil {
-		t.Errorf("drop(1) left %d slices, or dropped image 2's", s)
-	}
-}
 
 // TestSliceCacheClose: closing an image forgets its slices.
 func TestSliceCacheClose(t *testing.T) {
@@ -61,11 +19,11 @@ func TestSliceCacheClose(t *testing.T) {
 	if _, _, err := img.Run(0, MiB); err != nil {
 		t.Fatal(err)
 	}
-	if bitmapCache.get(sliceKey{img.id, 0}) == nil {
+	if pagecache.Bitmaps.Get(pagecache.Key{Image: img.id}) == nil {
 		t.Fatal("Run on a PARTIALLY_PRESENT block cached nothing")
 	}
 	img.Close()
-	if bitmapCache.get(sliceKey{img.id, 0}) != nil {
+	if pagecache.Bitmaps.Get(pagecache.Key{Image: img.id}) != nil {
 		t.Error("Close left the image's slices cached")
 	}
 }

@@ -12,6 +12,7 @@ import (
 	"github.com/vhdfs/vhdfs/internal/faults"
 	"github.com/vhdfs/vhdfs/internal/fileio"
 	"github.com/vhdfs/vhdfs/internal/imagelock"
+	"github.com/vhdfs/vhdfs/internal/pagecache"
 )
 
 // File is what an Image needs of its backing file; *os.File implements it.
@@ -48,7 +49,7 @@ type Image struct {
 	meta       atomic.Pointer[Metadata] // replaced whole by SetParent; read without mu
 	geo        geometry
 
-	id         uint64 // names its slices in bitmapCache
+	id         uint64 // names its bitmap slices in pagecache.Bitmaps
 	batOff     int64  // where the BAT region starts
 	logEntries int    // entries of the log replayed at open
 
@@ -182,7 +183,7 @@ func openFile(f File, name string, writable, replay bool) (*Image, error) {
 		return nil, fmt.Errorf("%s: is not a regular file (%v): %w", name, st.Mode().Type(), ErrNotVHDX)
 	}
 	size := st.Size()
-	img := &Image{name: name, writable: writable, src: &source{f: f, vsize: size}, id: nextImageID.Add(1)}
+	img := &Image{name: name, writable: writable, src: &source{f: f, vsize: size}, id: pagecache.NewImage()}
 	id := make([]byte, 8)
 	n, err := f.ReadAt(id, fileIDOff)
 	if err != nil && err != io.EOF {
@@ -478,6 +479,6 @@ func (img *Image) Close() error {
 		err = fmt.Errorf("%s: close: %w", img.name, cerr)
 	}
 	img.lock.Release()
-	bitmapCache.drop(img.id)
+	pagecache.Bitmaps.Drop(img.id)
 	return err
 }

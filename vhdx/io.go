@@ -3,6 +3,8 @@ package vhdx
 import (
 	"fmt"
 	"io"
+
+	"github.com/vhdfs/vhdfs/internal/pagecache"
 )
 
 // ReadAt reads what this file stores for [off, off+len(p)): the data of FULLY_PRESENT
@@ -121,13 +123,14 @@ func (img *Image) bitmapRun(blk, in, avail int64) (int64, bool, error) {
 	return min(s*ss, in+avail) - in, set, nil
 }
 
-// sectorBits returns block blk's slice of its sector bitmap block, from the cache or
-// read (through the log's overlay) and cached. The caller holds mu and must not
+// sectorBits returns block blk's slice of its sector bitmap block (BlockSize /
+// LogicalSectorSize / 8 bytes), from the process's bitmap cache (package pagecache)
+// or read (through the log's overlay) and cached. The caller holds mu and must not
 // change the slice; commitLocked, which changes bits under mu held for writing,
 // forgets the cached slice first.
 func (img *Image) sectorBits(blk int64) ([]byte, error) {
-	k := sliceKey{img.id, blk}
-	if bm := bitmapCache.get(k); bm != nil {
+	k := pagecache.Key{Image: img.id, Block: blk}
+	if bm := pagecache.Bitmaps.Get(k); bm != nil {
 		return bm, nil
 	}
 	g := img.geo
@@ -136,6 +139,6 @@ func (img *Image) sectorBits(blk int64) ([]byte, error) {
 	if err := img.src.readAt(bm, off); err != nil {
 		return nil, fmt.Errorf("%s: read sector bitmap of block %d at %d: %w", img.name, blk, off, err)
 	}
-	bitmapCache.put(k, bm)
+	pagecache.Bitmaps.Put(k, bm)
 	return bm, nil
 }

@@ -7,6 +7,7 @@ import (
 	"sort"
 
 	"github.com/vhdfs/vhdfs/internal/fileio"
+	"github.com/vhdfs/vhdfs/internal/pagecache"
 )
 
 // WriteAt writes whole logical sectors: off and len(p) must be multiples of the
@@ -174,7 +175,7 @@ func (img *Image) commitLocked(bat map[int64]batEntry, bits *bitRange) error {
 	if bits != nil {
 		// Readers are shut out (mu): none can cache the slice again before the
 		// bits are in place, and a failure below leaves the file to be read again.
-		bitmapCache.invalidate(sliceKey{img.id, bits.blk})
+		pagecache.Bitmaps.Take(pagecache.Key{Image: img.id, Block: bits.blk})
 	}
 	if img.src.pending == nil {
 		img.src.pending = map[int64][]byte{}

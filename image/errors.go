@@ -10,6 +10,10 @@ import (
 // formats' packages give them their own names too.
 var (
 	ErrUnknownFormat  = errors.New("not a VHD or VHDX image")
+	ErrChecksum       = errors.New("checksum mismatch")
+	ErrTruncated      = errors.New("file truncated")
+	ErrCorrupt        = errors.New("corrupt image")
+	ErrUnsupported    = errors.New("unsupported image")
 	ErrMixedFormats   = errors.New("a chain is one format throughout")
 	ErrReadOnly       = errors.New("image is read-only")
 	ErrOutOfRange     = errors.New("offset past the end of the disk")

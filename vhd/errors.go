@@ -13,10 +13,10 @@ import (
 // and names the file and the field.
 var (
 	ErrNotVHD         = errors.New("not a VHD image")
-	ErrChecksum       = errors.New("checksum mismatch")
-	ErrTruncated      = errors.New("file truncated")
-	ErrCorrupt        = errors.New("corrupt image")
-	ErrUnsupported    = errors.New("unsupported image")
+	ErrChecksum       = image.ErrChecksum
+	ErrTruncated      = image.ErrTruncated
+	ErrCorrupt        = image.ErrCorrupt
+	ErrUnsupported    = image.ErrUnsupported
 	ErrReadOnly       = image.ErrReadOnly
 	ErrOutOfRange     = image.ErrOutOfRange
 	ErrUnaligned      = errors.New("offset or length not a multiple of 512")

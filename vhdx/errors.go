@@ -17,10 +17,10 @@ import (
 // shared by every format, under this package's names.
 var (
 	ErrNotVHDX     = errors.New("not a VHDX image")
-	ErrChecksum    = errors.New("checksum mismatch")
-	ErrTruncated   = errors.New("file truncated")
-	ErrCorrupt     = errors.New("corrupt image")
-	ErrUnsupported = errors.New("unsupported image")
+	ErrChecksum    = image.ErrChecksum
+	ErrTruncated   = image.ErrTruncated
+	ErrCorrupt     = image.ErrCorrupt
+	ErrUnsupported = image.ErrUnsupported
 
 	ErrReadOnly     = image.ErrReadOnly
 	ErrOutOfRange   = image.ErrOutOfRange

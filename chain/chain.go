@@ -100,18 +100,6 @@ func OpenWith(path string, o OpenOptions) (*Chain, error) {
 	return &Chain{layers: layers}, nil
 }
 
-// OpenParents returns the chain that starts at top, opening each ancestor read-only.
-// On error everything it opened is closed (but not top).
-func OpenParents(top *Layer) ([]*Layer, error) {
-	layers, err := walkParents(top, OpenOptions{})
-	if err != nil {
-		for _, l := range layers[1:] {
-			l.Image.Close()
-		}
-		return nil, err
-	}
-	return layers, nil
-}
 
 func openImage(path string, writable, forceShare bool) (image.Image, error) {
 	switch {

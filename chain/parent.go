@@ -47,17 +47,8 @@ func candidates(child image.Image, childPath string) ([]candidate, error) {
 	return out, nil
 }
 
-// FindParent finds and opens (read-only) the parent of a differencing image. A
-// candidate counts only if the child accepts its ID (image.AcceptsParent) and it has
-// the child's format; if files were found but none matched, the error wraps
-// image.ErrParentMismatch (or image.ErrMixedFormats), and if none was found,
-// image.ErrParentMissing.
-func FindParent(child image.Image, childPath string) (*Layer, error) {
-	return findParent(child, childPath, "", false)
-}
-
 // FindParentAt opens (read-only) the image at parentPath as the parent of child,
-// looking nowhere else, and fails as FindParent does if it is missing or its unique
+// looking nowhere else, and fails, as a search of the locators does, if it is missing or its unique
 // ID is not the one the child records.
 func FindParentAt(child image.Image, childPath, parentPath string) (*Layer, error) {
 	return findParent(child, childPath, parentPath, false)

@@ -83,11 +83,6 @@ func patchU32(t testing.TB, path string, off int64, v uint32) {
 	patchAt(t, path, off, binary.BigEndian.AppendUint32(nil, v))
 }
 
-func patchU64(t testing.TB, path string, off int64, v uint64) {
-	t.Helper()
-	patchAt(t, path, off, binary.BigEndian.AppendUint64(nil, v))
-}
-
 // fixFooterChecksum recomputes the checksum of the footer at off.
 func fixFooterChecksum(t testing.TB, path string, off int64) {
 	t.Helper()

@@ -7,6 +7,3 @@ type UUID = image.ID
 
 // NewUUID returns a random (version 4) UUID.
 func NewUUID() UUID { return image.NewID() }
-
-// ParseUUID reads the form String writes.
-func ParseUUID(s string) (UUID, error) { return image.ParseID(s) }

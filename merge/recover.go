@@ -32,13 +32,15 @@ func Recover(top string) (string, error) {
 	if err != nil {
 		return msg, nil // the writer's own open says why
 	}
-	var paths []string
+	var pending []string
 	for _, l := range c.Layers() {
-		paths = append(paths, l.Path)
+		if lh, ok := l.Image.(image.LogHolder); ok && lh.LogPending() {
+			pending = append(pending, l.Path)
+		}
 	}
 	c.Close()
-	for _, p := range paths {
-		replayed, err := replayLog(p)
+	for _, p := range pending {
+		replayed, err := replayInto(p)
 		if err != nil {
 			return "", fmt.Errorf("%s: %w", top, err)
 		}
@@ -137,6 +139,12 @@ func replayLog(path string) (bool, error) {
 	if !pending {
 		return false, nil
 	}
+	return replayInto(path)
+}
+
+// replayInto opens path for writing, which replays its log into the file, and says
+// whether it could (not when another process has the file open).
+func replayInto(path string) (bool, error) {
 	w, err := probe.Open(path, probe.Writable)
 	if errors.Is(err, image.ErrLocked) {
 		return false, nil

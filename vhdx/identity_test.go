@@ -248,16 +248,7 @@ func TestSetIDCrash(t *testing.T) {
 	base := writeFile(t, b.build())
 	id := image.NewID()
 	for k := 0; ; k++ {
-		p := copyFile(t, base)
-		f, err := os.OpenFile(p, os.O_RDWR, 0)
-		if err != nil {
-			t.Fatal(err)
-		}
-		left := k
-		img, err := OpenFile(cutFile{f, &left}, p, true)
-		if err != nil {
-			t.Fatal(err)
-		}
+		p, img, _ := openCut(t, base, k)
 		serr := img.SetID(id)
 		img.Close()
 		ro, err := Open(p, false)

@@ -209,16 +209,7 @@ func TestSetParentCrash(t *testing.T) {
 			want := fmt.Sprint(tc.want)
 			sawOld, sawNew := false, false
 			for k := 0; ; k++ {
-				p := copyFile(t, tc.child)
-				f, err := os.OpenFile(p, os.O_RDWR, 0)
-				if err != nil {
-					t.Fatal(err)
-				}
-				left := k
-				img, err := OpenFile(cutFile{f, &left}, p, true)
-				if err != nil {
-					t.Fatal(err)
-				}
+				p, img, _ := openCut(t, tc.child, k)
 				err = img.SetParent(tc.parentID, tc.parentPath, tc.childPath)
 				if err != nil && !errors.Is(err, errCut) {
 					t.Fatalf("cut after %d: %v", k, err)

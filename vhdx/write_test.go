@@ -132,6 +132,24 @@ func TestWrite(t *testing.T) {
 	}
 }
 
+// openCut opens a copy of base for writing on a cutFile that lets k writes, fsyncs
+// and truncates through; the test may change the budget through left.
+func openCut(t *testing.T, base string, k int) (path string, img *Image, left *int) {
+	t.Helper()
+	path = copyFile(t, base)
+	f, err := os.OpenFile(path, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	left = new(int)
+	*left = k
+	img, err = OpenFile(cutFile{f, left}, path, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return path, img, left
+}
+
 // cutFile fails every write, fsync and truncate after the first left, as a power
 // loss would cut them.
 type cutFile struct {
@@ -180,16 +198,7 @@ func TestWriteCrash(t *testing.T) {
 			ss := int64(tc.build().logical)
 			var old, want []byte // the views before and after the writes
 			for k := 0; ; k++ {
-				p := copyFile(t, base)
-				f, err := os.OpenFile(p, os.O_RDWR, 0)
-				if err != nil {
-					t.Fatal(err)
-				}
-				left := k
-				img, err := OpenFile(cutFile{f, &left}, p, true)
-				if err != nil {
-					t.Fatal(err)
-				}
+				p, img, _ := openCut(t, base, k)
 				if old == nil {
 					old = view(t, img)
 					want = append([]byte(nil), old...)
@@ -278,19 +287,10 @@ func TestWriteAfterFailedCommit(t *testing.T) {
 	base := writeFile(t, b.build())
 	refused, accepted := 0, 0
 	for k := 0; ; k++ {
-		p := copyFile(t, base)
-		f, err := os.OpenFile(p, os.O_RDWR, 0)
-		if err != nil {
-			t.Fatal(err)
-		}
-		left := k
-		img, err := OpenFile(cutFile{f, &left}, p, true)
-		if err != nil {
-			t.Fatal(err)
-		}
+		p, img, left := openCut(t, base, k)
 		old := view(t, img)
 		// A new block's metadata goes through the log at the Sync.
-		_, err = img.WriteAt(fill(4096, 0x11), 5*MiB)
+		_, err := img.WriteAt(fill(4096, 0x11), 5*MiB)
 		if err == nil {
 			err = img.Sync()
 		}
@@ -298,7 +298,7 @@ func TestWriteAfterFailedCommit(t *testing.T) {
 			img.Close()
 			break
 		}
-		left = 1 << 30
+		*left = 1 << 30
 		_, err2 := img.WriteAt(fill(4096, 0x22), 6*MiB)
 		if err2 == nil {
 			err2 = img.Sync()

@@ -100,7 +100,6 @@ func OpenWith(path string, o OpenOptions) (*Chain, error) {
 	return &Chain{layers: layers}, nil
 }
 
-
 func openImage(path string, writable, forceShare bool) (image.Image, error) {
 	switch {
 	case forceShare:

@@ -350,14 +350,18 @@ coldread() { # KEY
       timed_read qsd "$(stat -c %s "$qfile")" "$pid" $(ddr "$qfile")
       stop_qsd "$pid"
       ;;
-    vhdimount)
-      vhdimount "$dir/top.vhd" "$vmnt2" >>"$dir/cmd.log"
-      pid=$(pgrep -n -f -- "vhdimount $dir/top.vhd $vmnt2")
-      timed_read vhdimount "$vhdi_bytes" "$pid" $(ddr "$vmnt2/$(basename "$vfile")" "${vhdi_count[@]}")
-      fusermount3 -u "$vmnt2"
-      wait_gone "$pid"
-      ;;
+    vhdimount) vhdimount_read vhdimount "$dir/top.vhd" "$(basename "$vfile")" ;;
   esac
+}
+# vhdimount_read KEY IMAGE FILE: a fresh vhdimount of IMAGE, FILE (the whole chain's)
+# read as far as BENCH_VHDI_READ says, recorded as KEY.
+vhdimount_read() {
+  local pid
+  vhdimount "$2" "$vmnt2" >>"$dir/cmd.log"
+  pid=$(pgrep -n -f -- "vhdimount $2 $vmnt2")
+  timed_read "$1" "$vhdi_bytes" "$pid" $(ddr "$vmnt2/$3" "${vhdi_count[@]}")
+  fusermount3 -u "$vmnt2"
+  wait_gone "$pid"
 }
 cold_tools="vhdfs direct_vhdfs cat vhdimount${loopback:+ loopback}${qsd:+ qsd}${BENCH_BASELINE:+ baseline}"
 for ((i = 1; i <= runs; i++)); do
@@ -698,13 +702,7 @@ vx_coldread() { # KEY
       timed_read vx_vhdfs "$disk" "$pid" $(ddr "$mnt/disk.raw")
       vumount "$mnt"
       ;;
-    vhdimount)
-      vhdimount "$vx/top.avhdx" "$vmnt2" >>"$dir/cmd.log"
-      pid=$(pgrep -n -f -- "vhdimount $vx/top.avhdx $vmnt2")
-      timed_read vx_vhdimount "$vhdi_bytes" "$pid" $(ddr "$vmnt2/$(basename "$vxfile")" "${vhdi_count[@]}")
-      fusermount3 -u "$vmnt2"
-      wait_gone "$pid"
-      ;;
+    vhdimount) vhdimount_read vx_vhdimount "$vx/top.avhdx" "$(basename "$vxfile")" ;;
   esac
 }
 for ((i = 1; i <= runs; i++)); do

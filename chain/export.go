@@ -42,8 +42,11 @@ func ExportDevice(c *Chain, out *os.File, progress func(done int64)) error {
 }
 
 // ExportStream writes the flattened chain to w in order, every byte: for a pipe or
-// stdout, which take no seeks.
+// stdout, which take no seeks. Into a pipe, the image files' runs are spliced.
 func ExportStream(c *Chain, w io.Writer, progress func(done int64)) error {
+	if f, ok := w.(*os.File); ok && isPipe(f) {
+		return exportPipe(c, f, progress)
+	}
 	size := c.Size()
 	buf := make([]byte, exportChunk)
 	for off := int64(0); off < size; {

@@ -3,11 +3,13 @@ package test
 import (
 	"bytes"
 	"crypto/sha256"
+	"errors"
 	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 )
 
@@ -103,6 +105,26 @@ func TestExportToLoopDevice(t *testing.T) {
 		detach(&sdev)
 		if !bytes.Equal(fileBytes(t, small), bytes.Repeat([]byte{0xa5}, len(model)-1<<20)) {
 			t.Errorf("a refused export changed the smaller device")
+		}
+	})
+}
+
+// TestExportToClosedPipe: when the reader of the pipe goes away (`| head -c 1`),
+// export ends as a plain writer does in a shell pipeline, killed by SIGPIPE (status
+// 141 under pipefail), without an error message.
+func TestExportToClosedPipe(t *testing.T) {
+	forEachFormat(t, func(t *testing.T, format string) {
+		c := makeChain(t, chainOptions{Format: format, Depth: 2, Create: []string{"--size", "24M"}, Writes: 20, Seed: 12})
+		cmd := exec.Command("bash", "-c", `set -o pipefail; "$0" export "$1" - | head -c 1 >/dev/null`, vhdfsBin, c.Top())
+		var stderr bytes.Buffer
+		cmd.Stderr = &stderr
+		err := cmd.Run()
+		var ee *exec.ExitError
+		if !errors.As(err, &ee) || ee.ExitCode() != 128+int(syscall.SIGPIPE) {
+			t.Errorf("export - | head -c 1: %v, want exit status %d (SIGPIPE)", err, 128+int(syscall.SIGPIPE))
+		}
+		if stderr.Len() != 0 {
+			t.Errorf("export - | head -c 1 said %q, want nothing", stderr.String())
 		}
 	})
 }

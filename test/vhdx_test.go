@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"testing"
 
@@ -247,10 +248,17 @@ func (m *sparseModel) assertFileWindows(t testing.TB, what, path string, offs ..
 	}
 }
 
-// assertVHDXView checks vhdfs export and a read-only mount of image against model.
+// assertVHDXView checks vhdfs export (to a file and into a pipe) and a read-only
+// mount of image against model.
 func assertVHDXView(t testing.TB, image string, model []byte) {
 	t.Helper()
 	assertFileEquals(t, exportImage(t, image), model)
+	// Output's stdout is a pipe: the export splices what the files hold.
+	streamed, err := exec.Command(vhdfsBin, "export", image, "-").Output()
+	if err != nil {
+		t.Fatalf("vhdfs export %s -: %v", image, err)
+	}
+	assertSameBytes(t, "vhdfs export into a pipe", streamed, model)
 	assertSameBytes(t, "read-only mount", mMountRead(t, image), model)
 }
 

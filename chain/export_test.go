@@ -20,39 +20,58 @@ import (
 
 // TestExportKernelCopy exports two-layer chains of each format to a sparse file and
 // compares its bytes with the model and its holes with the model's all-zero granules;
-// with the kernel copying (it must move every non-zero byte, and no more than the
-// non-zero granules), refusing (the rest is written from the buffer) or failing (each
-// chunk is read through the chain instead).
+// with the file system sharing blocks (every non-zero byte must be shared, and no more
+// than the non-zero granules), sharing only some ranges (the rest are written),
+// refusing (the rest is written from the buffer) or failing (each chunk is read
+// through the chain instead).
 func TestExportKernelCopy(t *testing.T) {
-	realCopy := copyRange
+	realClone := cloneRange
 	for _, format := range []string{"vhd", "vhdx"} {
 		for _, tc := range []struct {
 			name string
-			// copy stands for copy_file_range; wantKernel says whether it moves
-			// the model's non-zero bytes, maxCalls bounds its calls (0: no bound).
-			copy       func(src *os.File, srcOff int64, dst *os.File, dstOff, n int64) error
+			// clone stands for FICLONERANGE; wantKernel says whether it moves the
+			// model's non-zero bytes, someShared that it shares some, maxCalls
+			// bounds its calls (0: no bound).
+			clone      func(src *os.File, srcOff int64, dst *os.File, dstOff, n int64) error
 			wantKernel bool
+			someShared bool
 			maxCalls   int
 		}{
-			{"kernel copies", realCopy, true, 0},
+			// ext4 (the test's file system) shares no blocks: copy_file_range
+			// stands in for a clone that works.
+			{"kernel shares", func(src *os.File, srcOff int64, dst *os.File, dstOff, n int64) error {
+				_, err := fileio.CopyRange(src, srcOff, dst, dstOff, n, 1, dst.Name())
+				return err
+			}, true, true, 0},
+			{"ranges not in whole blocks: written, and the next one tried", func(src *os.File, srcOff int64, dst *os.File, dstOff, n int64) error {
+				if dstOff%(8<<10) != 0 {
+					return errUnaligned
+				}
+				_, err := fileio.CopyRange(src, srcOff, dst, dstOff, n, 1, dst.Name())
+				return err
+			}, false, true, 0},
 			{"kernel refuses: WriteAt from then on", func(*os.File, int64, *os.File, int64, int64) error {
 				return fmt.Errorf("test: %w", image.ErrNoKernelCopy)
-			}, false, 8}, // at most one per worker, which may all try at once
+			}, false, false, 8}, // at most one per worker, which may all try at once
 			{"copy fails: each chunk through the chain", func(*os.File, int64, *os.File, int64, int64) error {
 				return errors.New("test: copy failed")
-			}, false, 0},
+			}, false, false, 0},
 		} {
 			t.Run(format+"/"+tc.name, func(t *testing.T) {
 				c, model := exportChain(t, format)
-				var mu sync.Mutex // Export's workers call copyRange and progress
+				var mu sync.Mutex // Export's workers call cloneRange and progress
 				var calls int
 				var kernelBytes, last int64
 				copied := make([]bool, len(model))
-				copyRange = func(src *os.File, srcOff int64, dst *os.File, dstOff, n int64) error {
-					err := tc.copy(src, srcOff, dst, dstOff, n)
+				offered := make([]bool, len(model)) // given to the clone, shared or not
+				cloneRange = func(src *os.File, srcOff int64, dst *os.File, dstOff, n int64) error {
+					err := tc.clone(src, srcOff, dst, dstOff, n)
 					mu.Lock()
 					defer mu.Unlock()
 					calls++
+					for i := dstOff; i < dstOff+n; i++ {
+						offered[i] = true
+					}
 					if err == nil {
 						kernelBytes += n
 						for i := dstOff; i < dstOff+n; i++ {
@@ -61,7 +80,7 @@ func TestExportKernelCopy(t *testing.T) {
 					}
 					return err
 				}
-				t.Cleanup(func() { copyRange = realCopy })
+				t.Cleanup(func() { cloneRange = realClone })
 				out, err := os.Create(filepath.Join(t.TempDir(), "out.raw"))
 				if err != nil {
 					t.Fatal(err)
@@ -80,16 +99,26 @@ func TestExportKernelCopy(t *testing.T) {
 				if tc.wantKernel {
 					for i, b := range model {
 						if b != 0 && !copied[i] {
-							t.Fatalf("the non-zero byte at %d was not moved by copy_file_range", i)
+							t.Fatalf("the non-zero byte at %d was not shared by the clone", i)
 						}
 					}
 					// Less where a granule is split between pieces and one holds only zeros.
 					if most := nonZeroBytes(model); kernelBytes > most {
-						t.Errorf("copy_file_range moved %d bytes, more than the %d of the non-zero granules", kernelBytes, most)
+						t.Errorf("the clone shared %d bytes, more than the %d of the non-zero granules", kernelBytes, most)
+					}
+				}
+				if tc.someShared {
+					if kernelBytes == 0 {
+						t.Errorf("the clone shared nothing")
+					}
+					for i, b := range model {
+						if b != 0 && !offered[i] {
+							t.Fatalf("the non-zero byte at %d was never given to the clone", i)
+						}
 					}
 				}
 				if tc.maxCalls > 0 && (calls == 0 || calls > tc.maxCalls) {
-					t.Errorf("copy_file_range was tried %d times, want 1 to %d", calls, tc.maxCalls)
+					t.Errorf("the clone was tried %d times, want 1 to %d", calls, tc.maxCalls)
 				}
 			})
 		}

@@ -150,8 +150,16 @@ func TestMergeENOSPC(t *testing.T) {
 // with either still there fails, and the cleanups undo them.
 func mountSmallExt4(t testing.TB, size int64) (dir string, release func()) {
 	t.Helper()
+	return mountLoopFS(t, size, "ext4", "mkfs.ext4", "-q", "-F", "-m", "0")
+}
+
+// mountLoopFS makes a file system of type fstype and size bytes with mkfs (a command
+// and its arguments, to which the backing file is added) on a loop device, mounts it,
+// and returns where, as mountSmallExt4.
+func mountLoopFS(t testing.TB, size int64, fstype string, mkfs ...string) (dir string, release func()) {
+	t.Helper()
 	tmp := t.TempDir()
-	img := filepath.Join(tmp, "small.ext4")
+	img := filepath.Join(tmp, "small."+fstype)
 	dir = filepath.Join(tmp, "fs")
 	if err := os.Mkdir(dir, 0o755); err != nil {
 		t.Fatal(err)
@@ -162,14 +170,14 @@ func mountSmallExt4(t testing.TB, size int64) (dir string, release func()) {
 	if err := os.Truncate(img, size); err != nil {
 		t.Fatal(err)
 	}
-	mustRun(t, "mkfs.ext4", "-q", "-F", "-m", "0", img)
+	mustRun(t, mkfs[0], append(mkfs[1:], img)...)
 	var loop string
 	mLoopCleanup(t, &loop)
 	loop = strings.TrimSpace(mustRun(t, "losetup", "--find", "--show", img))
 	// Registered after the loop's cleanup, so it runs before it; mounts made later
 	// (vhdfs on files of this file system) go before both.
 	mUmountCleanup(t, dir)
-	mustRun(t, "mount", "-t", "ext4", loop, dir)
+	mustRun(t, "mount", "-t", fstype, loop, dir)
 	release = func() {
 		t.Helper()
 		mustRun(t, "umount", dir)

@@ -60,7 +60,7 @@ done
 parent=${BENCH_DIR:-${TMPDIR:-/tmp}}
 mkdir -p "$parent"
 avail=$(($(df -Pk "$parent" | awk 'NR == 2 { print $4 }') * 1024))
-need=$((size_req * 13 / 2 + (256 << 20)))
+need=$((size_req * 17 / 2 + (256 << 20)))
 ((avail >= need)) || die "$parent has $((avail >> 20)) MiB free; BENCH_SIZE=$size_arg needs about $((need >> 20)) MiB"
 dir=$(mktemp -d "$parent/vhdfs-bench.XXXXXX")
 mnt=$dir/mnt   # vhdfs mounts
@@ -590,6 +590,21 @@ else
     vumount "$mnt"
     rm -rf "$r"
   }
+  export_xfs() { # TOOL: records export_xfs_TOOL's MiB/s and ms
+    local o=$xfs/out-$1.raw t0
+    rm -f "$o"
+    t0=$(now)
+    if [ "$1" = vhdfs ]; then
+      "$vhdfs" export "$xfs/base.vhd" "$o" >>"$dir/cmd.log"
+    else
+      qemu-img convert -f vpc -O raw "$xfs/base.vhd" "$o"
+    fi
+    sync "$o"
+    local t=$(($(now) - t0))
+    record export_xfs_$1 "$(mibps "$disk" "$t")"
+    record export_xfs_$1_ms "$(ms "$t")"
+    rm -f "$o"
+  }
   merge_xfs_cp() {
     local t0
     rm -f "$xfs/cp.raw"
@@ -605,6 +620,18 @@ else
     if ((i % 2)); then merge_xfs_vhdfs; merge_xfs_cp; else merge_xfs_cp; merge_xfs_vhdfs; fi
     log "XFS merge $i/$runs: vhdfs $(grep '^merge_xfs_vhdfs_ms' "$samples" | tail -n 1 | cut -f2) ms, cp+sync $(grep '^merge_xfs_cp_ms' "$samples" | tail -n 1 | cut -f2) ms"
   done
+  # Export of the dynamic base, copied onto the XFS file system, to a file there:
+  # vhdfs shares the base's blocks (reflink), qemu-img convert writes them.
+  rm -f "$xfs/src.raw"
+  cp --reflink=never --sparse=always "$dir/base.vhd" "$xfs/base.vhd"
+  for ((i = 1; i <= runs; i++)); do
+    if ((i % 2)); then
+      export_xfs vhdfs; export_xfs qemu
+    else
+      export_xfs qemu; export_xfs vhdfs
+    fi
+  done
+  rm -f "$xfs/base.vhd"
   umount "$xfs"
   rm -f "$dir/xfs.img"
 fi
@@ -842,6 +869,10 @@ compare("sequential write $((half >> 20)) MiB, dd conv=fsync, fresh top", "write
 compare("merge depth=1 of a $((half >> 20)) MiB overlay", "merge_vhdfs", "merge_cp", "MiB/s", "cp + sync", 0.5, ("merge_vhdfs_ms", "merge_cp_ms"))
 if "merge_xfs_vhdfs" in samples:
     compare("merge depth=1 of a $((half >> 20)) MiB overlay on XFS (reflink)", "merge_xfs_vhdfs", "merge_xfs_cp", "MiB/s", "cp --reflink=never + sync", 5, ("merge_xfs_vhdfs_ms", "merge_xfs_cp_ms"))
+if "export_xfs_vhdfs" in samples:
+    info("export of one dynamic layer on XFS (reflink; informational)", "export_xfs_vhdfs", "export_xfs_qemu", "MiB/s", "qemu-img convert")
+    rows[-1][1] += f" ({num(med('export_xfs_vhdfs_ms'))} ms)"
+    rows[-1][2] += f" ({num(med('export_xfs_qemu_ms'))} ms)"
 va, vb = med("merge_vhdfs"), med("merge_qemu")
 rows.append(["merge depth=1 of a $((half >> 20)) MiB overlay (informational)", f"{num(va)} MiB/s ({num(med('merge_vhdfs_ms'))} ms)",
              f"qemu-img commit of the same qcow2 chain: {num(vb)} MiB/s ({num(med('merge_qemu_ms'))} ms)", f"{va / vb:.2f}×", "—", "—"])

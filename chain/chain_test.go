@@ -8,7 +8,6 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
-	"syscall"
 	"testing"
 
 	"github.com/vhdfs/vhdfs/vhd"
@@ -415,56 +414,4 @@ func TestDescribe(t *testing.T) {
 			t.Errorf("layer %d's parent name is not its parent's base name: %+v", i, g)
 		}
 	}
-}
-
-// TestExportStreamPipe: ExportStream into a pipe splices the stored runs and writes
-// the zeros, in order, every byte, as the model says; os.Pipe is non-blocking, so a
-// full pipe waits through the poller. A closed reader ends it with an error, not a
-// hang.
-func TestExportStreamPipe(t *testing.T) {
-	dir := t.TempDir()
-	r := newRand(t, 13)
-	const size = 9*mib + 512 // not a whole number of export chunks
-	base := createBase(t, dir, "base.vhd", vhd.TypeDynamic, size, 64*kib)
-	c := openChain(t, base, true)
-	model := make([]byte, size)
-	writeRandom(t, r, c, model, 30, 64*kib)
-	closeChain(t, c)
-	top := createChild(t, dir, "top.vhd", base, 4*kib)
-	c = openChain(t, top, true)
-	defer closeChain(t, c)
-	writeRandom(t, r, c, model, 30, 4*kib)
-
-	pr, pw, err := os.Pipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	got := make(chan []byte)
-	go func() {
-		b, _ := io.ReadAll(pr)
-		pr.Close()
-		got <- b
-	}()
-	var last int64
-	err = ExportStream(c, pw, func(done int64) { last = done })
-	pw.Close()
-	if err != nil {
-		t.Fatalf("ExportStream: %v", err)
-	}
-	if b := <-got; !bytes.Equal(b, model) {
-		t.Fatalf("streamed image differs from the model at %d (len %d)", firstDiff(b, model), len(b))
-	}
-	if last != size {
-		t.Errorf("progress ended at %d, want %d", last, size)
-	}
-
-	pr, pw, err = os.Pipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	pr.Close()
-	if err := ExportStream(c, pw, nil); !errors.Is(err, syscall.EPIPE) {
-		t.Errorf("ExportStream to a pipe without a reader: %v, want EPIPE", err)
-	}
-	pw.Close()
 }

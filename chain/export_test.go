@@ -4,9 +4,11 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 	"sync"
+	"syscall"
 	"testing"
 
 	"golang.org/x/sys/unix"
@@ -257,4 +259,47 @@ func nonZeroBytes(model []byte) int64 {
 		}
 	}
 	return n
+}
+
+// TestExportStreamPipe: ExportStream into a pipe splices the stored runs and writes
+// the zeros, in order, every byte, as the model says; os.Pipe is non-blocking, so a
+// full pipe waits through the poller. A closed reader ends it with EPIPE, not a hang.
+func TestExportStreamPipe(t *testing.T) {
+	for _, format := range []string{"vhd", "vhdx"} {
+		t.Run(format, func(t *testing.T) {
+			c, model := exportChain(t, format)
+			pr, pw, err := os.Pipe()
+			if err != nil {
+				t.Fatal(err)
+			}
+			got := make(chan []byte)
+			go func() {
+				b, _ := io.ReadAll(pr)
+				pr.Close()
+				got <- b
+			}()
+			var last int64
+			err = ExportStream(c, pw, func(done int64) { last = done })
+			pw.Close()
+			if err != nil {
+				t.Fatalf("ExportStream: %v", err)
+			}
+			if b := <-got; !bytes.Equal(b, model) {
+				t.Fatalf("streamed image differs from the model at %d (len %d)", firstDiff(b, model), len(b))
+			}
+			if last != int64(len(model)) {
+				t.Errorf("progress ended at %d, want %d", last, len(model))
+			}
+
+			pr, pw, err = os.Pipe()
+			if err != nil {
+				t.Fatal(err)
+			}
+			pr.Close()
+			if err := ExportStream(c, pw, nil); !errors.Is(err, syscall.EPIPE) {
+				t.Errorf("ExportStream to a pipe without a reader: %v, want EPIPE", err)
+			}
+			pw.Close()
+		})
+	}
 }

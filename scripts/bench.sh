@@ -559,6 +559,22 @@ for ((i = 1; i <= runs; i++)); do
   log "merge $i/$runs: vhdfs $(grep '^merge_vhdfs_ms' "$samples" | tail -n 1 | cut -f2) ms, cp+sync $(grep '^merge_cp_ms' "$samples" | tail -n 1 | cut -f2) ms, qemu-img commit $(grep '^merge_qemu_ms' "$samples" | tail -n 1 | cut -f2) ms"
 done
 
+# export_run is used by the export rows, on XFS (4b) and on the fixtures' file system (5).
+export_run() { # KEY TOOL IMAGE QEMU_FORMAT [OUT_DIR]: records KEY_TOOL's MiB/s and ms
+  local o=${5:-$dir}/out-$2.raw t0
+  rm -f "$o"
+  t0=$(now)
+  if [ "$2" = vhdfs ]; then
+    "$vhdfs" export "$3" "$o" >>"$dir/cmd.log"
+  else
+    qemu-img convert -f "$4" -O raw "$3" "$o"
+  fi
+  sync "$o"
+  local t=$(($(now) - t0))
+  record "$1_$2" "$(mibps "$disk" "$t")"
+  record "$1_$2_ms" "$(ms "$t")"
+}
+
 # --- 4b. the same merge on XFS, where copy_file_range shares blocks (reflink) ---------
 
 # An XFS loop file system holds mid.vhd and over.vhd (base.vhd, never written by a
@@ -594,21 +610,6 @@ else
     vumount "$mnt"
     rm -rf "$r"
   }
-  export_xfs() { # TOOL: records export_xfs_TOOL's MiB/s and ms
-    local o=$xfs/out-$1.raw t0
-    rm -f "$o"
-    t0=$(now)
-    if [ "$1" = vhdfs ]; then
-      "$vhdfs" export "$xfs/base.vhd" "$o" >>"$dir/cmd.log"
-    else
-      qemu-img convert -f vpc -O raw "$xfs/base.vhd" "$o"
-    fi
-    sync "$o"
-    local t=$(($(now) - t0))
-    record export_xfs_$1 "$(mibps "$disk" "$t")"
-    record export_xfs_$1_ms "$(ms "$t")"
-    rm -f "$o"
-  }
   merge_xfs_cp() {
     local t0
     rm -f "$xfs/cp.raw"
@@ -628,6 +629,7 @@ else
   # vhdfs shares the base's blocks (reflink), qemu-img convert writes them.
   rm -f "$xfs/src.raw"
   cp --reflink=never --sparse=always "$dir/base.vhd" "$xfs/base.vhd"
+  export_xfs() { export_run export_xfs "$1" "$xfs/base.vhd" vpc "$xfs"; }
   for ((i = 1; i <= runs; i++)); do
     if ((i % 2)); then
       export_xfs vhdfs; export_xfs qemu
@@ -643,20 +645,6 @@ rm -rf "$dir/m0" "$dir/q0"
 
 # --- 5. export of a single dynamic layer -------------------------------------------
 
-export_run() { # KEY TOOL IMAGE QEMU_FORMAT: records KEY_TOOL's MiB/s and ms
-  local o=$dir/out-$2.raw t0
-  rm -f "$o"
-  t0=$(now)
-  if [ "$2" = vhdfs ]; then
-    "$vhdfs" export "$3" "$o" >>"$dir/cmd.log"
-  else
-    qemu-img convert -f "$4" -O raw "$3" "$o"
-  fi
-  sync "$o"
-  local t=$(($(now) - t0))
-  record "$1_$2" "$(mibps "$disk" "$t")"
-  record "$1_$2_ms" "$(ms "$t")"
-}
 export_one() { export_run export "$1" "$dir/base.vhd" vpc; }
 for ((i = 1; i <= runs; i++)); do
   if ((i % 2)); then export_one vhdfs; export_one qemu; else export_one qemu; export_one vhdfs; fi

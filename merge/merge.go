@@ -671,8 +671,14 @@ func relink(c *chain.Chain, opts Options, from int, dst image.Image, p *pushed, 
 		above.Image.Close()
 	}
 	for _, l := range layers[from : to+1] {
+		if p != nil && l == layers[1] {
+			// The old top of a push, unlinked above: its last close frees its
+			// blocks (half a second per GiB on ext4), which nobody waits for.
+			go l.Image.Close()
+			continue
+		}
 		l.Image.Close()
-		if l != target && (p == nil || l != layers[1]) {
+		if l != target {
 			res.Detached = append(res.Detached, l.Path)
 		}
 	}

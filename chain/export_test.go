@@ -40,17 +40,14 @@ func TestExportKernelCopy(t *testing.T) {
 			maxCalls   int
 		}{
 			// ext4 (the test's file system) shares no blocks: copy_file_range
-			// stands in for a clone that works.
-			{"kernel shares", func(src *os.File, srcOff int64, dst *os.File, dstOff, n int64) error {
-				_, err := fileio.CopyRange(src, srcOff, dst, dstOff, n, 1, dst.Name())
-				return err
-			}, true, true, 0},
-			{"ranges not in whole blocks: written, and the next one tried", func(src *os.File, srcOff int64, dst *os.File, dstOff, n int64) error {
+			// stands in for a clone that works, in whole blocks only, as
+			// FICLONERANGE does.
+			{"kernel shares", wholeBlockClone, true, true, 0},
+			{"some ranges refused: written, and the next one tried", func(src *os.File, srcOff int64, dst *os.File, dstOff, n int64) error {
 				if dstOff%(8<<10) != 0 {
 					return errUnaligned
 				}
-				_, err := fileio.CopyRange(src, srcOff, dst, dstOff, n, 1, dst.Name())
-				return err
+				return wholeBlockClone(src, srcOff, dst, dstOff, n)
 			}, false, true, 0},
 			{"kernel refuses: WriteAt from then on", func(*os.File, int64, *os.File, int64, int64) error {
 				return fmt.Errorf("test: %w", image.ErrNoKernelCopy)
@@ -98,10 +95,11 @@ func TestExportKernelCopy(t *testing.T) {
 					t.Fatalf("exported image differs from the model at %d (len %d)", firstDiff(got, model), len(got))
 				}
 				checkHoles(t, out, model)
+				share := shareable(t, c, model)
 				if tc.wantKernel {
-					for i, b := range model {
-						if b != 0 && !copied[i] {
-							t.Fatalf("the non-zero byte at %d was not shared by the clone", i)
+					for i := range model {
+						if share[i/sparseGranule] && !copied[i] {
+							t.Fatalf("byte %d, in a whole non-zero granule at the same offset within a block of its file, was not shared by the clone", i)
 						}
 					}
 					// Less where a granule is split between pieces and one holds only zeros.
@@ -113,9 +111,9 @@ func TestExportKernelCopy(t *testing.T) {
 					if kernelBytes == 0 {
 						t.Errorf("the clone shared nothing")
 					}
-					for i, b := range model {
-						if b != 0 && !offered[i] {
-							t.Fatalf("the non-zero byte at %d was never given to the clone", i)
+					for i := range model {
+						if share[i/sparseGranule] && !offered[i] {
+							t.Fatalf("byte %d, in a whole non-zero granule at the same offset within a block of its file, was never given to the clone", i)
 						}
 					}
 				}
@@ -302,4 +300,35 @@ func TestExportStreamPipe(t *testing.T) {
 			pw.Close()
 		})
 	}
+}
+
+// wholeBlockClone is a clone that works in whole 4 KiB blocks only, as FICLONERANGE
+// does, by copy_file_range (the test's ext4 shares no blocks).
+func wholeBlockClone(src *os.File, srcOff int64, dst *os.File, dstOff, n int64) error {
+	if srcOff%4096 != 0 || dstOff%4096 != 0 || n%4096 != 0 {
+		return errUnaligned
+	}
+	_, err := fileio.CopyRange(src, srcOff, dst, dstOff, n, 1, dst.Name())
+	return err
+}
+
+// shareable marks the output granules an export must give to the clone: whole, not
+// all zeros, and inside one run of an image file that sits at the same offset within
+// a 4 KiB block as in the output.
+func shareable(t *testing.T, c *Chain, model []byte) []bool {
+	t.Helper()
+	share := make([]bool, (len(model)+sparseGranule-1)/sparseGranule)
+	var pos int64
+	if _, err := c.FileRuns(nil, 0, int64(len(model)), func(p Piece) error {
+		if p.File != nil && (p.FileOff-pos)%sparseGranule == 0 {
+			for g := (pos + sparseGranule - 1) / sparseGranule * sparseGranule; g+sparseGranule <= pos+p.N; g += sparseGranule {
+				share[g/sparseGranule] = !fileio.AllZero(model[g : g+sparseGranule])
+			}
+		}
+		pos += p.N
+		return nil
+	}); err != nil {
+		t.Fatalf("FileRuns: %v", err)
+	}
+	return share
 }

@@ -74,9 +74,11 @@ func exportPipe(c *Chain, out *os.File, progress func(done int64)) error {
 }
 
 // spliceAll splices n bytes of f from off into the pipe behind rc, waiting for room
-// (through the poller when the pipe is non-blocking).
+// (through the poller when the pipe is non-blocking). A file that cannot be spliced
+// from, found before any byte went, is ErrNotInFile: the caller copies instead.
 func spliceAll(rc syscall.RawConn, f *os.File, off, n int64) error {
 	src := int(f.Fd())
+	sent := false // any byte of f went into the pipe
 	for n > 0 {
 		var k int64
 		var err error
@@ -91,12 +93,15 @@ func spliceAll(rc syscall.RawConn, f *os.File, off, n int64) error {
 			continue
 		case err == unix.EPIPE:
 			return errPipeClosed
+		case !sent && (err == unix.EINVAL || err == unix.ENOSYS || err == unix.EOPNOTSUPP):
+			return fmt.Errorf("splice from %s: %v: %w", f.Name(), err, ErrNotInFile) // a file system that cannot splice
 		case err != nil:
 			return fmt.Errorf("splice from %s at %d: %w", f.Name(), off, err)
 		case k == 0:
 			return fmt.Errorf("splice from %s at %d: %w", f.Name(), off, io.ErrUnexpectedEOF)
 		}
 		n -= k
+		sent = true
 	}
 	return nil
 }

@@ -157,10 +157,17 @@ func (h *Handle) Release() {
 		return
 	}
 	delete(o.handles, h)
-	o.apply()
+	applied := o.apply() == nil
 	last := len(o.handles) == 0
 	if last {
 		delete(owners, h.k)
+		if !applied {
+			// Locks it could not drop go with the descriptor, before anyone
+			// else looks at the file.
+			unix.Close(o.fd)
+			mu.Unlock()
+			return
+		}
 	}
 	mu.Unlock()
 	if last {

@@ -68,11 +68,8 @@ func ExportStream(c *Chain, w io.Writer, progress func(done int64)) error {
 	buf := make([]byte, exportChunk)
 	for off := int64(0); off < size; {
 		p := buf[:min(exportChunk, size-off)]
-		if _, err := c.ReadAt(p, off); err != nil {
+		if err := copyOut(c, w, p, off); err != nil {
 			return err
-		}
-		if _, err := w.Write(p); err != nil {
-			return fmt.Errorf("write at %d: %w", off, err)
 		}
 		off += int64(len(p))
 		if progress != nil {
@@ -312,12 +309,7 @@ const sparseGranule = 4096
 // writeNonZero writes p, which belongs at off, skipping its all-zero granules;
 // neighbouring non-zero granules go out in one write.
 func writeNonZero(out *os.File, p []byte, off int64) error {
-	return nonZeroSpans(p, off, func(i, j int) error {
-		if _, err := out.WriteAt(p[i:j], off+int64(i)); err != nil {
-			return fmt.Errorf("%s: write at %d: %w", out.Name(), off+int64(i), err)
-		}
-		return nil
-	})
+	return nonZeroSpans(p, off, func(i, j int) error { return writeAt(out, p[i:j], off+int64(i)) })
 }
 
 // nonZeroSpans calls fn, in order, for each run p[i:j] of neighbouring granules that

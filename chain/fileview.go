@@ -5,6 +5,8 @@ import (
 	"fmt"
 	"io"
 	"os"
+
+	"golang.org/x/sys/unix"
 )
 
 // Piece is a part of a range of a view: N bytes at FileOff of File, or N zeros
@@ -18,6 +20,9 @@ type Piece struct {
 // ErrNotInFile: a layer stores part of the range somewhere other than in one plain
 // file at a known offset (FileRun said no), so the range cannot be spliced.
 var ErrNotInFile = errors.New("range not stored in a plain file")
+
+// ErrTooManyPieces: SpliceRuns met more pieces than its caller allows.
+var ErrTooManyPieces = errors.New("too many pieces to splice")
 
 // FileRuns calls fn, in order, for each piece of [off, off+n) of the view from layer
 // l down (l nil: the whole chain): the runs of the image files that hold it and the
@@ -86,3 +91,56 @@ func fileRunsFrom(layers []*Layer, off, n int64, fn func(Piece) error) error {
 	}
 	return nil
 }
+
+// SpliceRuns loads [off, off+n) of the view from layer l (nil: the whole chain) into
+// the pipe whose write end is the descriptor pipe, in order: the runs of the image
+// files go by splice(2), so the pipe holds references to their pages and nothing
+// needs the files once it returns, and the zeros no layer stores are written. flags
+// go to splice and decide how a full pipe is met: unix.SPLICE_F_NONBLOCK (with a
+// non-blocking pipe) fails with EAGAIN, 0 (with a blocking one) waits for the reader.
+// More than maxPieces pieces (0: any number) is ErrTooManyPieces, before the first
+// byte of the one too many. A run no layer holds in a plain file, or a file that
+// cannot be spliced from, is ErrNotInFile, before any byte of that run. It returns
+// how many bytes went into the pipe, on error too (io.EOF from off on the view's end).
+func (c *Chain) SpliceRuns(l *Layer, off, n int64, pipe, flags, maxPieces int) (int64, error) {
+	var sent int64
+	pieces := 0
+	_, err := c.FileRuns(l, off, n, func(p Piece) error {
+		if pieces++; maxPieces > 0 && pieces > maxPieces {
+			return ErrTooManyPieces
+		}
+		if p.File == nil {
+			for left := p.N; left > 0; {
+				k, err := unix.Write(pipe, zeroChunk[:min(left, int64(len(zeroChunk)))])
+				if err == unix.EINTR {
+					continue
+				}
+				if err != nil {
+					return fmt.Errorf("write zeros to a pipe: %w", err)
+				}
+				left, sent = left-int64(k), sent+int64(k)
+			}
+			return nil
+		}
+		src := int(p.File.Fd())
+		for left, fo := p.N, p.FileOff; left > 0; {
+			k, err := unix.Splice(src, &fo, pipe, nil, int(left), flags)
+			switch {
+			case err == unix.EINTR:
+				continue
+			case left == p.N && (err == unix.EINVAL || err == unix.ENOSYS || err == unix.EOPNOTSUPP):
+				return fmt.Errorf("splice from %s: %v: %w", p.File.Name(), err, ErrNotInFile)
+			case err != nil:
+				return fmt.Errorf("splice from %s at %d: %w", p.File.Name(), fo, err)
+			case k == 0:
+				return fmt.Errorf("splice from %s at %d: %w", p.File.Name(), fo, io.ErrUnexpectedEOF)
+			}
+			left, sent = left-k, sent+k
+		}
+		return nil
+	})
+	return sent, err
+}
+
+// zeroChunk is what SpliceRuns writes zeros from.
+var zeroChunk = make([]byte, 64<<10)

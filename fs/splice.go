@@ -1,15 +1,11 @@
 package fs
 
 import (
-	"errors"
 	"os"
-	"syscall"
 
 	"github.com/hanwen/go-fuse/v2/fuse"
 	"github.com/hanwen/go-fuse/v2/splice"
 	"golang.org/x/sys/unix"
-
-	"github.com/vhdfs/vhdfs/chain"
 )
 
 // Which READ replies vhdfs splices from the image files rather than copying. With
@@ -33,16 +29,11 @@ var (
 	maxRequest int64 = 512 << 10
 )
 
-var errTooManyPieces = errors.New("too many pieces to splice")
-
-// zeros is what a reply's unstored runs are written from.
-var zeros = make([]byte, 64<<10)
-
-// spliceRead loads [off, off+len) of the view into a pipe, splicing the runs of the
-// image files (the pipe then holds references to their pages, so a merge may close
-// the files before go-fuse sends the reply) and writing zeros for the rest. ok is
-// false when it cannot (the caller copies): too many pieces, a layer not in a plain
-// file, or any error, which the copy path reports again.
+// spliceRead loads [off, off+len) of the view into a pipe (chain.SpliceRuns: the pipe
+// then holds references to the image files' pages, so a merge may close the files
+// before go-fuse sends the reply). It never waits for room: a full pipe, too many
+// pieces, a layer not in a plain file or any error, which the copy path reports again,
+// make ok false, and the caller copies.
 func (n *diskNode) spliceRead(size, off int64) (fuse.ReadResult, bool) {
 	pair, err := splice.Get()
 	if err != nil {
@@ -52,42 +43,7 @@ func (n *diskNode) spliceRead(size, off int64) (fuse.ReadResult, bool) {
 		splice.Done(pair)
 		return nil, false
 	}
-	pieces := 0
-	total, err := n.chain().FileRuns(n.layer, off, size, func(p chain.Piece) error {
-		if pieces++; pieces > maxPieces {
-			return errTooManyPieces
-		}
-		if p.File == nil {
-			for left := p.N; left > 0; {
-				k, err := pair.Write(zeros[:min(left, int64(len(zeros)))])
-				if err != nil {
-					return err
-				}
-				left -= int64(k)
-			}
-			return nil
-		}
-		fd := int(p.File.Fd())
-		for left, fo := p.N, p.FileOff; left > 0; {
-			var k int64
-			var err error
-			for {
-				// Never wait for room: a full pipe falls back to a copy.
-				k, err = syscall.Splice(fd, &fo, int(pair.WriteFd()), nil, int(left), unix.SPLICE_F_NONBLOCK)
-				if err != syscall.EINTR {
-					break
-				}
-			}
-			if err != nil {
-				return err
-			}
-			if k == 0 {
-				return syscall.EIO // the file is shorter than its image says
-			}
-			left -= k
-		}
-		return nil
-	})
+	total, err := n.chain().SpliceRuns(n.layer, off, size, int(pair.WriteFd()), unix.SPLICE_F_NONBLOCK, maxPieces)
 	if err != nil || total <= 0 {
 		splice.Done(pair)
 		return nil, false

@@ -52,7 +52,7 @@ func TestExportReflinkXFS(t *testing.T) {
 }
 
 // TestExportAcrossFileSystems: export from images on one file system to a file on
-// another (tmpfs), where the kernel refuses copy_file_range (EXDEV), writes the
+// another (tmpfs), where no block can be shared (FICLONERANGE: EXDEV), writes the
 // bytes itself, as sparse as ever.
 func TestExportAcrossFileSystems(t *testing.T) {
 	var st syscall.Statfs_t

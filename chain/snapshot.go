@@ -6,6 +6,8 @@ import (
 	"path/filepath"
 	"syscall"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/vhdfs/vhdfs/image"
 	"github.com/vhdfs/vhdfs/probe"
 )
@@ -15,8 +17,12 @@ import (
 // the new image opened (and locked) for writing, and the old top, now a parent, is
 // opened read-only instead, so its lock becomes a reader's. Reads never wait.
 //
-// name must not exist (an error wrapping os.ErrExist). Its locators name the old top
-// by its path as the chain found it. The caller serialises Snapshot with merges.
+// name must be a file in the directory that holds the top image (after symlinks) and
+// must not exist (an error wrapping os.ErrExist). It is created through a descriptor
+// of that directory, never through a symlink or over a file, owned like the top and
+// with its mode: whoever may write control gets no file elsewhere and no other owner.
+// Its locators name the old top by its path as the chain found it. The caller
+// serialises Snapshot with merges.
 func (c *Chain) Snapshot(name string) (*Layer, error) {
 	top := c.Layers()[0]
 	if !top.Image.Writable() {
@@ -25,30 +31,44 @@ func (c *Chain) Snapshot(name string) (*Layer, error) {
 	if c.Len() >= MaxDepth {
 		return nil, fmt.Errorf("snapshot of %s: the chain already holds %d images, the most a chain may: %w", top.Path, c.Len(), ErrTooDeep)
 	}
-	if real, err := filepath.EvalSymlinks(top.Path); err == nil {
-		if j, err := ReadJournal(Abs(real)); err != nil {
-			return nil, err
-		} else if j != nil {
-			return nil, fmt.Errorf("snapshot of %s: %q is pending (journal %s); run it again first: %w", top.Path, j.Command, JournalPath(Abs(real)), ErrPending)
-		}
+	real, err := filepath.EvalSymlinks(top.Path)
+	if err != nil {
+		return nil, fmt.Errorf("snapshot of %s: %w", top.Path, err)
 	}
+	real = Abs(real)
+	if j, err := ReadJournal(real); err != nil {
+		return nil, err
+	} else if j != nil {
+		return nil, fmt.Errorf("snapshot of %s: %q is pending (journal %s); run it again first: %w", top.Path, j.Command, JournalPath(real), ErrPending)
+	}
+	dir, base := filepath.Split(name)
+	dirFD, err := snapshotDir(dir, real, top.Image)
+	if err != nil {
+		return nil, fmt.Errorf("snapshot %s: %w", name, err)
+	}
+	defer unix.Close(dirFD)
+	via := fmt.Sprintf("/proc/self/fd/%d/%s", dirFD, base)
 	parentPath := Abs(top.Path)
 	// Created before the write lock, which holds writes off only for the swap (the
 	// child's parent ID is checked again under it).
-	err := top.Image.CreateChild(name, image.ChildOptions{ParentPath: parentPath})
-	if err != nil {
+	if err := top.Image.CreateChild(via, image.ChildOptions{ParentPath: parentPath, LocatorPath: name}); err != nil {
 		return nil, err
 	}
 	fail := func(err error) (*Layer, error) {
-		os.Remove(name)
+		unix.Unlinkat(dirFD, base, 0)
 		return nil, err
 	}
-	if err := SameOwnerAndMode(name, top.Path); err != nil {
+	dev, ino, err := ownLike(dirFD, base, real)
+	if err != nil {
 		return fail(fmt.Errorf("snapshot %s: %w", name, err))
 	}
 	img, err := probe.Open(name, probe.Writable)
 	if err != nil {
 		return fail(err)
+	}
+	if d, i := img.FileID(); d != dev || i != ino {
+		img.Close()
+		return fail(fmt.Errorf("snapshot %s: the file was replaced while it was made", name))
 	}
 	unlock := c.WriteLock()
 	defer unlock()
@@ -82,6 +102,57 @@ func (c *Chain) Snapshot(name string) (*Layer, error) {
 		return fresh, fmt.Errorf("snapshot %s made; closing the old top's writable handle: %w", name, err)
 	}
 	return fresh, nil
+}
+
+// snapshotDir opens dir, which must be the directory that holds the top image (at
+// real, open as img), for creating in it by descriptor.
+func snapshotDir(dir, real string, img image.Image) (int, error) {
+	if filepath.Clean(dir) != filepath.Dir(real) {
+		return -1, fmt.Errorf("a snapshot is made in the directory of the top image, %s, not in %s: %w", filepath.Dir(real), dir, image.ErrInvalidArg)
+	}
+	fd, err := unix.Open(filepath.Dir(real), unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return -1, fmt.Errorf("open %s: %w", filepath.Dir(real), err)
+	}
+	var st unix.Stat_t
+	dev, ino := img.FileID()
+	if err := unix.Fstatat(fd, filepath.Base(real), &st, unix.AT_SYMLINK_NOFOLLOW); err != nil || uint64(st.Dev) != dev || st.Ino != ino {
+		unix.Close(fd)
+		return -1, fmt.Errorf("%s no longer holds the top image %s", filepath.Dir(real), real)
+	}
+	return fd, nil
+}
+
+// ownLike gives the file base of directory dirFD, which this process has just
+// created, the owner and permission bits of the file like, through a descriptor:
+// a link put in its place meanwhile is refused, never changed. It returns the
+// file's device and inode.
+func ownLike(dirFD int, base, like string) (dev, ino uint64, err error) {
+	want, err := os.Stat(like)
+	if err != nil {
+		return 0, 0, err
+	}
+	fd, err := unix.Openat(dirFD, base, unix.O_RDONLY|unix.O_NOFOLLOW|unix.O_NONBLOCK|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return 0, 0, fmt.Errorf("open %s again: %w", base, err)
+	}
+	defer unix.Close(fd)
+	var st unix.Stat_t
+	if err := unix.Fstat(fd, &st); err != nil {
+		return 0, 0, err
+	}
+	if st.Mode&unix.S_IFMT != unix.S_IFREG || st.Nlink != 1 || int(st.Uid) != os.Geteuid() {
+		return 0, 0, fmt.Errorf("%s was replaced while it was made", base)
+	}
+	if err := unix.Fchmod(fd, uint32(want.Mode().Perm())); err != nil {
+		return 0, 0, fmt.Errorf("chmod %s: %w", base, err)
+	}
+	if sys, ok := want.Sys().(*syscall.Stat_t); ok && (sys.Uid != st.Uid || sys.Gid != st.Gid) {
+		if err := unix.Fchown(fd, int(sys.Uid), int(sys.Gid)); err != nil {
+			return 0, 0, fmt.Errorf("chown %s: %w", base, err)
+		}
+	}
+	return uint64(st.Dev), st.Ino, nil
 }
 
 // SameOwnerAndMode gives path the permission bits and owner of like: an image that

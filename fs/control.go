@@ -19,27 +19,32 @@ import (
 
 	"github.com/vhdfs/vhdfs/chain"
 	"github.com/vhdfs/vhdfs/merge"
+	"github.com/vhdfs/vhdfs/probe"
 )
 
 // maxCommand bounds one write to control.
 const maxCommand = 256
 
-// control is the state behind the control file: one merge at a time, its progress,
-// and the result of the last command.
+// control is the state behind the control file: one merge or snapshot at a time, its
+// progress, and the result of the last command. One goroutine (run) owns the state:
+// the FUSE handlers and the jobs hand it closures (ask) that read or change the state
+// and return at once, never blocking. So no lock is held across a call that may come
+// back to it, and a command that cannot run now is refused (EBUSY), not queued.
 type control struct {
 	root *Root
-
-	mu        sync.Mutex
-	state     string        // guarded by mu: "idle", "merging", "aborting" or "snapshotting"
-	running   string        // guarded by mu: the merge command running
-	cancel    func()        // guarded by mu: aborts the running merge
-	finished  chan struct{} // guarded by mu: closed when the running merge ends
-	job       *mergeJob     // guarded by mu: the running merge
-	unclaimed *mergeJob     // guarded by mu: the last merge, finished, if no writer got its result yet
-	last      *lastResult   // guarded by mu
-	detached  []string      // guarded by mu: images merged away, no longer in the chain
+	reqs chan func(*ctlState)
 
 	done, total atomic.Int64 // progress of the running merge
+}
+
+// ctlState is the control state; only the goroutine run touches it.
+type ctlState struct {
+	state     string // "idle", "merging", "aborting" or "snapshotting"
+	job       *job   // the running merge or snapshot
+	cancel    func() // aborts the running merge
+	unclaimed *job   // the last job, finished, if no writer got its result yet
+	last      *lastResult
+	detached  []string // images merged away, no longer in the chain
 }
 
 type lastResult struct {
@@ -50,7 +55,44 @@ type lastResult struct {
 	Time    string `json:"time"`
 }
 
-func newControl(r *Root) *control { return &control{root: r, state: "idle"} }
+func newControl(r *Root) *control {
+	c := &control{root: r, reqs: make(chan func(*ctlState))}
+	go c.run()
+	return c
+}
+
+// run owns the control state for the life of the mount.
+func (c *control) run() {
+	s := &ctlState{state: "idle"}
+	for f := range c.reqs {
+		f(s)
+	}
+}
+
+// askTimeout bounds how long a request waits for the owner to take its question.
+// The owner only runs closures that return at once: past this, something is wrong,
+// and the request fails with a line in the log instead of hanging.
+const askTimeout = 10 * time.Second
+
+// ask runs f on the owner of the state and returns once it has run; false (with a
+// log line) if the owner did not take f within askTimeout, when f never runs. f
+// must not block.
+func (c *control) ask(f func(*ctlState)) bool {
+	ran := make(chan struct{})
+	t := time.NewTimer(askTimeout)
+	defer t.Stop()
+	select {
+	case c.reqs <- func(s *ctlState) { f(s); close(ran) }:
+	case <-t.C:
+		c.root.logError(fmt.Sprintf("control: the control state's owner did not answer within %v", askTimeout))
+		return false
+	}
+	<-ran // taken: f runs now, and returns at once
+	return true
+}
+
+// errStuck is the answer when the owner did not take a request (see ask).
+var errStuck = fmt.Errorf("control state did not answer within %v: %w", askTimeout, errBusy)
 
 // Status is what reading control returns.
 type Status struct {
@@ -71,18 +113,24 @@ type Progress struct {
 	Total int64 `json:"total"`
 }
 
-func (c *control) status() Status {
-	c.mu.Lock()
-	st := Status{PID: pid, ReadOnly: c.root.opts.ReadOnly, State: c.state, Running: c.running, Last: c.last,
-		Detached: append([]string(nil), c.detached...), Errors: c.root.recentErrors()}
-	if c.job != nil {
-		st.Progress = &Progress{Done: c.done.Load(), Total: c.total.Load()}
+func (c *control) status() (Status, error) {
+	st := Status{PID: pid, ReadOnly: c.root.opts.ReadOnly}
+	if !c.ask(func(s *ctlState) {
+		st.State, st.Last, st.Detached = s.state, s.last, append([]string(nil), s.detached...)
+		if s.job != nil {
+			st.Running = s.job.line
+			if s.job.merge {
+				st.Progress = &Progress{Done: c.done.Load(), Total: c.total.Load()}
+			}
+		}
+	}) {
+		return st, errStuck
 	}
-	c.mu.Unlock()
+	st.Errors = c.root.recentErrors()
 	for i, l := range c.root.chain.Layers() {
 		st.Chain = append(st.Chain, chain.DescribeLayer(i, l))
 	}
-	return st
+	return st, nil
 }
 
 // record keeps the result of a command for the status and returns its errno.
@@ -94,21 +142,25 @@ func (c *control) record(cmd string, err error, msg string) syscall.Errno {
 }
 
 func (c *control) recordErrno(cmd string, e syscall.Errno, msg string) syscall.Errno {
+	r := result(cmd, e, msg)
+	c.ask(func(s *ctlState) { s.last = r })
+	return e
+}
+
+func result(cmd string, e syscall.Errno, msg string) *lastResult {
 	r := &lastResult{Command: cmd, Errno: int(e), Message: msg, Time: time.Now().UTC().Format(time.RFC3339)}
 	if e != 0 {
 		r.Error = e.Error()
 	}
-	c.mu.Lock()
-	c.last = r
-	c.mu.Unlock()
-	return e
+	return r
 }
 
 var pid = os.Getpid()
 
-// command runs one line written to control. sync and abort are done when it returns;
-// a merge is started and returned as a job.
-func (c *control) command(line string) (*mergeJob, syscall.Errno) {
+// command runs one line written to control. sync and abort are done when it returns
+// (an abort waits for the merge to stop, or for ctx); a merge or a snapshot is
+// started and returned as a job.
+func (c *control) command(ctx context.Context, line string) (*job, syscall.Errno) {
 	fields := strings.Fields(line)
 	if len(fields) == 0 {
 		return nil, c.record(line, fmt.Errorf("empty command: %w", errInvalid), "")
@@ -127,33 +179,7 @@ func (c *control) command(line string) (*mergeJob, syscall.Errno) {
 		if len(fields) > 1 {
 			return nil, c.record(line, fmt.Errorf("abort takes no arguments: %w", errInvalid), "")
 		}
-		c.mu.Lock()
-		cancel, job := c.cancel, c.job
-		if cancel == nil {
-			c.unclaimed = nil // an abort, even a late one, is an answer to the last merge
-		}
-		c.mu.Unlock()
-		if cancel == nil {
-			return nil, c.record(line, nil, "no merge running")
-		}
-		cancel()
-		c.mu.Lock()
-		if c.state == "merging" {
-			c.state = "aborting"
-		}
-		c.mu.Unlock()
-		<-job.finished
-		// Whoever aborts learns the result: a later write of the merge starts it anew.
-		c.mu.Lock()
-		if c.unclaimed == job {
-			c.unclaimed = nil
-		}
-		c.mu.Unlock()
-		if job.errno != syscall.ECANCELED {
-			// Past the copy a merge no longer stops: it had finished (or failed).
-			return nil, c.record(line, nil, "too late to abort: "+job.message)
-		}
-		return nil, c.record(line, nil, "merge aborted; the chain is as it was")
+		return nil, c.abort(ctx, line)
 	case "merge":
 		opts, err := parseMerge(fields[1:])
 		if err != nil {
@@ -162,9 +188,49 @@ func (c *control) command(line string) (*mergeJob, syscall.Errno) {
 		return c.startMerge(line, opts)
 	case "snapshot":
 		name := strings.TrimSpace(strings.TrimPrefix(strings.TrimSpace(line), "snapshot"))
-		return nil, c.snapshot(line, name)
+		return c.startSnapshot(line, name)
 	}
 	return nil, c.record(line, fmt.Errorf("unknown command %q (want merge, abort, sync or snapshot): %w", fields[0], errInvalid), "")
+}
+
+// abort stops the running merge and waits until it has stopped (or ctx ends: EINTR,
+// and the merge stops all the same). A snapshot is not stopped: it is over in a
+// moment.
+func (c *control) abort(ctx context.Context, line string) syscall.Errno {
+	var j *job
+	var cancel func()
+	if !c.ask(func(s *ctlState) {
+		j, cancel = s.job, s.cancel
+		if cancel == nil {
+			s.unclaimed = nil // an abort, even a late one, is an answer to the last merge
+			return
+		}
+		if s.state == "merging" {
+			s.state = "aborting"
+		}
+	}) {
+		return c.root.errno("control "+line, errStuck)
+	}
+	if cancel == nil {
+		msg := "no merge running"
+		if j != nil {
+			msg += fmt.Sprintf(" (%q is being made; a snapshot is not aborted)", j.line)
+		}
+		return c.record(line, nil, msg)
+	}
+	cancel()
+	select {
+	case <-j.finished:
+	case <-ctx.Done():
+		return syscall.EINTR
+	}
+	// Whoever aborts learns the result: a later write of the merge starts it anew.
+	c.claim(j)
+	if j.errno != syscall.ECANCELED {
+		// Past the copy a merge no longer stops: it had finished (or failed).
+		return c.record(line, nil, "too late to abort: "+j.message)
+	}
+	return c.record(line, nil, "merge aborted; the chain is as it was")
 }
 
 func parseMerge(args []string) (merge.Options, error) {
@@ -199,25 +265,26 @@ func parseMerge(args []string) (merge.Options, error) {
 	return opts, nil
 }
 
-// mergeJob is a merge started by a write to control; the write waits for it, and so
-// do writes of the same command that join it.
-type mergeJob struct {
+// job is a merge or a snapshot started by a write to control; the write waits for
+// it, and so do writes of the same command that join it.
+type job struct {
 	line     string // the command as written
+	merge    bool   // a merge (else a snapshot)
 	finished chan struct{}
 	errno    syscall.Errno // set before finished is closed
 	message  string        // likewise
 	ended    time.Time     // likewise
 }
 
-// unclaimedFor is how long the result of a merge that no writer received (each was
+// unclaimedFor is how long the result of a job that no writer received (each was
 // interrupted) waits for a retry of the same command, which gets it instead of
-// starting that merge again.
+// starting that job again.
 const unclaimedFor = time.Minute
 
-// wait returns the merge's errno once it is done, or EINTR if ctx (the writing
-// request) is interrupted first; the merge goes on either way. A writer that gets
-// the result claims it: a later write of the same command starts a new merge.
-func (c *control) wait(ctx context.Context, j *mergeJob) syscall.Errno {
+// wait returns the job's errno once it is done, or EINTR if ctx (the writing
+// request) is interrupted first; the job goes on either way. A writer that gets
+// the result claims it: a later write of the same command starts a new job.
+func (c *control) wait(ctx context.Context, j *job) syscall.Errno {
 	select {
 	case <-j.finished: // a result that is there is given, even to an interrupted writer
 	default:
@@ -227,144 +294,191 @@ func (c *control) wait(ctx context.Context, j *mergeJob) syscall.Errno {
 			return syscall.EINTR
 		}
 	}
-	c.mu.Lock()
-	if c.unclaimed == j {
-		c.unclaimed = nil
-	}
-	c.mu.Unlock()
+	c.claim(j)
 	return j.errno
 }
 
-func (c *control) startMerge(line string, opts merge.Options) (*mergeJob, syscall.Errno) {
+// claim marks j's result as given.
+func (c *control) claim(j *job) {
+	c.ask(func(s *ctlState) {
+		if s.unclaimed == j {
+			s.unclaimed = nil
+		}
+	})
+}
+
+// start runs the job of line with check (on the owner, while idle: it returns the
+// error that refuses the command) and then body (in a goroutine of its own). A
+// retry of the running job's command joins it; one of the last job's, after it
+// ended, gets its result (an interrupted writer's retry must not run it twice).
+// A retry is matched before check: the job it repeats may have changed the chain.
+func (c *control) start(line, state string, check func(s *ctlState) error, body func(j *job)) (*job, syscall.Errno) {
+	var j *job
+	var refused error
+	if !c.ask(func(s *ctlState) {
+		if s.state != "idle" {
+			if s.job != nil && s.job.line == line {
+				j = s.job // the same command again, from any open: a retry after EINTR
+				return
+			}
+			refused = fmt.Errorf("%s is running: %w", s.job.line, errBusy)
+			return
+		}
+		if u := s.unclaimed; u != nil {
+			if u.line == line && time.Since(u.ended) < unclaimedFor {
+				// It stays unclaimed until wait gives it (this retry may be
+				// interrupted too, and the next one must not start it again).
+				j = u
+				return
+			}
+			s.unclaimed = nil
+		}
+		if refused = check(s); refused != nil {
+			return
+		}
+		j = &job{line: line, merge: state == "merging", finished: make(chan struct{})}
+		s.state, s.job = state, j
+		s.last = result(line, 0, "started")
+		go func() {
+			body(j)
+			j.ended = time.Now()
+			c.reqs <- func(s *ctlState) {
+				s.last = result(line, j.errno, j.message)
+				s.state, s.job, s.cancel = "idle", nil, nil
+				s.unclaimed = j
+				close(j.finished)
+			}
+		}()
+	}) {
+		return nil, c.record(line, errStuck, "")
+	}
+	if refused != nil {
+		return nil, c.record(line, refused, "")
+	}
+	return j, 0
+}
+
+func (c *control) startMerge(line string, opts merge.Options) (*job, syscall.Errno) {
 	if c.root.opts.ReadOnly {
 		return nil, c.record(line, fmt.Errorf("read-only mount: %w", chain.ErrReadOnly), "")
 	}
-	// A retry joins its merge, or gets its unclaimed result, before the command is
-	// checked against the chain: the merge it repeats changed the chain's length.
-	c.mu.Lock()
-	if c.state != "idle" {
-		if c.job != nil && c.job.line == line {
-			// The same command again, from any open: a script's retry after EINTR.
-			job := c.job
-			c.mu.Unlock()
-			return job, 0
+	var mctx context.Context
+	var cancel func()
+	return c.start(line, "merging", func(s *ctlState) error {
+		// Only while idle: no merge or snapshot can be replacing the layers now,
+		// so the chain's lock is free for this read.
+		if err := opts.Validate(c.root.chain.Len()); err != nil {
+			return fmt.Errorf("%v: %w", err, errInvalid)
 		}
-		c.mu.Unlock()
-		return nil, c.record(line, fmt.Errorf("%s is running: %w", c.busyWith(), errBusy), "")
-	}
-	if u := c.unclaimed; u != nil {
-		if u.line == line && time.Since(u.ended) < unclaimedFor {
-			// The retry came after the merge ended: it gets the result nobody got.
-			// It stays unclaimed until wait gives it (this retry may be interrupted
-			// too, and the next one must not start the merge again).
-			c.mu.Unlock()
-			return u, 0
+		c.done.Store(0)
+		c.total.Store(0)
+		// The merge's own context: not the request's, which any signal interrupts.
+		mctx, cancel = context.WithCancel(context.Background())
+		s.cancel = cancel
+		return nil
+	}, func(j *job) {
+		c.root.opts.Logger.Printf("%s: started", line)
+		opts.Progress = func(done, total int64) {
+			c.done.Store(done)
+			c.total.Store(total)
 		}
-		c.unclaimed = nil
-	}
-	if err := opts.Validate(c.root.chain.Len()); err != nil {
-		c.mu.Unlock()
-		return nil, c.record(line, fmt.Errorf("%v: %w", err, errInvalid), "")
-	}
-	// The merge's own context: not the request's, which any signal interrupts.
-	mctx, cancel := context.WithCancel(context.Background())
-	job := &mergeJob{line: line, finished: make(chan struct{})}
-	c.state, c.running, c.cancel, c.finished, c.job = "merging", line, cancel, job.finished, job
-	c.done.Store(0)
-	c.total.Store(0)
-	c.mu.Unlock()
-	c.recordErrno(line, 0, "started")
-	c.root.opts.Logger.Printf("%s: started", line)
-
-	opts.Progress = func(done, total int64) {
-		c.done.Store(done)
-		c.total.Store(total)
-	}
-	opts.Logf = c.root.debugf
-	opts.Hook = c.root.opts.MergeHook
-	go func() {
+		opts.Logf = c.root.debugf
+		opts.Hook = c.root.opts.MergeHook
 		res, err := merge.Merge(mctx, c.root.chain, opts)
 		cancel()
 		switch {
 		case errors.Is(err, context.Canceled):
-			job.message = "aborted; the chain is as it was"
-			job.errno = c.recordErrno(line, syscall.ECANCELED, job.message)
+			j.message, j.errno = "aborted; the chain is as it was", syscall.ECANCELED
 		case err != nil:
 			// Whatever stops a merge is EIO for the writer; the message says why.
-			job.message = "merge failed: " + err.Error()
-			job.errno = c.recordErrno(line, syscall.EIO, job.message)
+			j.message, j.errno = "merge failed: "+err.Error(), syscall.EIO
 		default:
-			job.message = res.Message()
-			c.recordErrno(line, 0, job.message)
+			j.message = res.Message()
 		}
-		c.root.opts.Logger.Printf("%s: %s", line, map[bool]string{true: "done: ", false: ""}[err == nil]+job.message)
-		job.ended = time.Now()
-		c.mu.Lock()
-		if res != nil {
-			c.detached = append(c.detached, res.Detached...)
+		c.root.opts.Logger.Printf("%s: %s", line, map[bool]string{true: "done: ", false: ""}[err == nil]+j.message)
+		if res != nil && len(res.Detached) > 0 {
+			c.ask(func(s *ctlState) { s.detached = append(s.detached, res.Detached...) })
 		}
-		c.state, c.running, c.cancel, c.finished, c.job = "idle", "", nil, nil, nil
-		c.unclaimed = job
-		c.mu.Unlock()
-		close(job.finished)
-	}()
-	return job, 0
+	})
 }
 
-// busyWith names what runs; the caller holds mu.
-func (c *control) busyWith() string {
-	if c.running != "" {
-		return c.running
-	}
-	return c.state
-}
-
-// snapshot makes name (relative to the top's directory unless absolute) a new empty
-// differencing image on the top and the top of the chain. It is refused while a merge
-// runs; a merge is refused while it runs.
-func (c *control) snapshot(line, name string) syscall.Errno {
-	if name == "" {
-		return c.record(line, fmt.Errorf("snapshot takes the path of the new image: %w", errInvalid), "")
-	}
+// startSnapshot makes name a new empty differencing image on the top, the top of
+// the chain (see chain.Snapshot and snapshotName). It is refused while a merge runs,
+// and a merge is refused while it runs.
+func (c *control) startSnapshot(line, name string) (*job, syscall.Errno) {
 	if c.root.opts.ReadOnly {
-		return c.record(line, fmt.Errorf("read-only mount: %w", chain.ErrReadOnly), "")
+		return nil, c.record(line, fmt.Errorf("read-only mount: %w", chain.ErrReadOnly), "")
 	}
 	top := c.root.chain.Layers()[0]
-	if !filepath.IsAbs(name) {
-		name = filepath.Join(filepath.Dir(chain.Abs(top.Path)), name)
-	}
-	name = filepath.Clean(name)
-	c.mu.Lock()
-	if c.state != "idle" {
-		defer c.mu.Unlock()
-		return c.record(line, fmt.Errorf("%s is running: %w", c.busyWith(), errBusy), "")
-	}
-	c.state = "snapshotting"
-	c.mu.Unlock()
-	_, err := c.root.chain.Snapshot(name)
-	c.mu.Lock()
-	c.state = "idle"
-	c.mu.Unlock()
+	path, err := snapshotName(top, name)
 	if err != nil {
-		if errors.Is(err, chain.ErrTooDeep) || errors.Is(err, chain.ErrPending) {
-			err = fmt.Errorf("%w: %w", err, errInvalid)
-		}
-		c.root.opts.Logger.Printf("%s: %v", line, err)
-		return c.record(line, err, "")
+		return nil, c.record(line, err, "")
 	}
-	msg := fmt.Sprintf("snapshot %s made; it is the top, %s below it is read-only", name, top.Path)
-	c.root.opts.Logger.Printf("%s: %s", line, msg)
-	return c.record(line, nil, msg)
+	return c.start(line, "snapshotting", func(*ctlState) error { return nil }, func(j *job) {
+		top := c.root.chain.Layers()[0]
+		if _, err := c.root.chain.Snapshot(path); err != nil {
+			if errors.Is(err, chain.ErrTooDeep) || errors.Is(err, chain.ErrPending) {
+				err = fmt.Errorf("%w: %w", err, errInvalid)
+			}
+			j.message, j.errno = err.Error(), c.root.errno("control "+line, err)
+		} else {
+			j.message = fmt.Sprintf("snapshot %s made; it is the top, %s below it is read-only", path, top.Path)
+		}
+		c.root.opts.Logger.Printf("%s: %s", line, j.message)
+	})
 }
 
-// waitIdle blocks until no merge runs.
-func (c *control) waitIdle() {
-	c.mu.Lock()
-	f := c.finished
-	c.mu.Unlock()
-	if f != nil {
-		<-f
+// snapshotName is the file `snapshot NAME` makes: NAME in the directory of the top
+// image (after symlinks). A path is taken for its base name when it names that
+// directory, and refused when it names another; the name's extension must not name
+// the other format.
+func snapshotName(top *chain.Layer, name string) (string, error) {
+	if name == "" {
+		return "", fmt.Errorf("snapshot takes the name of the new image, made beside the top image: %w", errInvalid)
 	}
+	real, err := filepath.EvalSymlinks(top.Path)
+	if err != nil {
+		return "", fmt.Errorf("snapshot: the top image %s: %w", top.Path, err)
+	}
+	dir := filepath.Dir(chain.Abs(real))
+	base := filepath.Base(name)
+	if strings.ContainsRune(name, '/') {
+		given := filepath.Dir(filepath.Clean(filepath.Join(dir, name)))
+		if filepath.IsAbs(name) {
+			given = filepath.Dir(filepath.Clean(name))
+		}
+		a, aerr := os.Stat(given)
+		b, berr := os.Stat(dir)
+		if given != dir && (aerr != nil || berr != nil || !os.SameFile(a, b)) {
+			return "", fmt.Errorf("snapshot %s: a snapshot is made beside the top image, in %s; give a name, not a path to another directory: %w", name, dir, errInvalid)
+		}
+	}
+	if base == "." || base == ".." || base == "/" || strings.ContainsAny(base, "\x00") {
+		return "", fmt.Errorf("snapshot %q: not a file name: %w", name, errInvalid)
+	}
+	if err := probe.CheckChildName(base, top.Image.Format()); err != nil {
+		return "", fmt.Errorf("snapshot: %w", err)
+	}
+	return filepath.Join(dir, base), nil
+}
+
+// abortAll stops a running merge, if any, and waits for it (for shutdown). It
+// returns the command of the merge it stopped, or "" when none ran.
+func (c *control) abortAll() string {
+	var j *job
+	var cancel func()
+	c.ask(func(s *ctlState) { j, cancel = s.job, s.cancel })
+	if j == nil {
+		return ""
+	}
+	if cancel != nil {
+		cancel()
+	}
+	<-j.finished
+	if !j.merge {
+		return ""
+	}
+	return j.line
 }
 
 // controlNode is the control file: each open reads a fresh JSON snapshot; each
@@ -378,14 +492,14 @@ type controlHandle struct {
 	content []byte
 
 	mu      sync.Mutex
-	job     *mergeJob // guarded by mu: the merge this handle's write started
-	jobLine string    // guarded by mu: the command that started it
+	job     *job   // guarded by mu: the merge this handle's write started
+	jobLine string // guarded by mu: the command that started it
 }
 
 var _ = (fs.NodeGetattrer)((*controlNode)(nil))
 
 func (n *controlNode) Getattr(ctx context.Context, fh fs.FileHandle, out *fuse.AttrOut) syscall.Errno {
-	n.root.fillAttr(&out.Attr, true)
+	n.root.fillControlAttr(&out.Attr)
 	if h, ok := fh.(*controlHandle); ok {
 		out.Size = uint64(len(h.content))
 	}
@@ -395,7 +509,11 @@ func (n *controlNode) Getattr(ctx context.Context, fh fs.FileHandle, out *fuse.A
 var _ = (fs.NodeOpener)((*controlNode)(nil))
 
 func (n *controlNode) Open(ctx context.Context, flags uint32) (fs.FileHandle, uint32, syscall.Errno) {
-	b, err := json.MarshalIndent(n.root.ctl.status(), "", "  ")
+	st, err := n.root.ctl.status()
+	if err != nil {
+		return nil, 0, n.root.errno("control status", err)
+	}
+	b, err := json.MarshalIndent(st, "", "  ")
 	if err != nil {
 		return nil, 0, n.root.errno("control status", err)
 	}
@@ -432,7 +550,7 @@ func (n *controlNode) Write(ctx context.Context, fh fs.FileHandle, data []byte, 
 	if job == nil {
 		// A merge command joins the running merge of the same command, or gets the
 		// unclaimed result of the last one (see startMerge).
-		job, e = n.root.ctl.command(line)
+		job, e = n.root.ctl.command(ctx, line)
 	}
 	if e == 0 && job != nil {
 		// The write returns when the merge is done. An interrupted writer gets EINTR
@@ -449,7 +567,7 @@ func (n *controlNode) Write(ctx context.Context, fh fs.FileHandle, data []byte, 
 
 // ownJob returns the merge this handle's earlier write of line started or joined,
 // running or not: the same write again after EINTR gets that merge's result.
-func (h *controlHandle) ownJob(line string) *mergeJob {
+func (h *controlHandle) ownJob(line string) *job {
 	if h == nil {
 		return nil
 	}
@@ -461,7 +579,7 @@ func (h *controlHandle) ownJob(line string) *mergeJob {
 	return h.job
 }
 
-func (h *controlHandle) setJob(job *mergeJob, line string) {
+func (h *controlHandle) setJob(job *job, line string) {
 	if h == nil {
 		return
 	}

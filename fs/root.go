@@ -32,8 +32,13 @@ type Options struct {
 	Logger *log.Logger
 	// MergeHook is passed to every merge as merge.Options.Hook.
 	MergeHook func(point string)
-	// Access gives the owner and mode of disk.raw; nil: the mounting user, 0644.
+	// Access gives the owner and mode of disk.raw and layers/ (the data); nil: the
+	// mounting user, 0644.
 	Access *Access
+	// Control gives the owner and mode of control: the top image file's, never what
+	// the uid=, gid= and umask= options give the data, for a command written there
+	// acts with the mount process's authority. nil: the same as Access.
+	Control *Access
 	// FsName is the source the mount table shows; default: the top image's path.
 	FsName string
 	// ReadAheadKB is the read-ahead of the mount's backing device, set in sysfs after
@@ -102,6 +107,9 @@ func NewRoot(c *chain.Chain, opts Options) *Root {
 	if opts.Access == nil {
 		opts.Access = &Access{Uid: uint32(os.Getuid()), Gid: uint32(os.Getgid()), Perm: 0o644}
 	}
+	if opts.Control == nil {
+		opts.Control = opts.Access
+	}
 	r := &Root{chain: c, opts: opts, mtime: time.Now()}
 	r.ctl = newControl(r)
 	return r
@@ -161,14 +169,29 @@ func (r *Root) Getattr(ctx context.Context, fh fs.FileHandle, out *fuse.AttrOut)
 // fillAttr fills the attributes of a regular file: the mount's owner, its mode less
 // the write bits unless writable, one link.
 func (r *Root) fillAttr(a *fuse.Attr, writable bool) {
-	perm := r.opts.Access.Perm & 0o666
-	if !writable || r.opts.ReadOnly {
+	fillAttrOf(a, r.opts.Access, writable && !r.opts.ReadOnly)
+	a.SetTimes(nil, &r.mtime, &r.mtime)
+}
+
+// fillControlAttr fills the attributes of control: the top image's owner may write
+// it (and root); others may at most read the status.
+func (r *Root) fillControlAttr(a *fuse.Attr) {
+	fillAttrOf(a, r.opts.Control, !r.opts.ReadOnly)
+	a.Mode &^= 0o022
+	if !r.opts.ReadOnly {
+		a.Mode |= 0o200
+	}
+	a.SetTimes(nil, &r.mtime, &r.mtime)
+}
+
+func fillAttrOf(a *fuse.Attr, acc *Access, writable bool) {
+	perm := acc.Perm & 0o666
+	if !writable {
 		perm &= 0o444
 	}
 	a.Mode = syscall.S_IFREG | perm
 	a.Nlink = 1
-	a.Owner = fuse.Owner{Uid: r.opts.Access.Uid, Gid: r.opts.Access.Gid}
-	a.SetTimes(nil, &r.mtime, &r.mtime)
+	a.Owner = fuse.Owner{Uid: acc.Uid, Gid: acc.Gid}
 }
 
 // fillDirAttr fills the attributes of a directory with nlink links.
@@ -303,13 +326,4 @@ func SetReadAhead(dir string, kb int) error {
 
 // Abort stops a running merge, if any, and waits for it (for shutdown). It returns
 // the command of the merge it stopped, or "" when none ran.
-func (r *Root) Abort() string {
-	r.ctl.mu.Lock()
-	cancel, running := r.ctl.cancel, r.ctl.running
-	r.ctl.mu.Unlock()
-	if cancel != nil {
-		cancel()
-	}
-	r.ctl.waitIdle()
-	return running
-}
+func (r *Root) Abort() string { return r.ctl.abortAll() }

@@ -21,6 +21,9 @@ var (
 	ErrParentMismatch = errors.New("parent unique ID does not match")
 	ErrParentMissing  = errors.New("parent not found")
 	ErrLocked         = imagelock.ErrLocked // another process (or handle) uses the image
+	// ErrWriteProtected: a file with no write bits, opened for writing without
+	// --force-rw.
+	ErrWriteProtected = errors.New("write-protected (no write bits)")
 	ErrReplaced       = errors.New("image file was replaced")
 	// ErrNotInPlace: CopyFrom's range is not stored in place in the image.
 	ErrNotInPlace = errors.New("range not stored in place")

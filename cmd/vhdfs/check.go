@@ -6,6 +6,7 @@ import (
 	"os"
 
 	"github.com/vhdfs/vhdfs/chain"
+	"github.com/vhdfs/vhdfs/internal/fileio"
 	"github.com/vhdfs/vhdfs/merge"
 	"github.com/vhdfs/vhdfs/probe"
 	"github.com/vhdfs/vhdfs/vhd"
@@ -23,10 +24,12 @@ func cmdCheck(args []string) error {
 	parents := parentFlag(fs)
 	repair := fs.Bool("repair", false, "complete or roll back an interrupted merge; restore a damaged end footer from the copy at offset 0")
 	asJSON := fs.Bool("json", false, "print the result as JSON: the problems, and the chain as info --json shows it")
+	forceRW := forceRWFlag(fs)
 	pos, err := parse(fs, args, "IMAGE")
 	if err != nil {
 		return err
 	}
+	fileio.AllowWriteProtected(*forceRW)
 	if *repair && *forceShare {
 		return usagef("--repair writes; it cannot be combined with --force-share")
 	}

@@ -6,8 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"path/filepath"
-	"slices"
 	"strings"
 
 	"github.com/vhdfs/vhdfs/chain"
@@ -39,7 +37,7 @@ func cmdCreate(args []string) error {
 			return usagef("--block-size: %v", err)
 		}
 	}
-	named := formatOfName(pos[0])
+	named := probe.FormatOfName(pos[0])
 	if *format != "" && *format != "vhd" && *format != "vhdx" {
 		return usagef("--format %q: want vhd or vhdx", *format)
 	}
@@ -84,16 +82,6 @@ func cmdCreate(args []string) error {
 		return err
 	}
 	return report(pos[0], "", size, *asJSON, *quiet)
-}
-
-// formatOfName is the format a file's name asks for: Hyper-V names VHDX images
-// .vhdx and their checkpoints .avhdx.
-func formatOfName(name string) string {
-	switch strings.ToLower(filepath.Ext(name)) {
-	case ".vhdx", ".avhdx":
-		return "vhdx"
-	}
-	return "vhd"
 }
 
 func createVHD(name, typ string, size, blockSize int64, exact bool) error {
@@ -164,24 +152,15 @@ func createChild(parent, name, format string, blockSize int64) error {
 	if format != "" && format != top.Format() {
 		return usagef("--format %s: the parent %s is %s, and a chain is one format throughout", format, parent, strings.ToUpper(top.Format()))
 	}
-	if ext := strings.ToLower(filepath.Ext(name)); format == "" && slices.Contains([]string{".vhd", ".vhdx", ".avhdx"}, ext) && formatOfName(name) != top.Format() {
-		return usagef("%s: the name says %s, but the parent %s is %s, and a chain is one format throughout: name it %s", name,
-			strings.ToUpper(formatOfName(name)), parent, strings.ToUpper(top.Format()), childName(name, top.Format()))
+	if format == "" {
+		if err := probe.CheckChildName(name, top.Format()); err != nil {
+			return usagef("%v (the parent %s is %s)", strings.TrimSuffix(err.Error(), ": "+image.ErrInvalidArg.Error()), parent, strings.ToUpper(top.Format()))
+		}
 	}
 	if blockSize == 0 && top.Format() == "vhdx" {
 		blockSize = vhdx.DefaultDifferencingBlockSize
 	}
 	return top.CreateChild(name, image.ChildOptions{ParentPath: parent, BlockSize: blockSize})
-}
-
-// childName suggests a name for a child of the given format: Hyper-V's .avhdx for
-// a VHDX checkpoint.
-func childName(name, format string) string {
-	base := strings.TrimSuffix(name, filepath.Ext(name))
-	if format == "vhdx" {
-		return base + ".avhdx"
-	}
-	return base + ".vhd"
 }
 
 // sizeText gives a size for people and in bytes: "1.5 GiB (1610612736 bytes)", "1 byte".

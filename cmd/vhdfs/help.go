@@ -61,7 +61,7 @@ func describedCommands() []string {
 // flagValues are the values completion offers for a flag, in whichever command has it.
 var flagValues = map[string][]string{
 	"type":    {"dynamic", "fixed"},
-	"options": {"ro", "rw", "allow_other", "default_permissions", "uid=", "gid=", "umask=", "fsname=", "debug", "nonempty"},
+	"options": {"ro", "rw", "force_rw", "allow_other", "default_permissions", "uid=", "gid=", "umask=", "fsname=", "debug", "nonempty"},
 }
 
 // commandTree is the command line as cobra sees it: for help, completion and man pages.

@@ -8,6 +8,7 @@ import (
 	"syscall"
 
 	"github.com/vhdfs/vhdfs/chain"
+	"github.com/vhdfs/vhdfs/internal/fileio"
 	"github.com/vhdfs/vhdfs/merge"
 )
 
@@ -16,10 +17,12 @@ func cmdMerge(args []string) error {
 	depth := fl.Int("depth", 1, "merge the top and the N-1 images below it into the image N levels down")
 	from := fl.Int("from", 0, "merge a middle range starting at this depth (the top stays)")
 	force := fl.BoolP("progress", "p", false, "show the progress bar even when stdout is not a terminal")
+	forceRW := forceRWFlag(fl)
 	pos, err := parse(fl, args, "IMAGE")
 	if err != nil {
 		return err
 	}
+	fileio.AllowWriteProtected(*forceRW)
 	if *depth < 1 {
 		return usagef("--depth %d: depth must be at least 1", *depth)
 	}

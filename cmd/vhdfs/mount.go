@@ -23,6 +23,7 @@ import (
 
 	"github.com/vhdfs/vhdfs/chain"
 	"github.com/vhdfs/vhdfs/fs"
+	"github.com/vhdfs/vhdfs/internal/fileio"
 	"github.com/vhdfs/vhdfs/merge"
 )
 
@@ -33,6 +34,7 @@ const notifyEnv = "VHDFS_NOTIFY_FD"
 type mountArgs struct {
 	image, mountpoint string
 	readOnly          bool
+	forceRW           bool // write an image with no write bits
 	foreground        bool
 	background        bool // this is the mount process that spawn started
 	allowOther        bool
@@ -52,9 +54,10 @@ func cmdMount(args []string) error {
 	}
 	fl := newFlags("mount")
 	var m mountArgs
-	fl.StringP("options", "o", "", "mount options, comma-separated: ro, rw, allow_other, default_permissions, uid=, gid=, umask=, fsname=, debug, nonempty; noauto, nofail, _netdev, x-* and the like are ignored")
+	fl.StringP("options", "o", "", "mount options, comma-separated: ro, rw, force_rw, allow_other, default_permissions, uid=, gid=, umask=, fsname=, debug, nonempty; noauto, nofail, _netdev, x-* and the like are ignored")
 	fl.BoolVarP(&m.readOnly, "read-only", "r", false, "mount read-only (the kernel's ro flag too)")
 	fl.BoolVarP(&m.foreground, "foreground", "f", false, "stay in the foreground; unmount on SIGINT/SIGTERM")
+	fl.BoolVar(&m.forceRW, "force-rw", false, "mount read-write even an image file with no write bits (one is otherwise mounted read-only), and let merges write such files")
 	fl.BoolVar(&m.allowOther, "allow-other", false, "let other users access the mount, as the mode bits allow")
 	fl.BoolVar(&m.debug, "debug", false, "log every FUSE request to stderr; implies -f")
 	fl.BoolVar(&m.nonempty, "nonempty", false, "mount on a directory that is not empty")
@@ -77,7 +80,8 @@ func cmdMount(args []string) error {
 		return usagef("--readahead must be a positive number of KiB, not %d", m.readAhead)
 	}
 	m.foreground = m.foreground || m.debug
-	if _, err := mountAccess(m); err != nil {
+	fileio.AllowWriteProtected(m.forceRW)
+	if _, _, err := mountAccess(m); err != nil {
 		return err
 	}
 	if err := checkMountpoint(m.mountpoint, m.nonempty); err != nil {
@@ -101,15 +105,17 @@ func cmdMount(args []string) error {
 	return spawn(args)
 }
 
-// mountAccess returns the owner and mode bits of disk.raw: the top image's, or those
-// the uid, gid and umask options give.
-func mountAccess(m mountArgs) (*fs.Access, error) {
+// mountAccess returns the owner and mode bits of disk.raw and layers/ (the top
+// image's, or those the uid, gid and umask options give) and of control (always the
+// top image's: its commands act with the mount process's authority).
+func mountAccess(m mountArgs) (data, control *fs.Access, err error) {
 	st, err := os.Stat(m.image)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	sys := st.Sys().(*syscall.Stat_t)
 	a := &fs.Access{Uid: sys.Uid, Gid: sys.Gid, Perm: uint32(st.Mode().Perm()) & 0o666}
+	ctl := *a
 	if m.uid != "" {
 		if a.Uid, err = lookupID(m.uid, func(n string) (string, error) {
 			u, err := user.Lookup(n)
@@ -118,7 +124,7 @@ func mountAccess(m mountArgs) (*fs.Access, error) {
 			}
 			return u.Uid, nil
 		}); err != nil {
-			return nil, usagef("uid=%s: %v", m.uid, err)
+			return nil, nil, usagef("uid=%s: %v", m.uid, err)
 		}
 	}
 	if m.gid != "" {
@@ -129,17 +135,17 @@ func mountAccess(m mountArgs) (*fs.Access, error) {
 			}
 			return g.Gid, nil
 		}); err != nil {
-			return nil, usagef("gid=%s: %v", m.gid, err)
+			return nil, nil, usagef("gid=%s: %v", m.gid, err)
 		}
 	}
 	if m.umask != "" {
 		u, err := strconv.ParseUint(m.umask, 8, 32)
 		if err != nil || u > 0o777 {
-			return nil, usagef("umask=%s: want an octal number up to 0777", m.umask)
+			return nil, nil, usagef("umask=%s: want an octal number up to 0777", m.umask)
 		}
 		a.Perm = 0o666 &^ uint32(u)
 	}
-	return a, nil
+	return a, &ctl, nil
 }
 
 // lookupID parses a numeric ID or looks a name up.
@@ -368,9 +374,13 @@ func serve(m mountArgs, notify *notifier) (err error) {
 		}
 	}()
 	os.Remove(resultFile(os.Getpid())) // a stale one of an earlier process with this PID
-	access, err := mountAccess(m)
+	access, ctlAccess, err := mountAccess(m)
 	if err != nil {
 		return err
+	}
+	if !m.readOnly && fileio.WriteProtected(m.image) {
+		logger.Printf("warning: %s has no write bits: mounting it read-only (-o force_rw or --force-rw mounts it read-write)", m.image)
+		m.readOnly = true
 	}
 	if !m.readOnly {
 		if ok, werr := openWritable(m.image); !ok {
@@ -393,7 +403,7 @@ func serve(m mountArgs, notify *notifier) (err error) {
 	}
 	srv, root, err := fs.Mount(m.mountpoint, c, fs.Options{
 		ReadOnly: m.readOnly, AllowOther: m.allowOther, Debug: m.debug, Logger: logger,
-		MergeHook: mergeHook(), Access: access, FsName: m.fsname,
+		MergeHook: mergeHook(), Access: access, Control: ctlAccess, FsName: m.fsname,
 		ReadAheadKB: m.readAhead, DirectIO: m.directIO,
 	})
 	if err != nil {

@@ -90,6 +90,8 @@ func optionFlag(o string) (string, error) {
 		return "--read-only=true", nil
 	case o == "rw":
 		return "--read-only=false", nil
+	case o == "force_rw":
+		return "--force-rw", nil
 	case o == "allow_other":
 		return "--allow-other", nil
 	case o == "default_permissions":

@@ -8,12 +8,19 @@ import (
 
 	"github.com/vhdfs/vhdfs/chain"
 	"github.com/vhdfs/vhdfs/image"
+	"github.com/vhdfs/vhdfs/internal/fileio"
 	"github.com/vhdfs/vhdfs/probe"
 )
 
 // parentFlag adds the repeatable --parent flag of info, mount, export and check.
 func parentFlag(fs *pflag.FlagSet) *[]string {
 	return fs.StringArray("parent", nil, "the parent image, by hand (repeat, top down: the top's parent, then its parent, ...); still checked by unique ID")
+}
+
+// forceRWFlag adds --force-rw of mount, merge, relink and check; the caller passes
+// its value to fileio.AllowWriteProtected once the flags are parsed.
+func forceRWFlag(fs *pflag.FlagSet) *bool {
+	return fs.Bool("force-rw", false, "write image files that have no write bits (write-protected, as evidence is kept), which are otherwise refused (mount: mounted read-only)")
 }
 
 // openChain opens the chain at path with o, saying which flag an excess of parents
@@ -34,10 +41,12 @@ func parentErr(err error) error {
 // unique ID is the one IMAGE records: qemu-img rebase -u, with the check.
 func cmdRelink(args []string) error {
 	fs := newFlags("relink")
+	forceRW := forceRWFlag(fs)
 	pos, err := parse(fs, args, "IMAGE", "PARENT")
 	if err != nil {
 		return err
 	}
+	fileio.AllowWriteProtected(*forceRW)
 	path, parent := pos[0], pos[1]
 	// A merge journal names the chain as it was when the merge began: the merge
 	// (or check --repair) finishes first.

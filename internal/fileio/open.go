@@ -4,10 +4,27 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"sync/atomic"
 	"syscall"
 
+	"github.com/vhdfs/vhdfs/image"
 	"github.com/vhdfs/vhdfs/internal/imagelock"
 )
+
+// writeProtectedOK is set by AllowWriteProtected.
+var writeProtectedOK atomic.Bool
+
+// AllowWriteProtected lets OpenImage open files with no write bits for writing, as
+// --force-rw asks: for root the mode bits are the owner's word that a file is not to
+// be written (as examiners keep evidence), so the process says so explicitly.
+func AllowWriteProtected(ok bool) { writeProtectedOK.Store(ok) }
+
+// WriteProtected reports whether the file at path has no write bits and the process
+// has not been told to write such files (AllowWriteProtected).
+func WriteProtected(path string) bool {
+	st, err := os.Stat(path)
+	return err == nil && st.Mode().Perm()&0o222 == 0 && !writeProtectedOK.Load()
+}
 
 // Opened is an image file as OpenImage opened it.
 type Opened struct {
@@ -50,6 +67,10 @@ func OpenImage(path, name string, writable, joint, noLock bool, notMine error) (
 	if !st.Mode().IsRegular() {
 		f.Close()
 		return nil, &notImage{fmt.Errorf("%s: is %s, not a regular file: %w", name, fileKind(st.Mode()), ErrNotRegular), notMine}
+	}
+	if writable && st.Mode().Perm()&0o222 == 0 && !writeProtectedOK.Load() {
+		f.Close()
+		return nil, fmt.Errorf("%s: mode %04o, no write bits: not written unless --force-rw (-o force_rw) says so: %w", name, st.Mode().Perm(), image.ErrWriteProtected)
 	}
 	o := &Opened{File: f}
 	if sys, ok := st.Sys().(*syscall.Stat_t); ok {

@@ -207,6 +207,11 @@ type source struct {
 	// not yet through the log (see commitLocked); guarded by the image's mu, written
 	// under its write lock.
 	pending map[int64][]byte
+	// replay are the descriptors of the active sequence and head its last entry's
+	// header, from readLog until checkLogReach has checked them against what the
+	// replayed file can need.
+	replay []replayOp
+	head   logEntryHeader
 }
 
 // readAt fills p from off: what the file holds (zeros past its end, up to the size
@@ -243,7 +248,8 @@ const maxLogFileOffset = 1 << 48
 // readLog finds the active sequence of the log and builds the overlay that replays
 // it, reading the log through a bounded window (see logscan.go). fileSize is the
 // size of the file. It refuses a log that writes the spans no log may (the file
-// identifier, the headers and the log itself) or past the file's last offset.
+// identifier, the headers and the log itself) or past the file's last offset;
+// checkLogReach checks the rest once the metadata is read.
 func (img *Image) readLog(fileSize int64) error {
 	h, name := img.header, img.name
 	off, n := int64(h.LogOffset), int64(h.LogLength)
@@ -304,7 +310,42 @@ func (img *Image) readLog(fileSize int64) error {
 	}
 	img.src.vsize = vsize
 	img.src.ov = newOverlay(ring, ops)
+	img.src.replay, img.src.head = ops, head
 	img.logEntries = entries + 1
+	return nil
+}
+
+// checkLogReach refuses a log that writes, or extends the file, past the largest
+// file this image's geometry can need: the file as it is (fileSize, or the end of
+// its regions and of the log if later), then every payload block and every sector
+// bitmap block allocated anew past its end, as writers allocate them. It runs once
+// the replayed region table and metadata are read, and does nothing unless readLog
+// built an overlay.
+func (img *Image) checkLogReach(fileSize int64) error {
+	ops, head := img.src.replay, img.src.head
+	img.src.replay = nil
+	if img.src.ov == nil {
+		return nil
+	}
+	end := max(fileSize, int64(headerSection), int64(img.header.LogOffset)+int64(img.header.LogLength))
+	for _, r := range img.regions {
+		end = max(end, int64(r.FileOffset)+int64(r.Length))
+	}
+	g := img.geo
+	end = (end + MiB - 1) / MiB * MiB
+	limit := uint64(end + g.blocks*g.blockSize + (g.blocks+g.chunkRatio-1)/g.chunkRatio*sectorBitmapBlockSize)
+	for _, op := range ops {
+		if op.off+op.length() > limit { // both are at most maxLogFileOffset
+			what := fmt.Sprintf("zeros %d bytes", op.zeroLen)
+			if op.page.at >= 0 {
+				what = fmt.Sprintf("writes %d bytes", logSector)
+			}
+			return fmt.Errorf("%s: log entry %d %s at %d, past %d, the end of the largest file this image's geometry can need: %w", img.name, op.seq, what, op.off, limit, ErrCorrupt)
+		}
+	}
+	if head.LastFileOffset > limit {
+		return fmt.Errorf("%s: log entry %d extends the file to %d (its last file offset), past %d, the end of the largest file this image's geometry can need: %w", img.name, head.SequenceNumber, head.LastFileOffset, limit, ErrCorrupt)
+	}
 	return nil
 }
 

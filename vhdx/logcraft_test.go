@@ -3,6 +3,7 @@ package vhdx
 import (
 	"bytes"
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -113,6 +114,12 @@ func everySectorLog(logLen int64) func(GUID, func(int64, []byte)) {
 	}
 }
 
+// zeroLog64G is a log whose one entry zeros 64 GiB from 4 MiB, and extends the file
+// to its end.
+func zeroLog64G(guid GUID, put func(int64, []byte)) {
+	put(0, marshalLogEntry(5, 0, guid, craftLogOff, 4*MiB+64<<30, []logOp{{off: 4 * MiB, zeroLen: 64 << 30}}))
+}
+
 // usage is what f took: wall time, and the bytes it allocated (TotalAlloc, which
 // bounds the heap it could have needed at any moment).
 func usage(f func()) (time.Duration, uint64) {
@@ -177,6 +184,41 @@ func TestLogCraftedScan(t *testing.T) {
 				t.Errorf("after replay the file is %d bytes using %d; before %d using %d", s, u, size, used)
 			}
 		})
+	}
+}
+
+// TestLogCraftedZero: a zero descriptor of 64 GiB in an 8 MiB file of a 4 MiB
+// disk, its last file offset past it, is more than the file can need (13 MiB: the
+// file, then its 4 blocks and a sector bitmap block allocated anew): every open and
+// Repair refuse the file and change nothing.
+func TestLogCraftedZero(t *testing.T) {
+	p := craftedLogFile(t, 0, zeroLog64G)
+	size, used := diskUse(t, p)
+	before := fileSum(t, p)
+	img, err := openBounded(t, p, false)
+	if err == nil {
+		img.Close()
+		t.Fatal("a read-only open accepted a 64 GiB zero descriptor in an 8 MiB file")
+	}
+	for _, want := range []string{p, "entry 5", "4194304", "68719476736"} {
+		if !strings.Contains(err.Error(), want) {
+			t.Errorf("error %q does not name %q", err, want)
+		}
+	}
+	if !errors.Is(err, ErrCorrupt) {
+		t.Errorf("error %v does not wrap ErrCorrupt", err)
+	}
+	if img, err := openBounded(t, p, true); err == nil || !errors.Is(err, ErrCorrupt) {
+		if img != nil {
+			img.Close()
+		}
+		t.Fatalf("writable open: %v, want ErrCorrupt", err)
+	}
+	if _, err := Repair(p); err == nil || !errors.Is(err, ErrCorrupt) {
+		t.Fatalf("Repair: %v, want ErrCorrupt", err)
+	}
+	if s, u := diskUse(t, p); s != size || u != used || fileSum(t, p) != before {
+		t.Errorf("the refused file changed: %d bytes using %d, was %d using %d", s, u, size, used)
 	}
 }
 

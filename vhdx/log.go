@@ -352,18 +352,22 @@ func (img *Image) checkLogReach(fileSize int64) error {
 // replayIntoFile writes the overlay into the file and empties the log (§2.3.3): a new
 // FileWriteGuid first, then the replayed sectors, then the file extended to the
 // log's last file offset, then a header with a zero LogGuid, each behind an fsync.
+// Zero ranges are not written but punched (zeroRange), and only inside the file:
+// past its end the file reads as zeros, and goes on doing so once extended.
 func (img *Image) replayIntoFile() error {
 	name, ov := img.name, img.src.ov
+	st, err := img.src.f.Stat()
+	if err != nil {
+		return fmt.Errorf("%s: %w", name, err)
+	}
 	if err := img.updateHeader(func(h *Header) { h.FileWriteGuid = NewGUID() }); err != nil {
 		return err
 	}
 	img.fileWriteGuidSet = true
-	zero := make([]byte, 64*KiB)
 	for _, z := range ov.zeros {
-		for o := z.off; o < z.off+z.len; o += int64(len(zero)) {
-			n := min(int64(len(zero)), z.off+z.len-o)
-			if _, err := img.src.f.WriteAt(zero[:n], o); err != nil {
-				return fmt.Errorf("%s: replay log: write zeros at %d: %w", name, o, err)
+		if n := min(z.off+z.len, st.Size()) - z.off; n > 0 {
+			if err := zeroRange(img.src.f, z.off, n, img.Type() == TypeFixed); err != nil {
+				return fmt.Errorf("%s: replay log: zero %d bytes at %d: %w", name, n, z.off, err)
 			}
 		}
 	}
@@ -381,8 +385,7 @@ func (img *Image) replayIntoFile() error {
 			return fmt.Errorf("%s: replay log: write at %d: %w", name, k, err)
 		}
 	}
-	st, err := img.src.f.Stat()
-	if err != nil {
+	if st, err = img.src.f.Stat(); err != nil {
 		return fmt.Errorf("%s: %w", name, err)
 	}
 	if st.Size() < img.src.vsize {

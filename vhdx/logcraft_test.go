@@ -120,6 +120,13 @@ func zeroLog64G(guid GUID, put func(int64, []byte)) {
 	put(0, marshalLogEntry(5, 0, guid, craftLogOff, 4*MiB+64<<30, []logOp{{off: 4 * MiB, zeroLen: 64 << 30}}))
 }
 
+// zeroLogReplay is a log whose one entry zeros block 0, writes a sector into it, and
+// zeros the 4 MiB past it, up to its last file offset, 9 MiB, a MiB past the file.
+func zeroLogReplay(guid GUID, put func(int64, []byte)) {
+	put(0, marshalLogEntry(5, 0, guid, craftLogOff, craftLogOff+MiB, []logOp{
+		{off: 4 * MiB, zeroLen: MiB}, {off: 4*MiB + 8*KiB, data: fill(logSector, 'D')}, {off: 5 * MiB, zeroLen: 4 * MiB}}))
+}
+
 // usage is what f took: wall time, and the bytes it allocated (TotalAlloc, which
 // bounds the heap it could have needed at any moment).
 func usage(f func()) (time.Duration, uint64) {
@@ -219,6 +226,28 @@ func TestLogCraftedZero(t *testing.T) {
 	}
 	if s, u := diskUse(t, p); s != size || u != used || fileSum(t, p) != before {
 		t.Errorf("the refused file changed: %d bytes using %d, was %d using %d", s, u, size, used)
+	}
+}
+
+// TestLogZeroReplay: zero descriptors the file can need (over block 0, and past the
+// file's end, 8 MiB, up to its last file offset, 9 MiB) are replayed without writing zeros: the
+// file takes no more space than before, and reads as zeros there.
+func TestLogZeroReplay(t *testing.T) {
+	p := craftedLogFile(t, 0, zeroLogReplay)
+	_, used := diskUse(t, p)
+	img, err := openBounded(t, p, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := make([]byte, 4*MiB)
+	copy(want[8*KiB:], fill(logSector, 'D'))
+	got := make([]byte, len(want))
+	if _, err := img.ReadAt(got, 0); err != nil || !bytes.Equal(got, want) {
+		t.Errorf("the disk does not read as the zeroed block 0 with one sector written (%v)", err)
+	}
+	img.Close()
+	if s, u := diskUse(t, p); s != craftLogOff+MiB || u > used {
+		t.Errorf("after replay the file is %d bytes using %d; want %d bytes using at most %d", s, u, craftLogOff+MiB, used)
 	}
 }
 

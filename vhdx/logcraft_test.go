@@ -114,6 +114,16 @@ func everySectorLog(logLen int64) func(GUID, func(int64, []byte)) {
 	}
 }
 
+// craftedLogSeeds are the crafted logs small enough to seed FuzzOpen: the file
+// names by seed name. (The sparse 4095 MiB log is TestLogCraftedSparse's only.)
+func craftedLogSeeds(t testing.TB) map[string]string {
+	return map[string]string{
+		"log-every-sector-2m": craftedLogFile(t, 2*MiB, everySectorLog(2*MiB)),
+		"log-zero-64g":        craftedLogFile(t, 0, zeroLog64G),
+		"log-zero-replay":     craftedLogFile(t, 0, zeroLogReplay),
+	}
+}
+
 // zeroLog64G is a log whose one entry zeros 64 GiB from 4 MiB, and extends the file
 // to its end.
 func zeroLog64G(guid GUID, put func(int64, []byte)) {

@@ -99,8 +99,14 @@ func newOverlay(log logRing, ops []replayOp) *overlay {
 		off, end int64
 		idx      int
 	}
-	last := map[int64]page{}
-	var zeros []zero
+	data := 0
+	for _, op := range ops {
+		if op.page.at >= 0 {
+			data++
+		}
+	}
+	last := make(map[int64]page, data)
+	zeros := make([]zero, 0, len(ops)-data)
 	for i, op := range ops {
 		if op.page.at >= 0 {
 			last[int64(op.off)] = page{op.page, i}
@@ -271,7 +277,14 @@ func (img *Image) readLog(fileSize int64) error {
 	}
 	vsize := max(fileSize, int64(head.LastFileOffset))
 	protected := []span{{0, regionTable1Off, "the file identifier and headers"}, {off, n, "the log"}}
-	var ops []replayOp
+	count, err := ring.descriptorCount(run, buf)
+	if err != nil {
+		return fmt.Errorf("%s: %w", name, err)
+	}
+	if count > maxReplayOps {
+		return fmt.Errorf("%s: the log's active sequence, up to entry %d, holds %d descriptors, more than the %d vhdfs replays: %w", name, head.SequenceNumber, count, maxReplayOps, ErrUnsupported)
+	}
+	ops := make([]replayOp, 0, count)
 	collect := func(d logDescriptor, at int64) error {
 		op := replayOp{seq: d.SequenceNumber, off: d.FileOffset, page: logPage{at: at}}
 		if at >= 0 {
@@ -288,8 +301,8 @@ func (img *Image) readLog(fileSize int64) error {
 				return fmt.Errorf("log entry %d writes %d bytes at %d, over %s: %w", op.seq, l, op.off, p.name, ErrCorrupt)
 			}
 		}
-		if len(ops) == maxReplayOps {
-			return fmt.Errorf("log sequence ending with entry %d holds more than %d descriptors, more than vhdfs replays: %w", head.SequenceNumber, maxReplayOps, ErrUnsupported)
+		if int64(len(ops)) == count {
+			return fmt.Errorf("log entry %d holds more descriptors than it did: %w", op.seq, ErrCorrupt)
 		}
 		ops = append(ops, op)
 		return nil

@@ -291,3 +291,40 @@ func TestLogCraftedSparse(t *testing.T) {
 		t.Errorf("after replay the file is %d bytes using %d; before %d using %d", s, u, size, used)
 	}
 }
+
+// TestLogManyDescriptors: an active sequence of maxReplayOps descriptors (zero
+// ranges over the blocks, in one entry of a 16 MiB log) replays within the limits,
+// read-only and into the file; one more is refused, naming the cap.
+func TestLogManyDescriptors(t *testing.T) {
+	const logLen = 16 * MiB
+	build := func(n int) string {
+		return craftedLogFile(t, logLen, func(guid GUID, put func(int64, []byte)) {
+			ops := make([]logOp, n)
+			for i := range ops {
+				ops[i] = logOp{off: 4*MiB + int64(i%1024)*logSector, zeroLen: logSector}
+			}
+			size := uint64(craftLogOff + logLen)
+			put(0, marshalLogEntry(9, 0, guid, size, size, ops))
+		})
+	}
+	p := build(maxReplayOps)
+	_, used := diskUse(t, p)
+	for _, writable := range []bool{false, true} {
+		img, err := openBounded(t, p, writable)
+		if err != nil {
+			t.Fatal(err)
+		}
+		got := make([]byte, 4*MiB)
+		if _, err := img.ReadAt(got, 0); err != nil || !allZero(got) {
+			t.Errorf("writable=%v: the zeroed blocks do not read as zeros (%v)", writable, err)
+		}
+		img.Close()
+	}
+	if _, u := diskUse(t, p); u > used {
+		t.Errorf("the replay made the file use %d bytes, up from %d", u, used)
+	}
+	_, err := openBounded(t, build(maxReplayOps+1), false)
+	if !errors.Is(err, ErrUnsupported) || !strings.Contains(err.Error(), fmt.Sprint(maxReplayOps)) {
+		t.Errorf("Open of %d descriptors: %v, want ErrUnsupported naming the cap", maxReplayOps+1, err)
+	}
+}

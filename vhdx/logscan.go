@@ -331,3 +331,24 @@ func (r logRing) activeSequence(guid GUID, buf []byte) (*logRun, error) {
 	}
 	return f.done(), nil
 }
+
+// descriptorCount is how many descriptors the entries of run hold, from their
+// headers alone: one sector read per entry.
+func (r logRing) descriptorCount(run *logRun, buf []byte) (int64, error) {
+	var h logEntryHeader
+	count := int64(0)
+	for pos, i := run.start, int64(0); i < r.size/logSector; i++ {
+		if err := r.read(buf[:logSector], pos); err != nil {
+			return 0, err
+		}
+		if _, err := binary.Decode(buf, binary.LittleEndian, &h); err != nil {
+			return 0, err
+		}
+		count += int64(h.DescriptorCount)
+		if h.SequenceNumber == run.head.SequenceNumber {
+			return count, nil
+		}
+		pos = (pos + int64(h.EntryLength)) % r.size
+	}
+	return 0, fmt.Errorf("log entries from %d do not lead to entry %d: %w", r.off+run.start, run.head.SequenceNumber, ErrCorrupt)
+}

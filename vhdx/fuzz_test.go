@@ -150,6 +150,14 @@ func builderSeeds(t testing.TB) map[string][]byte {
 	clear(f[blk0+512 : blk0+MiB])
 	clear(f[len(f)-MiB+512:])
 	seeds["log"] = f
+	for name, p := range craftedLogSeeds(t) {
+		b, err := os.ReadFile(p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		clear(b[4*MiB+512 : 5*MiB]) // block 0
+		seeds[name] = b
+	}
 	for name, s := range seeds {
 		if n := len(encodeSparse(s)); n > 64*KiB {
 			t.Fatalf("seed %s encodes to %d bytes; keep seeds small", name, n)

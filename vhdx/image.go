@@ -210,6 +210,9 @@ func openFile(f File, name string, writable, replay bool) (*Image, error) {
 	if err := img.readRegions(); err != nil {
 		return nil, err
 	}
+	if err := img.checkLogReach(size); err != nil {
+		return nil, err
+	}
 	if writable && img.src.ov != nil {
 		if !replay {
 			return nil, fmt.Errorf("%s: log holds %d entries to replay, and this open must not replay them: %w", name, img.logEntries, ErrUnsupported)

@@ -15,7 +15,6 @@ const (
 	logEntryHeaderLen   = 64
 	logDescriptorLen    = 32
 	logEntryChecksumOff = 4
-	dataSectorPayload   = logSector - 12 // bytes 8–4091 of a data sector
 )
 
 // logEntryHeader starts every log entry (§2.3.1.1).
@@ -42,157 +41,77 @@ type logDescriptor struct {
 	SequenceNumber uint64  // at 24
 }
 
-// logOp is one write that replaying an entry makes: 4 KiB of data, or zeros.
+// logOp is one write that a log entry makes: 4 KiB of data, or zeros. Writes
+// build entries from them (marshalLogEntry).
 type logOp struct {
 	off     int64
 	zeroLen int64  // for a zero descriptor
 	data    []byte // 4 KiB, for a data descriptor
 }
 
-type logEntry struct {
-	pos    int64 // offset in the log
-	length int64
-	hdr    logEntryHeader
-	ops    []logOp
+// replayOp is one descriptor of the active sequence, as read from the log: a zero
+// range, or a data sector that stays in the log (at) until it is needed.
+type replayOp struct {
+	seq     uint64 // the entry's sequence number, for errors
+	off     uint64
+	zeroLen uint64  // for a zero descriptor
+	page    logPage // for a data descriptor: page.at >= 0
+}
+
+// logPage is a data sector of the log: at is its offset in the ring; the sector's
+// first 8 and last 4 bytes are in its descriptor.
+type logPage struct {
+	at    int64
+	lead  [8]byte
+	trail [4]byte
+}
+
+// length is how many bytes of the file op writes.
+func (op replayOp) length() uint64 {
+	if op.page.at >= 0 {
+		return logSector
+	}
+	return op.zeroLen
 }
 
 // descSectors is how many sectors n descriptors take: the first holds the header
 // and 126 descriptors, every other 128.
 func descSectors(n int64) int64 { return (n + 2 + 127) / 128 }
 
-// parseLogEntry decodes the entry at pos of the ring, or returns nil if it is not a
-// valid entry of the log guid. The cheap checks come first and the checksum last,
-// and EntryLength must be exactly the header, descriptor and data sectors: a log in
-// which every sector claims to start a long entry would otherwise cost a checksum
-// over the whole ring at every sector.
-func parseLogEntry(ring []byte, pos int64, guid GUID) *logEntry {
-	r := int64(len(ring))
-	var h logEntryHeader
-	if _, err := binary.Decode(ring[pos:], binary.LittleEndian, &h); err != nil {
-		return nil
-	}
-	n := int64(h.EntryLength)
-	if string(h.Signature[:]) != "loge" || n == 0 || n%logSector != 0 || n > r || h.SequenceNumber == 0 ||
-		h.LogGuid != guid || int64(h.Tail)%logSector != 0 || int64(h.Tail) >= r {
-		return nil
-	}
-	ds := descSectors(int64(h.DescriptorCount))
-	if ds*logSector > n {
-		return nil
-	}
-	descs := make([]logDescriptor, h.DescriptorCount)
-	if _, err := binary.Decode(ringCopy(ring, pos, ds*logSector)[logEntryHeaderLen:], binary.LittleEndian, descs); err != nil {
-		return nil
-	}
-	e := &logEntry{pos: pos, length: n, hdr: h}
-	sector := ds // the next data sector, in sectors from pos
-	for _, d := range descs {
-		if d.SequenceNumber != h.SequenceNumber || d.FileOffset%logSector != 0 || d.FileOffset > 1<<62 {
-			return nil
-		}
-		switch string(d.Signature[:]) {
-		case "zero":
-			z := binary.LittleEndian.Uint64(d.Leading[:])
-			if z%logSector != 0 || z > 1<<62 {
-				return nil
-			}
-			e.ops = append(e.ops, logOp{off: int64(d.FileOffset), zeroLen: int64(z)})
-		case "desc":
-			if (sector+1)*logSector > n {
-				return nil
-			}
-			at := (pos + sector*logSector) % r
-			s := ring[at : at+logSector]
-			seq := uint64(binary.LittleEndian.Uint32(s[4:]))<<32 | uint64(binary.LittleEndian.Uint32(s[logSector-4:]))
-			if string(s[:4]) != "data" || seq != h.SequenceNumber {
-				return nil
-			}
-			data := make([]byte, logSector)
-			copy(data, d.Leading[:])
-			copy(data[8:], s[8:8+dataSectorPayload])
-			copy(data[logSector-4:], d.Trailing[:])
-			e.ops = append(e.ops, logOp{off: int64(d.FileOffset), data: data})
-			sector++
-		default:
-			return nil
-		}
-	}
-	if sector*logSector != n || checksum(ringCopy(ring, pos, n), logEntryChecksumOff) != h.Checksum {
-		return nil
-	}
-	return e
-}
-
-// ringCopy returns n bytes of the ring from pos, wrapping around its end.
-func ringCopy(ring []byte, pos, n int64) []byte {
-	b := make([]byte, n)
-	k := copy(b, ring[pos:])
-	copy(b[k:], ring)
-	return b
-}
-
-// activeSequence finds the sequence to replay (§2.3.3): of the runs of valid entries
-// with consecutive sequence numbers, the newest whose head entry's Tail is the start
-// of one of its entries; the sequence starts there. nil if there is none.
-func activeSequence(ring []byte, guid GUID) []*logEntry {
-	r := int64(len(ring))
-	var best []*logEntry
-	for pos := int64(0); pos < r; {
-		e := parseLogEntry(ring, pos, guid)
-		if e == nil {
-			pos += logSector
-			continue
-		}
-		seq := []*logEntry{e}
-		next, covered := pos+e.length, e.length
-		for covered < r {
-			n := parseLogEntry(ring, next%r, guid)
-			if n == nil || n.hdr.SequenceNumber != seq[len(seq)-1].hdr.SequenceNumber+1 || covered+n.length > r {
-				break
-			}
-			seq = append(seq, n)
-			next, covered = next+n.length, covered+n.length
-		}
-		head := seq[len(seq)-1]
-		for i, s := range seq {
-			if s.pos == int64(head.hdr.Tail) {
-				if best == nil || head.hdr.SequenceNumber > best[len(best)-1].hdr.SequenceNumber {
-					best = seq[i:]
-				}
-				break
-			}
-		}
-		pos = next
-	}
-	return best
-}
-
-// overlay is the replayed log held in memory: the 4 KiB sectors it writes and the
-// ranges it zeros, sorted and merged. Every sector in pages was written after every
-// zero range covering it, so pages win over zeros.
+// overlay is the replayed log: the 4 KiB sectors it writes, read from the log
+// when needed, and the ranges it zeros, sorted and merged. Every sector in pages
+// was written after every zero range covering it, so pages win over zeros. The
+// ops have passed readLog's checks: their offsets and lengths fit in an int64.
 type overlay struct {
-	pages map[int64][]byte
+	log   logRing
+	pages map[int64]logPage
 	zeros []span
 }
 
 // newOverlay returns the result of the writes ops make, in order. It takes
-// O(n log n) for n ops: a crafted log can hold millions of descriptors.
-func newOverlay(ops []logOp) *overlay {
+// O(n log n) for n ops.
+func newOverlay(log logRing, ops []replayOp) *overlay {
 	type page struct {
-		data []byte
-		idx  int
+		p   logPage
+		idx int
 	}
 	type zero struct {
 		off, end int64
 		idx      int
 	}
-	last := map[int64]page{}
-	var zeros []zero
+	data := 0
+	for _, op := range ops {
+		if op.page.at >= 0 {
+			data++
+		}
+	}
+	last := make(map[int64]page, data)
+	zeros := make([]zero, 0, len(ops)-data)
 	for i, op := range ops {
-		if op.data != nil {
-			last[op.off] = page{op.data, i}
+		if op.page.at >= 0 {
+			last[int64(op.off)] = page{op.page, i}
 		} else if op.zeroLen > 0 {
-			zeros = append(zeros, zero{op.off, op.off + op.zeroLen, i})
+			zeros = append(zeros, zero{int64(op.off), int64(op.off + op.zeroLen), i})
 		}
 	}
 	// A sweep over the pages in offset order, with the zero ranges that have started
@@ -204,7 +123,7 @@ func newOverlay(ops []logOp) *overlay {
 	sort.Slice(offs, func(a, b int) bool { return offs[a] < offs[b] })
 	sort.Slice(zeros, func(a, b int) bool { return zeros[a].off < zeros[b].off })
 	h := &zeroHeap{}
-	o := &overlay{pages: make(map[int64][]byte, len(last))}
+	o := &overlay{log: log, pages: make(map[int64]logPage, len(last))}
 	next := 0
 	for _, k := range offs {
 		for next < len(zeros) && zeros[next].off <= k {
@@ -215,7 +134,7 @@ func newOverlay(ops []logOp) *overlay {
 			heap.Pop(h)
 		}
 		if p := last[k]; h.Len() == 0 || (*h)[0].idx < p.idx {
-			o.pages[k] = p.data
+			o.pages[k] = p.p
 		}
 	}
 	for _, z := range zeros {
@@ -226,6 +145,16 @@ func newOverlay(ops []logOp) *overlay {
 		o.zeros = append(o.zeros, span{z.off, z.end - z.off, ""})
 	}
 	return o
+}
+
+// page reads the data sector p of the log into b (4 KiB), as the file is to hold it.
+func (o *overlay) page(b []byte, p logPage) error {
+	if err := o.log.read(b, p.at); err != nil {
+		return err
+	}
+	copy(b, p.lead[:])
+	copy(b[logSector-4:], p.trail[:])
+	return nil
 }
 
 // zeroItem is a zero range that has started: where it ends and its place in the log.
@@ -249,7 +178,7 @@ func (h *zeroHeap) Pop() any {
 }
 
 // patch lays the overlay over p, read from the file at off.
-func (o *overlay) patch(p []byte, off int64) {
+func (o *overlay) patch(p []byte, off int64) error {
 	end := off + int64(len(p))
 	i := sort.Search(len(o.zeros), func(i int) bool { return o.zeros[i].off+o.zeros[i].len > off })
 	for ; i < len(o.zeros) && o.zeros[i].off < end; i++ {
@@ -257,14 +186,22 @@ func (o *overlay) patch(p []byte, off int64) {
 		clear(p[max(z.off, off)-off : min(z.off+z.len, end)-off])
 	}
 	if len(o.pages) == 0 {
-		return
+		return nil
 	}
+	var d []byte
 	for k := off &^ (logSector - 1); k < end; k += logSector {
-		if d, ok := o.pages[k]; ok {
+		if pg, ok := o.pages[k]; ok {
+			if d == nil {
+				d = make([]byte, logSector)
+			}
+			if err := o.page(d, pg); err != nil {
+				return err
+			}
 			lo, hi := max(k, off), min(k+logSector, end)
 			copy(p[lo-off:hi-off], d[lo-k:hi-k])
 		}
 	}
+	return nil
 }
 
 // source reads the file as the replayed log shows it.
@@ -276,6 +213,11 @@ type source struct {
 	// not yet through the log (see commitLocked); guarded by the image's mu, written
 	// under its write lock.
 	pending map[int64][]byte
+	// replay are the descriptors of the active sequence and head its last entry's
+	// header, from readLog until checkLogReach has checked them against what the
+	// replayed file can need.
+	replay []replayOp
+	head   logEntryHeader
 }
 
 // readAt fills p from off: what the file holds (zeros past its end, up to the size
@@ -291,7 +233,9 @@ func (s *source) readAt(p []byte, off int64) error {
 		return err
 	}
 	if s.ov != nil {
-		s.ov.patch(p, off)
+		if err := s.ov.patch(p, off); err != nil {
+			return err
+		}
 	}
 	for k := off &^ (logSector - 1); len(s.pending) > 0 && k < off+int64(len(p)); k += logSector {
 		if d, ok := s.pending[k]; ok {
@@ -302,64 +246,141 @@ func (s *source) readAt(p []byte, off int64) error {
 	return nil
 }
 
+// maxLogFileOffset bounds the file offsets a log may name before the metadata says
+// what the file can need (checkLogReach): far past any valid file, and small enough
+// that the sum of two fits an int64.
+const maxLogFileOffset = 1 << 48
+
 // readLog finds the active sequence of the log and builds the overlay that replays
-// it. fileSize is the size of the file; protected are the spans the log must not
-// write (the file identifier, the headers and the log itself).
+// it, reading the log through a bounded window (see logscan.go). fileSize is the
+// size of the file. It refuses a log that writes the spans no log may (the file
+// identifier, the headers and the log itself) or past the file's last offset;
+// checkLogReach checks the rest once the metadata is read.
 func (img *Image) readLog(fileSize int64) error {
 	h, name := img.header, img.name
 	off, n := int64(h.LogOffset), int64(h.LogLength)
-	ring := make([]byte, n)
-	if _, err := img.src.f.ReadAt(ring, off); err != nil {
-		return fmt.Errorf("%s: read log at %d: %w", name, off, err)
+	ring := logRing{f: img.src.f, off: off, size: n}
+	buf := make([]byte, logWindow)
+	run, err := ring.activeSequence(h.LogGuid, buf)
+	if err != nil {
+		return fmt.Errorf("%s: %w", name, err)
 	}
-	seq := activeSequence(ring, h.LogGuid)
-	if seq == nil {
+	if run == nil {
 		return fmt.Errorf("%s: log GUID %v is set but the log at %d holds no valid sequence of entries: %w", name, h.LogGuid, off, ErrCorrupt)
 	}
-	head := seq[len(seq)-1].hdr
-	if int64(head.FlushedFileOffset) > fileSize || head.FlushedFileOffset > head.LastFileOffset {
+	head := run.head
+	if head.FlushedFileOffset > uint64(fileSize) || head.FlushedFileOffset > head.LastFileOffset {
 		return fmt.Errorf("%s: file is %d bytes, but the log's flushed file offset is %d (last file offset %d): %w", name, fileSize, head.FlushedFileOffset, head.LastFileOffset, ErrTruncated)
 	}
-	img.src.vsize = max(fileSize, int64(head.LastFileOffset))
+	if head.LastFileOffset > maxLogFileOffset {
+		return fmt.Errorf("%s: log entry %d extends the file to %d (its last file offset), past any VHDX file: %w", name, head.SequenceNumber, head.LastFileOffset, ErrCorrupt)
+	}
+	vsize := max(fileSize, int64(head.LastFileOffset))
 	protected := []span{{0, regionTable1Off, "the file identifier and headers"}, {off, n, "the log"}}
-	var ops []logOp
-	for _, e := range seq {
-		for _, op := range e.ops {
-			l := op.zeroLen
-			if op.data != nil {
-				l = logSector
+	count, err := ring.descriptorCount(run, buf)
+	if err != nil {
+		return fmt.Errorf("%s: %w", name, err)
+	}
+	if count > maxReplayOps {
+		return fmt.Errorf("%s: the log's active sequence, up to entry %d, holds %d descriptors, more than the %d vhdfs replays: %w", name, head.SequenceNumber, count, maxReplayOps, ErrUnsupported)
+	}
+	ops := make([]replayOp, 0, count)
+	collect := func(d logDescriptor, at int64) error {
+		op := replayOp{seq: d.SequenceNumber, off: d.FileOffset, page: logPage{at: at}}
+		if at >= 0 {
+			op.page.lead, op.page.trail = d.Leading, d.Trailing
+		} else {
+			op.zeroLen = binary.LittleEndian.Uint64(d.Leading[:])
+		}
+		l := op.length()
+		if op.off > uint64(vsize) || l > uint64(vsize)-op.off {
+			return fmt.Errorf("log entry %d writes %d bytes at %d, past the file's last offset %d: %w", op.seq, l, op.off, vsize, ErrCorrupt)
+		}
+		for _, p := range protected {
+			if overlaps(int64(op.off), int64(l), p.off, p.len) {
+				return fmt.Errorf("log entry %d writes %d bytes at %d, over %s: %w", op.seq, l, op.off, p.name, ErrCorrupt)
 			}
-			if op.off+l > img.src.vsize {
-				return fmt.Errorf("%s: log entry %d writes %d bytes at %d, past the file's last offset %d: %w", name, e.hdr.SequenceNumber, l, op.off, img.src.vsize, ErrCorrupt)
+		}
+		if int64(len(ops)) == count {
+			return fmt.Errorf("log entry %d holds more descriptors than it did: %w", op.seq, ErrCorrupt)
+		}
+		ops = append(ops, op)
+		return nil
+	}
+	entries := 0
+	for pos := run.start; ; entries++ {
+		e, ok, err := ring.checkEntry(pos, n, h.LogGuid, buf, collect)
+		if err != nil {
+			return fmt.Errorf("%s: %w", name, err)
+		}
+		if !ok || entries >= int(n/logSector) {
+			return fmt.Errorf("%s: log entry at %d changed while it was read: %w", name, off+pos, ErrCorrupt)
+		}
+		if e.SequenceNumber == head.SequenceNumber {
+			break
+		}
+		pos = (pos + int64(e.EntryLength)) % n
+	}
+	img.src.vsize = vsize
+	img.src.ov = newOverlay(ring, ops)
+	img.src.replay, img.src.head = ops, head
+	img.logEntries = entries + 1
+	return nil
+}
+
+// checkLogReach refuses a log that writes, or extends the file, past the largest
+// file this image's geometry can need: the file as it is (fileSize, or the end of
+// its regions and of the log if later), then every payload block and every sector
+// bitmap block allocated anew past its end, as writers allocate them. It runs once
+// the replayed region table and metadata are read, and does nothing unless readLog
+// built an overlay.
+func (img *Image) checkLogReach(fileSize int64) error {
+	ops, head := img.src.replay, img.src.head
+	img.src.replay = nil
+	if img.src.ov == nil {
+		return nil
+	}
+	end := max(fileSize, int64(headerSection), int64(img.header.LogOffset)+int64(img.header.LogLength))
+	for _, r := range img.regions {
+		end = max(end, int64(r.FileOffset)+int64(r.Length))
+	}
+	g := img.geo
+	end = (end + MiB - 1) / MiB * MiB
+	limit := uint64(end + g.blocks*g.blockSize + (g.blocks+g.chunkRatio-1)/g.chunkRatio*sectorBitmapBlockSize)
+	for _, op := range ops {
+		if op.off+op.length() > limit { // both are at most maxLogFileOffset
+			what := fmt.Sprintf("zeros %d bytes", op.zeroLen)
+			if op.page.at >= 0 {
+				what = fmt.Sprintf("writes %d bytes", logSector)
 			}
-			for _, p := range protected {
-				if overlaps(op.off, l, p.off, p.len) {
-					return fmt.Errorf("%s: log entry %d writes %d bytes at %d, over %s: %w", name, e.hdr.SequenceNumber, l, op.off, p.name, ErrCorrupt)
-				}
-			}
-			ops = append(ops, op)
+			return fmt.Errorf("%s: log entry %d %s at %d, past %d, the end of the largest file this image's geometry can need: %w", img.name, op.seq, what, op.off, limit, ErrCorrupt)
 		}
 	}
-	img.src.ov = newOverlay(ops)
-	img.logEntries = len(seq)
+	if head.LastFileOffset > limit {
+		return fmt.Errorf("%s: log entry %d extends the file to %d (its last file offset), past %d, the end of the largest file this image's geometry can need: %w", img.name, head.SequenceNumber, head.LastFileOffset, limit, ErrCorrupt)
+	}
 	return nil
 }
 
 // replayIntoFile writes the overlay into the file and empties the log (§2.3.3): a new
 // FileWriteGuid first, then the replayed sectors, then the file extended to the
 // log's last file offset, then a header with a zero LogGuid, each behind an fsync.
+// Zero ranges are not written but punched (zeroRange), and only inside the file:
+// past its end the file reads as zeros, and goes on doing so once extended.
 func (img *Image) replayIntoFile() error {
 	name, ov := img.name, img.src.ov
+	st, err := img.src.f.Stat()
+	if err != nil {
+		return fmt.Errorf("%s: %w", name, err)
+	}
 	if err := img.updateHeader(func(h *Header) { h.FileWriteGuid = NewGUID() }); err != nil {
 		return err
 	}
 	img.fileWriteGuidSet = true
-	zero := make([]byte, 64*KiB)
 	for _, z := range ov.zeros {
-		for o := z.off; o < z.off+z.len; o += int64(len(zero)) {
-			n := min(int64(len(zero)), z.off+z.len-o)
-			if _, err := img.src.f.WriteAt(zero[:n], o); err != nil {
-				return fmt.Errorf("%s: replay log: write zeros at %d: %w", name, o, err)
+		if n := min(z.off+z.len, st.Size()) - z.off; n > 0 {
+			if err := zeroRange(img.src.f, z.off, n, img.Type() == TypeFixed); err != nil {
+				return fmt.Errorf("%s: replay log: zero %d bytes at %d: %w", name, n, z.off, err)
 			}
 		}
 	}
@@ -368,13 +389,16 @@ func (img *Image) replayIntoFile() error {
 		offs = append(offs, k)
 	}
 	sort.Slice(offs, func(a, b int) bool { return offs[a] < offs[b] })
+	d := make([]byte, logSector)
 	for _, k := range offs {
-		if _, err := img.src.f.WriteAt(ov.pages[k], k); err != nil {
+		if err := ov.page(d, ov.pages[k]); err != nil {
+			return fmt.Errorf("%s: replay log: %w", name, err)
+		}
+		if _, err := img.src.f.WriteAt(d, k); err != nil {
 			return fmt.Errorf("%s: replay log: write at %d: %w", name, k, err)
 		}
 	}
-	st, err := img.src.f.Stat()
-	if err != nil {
+	if st, err = img.src.f.Stat(); err != nil {
 		return fmt.Errorf("%s: %w", name, err)
 	}
 	if st.Size() < img.src.vsize {

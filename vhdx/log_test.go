@@ -151,13 +151,36 @@ func TestOverlayOrder(t *testing.T) {
 			}
 		}
 		got := fill(space, 0xee)
-		o := newOverlay(ops)
-		o.patch(got[:space/2+100], 0)
-		o.patch(got[space/2+100:], space/2+100)
+		o := overlayOf(ops)
+		if err := o.patch(got[:space/2+100], 0); err != nil {
+			t.Fatal(err)
+		}
+		if err := o.patch(got[space/2+100:], space/2+100); err != nil {
+			t.Fatal(err)
+		}
 		if !bytes.Equal(got, want) {
 			t.Fatalf("round %d: the overlay differs from the ops applied in order", round)
 		}
 	}
+}
+
+// overlayOf is the overlay of ops, its data sectors in a log of their own.
+func overlayOf(ops []logOp) *overlay {
+	ring := make([]byte, (len(ops)+1)*logSector)
+	var r []replayOp
+	for i, op := range ops {
+		o := replayOp{off: uint64(op.off), zeroLen: uint64(op.zeroLen), page: logPage{at: -1}}
+		if op.data != nil {
+			o.page.at = int64(i) * logSector
+			copy(o.page.lead[:], op.data)
+			copy(o.page.trail[:], op.data[logSector-4:])
+			s := ring[o.page.at:][:logSector]
+			copy(s, "data")
+			copy(s[8:logSector-4], op.data[8:])
+		}
+		r = append(r, o)
+	}
+	return newOverlay(logRing{f: bytes.NewReader(ring), size: int64(len(ring))}, r)
 }
 
 // TestLogQemuAgrees: qemu-img check -r all replays a log that does not wrap around

@@ -25,7 +25,7 @@ const (
 var Version = "dev"
 
 const usage = `usage:
-  vhdfs mount [-r|--read-only] [-f|--foreground] [--allow-other] [--debug] [-o OPTS] [--parent PARENT]... IMAGE MOUNTPOINT
+  vhdfs mount [-r|--read-only] [--force-rw] [-f|--foreground] [--allow-other] [--debug] [-o OPTS] [--parent PARENT]... IMAGE MOUNTPOINT
   vhdfs IMAGE MOUNTPOINT [-o OPTS]   (as mount.fuse3 runs it for mount -t fuse.vhdfs)
   vhdfs umount [--abort] MOUNTPOINT
   vhdfs info [--json] [-U] [--parent PARENT]... IMAGE
@@ -33,10 +33,10 @@ const usage = `usage:
                [--logical-sector 512|4096] [--physical-sector 512|4096] [--json|-q] IMAGE
   vhdfs create --parent PARENT [--block-size SIZE] IMAGE
   vhdfs snapshot IMAGE NEW
-  vhdfs merge [-p|--progress] [--depth N] [--from S] IMAGE
-  vhdfs check [--repair] [-U] [--json] [--parent PARENT]... IMAGE
+  vhdfs merge [-p|--progress] [--depth N] [--from S] [--force-rw] IMAGE
+  vhdfs check [--repair [--force-rw]] [-U] [--json] [--parent PARENT]... IMAGE
   vhdfs export [-p|--progress] [-U] [--parent PARENT]... IMAGE OUT.raw|-|DEVICE
-  vhdfs relink IMAGE PARENT
+  vhdfs relink [--force-rw] IMAGE PARENT
   vhdfs help [COMMAND]               (or vhdfs COMMAND --help: every flag, described)
   vhdfs completion bash|zsh|fish|powershell
   vhdfs version

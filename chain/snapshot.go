@@ -2,13 +2,12 @@ package chain
 
 import (
 	"fmt"
-	"os"
 	"path/filepath"
-	"syscall"
 
 	"golang.org/x/sys/unix"
 
 	"github.com/vhdfs/vhdfs/image"
+	"github.com/vhdfs/vhdfs/internal/fileio"
 	"github.com/vhdfs/vhdfs/probe"
 )
 
@@ -58,7 +57,7 @@ func (c *Chain) Snapshot(name string) (*Layer, error) {
 		unix.Unlinkat(dirFD, base, 0)
 		return nil, err
 	}
-	dev, ino, err := ownLike(dirFD, base, real)
+	dev, ino, err := fileio.OwnLike(via, real)
 	if err != nil {
 		return fail(fmt.Errorf("snapshot %s: %w", name, err))
 	}
@@ -121,52 +120,4 @@ func snapshotDir(dir, real string, img image.Image) (int, error) {
 		return -1, fmt.Errorf("%s no longer holds the top image %s", filepath.Dir(real), real)
 	}
 	return fd, nil
-}
-
-// ownLike gives the file base of directory dirFD, which this process has just
-// created, the owner and permission bits of the file like, through a descriptor:
-// a link put in its place meanwhile is refused, never changed. It returns the
-// file's device and inode.
-func ownLike(dirFD int, base, like string) (dev, ino uint64, err error) {
-	want, err := os.Stat(like)
-	if err != nil {
-		return 0, 0, err
-	}
-	fd, err := unix.Openat(dirFD, base, unix.O_RDONLY|unix.O_NOFOLLOW|unix.O_NONBLOCK|unix.O_CLOEXEC, 0)
-	if err != nil {
-		return 0, 0, fmt.Errorf("open %s again: %w", base, err)
-	}
-	defer unix.Close(fd)
-	var st unix.Stat_t
-	if err := unix.Fstat(fd, &st); err != nil {
-		return 0, 0, err
-	}
-	if st.Mode&unix.S_IFMT != unix.S_IFREG || st.Nlink != 1 || int(st.Uid) != os.Geteuid() {
-		return 0, 0, fmt.Errorf("%s was replaced while it was made", base)
-	}
-	if err := unix.Fchmod(fd, uint32(want.Mode().Perm())); err != nil {
-		return 0, 0, fmt.Errorf("chmod %s: %w", base, err)
-	}
-	if sys, ok := want.Sys().(*syscall.Stat_t); ok && (sys.Uid != st.Uid || sys.Gid != st.Gid) {
-		if err := unix.Fchown(fd, int(sys.Uid), int(sys.Gid)); err != nil {
-			return 0, 0, fmt.Errorf("chown %s: %w", base, err)
-		}
-	}
-	return uint64(st.Dev), st.Ino, nil
-}
-
-// SameOwnerAndMode gives path the permission bits and owner of like: an image that
-// takes another's place or role (a new top) is accessible to the same people.
-func SameOwnerAndMode(path, like string) error {
-	st, err := os.Stat(like)
-	if err != nil {
-		return err
-	}
-	if err := os.Chmod(path, st.Mode().Perm()); err != nil {
-		return err
-	}
-	if sys, ok := st.Sys().(*syscall.Stat_t); ok && (int(sys.Uid) != os.Getuid() || int(sys.Gid) != os.Getgid()) {
-		return os.Chown(path, int(sys.Uid), int(sys.Gid))
-	}
-	return nil
 }

@@ -18,6 +18,7 @@ import (
 	"github.com/hanwen/go-fuse/v2/fuse"
 
 	"github.com/vhdfs/vhdfs/chain"
+	"github.com/vhdfs/vhdfs/internal/fileio"
 	"github.com/vhdfs/vhdfs/merge"
 	"github.com/vhdfs/vhdfs/probe"
 )
@@ -43,6 +44,7 @@ type ctlState struct {
 	job       *job   // the running merge or snapshot
 	cancel    func() // aborts the running merge
 	unclaimed *job   // the last job, finished, if no writer got its result yet
+	aborted   *job   // the merge an abort stopped, until that abort got its result
 	last      *lastResult
 	detached  []string // images merged away, no longer in the chain
 }
@@ -194,8 +196,9 @@ func (c *control) command(ctx context.Context, line string) (*job, syscall.Errno
 }
 
 // abort stops the running merge and waits until it has stopped (or ctx ends: EINTR,
-// and the merge stops all the same). A snapshot is not stopped: it is over in a
-// moment.
+// and the merge stops all the same). A retry of an interrupted abort gets the
+// result of the merge it stopped, as a retried merge does. A snapshot is not
+// stopped: it is over in a moment.
 func (c *control) abort(ctx context.Context, line string) syscall.Errno {
 	var j *job
 	var cancel func()
@@ -203,29 +206,36 @@ func (c *control) abort(ctx context.Context, line string) syscall.Errno {
 		j, cancel = s.job, s.cancel
 		if cancel == nil {
 			s.unclaimed = nil // an abort, even a late one, is an answer to the last merge
+			if a := s.aborted; a != nil && time.Since(a.ended) < unclaimedFor {
+				j = a // the merge an interrupted abort stopped
+			}
+			s.aborted = nil
 			return
 		}
 		if s.state == "merging" {
 			s.state = "aborting"
 		}
+		s.aborted = j
 	}) {
 		return c.root.errno("control "+line, errStuck)
 	}
-	if cancel == nil {
+	if cancel == nil && (j == nil || !j.merge) {
 		msg := "no merge running"
 		if j != nil {
 			msg += fmt.Sprintf(" (%q is being made; a snapshot is not aborted)", j.line)
 		}
 		return c.record(line, nil, msg)
 	}
-	cancel()
-	select {
-	case <-j.finished:
-	case <-ctx.Done():
-		return syscall.EINTR
+	if cancel != nil {
+		cancel()
+		select {
+		case <-j.finished:
+		case <-ctx.Done():
+			return syscall.EINTR
+		}
 	}
 	// Whoever aborts learns the result: a later write of the merge starts it anew.
-	c.claim(j)
+	c.claim(j, true)
 	if j.errno != syscall.ECANCELED {
 		// Past the copy a merge no longer stops: it had finished (or failed).
 		return c.record(line, nil, "too late to abort: "+j.message)
@@ -294,15 +304,19 @@ func (c *control) wait(ctx context.Context, j *job) syscall.Errno {
 			return syscall.EINTR
 		}
 	}
-	c.claim(j)
+	c.claim(j, false)
 	return j.errno
 }
 
-// claim marks j's result as given.
-func (c *control) claim(j *job) {
+// claim marks j's result as given to its writers (and, with abort, to the abort
+// that stopped it).
+func (c *control) claim(j *job, abort bool) {
 	c.ask(func(s *ctlState) {
 		if s.unclaimed == j {
 			s.unclaimed = nil
+		}
+		if abort && s.aborted == j {
+			s.aborted = nil
 		}
 	})
 }
@@ -384,7 +398,12 @@ func (c *control) startMerge(line string, opts merge.Options) (*job, syscall.Err
 		}
 		opts.Logf = c.root.debugf
 		opts.Hook = c.root.opts.MergeHook
-		res, err := merge.Merge(mctx, c.root.chain, opts)
+		var res *merge.Result
+		err := c.asOwner(func() error {
+			var err error
+			res, err = merge.Merge(mctx, c.root.chain, opts)
+			return err
+		})
 		cancel()
 		switch {
 		case errors.Is(err, context.Canceled):
@@ -402,6 +421,13 @@ func (c *control) startMerge(line string, opts merge.Options) (*job, syscall.Err
 	})
 }
 
+// asOwner runs a merge or a snapshot with the authority of the top image's owner
+// (see fileio.AsOwnerOf): whoever may write control (root, or that owner) gets no
+// file created, written, linked or removed that the owner could not.
+func (c *control) asOwner(f func() error) error {
+	return fileio.AsOwnerOf(chain.Abs(c.root.chain.Layers()[0].Path), f)
+}
+
 // startSnapshot makes name a new empty differencing image on the top, the top of
 // the chain (see chain.Snapshot and snapshotName). It is refused while a merge runs,
 // and a merge is refused while it runs.
@@ -416,7 +442,10 @@ func (c *control) startSnapshot(line, name string) (*job, syscall.Errno) {
 	}
 	return c.start(line, "snapshotting", func(*ctlState) error { return nil }, func(j *job) {
 		top := c.root.chain.Layers()[0]
-		if _, err := c.root.chain.Snapshot(path); err != nil {
+		if err := c.asOwner(func() error {
+			_, err := c.root.chain.Snapshot(path)
+			return err
+		}); err != nil {
 			if errors.Is(err, chain.ErrTooDeep) || errors.Is(err, chain.ErrPending) {
 				err = fmt.Errorf("%w: %w", err, errInvalid)
 			}

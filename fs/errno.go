@@ -30,7 +30,7 @@ func (r *Root) errno(op string, err error) syscall.Errno {
 		return syscall.EEXIST
 	case errors.Is(err, chain.ErrGone):
 		return syscall.ESTALE
-	case errors.As(err, &en) && (en == syscall.ENOSPC || en == syscall.EDQUOT || en == syscall.EINTR):
+	case errors.As(err, &en) && (en == syscall.ENOSPC || en == syscall.EDQUOT || en == syscall.EINTR || en == syscall.EACCES || en == syscall.EPERM):
 		return en
 	}
 	r.logError(fmt.Sprintf("%s: %v", op, err))

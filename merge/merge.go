@@ -255,14 +255,23 @@ func pushTop(c *chain.Chain, opts Options) (*pushed, error) {
 		return nil, err
 	}
 	err = top.Image.CreateChild(fresh, image.ChildOptions{ParentPath: p.oldTop, LocatorPath: real, ID: newID})
+	var dev, ino uint64
 	if err == nil {
-		err = chain.SameOwnerAndMode(fresh, real)
+		// Owned like the top, through a descriptor: a link put in fresh's place in
+		// the top's directory is refused, never chmod'ed or chown'ed.
+		dev, ino, err = fileio.OwnLike(fresh, real)
 	}
 	var img image.Image
 	if err == nil {
 		// Opened (and locked) before the rename: nothing can fail between the rename
 		// and the swap that would leave the mount writing to the moved file.
 		img, err = probe.Open(fresh, probe.Writable)
+	}
+	if err == nil {
+		if d, i := img.FileID(); d != dev || i != ino {
+			img.Close()
+			err = fmt.Errorf("%s was replaced while it was made", fresh)
+		}
 	}
 	if err != nil {
 		return fail(err)

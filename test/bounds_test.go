@@ -112,7 +112,7 @@ func TestControlMatrix(t *testing.T) {
 					// Something for the merges to copy, and a chain deep enough for
 					// every merge: snapshots between rounds, one at a time.
 					writeRaw(t, disk, model, gen.writes(2))
-					for len(readMergeStatus(t, mnt).Chain) < 4 {
+					for len(readMergeStatus(t, mnt).Chain) < 5 {
 						if e := control(mnt, "snapshot "+snapName()); e != 0 {
 							t.Fatalf("round %d: snapshot to deepen the chain: %v", rounds, e)
 						}
@@ -159,9 +159,10 @@ func TestControlMatrix(t *testing.T) {
 				}
 			}
 		}
+		top := readMergeStatus(t, mnt).Chain[0].Path
 		mustVhdfs(t, "umount", mnt)
 		waitDead(t, pid)
-		mCheck(t, c.Top())
+		mCheck(t, top)
 	})
 }
 
@@ -177,8 +178,12 @@ func TestControlAuthority(t *testing.T) {
 				t.Fatal(err)
 			}
 		}
-		if err := os.Chown(c.Top(), 123, 45); err != nil {
-			t.Fatal(err)
+		// The top and its directory are user 123's: the snapshots below, written by
+		// root, are made with that user's authority (TestControlOwnerAuthority).
+		for _, p := range []string{c.Top(), c.Dir} {
+			if err := os.Chown(p, 123, 45); err != nil {
+				t.Fatal(err)
+			}
 		}
 		if err := os.Chmod(c.Top(), 0o640); err != nil {
 			t.Fatal(err)
@@ -356,4 +361,100 @@ func writeRaw(t testing.TB, path string, model []byte, ws []write) {
 	if err := f.Sync(); err != nil {
 		t.Fatalf("fsync %s: %v", path, err)
 	}
+}
+
+// TestControlOwnerAuthority: a merge or snapshot written to control acts with the top
+// image owner's authority, not the root mount process's: the owner of the top (who
+// may write control) gets nothing done that the owner could not do. A link the owner
+// puts where the merge writes its journal reaches no other file; a merge into a
+// parent the owner cannot write is refused and changes nothing; a snapshot in a
+// directory the owner cannot write is refused; one in the owner's directory is the
+// owner's.
+func TestControlOwnerAuthority(t *testing.T) {
+	forEachFormat(t, func(t *testing.T, format string) {
+		const user = 65534
+		root := t.TempDir()
+		for d := root; d != "/" && d != os.TempDir(); d = filepath.Dir(d) {
+			if err := os.Chmod(d, 0o755); err != nil {
+				t.Fatal(err)
+			}
+		}
+		mkdir := func(name string, uid int) string {
+			d := filepath.Join(root, name)
+			if err := os.Mkdir(d, 0o755); err != nil {
+				t.Fatal(err)
+			}
+			if err := os.Chown(d, uid, uid); err != nil {
+				t.Fatal(err)
+			}
+			return d
+		}
+		shared, home := mkdir("shared", 0), mkdir("home", user)
+		base := createBase(t, shared, format, 0, "base", "--size", "8M")
+		top := filepath.Join(home, imageName(format, "top", true))
+		mustVhdfs(t, append([]string{"create", "--parent", base}, childFormatArgs(format, top)...)...)
+		if err := os.Chown(top, user, user); err != nil {
+			t.Fatal(err)
+		}
+		victim := filepath.Join(shared, "victim")
+		if err := os.WriteFile(victim, []byte("root's secret"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		mnt := mountEnv(t, top, nil, "--allow-other")
+		for d := filepath.Dir(mnt); d != "/" && d != os.TempDir(); d = filepath.Dir(d) {
+			if err := os.Chmod(d, 0o755); err != nil {
+				t.Fatal(err)
+			}
+		}
+		asUser := func(script string, args ...string) (string, error) {
+			cmd := exec.Command("/bin/sh", append([]string{"-c", script, "sh"}, args...)...)
+			cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: user, Gid: user}}
+			out, err := cmd.CombinedOutput()
+			return string(out), err
+		}
+		st, err := os.Stat(filepath.Join(mnt, "disk.raw"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		model := make([]byte, st.Size())
+		if out, err := asUser(`printf 'written by the owner' | dd of="$1" bs=512 seek=8 conv=notrunc status=none`, filepath.Join(mnt, "disk.raw")); err != nil {
+			t.Fatalf("the owner writing disk.raw: %v %s", err, out)
+		}
+		copy(model[4096:], "written by the owner")
+		before := snapshotFiles(t, base, victim)
+		journalTmp := top + ".vhdfs-journal.tmp"
+		if err := os.Symlink(victim, journalTmp); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Lchown(journalTmp, user, user); err != nil {
+			t.Fatal(err)
+		}
+		ctl := filepath.Join(mnt, "control")
+		out, err := asUser(`printf 'merge\n' > "$1"`, ctl)
+		if err == nil {
+			t.Errorf("the owner's merge into root's parent succeeded: %s", out)
+		}
+		assertUnchanged(t, before)
+		if st := readMergeStatus(t, mnt); len(st.Chain) != 2 || st.Last == nil || !strings.Contains(st.Last.Message, "permission denied") {
+			t.Errorf("after the refused merge: chain %+v, last %+v; want the chain of two and a message naming the denied permission", st.Chain, st.Last)
+		}
+		// A snapshot where the owner may not create files: refused.
+		if out, err := asUser(`printf 'snapshot %s\n' "$2" > "$1"`, ctl, filepath.Join(shared, "evil.conf")); err == nil {
+			t.Errorf("the owner's snapshot in root's directory succeeded: %s", out)
+		}
+		// Root's snapshot of the owner's chain is made in the owner's directory, as
+		// the owner.
+		snap := filepath.Join(home, imageName(format, "snap", true))
+		if out, err := asUser(`printf 'snapshot %s\n' "$2" > "$1"`, ctl, filepath.Base(snap)); err != nil {
+			t.Fatalf("the owner's snapshot in its directory: %v %s (%+v)", err, out, readMergeStatus(t, mnt).Last)
+		}
+		if got := statOf(t, snap); !strings.HasSuffix(got, fmt.Sprintf("%d:%d n1", user, user)) {
+			t.Errorf("the snapshot: %s, want the owner's", got)
+		}
+		if got := fileBytes(t, filepath.Join(mnt, "disk.raw")); md5Of(got) != md5Of(model) {
+			t.Errorf("disk.raw changed")
+		}
+		mustVhdfs(t, "umount", mnt)
+		assertUnchanged(t, before)
+	})
 }

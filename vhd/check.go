@@ -177,8 +177,12 @@ func RepairFooter(name string) (bool, error) {
 		return false, err
 	}
 	defer f.Close()
-	if st, err := f.Stat(); err != nil || !st.Mode().IsRegular() {
+	st, err := f.Stat()
+	if err != nil || !st.Mode().IsRegular() {
 		return false, fmt.Errorf("%s: not a regular file: %w", name, ErrNotVHD)
+	}
+	if err := fileio.RefuseWriteProtected(name, st); err != nil {
+		return false, err
 	}
 	lock, err := imagelock.Acquire(f, name, imagelock.Writer)
 	if err != nil {

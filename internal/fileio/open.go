@@ -19,6 +19,16 @@ var writeProtectedOK atomic.Bool
 // be written (as examiners keep evidence), so the process says so explicitly.
 func AllowWriteProtected(ok bool) { writeProtectedOK.Store(ok) }
 
+// RefuseWriteProtected returns an error wrapping image.ErrWriteProtected when st, the
+// file name that is to be written, has no write bits and the process has not been
+// told to write such files (AllowWriteProtected).
+func RefuseWriteProtected(name string, st os.FileInfo) error {
+	if st.Mode().Perm()&0o222 != 0 || writeProtectedOK.Load() {
+		return nil
+	}
+	return fmt.Errorf("%s: mode %04o, no write bits: not written unless --force-rw (-o force_rw) says so: %w", name, st.Mode().Perm(), image.ErrWriteProtected)
+}
+
 // WriteProtected reports whether the file at path has no write bits and the process
 // has not been told to write such files (AllowWriteProtected).
 func WriteProtected(path string) bool {
@@ -68,9 +78,11 @@ func OpenImage(path, name string, writable, joint, noLock bool, notMine error) (
 		f.Close()
 		return nil, &notImage{fmt.Errorf("%s: is %s, not a regular file: %w", name, fileKind(st.Mode()), ErrNotRegular), notMine}
 	}
-	if writable && st.Mode().Perm()&0o222 == 0 && !writeProtectedOK.Load() {
-		f.Close()
-		return nil, fmt.Errorf("%s: mode %04o, no write bits: not written unless --force-rw (-o force_rw) says so: %w", name, st.Mode().Perm(), image.ErrWriteProtected)
+	if writable {
+		if err := RefuseWriteProtected(name, st); err != nil {
+			f.Close()
+			return nil, err
+		}
 	}
 	o := &Opened{File: f}
 	if sys, ok := st.Sys().(*syscall.Stat_t); ok {

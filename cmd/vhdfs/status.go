@@ -1,27 +1,11 @@
 package main
 
 import (
-	"encoding/json"
 	"fmt"
 	"os"
-	"path/filepath"
 	"syscall"
 	"time"
-
-	"github.com/vhdfs/vhdfs/fs"
 )
-
-func readStatus(dir string) (*fs.Status, error) {
-	b, err := os.ReadFile(filepath.Join(dir, "control"))
-	if err != nil {
-		return nil, err
-	}
-	var st fs.Status
-	if err := json.Unmarshal(b, &st); err != nil {
-		return nil, fmt.Errorf("control: %v", err)
-	}
-	return &st, nil
-}
 
 // waitExit waits up to d for process pid to end.
 func waitExit(pid int, d time.Duration) error {

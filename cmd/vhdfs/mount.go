@@ -716,8 +716,12 @@ func waitServed(pid int, rec *mountRecord, conn, dir string, abort bool, d time.
 				deadline = now.Add(d + unmountGrace)
 			}
 		}
+		if now.After(deadline) && signalled {
+			return fmt.Errorf("%s: mount process %d still running %v after the unmount, despite SIGTERM", dir, pid, now.Sub(start).Round(time.Second))
+		}
 		if now.After(deadline) {
-			return fmt.Errorf("%s: mount process %d still running %v after the unmount", dir, pid, now.Sub(start).Round(time.Second))
+			return fmt.Errorf("%s: mount process %d still running %v after the unmount (a mount namespace this user cannot see may hold the mount); vhdfs umount --abort %s ends it",
+				dir, pid, now.Sub(start).Round(time.Second), dir)
 		}
 		time.Sleep(delay)
 	}

@@ -445,12 +445,27 @@ func serve(m mountArgs, notify *notifier) (err error) {
 			return
 		}
 		go unmountServed(srv, m.mountpoint, conn, logger)
-		t := time.NewTimer(unmountGrace)
-		defer t.Stop()
-		select {
-		case <-served:
-		case <-t.C:
-			close(giveUp)
+		// Once the mount is gone from here, the kernel releases it within moments,
+		// unless something elsewhere holds it.
+		deadline := time.Now().Add(unmountGrace)
+		var goneHere time.Time
+		tick := time.NewTicker(50 * time.Millisecond)
+		defer tick.Stop()
+		for {
+			select {
+			case <-served:
+				return
+			case now := <-tick.C:
+				if goneHere.IsZero() {
+					if c, _ := connOf(m.mountpoint); c != conn {
+						goneHere = now
+					}
+				}
+				if now.After(deadline) || !goneHere.IsZero() && now.Sub(goneHere) > time.Second {
+					close(giveUp)
+					return
+				}
+			}
 		}
 	}()
 	select {

@@ -106,14 +106,18 @@ type child struct {
 }
 
 // startChild starts `vhdfs __control args...` in a process group of its own (a
-// Ctrl-C is the command's to handle), which dies with the command.
+// Ctrl-C is the command's to handle), which dies with the command; it answers on a
+// pipe of its own, and holds no descriptor of the caller's.
 func startChild(args ...string) (*child, error) {
 	exe, err := os.Executable()
 	if err != nil {
 		return nil, err
 	}
+	closeOnExec()
 	cmd := exec.Command(exe, append([]string{"__control"}, args...)...)
-	cmd.Stderr = os.Stderr
+	// Nothing of the caller's: a child stuck on a FUSE file would keep the caller's
+	// stderr pipe open after the command ended (`vhdfs merge 2>&1 | cat` would hang).
+	cmd.Stdin, cmd.Stderr = nil, nil
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
 	out, err := cmd.StdoutPipe()
 	if err != nil {

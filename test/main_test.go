@@ -92,8 +92,8 @@ var neighbour struct {
 
 // startStoppedNeighbour mounts a small image of its own under dir and stops the
 // mount process. stop continues it, unmounts it and waits for its end. A guard
-// process does the same if the test binary dies without running stop (a timeout's
-// panic): it waits for the end of a pipe only this process holds.
+// process does it, at stop or when the test binary dies without running stop (a
+// timeout's panic): it waits for the end of a pipe only this process holds.
 func startStoppedNeighbour(dir string) (stop func(), err error) {
 	image := filepath.Join(dir, "neighbour.vhd")
 	mnt := filepath.Join(dir, "neighbour")
@@ -126,7 +126,17 @@ func startStoppedNeighbour(dir string) (stop func(), err error) {
 		unmount()
 		return nil, err
 	}
-	guard := exec.Command("sh", "-c", `read x; kill -CONT "$1" 2>/dev/null; fusermount3 -u "$2" 2>/dev/null; exit 0`, "guard", strconv.Itoa(st.PID), mnt)
+	// A reader that was waiting on the stopped mount may still hold a file of it
+	// open for a moment after SIGCONT: the unmount is tried again for ten seconds,
+	// then done lazily.
+	guard := exec.Command("sh", "-c", `read x; kill -CONT "$1" 2>/dev/null
+i=0
+while grep -qs " $2 fuse.vhdfs " /proc/self/mounts && [ $i -lt 40 ]; do
+	fusermount3 -u "$2" 2>/dev/null || sleep 0.25
+	i=$((i+1))
+done
+fusermount3 -u -z "$2" 2>/dev/null
+exit 0`, "guard", strconv.Itoa(st.PID), mnt)
 	guard.Stdin = r
 	if err := guard.Start(); err != nil {
 		r.Close()
@@ -142,9 +152,7 @@ func startStoppedNeighbour(dir string) (stop func(), err error) {
 	}
 	neighbour.image, neighbour.mnt, neighbour.pid = image, mnt, st.PID
 	return func() {
-		syscall.Kill(st.PID, syscall.SIGCONT)
-		unmount()
-		w.Close() // the guard continues and unmounts again, harmlessly, and ends
+		w.Close() // the guard continues the process and unmounts it
 		guard.Wait()
 		for deadline := time.Now().Add(30 * time.Second); time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
 			if err := syscall.Kill(st.PID, 0); err != nil {

@@ -207,3 +207,60 @@ func TestUmountHeldElsewhere(t *testing.T) {
 		})
 	}
 }
+
+// TestMergeThroughMountThatStops: `vhdfs merge` through a mount whose process stops
+// while the merge runs there gives up once the status stops answering, naming the
+// process, instead of waiting with it; continued, the mount finishes the merge.
+func TestMergeThroughMountThatStops(t *testing.T) {
+	dir := t.TempDir()
+	base := createBase(t, dir, "vhd", 0, "base", "--size", "8M")
+	top := createChild(t, base, "top")
+	env, _, resume := pausePoint(t, "copy-start")
+	pauseDir := env[strings.Index(env, "pause=")+len("pause="):]
+	mnt := mountEnv(t, top, []string{env})
+	pid := readMergeStatus(t, mnt).PID
+
+	res := make(chan ran, 1)
+	go func() { res <- runWithin(t, 20*time.Second, []string{"VHDFS_WAIT_TIMEOUT=2s"}, "merge", top) }()
+	// The merge reaches the pause in the mount, unless the command never gets there
+	// (the goroutine then stays blocked on the FIFO, and touches nothing of t).
+	inMerge := make(chan string, 1)
+	go func() {
+		b, err := os.ReadFile(filepath.Join(pauseDir, "reached"))
+		inMerge <- fmt.Sprintf("%s%v", bytes.TrimSpace(b), err)
+	}()
+	select {
+	case got := <-inMerge:
+		if got != "copy-start<nil>" {
+			t.Fatalf("waiting for merge point copy-start: %s", got)
+		}
+	case r := <-res:
+		t.Fatalf("the merge never reached the mount: exit %d after %v: %s", r.code, r.took, r.stderr)
+	}
+	if err := syscall.Kill(pid, syscall.SIGSTOP); err != nil {
+		t.Fatal(err)
+	}
+	continued := false
+	cont := func() {
+		if !continued {
+			continued = true
+			syscall.Kill(pid, syscall.SIGCONT)
+		}
+	}
+	t.Cleanup(cont)
+	r := <-res
+	cont()
+	resume()
+	if r.code <= 0 {
+		t.Fatalf("merge through a stopped mount: exit %d after %v, want an error: %s", r.code, r.took, r.stderr)
+	}
+	if lines := strings.Split(strings.TrimSpace(r.stderr), "\n"); !strings.Contains(lines[len(lines)-1], strconv.Itoa(pid)) ||
+		!strings.Contains(lines[len(lines)-1], "stopped") {
+		t.Errorf("the last line does not say that mount process %d is stopped: %q", pid, r.stderr)
+	}
+	waitState(t, mnt, "idle")
+	if st := readMergeStatus(t, mnt); st.Last == nil || st.Last.Command != "merge depth=1" || st.Last.Errno != 0 {
+		t.Errorf("the mount's merge after SIGCONT: %+v", st.Last)
+	}
+	mustVhdfs(t, "umount", mnt)
+}

@@ -47,7 +47,12 @@ type probeError struct {
 }
 
 func (e *probeError) Error() string { return e.msg }
-func (e *probeError) Unwrap() error { return e.errno }
+func (e *probeError) Unwrap() error {
+	if e.errno == 0 {
+		return nil
+	}
+	return e.errno
+}
 
 // cmdControl is the hidden child: `__control read DIR` prints DIR/control's status,
 // `__control write DIR LINE` writes LINE in one write, `__control watch DIR` prints

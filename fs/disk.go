@@ -63,6 +63,10 @@ func (n *diskNode) Getattr(ctx context.Context, fh fs.FileHandle, out *fuse.Attr
 var _ = (fs.NodeOpener)((*diskNode)(nil))
 
 func (n *diskNode) Open(ctx context.Context, flags uint32) (fs.FileHandle, uint32, syscall.Errno) {
+	if !n.root.enter() {
+		return nil, 0, syscall.EIO
+	}
+	defer n.root.leave()
 	if flags&syscall.O_ACCMODE != syscall.O_RDONLY && !n.writable {
 		return nil, 0, syscall.EROFS
 	}
@@ -86,6 +90,10 @@ var _ = (fs.NodeReader)((*diskNode)(nil))
 // Read splices the replies large enough for a splice to win (see minSplice) from
 // the image files; it copies the rest.
 func (n *diskNode) Read(ctx context.Context, fh fs.FileHandle, dest []byte, off int64) (fuse.ReadResult, syscall.Errno) {
+	if !n.root.enter() {
+		return nil, syscall.EIO
+	}
+	defer n.root.leave()
 	if want := int64(len(dest)); want >= minSplice && want <= maxSplice && n.root.splice {
 		if r, ok := n.spliceRead(want, off); ok {
 			return r, 0
@@ -103,6 +111,10 @@ func (n *diskNode) Read(ctx context.Context, fh fs.FileHandle, dest []byte, off 
 var _ = (fs.NodeWriter)((*diskNode)(nil))
 
 func (n *diskNode) Write(ctx context.Context, fh fs.FileHandle, data []byte, off int64) (uint32, syscall.Errno) {
+	if !n.root.enter() {
+		return 0, syscall.EIO
+	}
+	defer n.root.leave()
 	if !n.writable {
 		return 0, syscall.EROFS
 	}
@@ -135,6 +147,10 @@ func (n *diskNode) Setattr(ctx context.Context, fh fs.FileHandle, in *fuse.SetAt
 var _ = (fs.NodeFsyncer)((*diskNode)(nil))
 
 func (n *diskNode) Fsync(ctx context.Context, fh fs.FileHandle, flags uint32) syscall.Errno {
+	if !n.root.enter() {
+		return syscall.EIO
+	}
+	defer n.root.leave()
 	if !n.writable {
 		return 0
 	}
@@ -151,6 +167,10 @@ var _ = (fs.NodeLseeker)((*diskNode)(nil))
 // Lseek answers SEEK_DATA and SEEK_HOLE from the chain's extents, so sparse-aware
 // tools (cp --sparse, qemu-img) skip what no layer stores.
 func (n *diskNode) Lseek(ctx context.Context, fh fs.FileHandle, off uint64, whence uint32) (uint64, syscall.Errno) {
+	if !n.root.enter() {
+		return 0, syscall.EIO
+	}
+	defer n.root.leave()
 	size := n.size()
 	if int64(off) >= size {
 		return 0, syscall.ENXIO

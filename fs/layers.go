@@ -38,6 +38,10 @@ func (d *layersDir) entries() []layerEntry {
 var _ = (fs.NodeReaddirer)((*layersDir)(nil))
 
 func (d *layersDir) Readdir(ctx context.Context) (fs.DirStream, syscall.Errno) {
+	if !d.root.enter() {
+		return nil, syscall.EIO
+	}
+	defer d.root.leave()
 	var ents []fuse.DirEntry
 	for _, e := range d.entries() {
 		ents = append(ents, fuse.DirEntry{Name: e.name, Mode: syscall.S_IFREG, Ino: e.ino})
@@ -48,6 +52,10 @@ func (d *layersDir) Readdir(ctx context.Context) (fs.DirStream, syscall.Errno) {
 var _ = (fs.NodeLookuper)((*layersDir)(nil))
 
 func (d *layersDir) Lookup(ctx context.Context, name string, out *fuse.EntryOut) (*fs.Inode, syscall.Errno) {
+	if !d.root.enter() {
+		return nil, syscall.EIO
+	}
+	defer d.root.leave()
 	for _, e := range d.entries() {
 		if e.name != name {
 			continue

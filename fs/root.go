@@ -81,6 +81,35 @@ type Root struct {
 	inoMu   sync.Mutex
 	inos    map[*chain.Layer]uint64 // guarded by inoMu
 	nextIno uint64                  // guarded by inoMu
+
+	// serving is read-held by each request that reaches the chain; Stop takes it to
+	// wait for them. stopped is set (under serving) once no request may reach it.
+	serving sync.RWMutex
+	stopped atomic.Bool
+}
+
+// enter admits a request to the chain; false once the mount is stopped. A true
+// return must be paired with leave.
+func (r *Root) enter() bool {
+	r.serving.RLock()
+	if r.stopped.Load() {
+		r.serving.RUnlock()
+		return false
+	}
+	return true
+}
+
+func (r *Root) leave() { r.serving.RUnlock() }
+
+// Stop ends the serving of the chain: requests on disk.raw, layers/ and new opens
+// of control fail with EIO from now on, and Stop returns once those in flight have
+// answered. It is for a mount process that must close its chain while the kernel
+// still holds the mount (another mount namespace has it); abort a merge first, as a
+// write waits for one.
+func (r *Root) Stop() {
+	r.stopped.Store(true)
+	r.serving.Lock()
+	defer r.serving.Unlock()
 }
 
 // layerIno gives each layer that ever appears under layers/ its own inode number, so
@@ -135,6 +164,9 @@ var _ = (fs.NodeLookuper)((*Root)(nil))
 // shared inode, `echo abort > control` (whose O_TRUNC takes that lock) would wait
 // for the merge it is meant to stop.
 func (r *Root) Lookup(ctx context.Context, name string, out *fuse.EntryOut) (*fs.Inode, syscall.Errno) {
+	if r.stopped.Load() {
+		return nil, syscall.EIO
+	}
 	if name == "control" {
 		node := &controlNode{root: r}
 		ch := r.NewInode(ctx, node, fs.StableAttr{Ino: r.controlIno.Add(1)})

@@ -11,6 +11,7 @@ import (
 	"crypto/md5"
 	"crypto/sha256"
 	"encoding/hex"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -19,8 +20,10 @@ import (
 	"os/exec"
 	"path/filepath"
 	"sort"
+	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -56,21 +59,111 @@ func runMain(m *testing.M) int {
 	if bin := os.Getenv("VHDFS_TEST_BIN"); bin != "" {
 		// A binary built elsewhere (an older commit, to see a regression test fail).
 		vhdfsBin = bin
-		return m.Run()
+	} else {
+		vhdfsBin = filepath.Join(dir, "vhdfs")
+		args := []string{"build", "-ldflags", "-X main.Version=" + testVersion, "-o", vhdfsBin}
+		if raceEnabled {
+			// The tests run the binary's concurrent code (export workers): race-check it too.
+			args = append(args, "-race")
+		}
+		cmd := exec.Command(goTool(), append(args, "./cmd/vhdfs")...)
+		cmd.Dir = root
+		if out, err := cmd.CombinedOutput(); err != nil {
+			fmt.Fprintf(os.Stderr, "test: go build ./cmd/vhdfs: %v\n%s", err, out)
+			return 1
+		}
 	}
-	vhdfsBin = filepath.Join(dir, "vhdfs")
-	args := []string{"build", "-ldflags", "-X main.Version=" + testVersion, "-o", vhdfsBin}
-	if raceEnabled {
-		// The tests run the binary's concurrent code (export workers): race-check it too.
-		args = append(args, "-race")
-	}
-	cmd := exec.Command(goTool(), append(args, "./cmd/vhdfs")...)
-	cmd.Dir = root
-	if out, err := cmd.CombinedOutput(); err != nil {
-		fmt.Fprintf(os.Stderr, "test: go build ./cmd/vhdfs: %v\n%s", err, out)
+	stop, err := startStoppedNeighbour(dir)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "test: the stopped neighbour mount:", err)
 		return 1
 	}
+	defer stop()
 	return m.Run()
+}
+
+// neighbour is a vhdfs mount whose process is stopped (SIGSTOP) for the whole run,
+// as a wedged mount of someone else's would be: no command on another image may
+// touch it, and the suite must pass beside it.
+var neighbour struct {
+	image, mnt string
+	pid        int
+}
+
+// startStoppedNeighbour mounts a small image of its own under dir and stops the
+// mount process. stop continues it, unmounts it and waits for its end. A guard
+// process does it, at stop or when the test binary dies without running stop (a
+// timeout's panic): it waits for the end of a pipe only this process holds.
+func startStoppedNeighbour(dir string) (stop func(), err error) {
+	image := filepath.Join(dir, "neighbour.vhd")
+	mnt := filepath.Join(dir, "neighbour")
+	if err := os.Mkdir(mnt, 0o755); err != nil {
+		return nil, err
+	}
+	if out, err := exec.Command(vhdfsBin, "create", "--size", "8M", image).CombinedOutput(); err != nil {
+		return nil, fmt.Errorf("create: %v: %s", err, out)
+	}
+	if out, err := exec.Command(vhdfsBin, "mount", image, mnt).CombinedOutput(); err != nil {
+		return nil, fmt.Errorf("mount: %v: %s", err, out)
+	}
+	unmount := func() { exec.Command("fusermount3", "-u", mnt).Run() }
+	b, err := os.ReadFile(filepath.Join(mnt, "control"))
+	var st struct {
+		PID int `json:"pid"`
+	}
+	if err == nil {
+		err = json.Unmarshal(b, &st)
+	}
+	if err == nil && st.PID <= 0 {
+		err = fmt.Errorf("no pid in the status: %s", b)
+	}
+	if err != nil {
+		unmount()
+		return nil, err
+	}
+	r, w, err := os.Pipe()
+	if err != nil {
+		unmount()
+		return nil, err
+	}
+	// A reader that was waiting on the stopped mount may still hold a file of it
+	// open for a moment after SIGCONT: the unmount is tried again for ten seconds,
+	// then done lazily.
+	guard := exec.Command("sh", "-c", `read x; kill -CONT "$1" 2>/dev/null
+i=0
+while grep -qs " $2 fuse.vhdfs " /proc/self/mounts && [ $i -lt 40 ]; do
+	fusermount3 -u "$2" 2>/dev/null || sleep 0.25
+	i=$((i+1))
+done
+fusermount3 -u -z "$2" 2>/dev/null
+exit 0`, "guard", strconv.Itoa(st.PID), mnt)
+	guard.Stdin = r
+	if err := guard.Start(); err != nil {
+		r.Close()
+		w.Close()
+		unmount()
+		return nil, err
+	}
+	r.Close()
+	if err := syscall.Kill(st.PID, syscall.SIGSTOP); err != nil {
+		w.Close()
+		guard.Wait()
+		return nil, err
+	}
+	neighbour.image, neighbour.mnt, neighbour.pid = image, mnt, st.PID
+	return func() {
+		w.Close() // the guard continues the process and unmounts it
+		guard.Wait()
+		for deadline := time.Now().Add(30 * time.Second); time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
+			if err := syscall.Kill(st.PID, 0); err != nil {
+				return
+			}
+			if b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", st.PID)); err == nil && strings.Contains(string(b), ") Z ") {
+				return
+			}
+		}
+		fmt.Fprintf(os.Stderr, "test: the neighbour mount process %d did not end\n", st.PID)
+	}, nil
 }
 
 var (

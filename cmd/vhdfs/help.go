@@ -42,8 +42,8 @@ func describe(name string) described {
 var commandOrder = []string{"mount", "umount", "info", "create", "merge", "check", "export", "version"}
 
 // notDescribed are the commands that are no vhdfs command of their own: cobra makes
-// help and completion itself, and man and __complete are hidden.
-var notDescribed = []string{"help", "completion", "man", "__complete", "__completeNoDesc"}
+// help and completion itself, and man, __complete and __control are hidden.
+var notDescribed = []string{"help", "completion", "man", "__complete", "__completeNoDesc", "__control"}
 
 // describedCommands are the commands help, completion and man pages show.
 func describedCommands() []string {

@@ -74,6 +74,7 @@ func init() {
 		"help":       cmdHelp,
 		"completion": cmdCompletion,
 		"man":        cmdMan,
+		"__control":  cmdControl,
 		"__complete": func(args []string) error { return runTree(append([]string{"__complete"}, args...)) },
 		"__completeNoDesc": func(args []string) error {
 			return runTree(append([]string{"__completeNoDesc"}, args...))

@@ -28,15 +28,15 @@ func cmdMerge(args []string) error {
 	}
 	opts := merge.Options{From: *from, Depth: *depth}
 	// A chain mounted read-write has its top locked: its mount does the merge.
-	mnt, st, err := mountOf(pos[0])
+	rec, st, err := servingMount(pos[0])
 	if err != nil {
 		return err
 	}
-	if mnt != "" && !st.ReadOnly {
+	if rec != nil && !st.ReadOnly {
 		if err := opts.Validate(len(st.Chain)); err != nil {
 			return usagef("%v", err)
 		}
-		return mergeMounted(mnt, pos[0], opts, *force)
+		return mergeMounted(rec, pos[0], opts, *force)
 	}
 	msg, err := merge.Recover(pos[0])
 	if err != nil {

@@ -19,6 +19,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/hanwen/go-fuse/v2/fuse"
 	"github.com/moby/sys/mountinfo"
 
 	"github.com/vhdfs/vhdfs/chain"
@@ -417,22 +418,78 @@ func serve(m mountArgs, notify *notifier) (err error) {
 		c.Close()
 		return err
 	}
+	// The record, by which commands find this mount, is there before the caller
+	// hears that the mount is ready.
+	conn, err := connOf(m.mountpoint)
+	if err != nil || conn == "" {
+		logger.Printf("warning: %s is not in /proc/self/mountinfo after mounting (%v)", m.mountpoint, err)
+	}
+	if rec, err := newRecord(m.image, m.mountpoint, conn, m.readOnly); err != nil {
+		logger.Printf("warning: %v", err)
+	} else if err := rec.write(); err != nil {
+		logger.Printf("warning: record of the mount: %v", err)
+	} else {
+		defer os.Remove(rec.path)
+	}
 	ready(nil)
 	logger.Printf("mounted %s on %s (%s)", m.image, m.mountpoint, map[bool]string{true: "read-only", false: "read-write"}[m.readOnly])
 	sigs := make(chan os.Signal, 1)
 	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP)
+	served := make(chan struct{})
 	go func() {
-		for sig := range sigs {
-			logger.Printf("%v: aborting any merge and unmounting %s", sig, m.mountpoint)
-			root.Abort()
-			if err := srv.Unmount(); err != nil {
-				logger.Printf("unmount %s: %v; detaching it lazily", m.mountpoint, err)
-				exec.Command("fusermount3", "-u", "-z", m.mountpoint).Run()
+		srv.Wait()
+		close(served)
+	}()
+	giveUp := make(chan struct{})
+	go func() {
+		sig, ok := <-sigs
+		if !ok {
+			return
+		}
+		logger.Printf("%v: aborting any merge and unmounting %s", sig, m.mountpoint)
+		root.Abort()
+		if now, _ := connOf(m.mountpoint); now != conn || conn == "" {
+			// Not mounted here (any more): only another namespace or an open file of
+			// a lazily detached mount keeps it; nothing here to wait for.
+			close(giveUp)
+			return
+		}
+		go unmountServed(srv, m.mountpoint, conn, logger)
+		// Once the mount is gone from here, the kernel releases it within moments,
+		// unless something elsewhere holds it.
+		deadline := time.Now().Add(unmountGrace)
+		var goneHere time.Time
+		tick := time.NewTicker(50 * time.Millisecond)
+		defer tick.Stop()
+		for {
+			select {
+			case <-served:
+				return
+			case now := <-tick.C:
+				if goneHere.IsZero() {
+					if c, _ := connOf(m.mountpoint); c != conn {
+						goneHere = now
+					}
+				}
+				if now.After(deadline) || !goneHere.IsZero() && now.Sub(goneHere) > time.Second {
+					close(giveUp)
+					return
+				}
 			}
 		}
 	}()
-	srv.Wait()
+	select {
+	case <-served:
+	case <-giveUp:
+		// Another mount namespace (or an open file of a lazily detached mount) keeps
+		// the kernel's mount: stop serving it, so the chain can be flushed and closed.
+		// Requests from now on fail; the process's end closes /dev/fuse, which ends the
+		// mount everywhere.
+		logger.Printf("%s: the kernel still holds the mount elsewhere (another mount namespace, or an open file of a lazily detached mount): no longer serving it", m.mountpoint)
+		root.Stop()
+	}
 	signal.Stop(sigs)
+	close(sigs)
 	var errs []error
 	if running := root.Abort(); running != "" {
 		errs = append(errs, fmt.Errorf("unmounted while %q ran: aborted it; the chain is as it was", running))
@@ -454,6 +511,22 @@ func serve(m mountArgs, notify *notifier) (err error) {
 	return nil
 }
 
+// unmountGrace is how long a signalled mount process waits for the kernel to release
+// its mount before it stops serving and exits anyway.
+const unmountGrace = 5 * time.Second
+
+// unmountServed unmounts the mount at dir that srv serves (conn), lazily if it is
+// busy. It may never return: go-fuse waits for its serve loops, which end only once
+// the kernel releases the mount.
+func unmountServed(srv *fuse.Server, dir, conn string, logger *log.Logger) {
+	if err := srv.Unmount(); err != nil {
+		logger.Printf("unmount %s: %v; detaching it lazily", dir, oneLine(strings.TrimSpace(err.Error())))
+		if now, _ := connOf(dir); now == conn {
+			runBounded(unmountGrace, "fusermount3", "-u", "-z", dir)
+		}
+	}
+}
+
 // detachStdio points stdin, stdout and stderr at /dev/null, so the background
 // process holds nothing of the terminal or pipe of the command that started it.
 func detachStdio() error {
@@ -473,16 +546,7 @@ func detachStdio() error {
 // resultFile is where a mount process leaves the error it ended with, for `vhdfs
 // umount`, which waits for the process, prints the error and removes the file.
 func resultFile(pid int) string {
-	dir := os.Getenv("XDG_RUNTIME_DIR")
-	switch {
-	case dir != "":
-		dir = filepath.Join(dir, "vhdfs")
-	case os.Geteuid() == 0:
-		dir = "/run/vhdfs"
-	default:
-		dir = filepath.Join(os.TempDir(), fmt.Sprintf("vhdfs-%d", os.Geteuid()))
-	}
-	return filepath.Join(dir, fmt.Sprintf("%d.err", pid))
+	return filepath.Join(recordDir(), fmt.Sprintf("%d.err", pid))
 }
 
 func writeResult(err error) {
@@ -492,44 +556,80 @@ func writeResult(err error) {
 	}
 }
 
-// readResult returns the error the mount process pid left, if any, and removes it.
-func readResult(pid int) error {
-	p := resultFile(pid)
-	b, err := os.ReadFile(p)
-	if err != nil {
-		return nil
+// readResult returns the error the mount process pid left, if any, and removes it;
+// rec, if known, says where the process keeps its files.
+func readResult(pid int, rec *mountRecord) error {
+	ps := []string{resultFile(pid)}
+	if rec != nil && rec.path != "" {
+		ps = append(ps, filepath.Join(filepath.Dir(rec.path), fmt.Sprintf("%d.err", pid)))
 	}
-	os.Remove(p)
-	return errors.New(strings.TrimSpace(string(b)))
+	for _, p := range ps {
+		b, err := os.ReadFile(p)
+		if err != nil {
+			continue
+		}
+		os.Remove(p)
+		return errors.New(strings.TrimSpace(string(b)))
+	}
+	return nil
 }
 
 // cmdUmount unmounts a vhdfs mount once everything is on disk, and reports an error
 // of the mount process's last flush. It refuses while a merge runs, unless told to
 // abort it, and keeps the mount when the flush before unmounting fails: pending
-// writes then stay in the mount process, not lost.
+// writes then stay in the mount process, not lost. Every wait on the mount process
+// has a deadline (waitTimeout). When another mount namespace keeps the mount, the
+// process serves on after the unmount here: umount says who holds it, and --abort
+// ends the process (it syncs, closes its images and exits).
 func cmdUmount(args []string) error {
 	fl := newFlags("umount")
 	var abort bool
-	fl.BoolVar(&abort, "abort", false, "abort a running merge (the chain stays as it was), then unmount")
+	fl.BoolVar(&abort, "abort", false, "abort a running merge (the chain stays as it was), then unmount; also end a mount process that another mount namespace keeps serving")
 	pos, err := parse(fl, args, "MOUNTPOINT")
 	if err != nil {
 		return err
 	}
 	dir := pos[0]
-	st, err := readStatus(dir)
-	var en syscall.Errno
-	dead := errors.Is(err, syscall.ENOTCONN) || errors.Is(err, syscall.ECONNABORTED)
-	if !dead && errors.As(err, &en) {
-		// Whatever the errno, a vhdfs mount that cannot answer has lost its process.
-		typ, _ := mountType(chain.Abs(dir))
-		dead = typ == "fuse.vhdfs"
+	abs := chain.Abs(dir)
+	d := waitTimeout()
+	typ, err := mountType(abs)
+	if err != nil {
+		return err
 	}
+	rec := recordAt(abs)
+	if rec != nil && typ != "" && !rec.mountedHere() {
+		rec = nil // something else is mounted there now
+	}
+	if typ == "" && rec != nil {
+		return endElsewhere(rec, dir, abort, d)
+	}
+	if typ != "fuse.vhdfs" {
+		return fmt.Errorf("%s is not a vhdfs mount", dir)
+	}
+	conn, _ := connOf(abs)
+	if rec != nil && rec.stopped() {
+		return fmt.Errorf("%s: mount process %d serving it is stopped; continue it (kill -CONT %d) and run umount again", dir, rec.PID, rec.PID)
+	}
+	who := "the mount process"
+	if rec != nil {
+		who = fmt.Sprintf("mount process %d", rec.PID)
+	}
+	st, err := statusOf(abs, d)
+	if errors.Is(err, errNoAnswer) {
+		return fmt.Errorf("%s: %s did not answer a status read within %v; still mounted", dir, who, d)
+	}
+	var en syscall.Errno
+	// Whatever the errno, a vhdfs mount that cannot answer has lost its process:
+	// only the kernel's mount is left.
+	dead := errors.As(err, &en)
 	if dead {
-		// The mount process is gone (killed): only the kernel's mount is left.
 		st, err = &fs.Status{}, nil
 	}
 	if err != nil {
 		return fmt.Errorf("%s is not a vhdfs mount: %v", dir, err)
+	}
+	if !dead && rec == nil {
+		who = fmt.Sprintf("mount process %d", st.PID)
 	}
 	aborted := false
 	if st.Running != "" && !dead { // a merge; a snapshot is over in a moment
@@ -537,35 +637,130 @@ func cmdUmount(args []string) error {
 			return fmt.Errorf("%s: %q is running; wait for it, write abort to %s, or use vhdfs umount --abort",
 				dir, st.Running, filepath.Join(dir, "control"))
 		}
-		if err := writeControl(dir, "abort"); err != nil {
-			return fmt.Errorf("abort the merge on %s: %v", dir, err)
+		if err := writeControlOf(abs, "abort", d); err != nil {
+			return fmt.Errorf("abort the merge on %s: %v", dir, noAnswer(err, who, d))
 		}
 		aborted = true
 	}
 	if !dead && !st.ReadOnly {
-		if err := writeControl(dir, "sync"); err != nil {
-			return fmt.Errorf("sync %s: %v; still mounted, nothing lost: fix the cause and run umount again", dir, err)
+		if err := writeControlOf(abs, "sync", d); err != nil {
+			return fmt.Errorf("sync %s: %v; still mounted, nothing lost: fix the cause and run umount again", dir, noAnswer(err, who, d))
 		}
 	}
-	if err := fusermountU(dir, aborted); err != nil {
+	if err := fusermountU(dir, aborted, d); err != nil {
 		return err
 	}
 	// Wait for the mount process to finish writing and close its images.
-	if err := waitExit(st.PID); err != nil {
+	if err := waitServed(st.PID, rec, conn, dir, abort, d); err != nil {
 		return err
 	}
-	if err := readResult(st.PID); err != nil {
+	if err := readResult(st.PID, rec); err != nil {
 		return fmt.Errorf("%s: mount process: %v", dir, err)
 	}
 	return nil
 }
 
+// noAnswer words errNoAnswer as what it waited for.
+func noAnswer(err error, who string, d time.Duration) error {
+	if errors.Is(err, errNoAnswer) {
+		return fmt.Errorf("%s did not answer within %v", who, d)
+	}
+	return err
+}
+
+// endElsewhere handles a mount point that is no longer mounted here but whose mount
+// process still runs (another mount namespace holds the mount, or a file of a lazily
+// detached mount is open): it says so, or with abort signals the process, which
+// aborts any merge, syncs, closes its images and exits.
+func endElsewhere(rec *mountRecord, dir string, abort bool, d time.Duration) error {
+	if rec.stopped() {
+		return fmt.Errorf("%s: mount process %d serving it is stopped; continue it (kill -CONT %d) and run umount again", dir, rec.PID, rec.PID)
+	}
+	if !abort {
+		return fmt.Errorf("%s is not mounted here, but mount process %d still serves it%s; vhdfs umount --abort %s ends it",
+			dir, rec.PID, heldBy(holders(rec.Conn)), dir)
+	}
+	if err := rec.signal(syscall.SIGTERM); err != nil {
+		return err
+	}
+	if err := waitExit(rec.PID, d+unmountGrace); err != nil {
+		return fmt.Errorf("%s: %v", dir, err)
+	}
+	if err := readResult(rec.PID, rec); err != nil {
+		return fmt.Errorf("%s: mount process: %v", dir, err)
+	}
+	return nil
+}
+
+// heldBy words the holders of a mount for a message.
+func heldBy(hs []holder) string {
+	if len(hs) == 0 {
+		return ""
+	}
+	var s []string
+	for _, h := range hs {
+		s = append(s, h.String())
+	}
+	return " for " + strings.Join(s, ", ")
+}
+
+// waitServed waits for the mount process pid to end after its mount at dir was
+// unmounted here. It exits once the kernel releases the mount; when another mount
+// namespace holds it (a mount of the connection conn in some /proc/PID/mountinfo),
+// that never happens: waitServed says who holds it, or with abort ends the process.
+func waitServed(pid int, rec *mountRecord, conn, dir string, abort bool, d time.Duration) error {
+	if pid <= 0 || pid == os.Getpid() {
+		return nil
+	}
+	start := time.Now()
+	deadline := start.Add(d)
+	look := start.Add(min(time.Second, d/4))
+	signalled := false
+	for delay := time.Millisecond; ; delay = min(delay*2, 100*time.Millisecond) {
+		if exited(pid) {
+			return nil
+		}
+		now := time.Now()
+		if !signalled && conn != "" && now.After(look) {
+			look = now.Add(time.Second)
+			if hs := holders(conn); len(hs) > 0 {
+				if !abort {
+					return fmt.Errorf("%s: unmounted here, its writes synced, but %s still holds the mount, so mount process %d serves on; vhdfs umount --abort %s ends it",
+						dir, strings.TrimPrefix(heldBy(hs), " for "), pid, dir)
+				}
+				var err error
+				if rec != nil {
+					err = rec.signal(syscall.SIGTERM)
+				} else if err = syscall.Kill(pid, syscall.SIGTERM); err != nil {
+					err = fmt.Errorf("signal mount process %d serving %s: %w", pid, dir, err)
+				}
+				if err != nil {
+					return err
+				}
+				signalled = true
+				deadline = now.Add(d + unmountGrace)
+			}
+		}
+		if now.After(deadline) && signalled {
+			return fmt.Errorf("%s: mount process %d still running %v after the unmount, despite SIGTERM", dir, pid, now.Sub(start).Round(time.Second))
+		}
+		if now.After(deadline) {
+			return fmt.Errorf("%s: mount process %d still running %v after the unmount (a mount namespace this user cannot see may hold the mount); vhdfs umount --abort %s ends it",
+				dir, pid, now.Sub(start).Round(time.Second), dir)
+		}
+		time.Sleep(delay)
+	}
+}
+
 // fusermountU unmounts dir. Just after an abort, the aborted merge's writer may hold
 // control open for a moment yet: a busy mount is then tried again for a while.
-func fusermountU(dir string, retryBusy bool) error {
+func fusermountU(dir string, retryBusy bool, d time.Duration) error {
 	deadline := time.Now().Add(5 * time.Second)
 	for delay := time.Millisecond; ; delay = min(2*delay, 100*time.Millisecond) {
-		out, err := exec.Command("fusermount3", "-u", dir).CombinedOutput()
+		out, err := runBounded(d, "fusermount3", "-u", dir)
+		if errors.Is(err, errNoAnswer) {
+			return fmt.Errorf("unmount %s: fusermount3 -u did not finish within %v", dir, d)
+		}
 		if err == nil {
 			return nil
 		}
@@ -575,17 +770,4 @@ func fusermountU(dir string, retryBusy bool) error {
 		}
 		time.Sleep(delay)
 	}
-}
-
-// writeControl writes one command to dir's control file; a failure says why, from
-// the status's last result.
-func writeControl(dir, cmd string) error {
-	err := os.WriteFile(filepath.Join(dir, "control"), []byte(cmd+"\n"), 0)
-	if err == nil {
-		return nil
-	}
-	if st, serr := readStatus(dir); serr == nil && st.Last != nil && st.Last.Command == cmd && st.Last.Message != "" {
-		return fmt.Errorf("%s: %s", cmd, st.Last.Message)
-	}
-	return err
 }

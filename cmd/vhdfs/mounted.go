@@ -10,92 +10,112 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/moby/sys/mountinfo"
-
-	"github.com/vhdfs/vhdfs/chain"
 	"github.com/vhdfs/vhdfs/fs"
 	"github.com/vhdfs/vhdfs/merge"
 )
 
-// mountOf finds the vhdfs mount whose top image is image: the fuse.vhdfs mounts of
-// /proc/self/mountinfo whose control status names it as chain[0]. It returns "" when
-// none does; mounts it cannot read are skipped.
-func mountOf(image string) (string, *fs.Status, error) {
-	want, werr := os.Stat(image)
-	abs := chain.Abs(image)
-	ms, err := mountinfo.GetMounts(mountinfo.FSTypeFilter("fuse.vhdfs"))
+// servingMount returns the mount that serves image as its writable top, checked by
+// identity (see findMount), with its status; nil when image has none. A mount that
+// cannot be asked (its process stopped, its mount not in this namespace, no answer
+// within the deadline) is an error that names the process and the mount point.
+func servingMount(image string) (*mountRecord, *fs.Status, error) {
+	rec, err := findMount(image)
+	if err != nil || rec == nil || rec.ReadOnly {
+		return nil, nil, err
+	}
+	if rec.stopped() {
+		return nil, nil, fmt.Errorf("%s is mounted, but mount process %d serving %s is stopped; continue it (kill -CONT %d) or end it",
+			image, rec.PID, rec.Mountpoint, rec.PID)
+	}
+	if !rec.mountedHere() {
+		return nil, nil, fmt.Errorf("%s is mounted by mount process %d, whose mount %s is not in this mount namespace",
+			image, rec.PID, rec.Mountpoint)
+	}
+	d := waitTimeout()
+	st, err := statusOf(rec.Mountpoint, d)
+	if errors.Is(err, errNoAnswer) {
+		return nil, nil, fmt.Errorf("%s is mounted, but mount process %d serving %s did not answer within %v", image, rec.PID, rec.Mountpoint, d)
+	}
 	if err != nil {
-		return "", nil, err
+		return nil, nil, fmt.Errorf("%s is mounted at %s (mount process %d): status: %w", image, rec.Mountpoint, rec.PID, err)
 	}
-	for _, m := range ms {
-		mnt := m.Mountpoint
-		st, err := readStatus(mnt)
-		if err != nil || len(st.Chain) == 0 {
-			continue
-		}
-		top := st.Chain[0].Path
-		if top == abs {
-			return mnt, st, nil
-		}
-		if got, err := os.Stat(top); err == nil && werr == nil && os.SameFile(got, want) {
-			return mnt, st, nil
-		}
-	}
-	return "", nil, nil
+	return rec, st, nil
 }
 
-// mergeMounted runs the merge through the control file of the mount at mnt, showing
-// its progress from the status while the write waits, and returns its result.
-// SIGINT and SIGTERM abort it, as they stop an offline merge.
-func mergeMounted(mnt, image string, opts merge.Options, force bool) error {
+// mergeMounted runs the merge through the control file of the mount rec serves,
+// showing its progress from the status while the write waits, and returns its
+// result. A child does the write and another reads the status (see ask.go): a
+// status that stops answering for waitTimeout ends the wait, not the length of the
+// merge. SIGINT and SIGTERM abort it, as they stop an offline merge.
+func mergeMounted(rec *mountRecord, image string, opts merge.Options, force bool) error {
+	mnt := rec.Mountpoint
+	ctl := filepath.Join(mnt, "control")
 	line := fmt.Sprintf("merge depth=%d", opts.Depth)
 	if opts.From > 0 {
 		line = fmt.Sprintf("merge from=%d depth=%d", opts.From, opts.Depth)
 	}
-	fmt.Fprintf(os.Stderr, "vhdfs merge: %s is mounted at %s: the mount merges (%q to %s)\n", image, mnt, line, filepath.Join(mnt, "control"))
-	ctl := filepath.Join(mnt, "control")
-	f, err := os.OpenFile(ctl, os.O_WRONLY, 0)
-	if err != nil {
-		return err
-	}
-	defer f.Close()
+	fmt.Fprintf(os.Stderr, "vhdfs merge: %s is mounted at %s: the mount merges (%q to %s)\n", image, mnt, line, ctl)
+	d := waitTimeout()
 
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	bar := newProgress("merge", 0, force)
-	done := make(chan struct{})
-	polled := make(chan struct{})
+	writer, err := startChild("write", mnt, line)
+	if err != nil {
+		return err
+	}
+	written := make(chan error, 1)
 	go func() {
-		defer close(polled)
-		tick := time.NewTicker(redrawEvery)
-		defer tick.Stop()
-		aborted := false
-		for {
-			select {
-			case <-done:
-				return
-			case <-ctx.Done():
-				if !aborted {
-					aborted = true
-					// The write then returns ECANCELED (or the merge's result, if it
-					// was past the point where it stops).
-					os.WriteFile(ctl, []byte("abort\n"), 0)
-				}
-			case <-tick.C:
-			}
-			if st, err := readStatus(mnt); err == nil && st.Running == line && st.Progress != nil {
-				bar.set(st.Progress.Done, st.Progress.Total)
-			}
-		}
+		_, err := readAnswer(writer)
+		written <- err
 	}()
-	werr := writeRetry(f, []byte(line+"\n"))
-	close(done)
-	<-polled
+	statuses, stopWatch, err := watchStatus(mnt)
+	if err != nil {
+		writer.kill()
+		return err
+	}
+	defer stopWatch()
+
+	bar := newProgress("merge", 0, force)
+	quiet := time.NewTimer(d)
+	defer quiet.Stop()
+	interrupted := ctx.Done()
+	var werr error
+wait:
+	for {
+		select {
+		case werr = <-written:
+			break wait
+		case w, ok := <-statuses:
+			if !ok {
+				statuses = nil
+				continue
+			}
+			if w.err != nil {
+				continue // a dead mount fails the write too
+			}
+			quiet.Reset(d)
+			if w.st.Running == line && w.st.Progress != nil {
+				bar.set(w.st.Progress.Done, w.st.Progress.Total)
+			}
+		case <-interrupted:
+			interrupted = nil
+			// The write then returns ECANCELED (or the merge's result, if it was past
+			// the point where it stops).
+			go writeControlOf(mnt, "abort", d)
+		case <-quiet.C:
+			writer.kill()
+			bar.finish()
+			if rec.stopped() {
+				return fmt.Errorf("%s: mount process %d serving %s is stopped; the merge waits there", image, rec.PID, mnt)
+			}
+			return fmt.Errorf("%s: mount process %d serving %s gave no status for %v; the merge may still run there", image, rec.PID, mnt, d)
+		}
+	}
 	if werr == nil {
 		bar.complete()
 	}
 	bar.finish()
-	st, serr := readStatus(mnt)
+	st, serr := statusOf(mnt, d)
 	msg := ""
 	if serr == nil && st.Last != nil && st.Last.Command == line {
 		msg = st.Last.Message

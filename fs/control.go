@@ -565,6 +565,11 @@ func (n *controlNode) Read(ctx context.Context, fh fs.FileHandle, dest []byte, o
 var _ = (fs.NodeWriter)((*controlNode)(nil))
 
 func (n *controlNode) Write(ctx context.Context, fh fs.FileHandle, data []byte, off int64) (uint32, syscall.Errno) {
+	// A command waits for its job (a merge, for as long as it runs): it is not one
+	// of the requests Stop waits for, but none starts once the mount is stopped.
+	if n.root.stopped.Load() {
+		return 0, syscall.EIO
+	}
 	if len(data) > maxCommand {
 		return 0, n.root.ctl.record(fmt.Sprintf("(%d bytes)", len(data)), fmt.Errorf("command of %d bytes exceeds %d: %w", len(data), maxCommand, errInvalid), "")
 	}

@@ -81,8 +81,9 @@ func TestHugeVHDXChain(t *testing.T) {
 		t.Fatal(err)
 	}
 	unmountOnCleanup(t, mnt)
+	bin := plainBinary(t) // built first, under -race
 	start := time.Now()
-	mustRun(t, plainBinary(t), "mount", "--read-only", top, mnt)
+	mustRun(t, bin, "mount", "--read-only", top, mnt)
 	took := time.Since(start)
 	pid := readMergeStatus(t, mnt).PID
 

@@ -179,6 +179,7 @@ func (img *Image) batPage(pg int64) ([]byte, error) {
 func (img *Image) checkPage(first int64, raw []byte) error {
 	g := img.geo
 	var used []span
+	lastBI, lastBE := int64(-1), batEntry(0) // a chunk's many PARTIALLY_PRESENT entries read its bitmap entry once
 	for k := range int64(len(raw)) / 8 {
 		i := first + k
 		e := batEntry(binary.LittleEndian.Uint64(raw[8*k:]))
@@ -191,16 +192,19 @@ func (img *Image) checkPage(first int64, raw []byte) error {
 		}
 		if e.state() == PartiallyPresent && !g.isBitmap(i) {
 			bi := g.bitmapIndex(g.block(i))
-			var be batEntry
-			if bi < first+int64(len(raw))/8 {
+			be := lastBE
+			switch {
+			case bi == lastBI:
+			case bi < first+int64(len(raw))/8:
 				be = batEntry(binary.LittleEndian.Uint64(raw[8*(bi-first):]))
-			} else {
+			default:
 				b := make([]byte, 8)
 				if err := img.src.readAt(b, img.batOff+8*bi); err != nil {
 					return fmt.Errorf("%s: read BAT at %d: %w", img.name, img.batOff+8*bi, err)
 				}
 				be = batEntry(binary.LittleEndian.Uint64(b))
 			}
+			lastBI, lastBE = bi, be
 			if be.state() != Present {
 				return fmt.Errorf("%s: %s is PARTIALLY_PRESENT but its sector bitmap entry %d is %v: %w", img.name, g.entryName(i), bi, be.state(), ErrCorrupt)
 			}

@@ -144,11 +144,24 @@ func (img *Image) entry(i int64) (batEntry, error) {
 	if i >= img.geo.entries {
 		return 0, nil
 	}
-	b, err := img.batPage(i / batPageEntries)
-	if err != nil {
-		return 0, err
+	pg := i / batPageEntries
+	h := img.hot.Load()
+	if h == nil || h.pg != pg {
+		b, err := img.batPage(pg)
+		if err != nil {
+			return 0, err
+		}
+		h = &hotPage{pg, b}
+		img.hot.Store(h)
 	}
-	return batEntry(binary.LittleEndian.Uint64(b[8*(i%batPageEntries):])), nil
+	return batEntry(binary.LittleEndian.Uint64(h.data[8*(i%batPageEntries):])), nil
+}
+
+// hotPage is the BAT page an image read last: most lookups are of that one, and it
+// spares them the shared cache's lock. commitLocked forgets it with the page.
+type hotPage struct {
+	pg   int64
+	data []byte
 }
 
 // batPage returns page pg of the BAT, cached, or read (through the log's overlay and

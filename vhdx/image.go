@@ -54,6 +54,7 @@ type Image struct {
 	spans      []span       // the header section, the log and the regions, which no block may overlap
 	logEntries int          // entries of the log replayed at open
 	grown      atomic.Int64 // the file's size as a read-only handle last saw it grow (see fileSize)
+	hot        atomic.Pointer[hotPage]
 
 	mu               sync.RWMutex // WriteAt holds it; ReadAt and Run read under it
 	fileWriteGuidSet bool         // guarded by mu: a new FileWriteGuid is on disk (§2.2.2.1)

@@ -248,6 +248,7 @@ func (img *Image) commitLocked(bat map[int64]batEntry, bits *bitRange) error {
 		// The page is read again, from the pending sectors: readers are shut out
 		// meanwhile (mu).
 		pagecache.Bitmaps.Take(batKey(img.id, idx/batPageEntries))
+		img.hot.Store(nil)
 	}
 	if bits != nil {
 		be, ok := bat[g.bitmapIndex(bits.blk)]

@@ -5,6 +5,8 @@ import (
 	"errors"
 	"strings"
 	"testing"
+
+	"github.com/vhdfs/vhdfs/image"
 )
 
 // Where the builder puts things in the metadata region: the items are packed after
@@ -29,19 +31,21 @@ func fixRegionTables(f []byte) {
 func put32(f []byte, off int64, v uint32) { binary.LittleEndian.PutUint32(f[off:], v) }
 func put64(f []byte, off int64, v uint64) { binary.LittleEndian.PutUint64(f[off:], v) }
 
+// dynamic builds an 8 MiB dynamic image with block 0 written, changed by edit.
+func dynamic(edit func(b *builder)) []byte {
+	b := newBuilder(8*MiB, MiB)
+	b.states[0] = FullyPresent
+	b.data[0] = fill(MiB, 1)
+	if edit != nil {
+		edit(b)
+	}
+	return b.build()
+}
+
 // TestBadInput: each damaged file fails to open, read-only and writable, with one
 // error that names the file and the field and wraps the right sentinel, and the file
 // is not changed.
 func TestBadInput(t *testing.T) {
-	dynamic := func(edit func(b *builder)) []byte {
-		b := newBuilder(8*MiB, MiB)
-		b.states[0] = FullyPresent
-		b.data[0] = fill(MiB, 1)
-		if edit != nil {
-			edit(b)
-		}
-		return b.build()
-	}
 	patched := func(patch func(f []byte)) []byte {
 		f := dynamic(nil)
 		patch(f)
@@ -101,20 +105,7 @@ func TestBadInput(t *testing.T) {
 		{"virtual size not a multiple of the sector", patched(func(f []byte) { put64(f, mdVirtualSize, 8*MiB+100) }), ErrCorrupt, "virtual disk size"},
 		{"virtual size zero", patched(func(f []byte) { put64(f, mdVirtualSize, 0) }), ErrCorrupt, "virtual disk size"},
 		{"virtual size above 64 TiB", patched(func(f []byte) { put64(f, mdVirtualSize, 1<<50) }), ErrCorrupt, "virtual disk size"},
-		{"BAT entry past the end of the file", dynamic(func(b *builder) { b.rawBAT[1] = uint64(makeEntry(FullyPresent, 100*MiB)) }), ErrCorrupt, "past the end of the file"},
-		{"BAT entries overlap", dynamic(func(b *builder) { b.rawBAT[1] = uint64(makeEntry(FullyPresent, b.blockOffset(0))) }), ErrCorrupt, "overlap"},
-		{"BAT entry over the metadata", dynamic(func(b *builder) { b.rawBAT[1] = uint64(makeEntry(FullyPresent, bMetaOff)) }), ErrCorrupt, "overlapping the metadata region"},
-		{"BAT entry at offset 0", dynamic(func(b *builder) { b.rawBAT[1] = uint64(makeEntry(FullyPresent, 0)) }), ErrCorrupt, "overlapping the header section"},
-		{"BAT entry state 4", dynamic(func(b *builder) { b.rawBAT[1] = 4 }), ErrCorrupt, "invalid state 4"},
-		{"PARTIALLY_PRESENT without a parent", dynamic(func(b *builder) { b.states[0] = PartiallyPresent }), ErrCorrupt, "PARTIALLY_PRESENT"},
-		{"PARTIALLY_PRESENT without a sector bitmap", dynamic(func(b *builder) {
-			b.parent = true
-			b.locator = []KeyValue{{"parent_linkage", "{x}"}}
-			b.states[0] = PartiallyPresent
-			b.rawBAT[b.geometry().chunkRatio] = 0
-		}), ErrCorrupt, "sector bitmap entry"},
 		{"parent without a locator", dynamic(func(b *builder) { b.parent = true }), nil, ""}, // replaced below
-		{"truncated blocks", dynamic(nil)[:bBATOff+MiB+MiB/2], ErrCorrupt, "past the end of the file"},
 		{"truncated BAT", dynamic(nil)[:bBATOff+4*KiB], ErrTruncated, "BAT region"},
 		{"log GUID without a valid entry", dynamic(func(b *builder) { b.logGuid = NewGUID() }), ErrCorrupt, "no valid sequence"},
 		{"log entry of another log GUID", dynamic(func(b *builder) {
@@ -168,6 +159,86 @@ func TestBadInput(t *testing.T) {
 			}
 			if fileSum(t, p) != before {
 				t.Error("a failed open changed the file")
+			}
+		})
+	}
+}
+
+// TestBadEntry: Open reads no BAT entry (the table is paged); a bad one fails the
+// reads and writes that need its page, with an error naming the file and the entry
+// that wraps ErrCorrupt, and Check reports it.
+func TestBadEntry(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		file  []byte
+		field string
+		bits  bool // only what reads the sector bits fails (ReadAt reads the block)
+	}{
+		{"BAT entry past the end of the file", dynamic(func(b *builder) { b.rawBAT[1] = uint64(makeEntry(FullyPresent, 100*MiB)) }), "BAT entry 1 (block 1) points to 104857600+1048576, past the end of the file", false},
+		{"BAT entry at 2^63", dynamic(func(b *builder) { b.rawBAT[1] = 1<<63 | uint64(FullyPresent) }), "BAT entry 1 (block 1) points to 9223372036854775808+1048576, past the end of the file", false},
+		{"BAT entry at the largest offset", dynamic(func(b *builder) { b.rawBAT[1] = ^uint64(0)&^(1<<20-1) | uint64(FullyPresent) }), "points to 18446744073708503040+1048576, past the end of the file", false},
+		{"sector bitmap entry at 2^63", dynamic(func(b *builder) {
+			b.parent = true
+			b.locator = []KeyValue{{"parent_linkage", "{x}"}}
+			b.states[0] = PartiallyPresent
+			b.bits[0] = []int64{0}
+			b.rawBAT[b.geometry().chunkRatio] = 1<<63 | uint64(Present)
+		}), "(sector bitmap) points to 9223372036854775808+1048576, past the end of the file", true},
+		{"BAT entries overlap", dynamic(func(b *builder) { b.rawBAT[1] = uint64(makeEntry(FullyPresent, b.blockOffset(0))) }), "overlap", false},
+		{"BAT entry over the metadata", dynamic(func(b *builder) { b.rawBAT[1] = uint64(makeEntry(FullyPresent, bMetaOff)) }), "overlapping the metadata region", false},
+		{"BAT entry at offset 0", dynamic(func(b *builder) { b.rawBAT[1] = uint64(makeEntry(FullyPresent, 0)) }), "overlapping the header section", false},
+		{"BAT entry state 4", dynamic(func(b *builder) { b.rawBAT[1] = 4 }), "invalid state 4", false},
+		{"PARTIALLY_PRESENT without a parent", dynamic(func(b *builder) { b.states[0] = PartiallyPresent }), "PARTIALLY_PRESENT", false},
+		{"PARTIALLY_PRESENT without a sector bitmap", dynamic(func(b *builder) {
+			b.parent = true
+			b.locator = []KeyValue{{"parent_linkage", "{x}"}}
+			b.states[0] = PartiallyPresent
+			b.rawBAT[b.geometry().chunkRatio] = 0
+		}), "sector bitmap entry", false},
+		{"truncated blocks", dynamic(nil)[:bBATOff+MiB+MiB/2], "past the end of the file", false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			p := writeFile(t, tc.file)
+			before := fileSum(t, p)
+			oneLine := func(op string, err error) {
+				t.Helper()
+				if err == nil {
+					t.Fatalf("%s succeeded", op)
+				}
+				if !errors.Is(err, ErrCorrupt) {
+					t.Errorf("%s = %v, want it to wrap ErrCorrupt", op, err)
+				}
+				if msg := err.Error(); !strings.Contains(msg, p) || !strings.Contains(msg, tc.field) || strings.Contains(msg, "\n") || strings.Contains(msg, "-") {
+					t.Errorf("%s = %q: want one line naming %s and %q, no negative number", op, msg, p, tc.field)
+				}
+			}
+			for _, writable := range []bool{false, true} {
+				img, err := Open(p, writable)
+				if err != nil {
+					t.Fatalf("Open(writable=%v) = %v; the entries are checked when read", writable, err)
+				}
+				if !tc.bits {
+					_, err = img.ReadAt(make([]byte, img.Size()), 0)
+					oneLine("ReadAt", err)
+				}
+				_, _, err = img.Run(0, img.Size())
+				oneLine("Run", err)
+				if writable {
+					_, err = img.WriteAt(make([]byte, 512), MiB)
+					oneLine("WriteAt", err)
+				} else {
+					found := false
+					for _, pr := range img.Check() {
+						found = found || pr.Severity == image.Error && strings.Contains(pr.Message, tc.field)
+					}
+					if !found {
+						t.Errorf("Check does not say %q: %v", tc.field, img.Check())
+					}
+				}
+				img.Close()
+			}
+			if fileSum(t, p) != before {
+				t.Error("the file changed")
 			}
 		})
 	}

@@ -1,9 +1,17 @@
 package vhdx
 
 import (
+	"cmp"
 	"encoding/binary"
+	"errors"
 	"fmt"
-	"sort"
+	"io"
+	"slices"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/vhdfs/vhdfs/internal/faults"
+	"github.com/vhdfs/vhdfs/internal/pagecache"
 )
 
 // BlockState is the state of a BAT entry (MS-VHDX §2.5.1), its bits 0–2.
@@ -45,7 +53,13 @@ func (s BlockState) String() string {
 type batEntry uint64
 
 func (e batEntry) state() BlockState { return BlockState(e & 7) }
-func (e batEntry) offset() int64     { return int64(e>>20) << 20 }
+
+// offset is where the entry's block lies in the file: unsigned, as on disk (bits
+// 20–63 reach past 2^63). Only an entry checkEntry passed lies inside the file.
+func (e batEntry) offset() uint64 { return uint64(e) &^ (1<<20 - 1) }
+
+// at is offset as a file offset, for an entry checkEntry passed.
+func (e batEntry) at() int64 { return int64(e.offset()) }
 
 func makeEntry(s BlockState, off int64) batEntry { return batEntry(uint64(off>>20)<<20 | uint64(s)) }
 
@@ -83,6 +97,11 @@ func (g geometry) bitmapIndex(p int64) int64 {
 	return p/g.chunkRatio*(g.chunkRatio+1) + g.chunkRatio
 }
 
+// isBitmap reports whether entry i is a sector bitmap entry; block is the payload
+// block of a payload entry.
+func (g geometry) isBitmap(i int64) bool { return (i+1)%(g.chunkRatio+1) == 0 }
+func (g geometry) block(i int64) int64   { return i - i/(g.chunkRatio+1) }
+
 // span is a range of the file.
 type span struct {
 	off, len int64
@@ -91,72 +110,273 @@ type span struct {
 
 func overlaps(a, alen, b, blen int64) bool { return a < b+blen && b < a+alen }
 
-// readBAT reads the BAT region at off, length n, and checks every entry in use: a
-// state valid for the kind of file, and space inside the file that no metadata and
-// no other block uses. Entries past the count in use are ignored.
-func (img *Image) readBAT(off, n int64, meta []span) error {
+// The BAT is paged (as VHD's bitmaps are): pages of 4 KiB, one log sector, 512
+// entries each, are read when first needed, checked (checkPage) and kept in the
+// process's page cache (pagecache.Bitmaps) within its shared budget, so that memory
+// and open time do not grow with the virtual size: a 64 TiB image with 1 MiB blocks
+// has a 512 MiB table. A page is what commitLocked changes in the pending sectors,
+// which the image reads through (source.readAt); it forgets the cached page then.
+const (
+	batPageBytes   = logSector
+	batPageEntries = batPageBytes / 8
+)
+
+// batKey names page pg of the BAT of the image with id img in pagecache.Bitmaps;
+// Block -1 keeps it apart from the bitmap slices, keyed by their block.
+func batKey(img uint64, pg int64) pagecache.Key {
+	return pagecache.Key{Image: img, Block: -1, Page: pg}
+}
+
+// checkBATRegion checks what can be checked of the BAT at open without reading it:
+// the region (at off, n bytes long) holds the entries in use. The entries are
+// checked a page at a time as they are read (checkPage); Check reads them all.
+func (img *Image) checkBATRegion(off, n int64, meta []span) error {
+	if img.geo.entries*8 > n {
+		return fmt.Errorf("%s: BAT region of %d bytes cannot hold %d entries: %w", img.name, n, img.geo.entries, ErrCorrupt)
+	}
+	img.batOff, img.spans = off, meta
+	return nil
+}
+
+// entry returns BAT entry i, from its page; NOT_PRESENT past the entries in use (a
+// dynamic image's last chunk has no sector bitmap entry). The caller holds mu.
+func (img *Image) entry(i int64) (batEntry, error) {
+	if i >= img.geo.entries {
+		return 0, nil
+	}
+	pg := i / batPageEntries
+	h := img.hot.Load()
+	if h == nil || h.pg != pg {
+		b, err := img.batPage(pg)
+		if err != nil {
+			return 0, err
+		}
+		h = &hotPage{pg, b}
+		img.hot.Store(h)
+	}
+	return batEntry(binary.LittleEndian.Uint64(h.data[8*(i%batPageEntries):])), nil
+}
+
+// hotPage is the BAT page an image read last: most lookups are of that one, and it
+// spares them the shared cache's lock. commitLocked forgets it with the page.
+type hotPage struct {
+	pg   int64
+	data []byte
+}
+
+// batPage returns page pg of the BAT, cached, or read (through the log's overlay and
+// the pending sectors), checked and cached. Entries past the count in use read as
+// zeros. The caller holds mu and must not change the page.
+func (img *Image) batPage(pg int64) ([]byte, error) {
+	k := batKey(img.id, pg)
+	if b := pagecache.Bitmaps.Get(k); b != nil {
+		return b, nil
+	}
+	first := pg * batPageEntries
+	n := min(batPageEntries, img.geo.entries-first)
+	b := make([]byte, batPageBytes)
+	off := img.batOff + 8*first
+	if err := img.src.readAt(b[:8*n], off); err != nil {
+		return nil, fmt.Errorf("%s: read BAT at %d: %w", img.name, off, err)
+	}
+	if err := img.checkPage(first, b[:8*n]); err != nil {
+		return nil, err
+	}
+	pagecache.Bitmaps.Put(k, b)
+	return b, nil
+}
+
+// checkPage checks the entries of raw, entry first onwards (checkEntry), that no two
+// of them overlap, and that the chunk of a PARTIALLY_PRESENT one has its sector
+// bitmap block present. Overlaps between pages are Check's to find.
+func (img *Image) checkPage(first int64, raw []byte) error {
 	g := img.geo
-	name := img.name
-	if g.entries*8 > n {
-		return fmt.Errorf("%s: BAT region of %d bytes cannot hold %d entries: %w", name, n, g.entries, ErrCorrupt)
-	}
-	img.bat = make([]batEntry, g.entries)
-	buf := make([]byte, 1*MiB)
-	for base := int64(0); base < g.entries; base += int64(len(buf)) / 8 {
-		k := min(int64(len(buf))/8, g.entries-base)
-		if err := img.src.readAt(buf[:8*k], off+8*base); err != nil {
-			return fmt.Errorf("%s: read BAT at %d: %w", name, off+8*base, err)
-		}
-		for i := range k {
-			img.bat[base+i] = batEntry(binary.LittleEndian.Uint64(buf[8*i:]))
-		}
-	}
 	var used []span
-	diff := img.meta.Load().HasParent
-	for i, e := range img.bat {
-		i := int64(i)
-		bitmap := (i+1)%(g.chunkRatio+1) == 0
-		var length int64
-		switch s := e.state(); {
-		case bitmap && s == NotPresent:
-			continue
-		case bitmap && s == Present:
-			length = sectorBitmapBlockSize
-		case bitmap:
-			return fmt.Errorf("%s: BAT entry %d (sector bitmap) has invalid state %d: %w", name, i, s, ErrCorrupt)
-		case s == NotPresent, s == Undefined, s == Zero, s == Unmapped, s == unmappedDraft:
-			continue
-		case s == FullyPresent, s == PartiallyPresent && diff:
-			p := i - i/(g.chunkRatio+1)
-			length = min(g.blockSize, g.size-p*g.blockSize)
-		case s == PartiallyPresent:
-			return fmt.Errorf("%s: BAT entry %d is PARTIALLY_PRESENT in an image without a parent: %w", name, i, ErrCorrupt)
-		default:
-			return fmt.Errorf("%s: BAT entry %d has invalid state %d: %w", name, i, s, ErrCorrupt)
+	lastBI, lastBE := int64(-1), batEntry(0) // a chunk's many PARTIALLY_PRESENT entries read its bitmap entry once
+	for k := range int64(len(raw)) / 8 {
+		i := first + k
+		e := batEntry(binary.LittleEndian.Uint64(raw[8*k:]))
+		n, err := img.checkEntry(i, e)
+		if err != nil {
+			return err
 		}
-		start := e.offset()
-		if start+length > img.src.vsize {
-			return fmt.Errorf("%s: BAT entry %d points to %d+%d, past the end of the file at %d: %w", name, i, start, length, img.src.vsize, ErrCorrupt)
+		if n == 0 {
+			continue
 		}
-		for _, m := range meta {
-			if overlaps(start, length, m.off, m.len) {
-				return fmt.Errorf("%s: BAT entry %d points to %d, overlapping %s at %d: %w", name, i, start, m.name, m.off, ErrCorrupt)
+		if e.state() == PartiallyPresent && !g.isBitmap(i) {
+			bi := g.bitmapIndex(g.block(i))
+			be := lastBE
+			switch {
+			case bi == lastBI:
+			case bi < first+int64(len(raw))/8:
+				be = batEntry(binary.LittleEndian.Uint64(raw[8*(bi-first):]))
+			default:
+				b := make([]byte, 8)
+				if err := img.src.readAt(b, img.batOff+8*bi); err != nil {
+					return fmt.Errorf("%s: read BAT at %d: %w", img.name, img.batOff+8*bi, err)
+				}
+				be = batEntry(binary.LittleEndian.Uint64(b))
+			}
+			lastBI, lastBE = bi, be
+			if be.state() != Present {
+				return fmt.Errorf("%s: %s is PARTIALLY_PRESENT but its sector bitmap entry %d is %v: %w", img.name, g.entryName(i), bi, be.state(), ErrCorrupt)
 			}
 		}
-		used = append(used, span{start, length, fmt.Sprint(i)})
+		used = append(used, span{e.at(), n, g.entryName(i)})
 	}
-	if diff {
-		for p := int64(0); p < g.blocks; p++ {
-			if img.bat[g.payloadIndex(p)].state() == PartiallyPresent && img.bat[g.bitmapIndex(p)].state() != Present {
-				return fmt.Errorf("%s: BAT entry %d is PARTIALLY_PRESENT but its sector bitmap entry %d is not present: %w", name, g.payloadIndex(p), g.bitmapIndex(p), ErrCorrupt)
-			}
-		}
-	}
-	sort.Slice(used, func(a, b int) bool { return used[a].off < used[b].off })
+	slices.SortFunc(used, func(a, b span) int { return cmp.Compare(a.off, b.off) })
 	for k := 1; k < len(used); k++ {
 		if used[k].off < used[k-1].off+used[k-1].len {
-			return fmt.Errorf("%s: BAT entries %s and %s overlap at %d: %w", name, used[k-1].name, used[k].name, used[k].off, ErrCorrupt)
+			return fmt.Errorf("%s: %s and %s overlap at %d: %w", img.name, used[k-1].name, used[k].name, used[k].off, ErrCorrupt)
 		}
 	}
 	return nil
+}
+
+// checkEntry checks entry i: a state valid for its place and the kind of file, and
+// for a block that is stored, space inside the file (an offset below 2^63) that no
+// metadata uses (img.spans). It returns the bytes of the file the entry uses, 0 for
+// none.
+func (img *Image) checkEntry(i int64, e batEntry) (int64, error) {
+	n, problem := img.entryProblem(i, e)
+	if problem != "" {
+		return 0, fmt.Errorf("%s: %s: %w", img.name, problem, ErrCorrupt)
+	}
+	return n, nil
+}
+
+// entryProblem is checkEntry's: the length, or what is wrong.
+func (img *Image) entryProblem(i int64, e batEntry) (int64, string) {
+	g := img.geo
+	name := g.entryName(i)
+	bitmap := g.isBitmap(i)
+	var length int64
+	switch s := e.state(); {
+	case bitmap && s == NotPresent:
+		return 0, ""
+	case bitmap && s == Present:
+		length = sectorBitmapBlockSize
+	case bitmap:
+		return 0, fmt.Sprintf("%s has invalid state %d", name, s)
+	case s == NotPresent, s == Undefined, s == Zero, s == Unmapped, s == unmappedDraft:
+		return 0, ""
+	case s == FullyPresent, s == PartiallyPresent && img.meta.Load().HasParent:
+		length = min(g.blockSize, g.size-g.block(i)*g.blockSize)
+	case s == PartiallyPresent:
+		return 0, fmt.Sprintf("%s is PARTIALLY_PRESENT in an image without a parent", name)
+	default:
+		return 0, fmt.Sprintf("%s has invalid state %d", name, s)
+	}
+	off := e.offset()
+	if off >= 1<<63-uint64(length) || img.fileSize(int64(off)+length) < int64(off)+length {
+		return 0, fmt.Sprintf("%s points to %d+%d, past the end of the file at %d", name, off, length, img.src.vsize)
+	}
+	for _, m := range img.spans {
+		if overlaps(int64(off), length, m.off, m.len) {
+			return 0, fmt.Sprintf("%s points to %d, overlapping %s at %d", name, off, m.name, m.off)
+		}
+	}
+	return length, ""
+}
+
+// entryName names entry i in messages: "BAT entry 9 (block 8)", "BAT entry 4096
+// (sector bitmap)".
+func (g geometry) entryName(i int64) string {
+	if g.isBitmap(i) {
+		return fmt.Sprintf("BAT entry %d (sector bitmap)", i)
+	}
+	return fmt.Sprintf("BAT entry %d (block %d)", i, g.block(i))
+}
+
+// fileSize is the size of the file to check an entry that ends at need against: the
+// size this handle knows (at open, or since its own writes), or, for a read-only
+// handle reading the file itself (no log replayed in memory), the size now when that
+// is larger: the joint writable handle of a merge grows a file the chain reads
+// through its own handle.
+func (img *Image) fileSize(need int64) int64 {
+	size := img.src.vsize
+	if need <= size || img.writable || img.src.ov != nil {
+		return size
+	}
+	if g := img.grown.Load(); g >= need {
+		return g
+	}
+	st, err := img.src.f.Stat()
+	if err != nil {
+		return size
+	}
+	for {
+		g := img.grown.Load()
+		if st.Size() <= g || img.grown.CompareAndSwap(g, st.Size()) {
+			break
+		}
+	}
+	return max(size, img.grown.Load())
+}
+
+// readData reads file bytes a checked entry points at: through the source, or, past
+// the size it knows, from the file that another handle grew (see fileSize).
+func (img *Image) readData(p []byte, off int64) error {
+	if end := off + int64(len(p)); end > img.src.vsize && end <= img.grown.Load() {
+		n, err := img.src.f.ReadAt(p, off)
+		if err == io.EOF {
+			clear(p[n:])
+			err = nil
+		}
+		return err
+	}
+	return img.src.readAt(p, off)
+}
+
+// scanBAT calls fn with every entry of the table that is not zero (a zero entry is
+// NOT_PRESENT), in index order, until fn returns false. It reads the file through
+// the source 1 MiB at a time and skips the holes of a plain file (a new image's
+// table is one), so it costs what the table holds, not its size. Entries are not
+// checked. The caller holds mu.
+func (img *Image) scanBAT(fn func(i int64, e batEntry) bool) error {
+	g := img.geo
+	buf := make([]byte, MiB)
+	per := int64(len(buf)) / 8
+	for base := int64(0); base < g.entries; {
+		off := img.batOff + 8*base
+		if next := img.nextBATData(off); next >= off+batPageBytes {
+			base = (next - img.batOff) / 8 / batPageEntries * batPageEntries
+			continue
+		}
+		k := min(per, g.entries-base)
+		if err := img.src.readAt(buf[:8*k], off); err != nil {
+			return fmt.Errorf("%s: read BAT at %d: %w", img.name, off, err)
+		}
+		for j := range k {
+			if e := batEntry(binary.LittleEndian.Uint64(buf[8*j:])); e != 0 && !fn(base+j, e) {
+				return nil
+			}
+		}
+		base += k
+	}
+	return nil
+}
+
+// nextBATData returns where, from off in the BAT, the next bytes that may not be
+// zero are: off itself unless off lies in a hole of a plain file with no pending
+// sector and no log overlay there; past the table when only holes follow.
+func (img *Image) nextBATData(off int64) int64 {
+	f, ok := faults.OSFile(img.src.f)
+	if !ok || img.src.ov != nil {
+		return off
+	}
+	end := img.batOff + 8*img.geo.entries
+	next, err := unix.Seek(int(f.Fd()), off, unix.SEEK_DATA)
+	switch {
+	case errors.Is(err, unix.ENXIO):
+		next = end
+	case err != nil:
+		return off
+	}
+	for k := range img.src.pending {
+		if k+logSector > off && k < next {
+			next = max(k, off)
+		}
+	}
+	return min(max(next, off), end)
 }

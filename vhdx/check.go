@@ -12,12 +12,13 @@ import (
 
 // Check returns the problems of the open image beyond those Open refuses (Open
 // already refuses bad signatures and checksums, a truncated file, unknown required
-// regions and metadata items, bad sizes, regions and BAT entries that overlap or lie
-// past the end of the file, PARTIALLY_PRESENT blocks without a parent or a sector
-// bitmap, and logs that cannot be replayed). It writes nothing. It looks at both
-// headers and both region tables, the metadata table and its items, the parent
-// locator, every BAT entry (the in-memory table again too, which writes change) and
-// the sector bitmaps of PARTIALLY_PRESENT blocks.
+// regions and metadata items, bad sizes, regions that overlap or lie past the end
+// of the file, and logs that cannot be replayed). It writes nothing. It looks at
+// both headers and both region tables, the metadata table and its items, the parent
+// locator, every BAT entry (as reads see it: writes since the open included), which
+// Open leaves to the reads that need it (invalid states, blocks past the end of the
+// file, over metadata or over each other, PARTIALLY_PRESENT blocks without a parent
+// or a sector bitmap), and the sector bitmaps of PARTIALLY_PRESENT blocks.
 func (img *Image) Check() []image.Problem {
 	var out []image.Problem
 	add := func(s image.Severity, format string, args ...any) {
@@ -226,8 +227,8 @@ func (img *Image) checkLocator(add addFunc) {
 	}
 }
 
-// checkBAT checks every BAT entry, in the file and in memory (§2.5). The caller
-// holds mu.
+// checkBAT checks every BAT entry (§2.5) and the entries past those in use. The
+// caller holds mu.
 func (img *Image) checkBAT(add addFunc) {
 	g := img.geo
 	var bat RegionEntry
@@ -259,105 +260,149 @@ func (img *Image) checkBAT(add addFunc) {
 			add(image.Note, "BAT entries past the %d in use: %d not zero (the first: entry %d), ignored (a qemu 5.2 file has one)", g.entries, n, first)
 		}
 	}
-	entries, h, fileEnd := img.bat, img.header, img.src.vsize
+	img.checkEntries(add)
+}
+
+// maxOverlaps bounds the overlapping blocks Check names.
+const maxOverlaps = 10
+
+// checkEntries reads the whole table a megabyte at a time (scanBAT: the table as
+// reads see it, writes since the open included), in memory that does not grow with
+// it: a bit per MiB of the file finds blocks that overlap, and the sector bitmap of
+// each chunk is read once, after its PARTIALLY_PRESENT entries. The caller holds mu.
+func (img *Image) checkEntries(add addFunc) {
+	g := img.geo
 	diff, fixed := img.meta.Load().HasParent, img.meta.Load().LeaveBlockAllocated
-	var notFull, firstNotFull int64 = 0, -1
-	var draft int64
-	spans := []span{{0, headerSection, "the header section"}}
-	if h.LogLength > 0 {
-		spans = append(spans, span{int64(h.LogOffset), int64(h.LogLength), "the log"})
+	var full, draft, nextP int64
+	firstNotFull, firstState := int64(-1), NotPresent
+	fileEnd := max(img.src.vsize, img.grown.Load())
+	used := make([]uint64, (fileEnd/MiB+63)/64) // a bit per MiB of the file
+	type clash struct {
+		i, at int64
 	}
-	for i, r := range img.regions {
-		what := map[GUID]string{RegionBAT: "the BAT region", RegionMetadata: "the metadata region"}[r.Guid]
-		if what == "" {
-			what = fmt.Sprintf("region %d (%v)", i, r.Guid)
+	var clashes []clash
+	// The PARTIALLY_PRESENT blocks of chunk c, waiting for its bitmap entry.
+	var partial []int64
+	var none, all blockSet
+	chunk := int64(-1)
+	endChunk := func(be batEntry) {
+		if len(partial) > 0 {
+			img.checkBitmaps(add, chunk, be, partial, &none, &all)
 		}
-		spans = append(spans, span{int64(r.FileOffset), int64(r.Length), what})
+		partial = partial[:0]
 	}
-	nregions := len(spans)
-	for i, e := range entries {
-		i := int64(i)
-		bitmap := (i+1)%(g.chunkRatio+1) == 0
+	err := img.scanBAT(func(i int64, e batEntry) bool {
+		if c := i / (g.chunkRatio + 1); c != chunk {
+			endChunk(0) // its bitmap entry, zero, was skipped
+			chunk = c
+		}
 		if r := uint64(e) >> 3 & (1<<17 - 1); r != 0 {
 			add(image.Warning, "BAT entry %d: reserved bits 3-19 are %#x, want 0", i, r)
 		}
 		s := e.state()
-		if bitmap {
-			if s == Present {
-				if !diff {
-					add(image.Warning, "BAT entry %d: a sector bitmap block is present at %d in an image without a parent (§2.5.1.2 wants NOT_PRESENT)", i, e.offset())
+		if g.isBitmap(i) {
+			if s == Present && !diff {
+				add(image.Warning, "BAT entry %d: a sector bitmap block is present at %d in an image without a parent (§2.5.1.2 wants NOT_PRESENT)", i, e.offset())
+			}
+		} else {
+			p := g.block(i)
+			if s == unmappedDraft {
+				draft++
+			}
+			if fixed {
+				if firstNotFull < 0 && p > nextP {
+					firstNotFull = nextP // a zero entry: NOT_PRESENT
 				}
-				spans = append(spans, span{e.offset(), sectorBitmapBlockSize, fmt.Sprintf("BAT entry %d (sector bitmap)", i)})
+				if s == FullyPresent {
+					full++
+				} else if firstNotFull < 0 {
+					firstNotFull, firstState = p, s
+				}
+				nextP = p + 1
 			}
-			continue
 		}
-		p := i - i/(g.chunkRatio+1)
-		if s == unmappedDraft {
-			draft++
+		n, problem := img.entryProblem(i, e)
+		if problem != "" {
+			add(image.Error, "%s", problem)
+			return true
 		}
-		if fixed && s != FullyPresent {
-			if firstNotFull < 0 {
-				firstNotFull = p
+		if n > 0 {
+			for m := e.at() / MiB; m < (e.at()+n+MiB-1)/MiB && m/64 < int64(len(used)); m++ {
+				if used[m/64]&(1<<(m%64)) != 0 {
+					if len(clashes) < maxOverlaps {
+						clashes = append(clashes, clash{i, m * MiB})
+					}
+					break
+				}
+				used[m/64] |= 1 << (m % 64)
 			}
-			notFull++
 		}
-		if s == FullyPresent || s == PartiallyPresent {
-			spans = append(spans, span{e.offset(), min(g.blockSize, g.size-p*g.blockSize), fmt.Sprintf("BAT entry %d (block %d)", i, p)})
+		if s == PartiallyPresent && !g.isBitmap(i) {
+			partial = append(partial, g.block(i))
 		}
+		if g.isBitmap(i) {
+			endChunk(e)
+		}
+		return true
+	})
+	if err != nil {
+		add(image.Error, "%v", err)
+		return
 	}
+	endChunk(0)
 	if draft > 0 {
 		add(image.Note, "%d BAT entries are UNMAPPED with the 0.95 draft's value 5 (version 1.0 has 3)", draft)
 	}
-	if notFull > 0 {
-		add(image.Note, "fixed image (LeaveBlockAllocated) has %d blocks not FULLY_PRESENT (the first: block %d, %v), as qemu 7.2 makes them", notFull, firstNotFull, entries[g.payloadIndex(firstNotFull)].state())
-	}
-	// The in-memory table: writes since the open change it.
-	for _, sp := range spans[nregions:] {
-		if sp.off+sp.len > fileEnd {
-			add(image.Error, "%s points to %d+%d, past the end of the file at %d", sp.name, sp.off, sp.len, fileEnd)
+	if fixed && full < g.blocks {
+		if firstNotFull < 0 {
+			firstNotFull = nextP
 		}
-		for _, m := range spans[:nregions] {
-			if overlaps(sp.off, sp.len, m.off, m.len) {
-				add(image.Error, "%s points to %d, overlapping %s at %d", sp.name, sp.off, m.name, m.off)
+		add(image.Note, "fixed image (LeaveBlockAllocated) has %d blocks not FULLY_PRESENT (the first: block %d, %v), as qemu 7.2 makes them", g.blocks-full, firstNotFull, firstState)
+	}
+	// A second pass names the block each clash ran into: the first that holds its MiB.
+	for _, c := range clashes {
+		other := ""
+		_ = img.scanBAT(func(i int64, e batEntry) bool {
+			if i >= c.i {
+				return false
 			}
-		}
+			if n, problem := img.entryProblem(i, e); problem == "" && n > 0 && overlaps(e.at(), n, c.at, MiB) {
+				other = g.entryName(i)
+				return false
+			}
+			return true
+		})
+		add(image.Error, "%s and %s overlap at %d", other, g.entryName(c.i), c.at)
 	}
-	blocks := spans[nregions:]
-	sort.Slice(blocks, func(a, b int) bool { return blocks[a].off < blocks[b].off })
-	for k := 1; k < len(blocks); k++ {
-		if p := blocks[k-1]; blocks[k].off < p.off+p.len {
-			add(image.Error, "%s and %s overlap at %d", p.name, blocks[k].name, blocks[k].off)
-		}
+	if len(none.first) > 0 {
+		add(image.Note, "%s PARTIALLY_PRESENT with no sector bit set: %s wholly from the parent", none, map[bool]string{true: "it reads", false: "they read"}[none.n == 1])
 	}
-	if diff {
-		img.checkBitmaps(add, entries)
+	if len(all.first) > 0 {
+		add(image.Note, "%s PARTIALLY_PRESENT with every sector bit set: %s be FULLY_PRESENT", all, map[bool]string{true: "it could", false: "they could"}[all.n == 1])
 	}
 }
 
-// checkBitmaps reports PARTIALLY_PRESENT blocks whose sector bits are all clear
-// (the block reads wholly from the parent) or all set (it could be FULLY_PRESENT).
-func (img *Image) checkBitmaps(add addFunc, entries []batEntry) {
+// checkBitmaps checks the PARTIALLY_PRESENT blocks of chunk c, whose sector bitmap
+// entry is be: it must be present, and blocks whose bits are all clear (the block
+// reads wholly from the parent) or all set (it could be FULLY_PRESENT) are counted
+// in none and all.
+func (img *Image) checkBitmaps(add addFunc, c int64, be batEntry, blocks []int64, none, all *blockSet) {
 	g := img.geo
-	var chunk []byte
-	var none, all []int64 // blocks with no bit set, with every bit set
-	chunkAt := int64(-1)
-	for p := int64(0); p < g.blocks; p++ {
-		if entries[g.payloadIndex(p)].state() != PartiallyPresent {
-			continue
-		}
-		be := entries[g.bitmapIndex(p)]
-		if be.state() != Present {
+	if be.state() != Present {
+		for _, p := range blocks {
 			add(image.Error, "BAT entry %d is PARTIALLY_PRESENT but its sector bitmap entry %d is %v", g.payloadIndex(p), g.bitmapIndex(p), be.state())
-			continue
 		}
-		if c := p / g.chunkRatio; c != chunkAt {
-			chunk = make([]byte, sectorBitmapBlockSize)
-			if err := img.src.readAt(chunk, be.offset()); err != nil {
-				add(image.Error, "read sector bitmap of chunk %d at %d: %v", c, be.offset(), err)
-				return
-			}
-			chunkAt = c
-		}
+		return
+	}
+	if _, problem := img.entryProblem(g.bitmapIndex(blocks[0]), be); problem != "" {
+		return // reported
+	}
+	chunk := make([]byte, sectorBitmapBlockSize)
+	if err := img.readData(chunk, be.at()); err != nil {
+		add(image.Error, "read sector bitmap of chunk %d at %d: %v", c, be.offset(), err)
+		return
+	}
+	for _, p := range blocks {
 		// The sectors of the block that lie inside the disk.
 		sectors := min(g.blockSize, g.size-p*g.blockSize) / g.sectorSize
 		slice := chunk[p%g.chunkRatio*g.bitmapSlice:]
@@ -369,33 +414,40 @@ func (img *Image) checkBitmaps(add addFunc, entries []batEntry) {
 		}
 		switch int64(set) {
 		case 0:
-			none = append(none, p)
+			none.add(p)
 		case sectors:
-			all = append(all, p)
+			all.add(p)
 		}
-	}
-	if len(none) > 0 {
-		add(image.Note, "%s PARTIALLY_PRESENT with no sector bit set: %s wholly from the parent", blockList(none), map[bool]string{true: "it reads", false: "they read"}[len(none) == 1])
-	}
-	if len(all) > 0 {
-		add(image.Note, "%s PARTIALLY_PRESENT with every sector bit set: %s be FULLY_PRESENT", blockList(all), map[bool]string{true: "it could", false: "they could"}[len(all) == 1])
 	}
 }
 
-// blockList names blocks for one line: "block 7 is", "3 blocks (1, 2, 9) are",
-// "40 blocks (0, 1, 2, 3, 4, ...) are".
-func blockList(b []int64) string {
-	if len(b) == 1 {
-		return fmt.Sprintf("block %d is", b[0])
+// blockSet counts blocks and keeps the first few, for one line of Check.
+type blockSet struct {
+	n     int
+	first []int64
+}
+
+func (b *blockSet) add(p int64) {
+	b.n++
+	if len(b.first) < 5 {
+		b.first = append(b.first, p)
+	}
+}
+
+// String names the blocks: "block 7 is", "3 blocks (1, 2, 9) are", "40 blocks (0,
+// 1, 2, 3, 4, ...) are".
+func (b blockSet) String() string {
+	if b.n == 1 {
+		return fmt.Sprintf("block %d is", b.first[0])
 	}
 	var names []string
-	for _, p := range b[:min(len(b), 5)] {
+	for _, p := range b.first {
 		names = append(names, fmt.Sprint(p))
 	}
-	if len(b) > 5 {
+	if b.n > len(b.first) {
 		names = append(names, "...")
 	}
-	return fmt.Sprintf("%d blocks (%s) are", len(b), strings.Join(names, ", "))
+	return fmt.Sprintf("%d blocks (%s) are", b.n, strings.Join(names, ", "))
 }
 
 var zeros64K = make([]byte, 64*KiB)

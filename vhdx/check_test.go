@@ -1,6 +1,7 @@
 package vhdx
 
 import (
+	"encoding/binary"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -211,8 +212,8 @@ func TestCheck(t *testing.T) {
 	}
 }
 
-// TestCheckInMemoryBAT: Check looks at the BAT as it is in memory, which writes
-// change after Open checked it.
+// TestCheckInMemoryBAT: Check looks at the BAT as reads see it, with the sectors
+// that writes changed and that wait for the next Sync (source.pending).
 func TestCheckInMemoryBAT(t *testing.T) {
 	b := newBuilder(8*MiB, MiB)
 	b.states[0], b.states[1] = FullyPresent, FullyPresent
@@ -222,9 +223,29 @@ func TestCheckInMemoryBAT(t *testing.T) {
 	}
 	defer img.Close()
 	g := img.geo
-	img.bat[g.payloadIndex(1)] = img.bat[g.payloadIndex(0)]
-	img.bat[g.payloadIndex(2)] = makeEntry(FullyPresent, bMetaOff)
-	img.bat[g.payloadIndex(3)] = makeEntry(FullyPresent, 100*MiB)
+	set := func(idx int64, e batEntry) {
+		off := img.batOff + 8*idx
+		k := off &^ (logSector - 1)
+		if img.src.pending == nil {
+			img.src.pending = map[int64][]byte{}
+		}
+		s, ok := img.src.pending[k]
+		if !ok {
+			s = make([]byte, logSector)
+			if err := img.src.readAt(s, k); err != nil {
+				t.Fatal(err)
+			}
+			img.src.pending[k] = s
+		}
+		binary.LittleEndian.PutUint64(s[off-k:], uint64(e))
+	}
+	e0, err := img.entry(g.payloadIndex(0))
+	if err != nil {
+		t.Fatal(err)
+	}
+	set(g.payloadIndex(1), e0)
+	set(g.payloadIndex(2), makeEntry(FullyPresent, bMetaOff))
+	set(g.payloadIndex(3), makeEntry(FullyPresent, 100*MiB))
 	want := map[string]bool{
 		"BAT entry 0 (block 0) and BAT entry 1 (block 1) overlap at":                          false,
 		"BAT entry 2 (block 2) points to 2097152, overlapping the metadata region at 2097152": false,

@@ -64,7 +64,8 @@ type CreateOptions struct {
 // Create makes a new image at name, which must not exist: the header section, an
 // empty log, the metadata, and the BAT; a fixed image gets every payload block
 // allocated (fallocate) and FULLY_PRESENT, reading as zeros; a dynamic or
-// differencing image gets an all-NOT_PRESENT BAT and no blocks. Bad options return
+// differencing image gets an all-NOT_PRESENT BAT, a hole the file is extended over
+// (it takes no room and no time, whatever the size), and no blocks. Bad options return
 // an error wrapping ErrInvalidArg before anything is made. The file identifier and
 // the headers are written last, behind an fsync, so that a file cut short by a crash
 // is no VHDX at all; then the file and its folder are synced. On any failure Create
@@ -252,11 +253,18 @@ func newMetadata(blockSize, flags uint32, size uint64, page83 GUID, ls, ps uint3
 
 // write lays the planned file out in f, an empty file.
 func (n *newFile) write(f *os.File) error {
-	// The headers, log, metadata and BAT are allocated now: a write acknowledged by
-	// fsync must never fail later for want of room for its BAT entry or log entry.
-	err := unix.Fallocate(int(f.Fd()), 0, 0, n.dataOff)
+	// The headers, log and metadata are allocated now: a write acknowledged by fsync
+	// must never fail later for want of room for its log entry. A dynamic or
+	// differencing image's BAT stays a hole, all NOT_PRESENT entries (a 64 TiB disk
+	// of 1 MiB blocks has a 512 MiB table): a write reserves the sector of each entry
+	// it adds (reserveBATLocked). A fixed image's is written whole.
+	alloc := int64(newBATOff)
+	if n.fixed {
+		alloc = n.dataOff
+	}
+	err := unix.Fallocate(int(f.Fd()), 0, 0, alloc)
 	if err != nil && !errors.Is(err, unix.EOPNOTSUPP) && !errors.Is(err, unix.ENOSYS) {
-		return fmt.Errorf("allocate %d bytes at 0: %w", n.dataOff, err)
+		return fmt.Errorf("allocate %d bytes at 0: %w", alloc, err)
 	}
 	if n.fixed {
 		// Allocated and reading as zeros, without writing them; a file system

@@ -28,14 +28,17 @@ func (img *Image) FileRun(off, n int64) (f *os.File, fileOff, k int64, ok bool) 
 	img.mu.RLock()
 	defer img.mu.RUnlock()
 	blk, in := off/g.blockSize, off%g.blockSize
-	e := img.bat[g.payloadIndex(blk)]
+	e, err := img.entry(g.payloadIndex(blk))
+	if err != nil {
+		return nil, 0, 0, false
+	}
 	switch e.state() {
 	case FullyPresent:
 		k = min(n, g.blockSize-in)
-		for next := e.offset() + g.blockSize; k < n; next += g.blockSize {
+		for next := e.at() + g.blockSize; k < n; next += g.blockSize {
 			blk++
-			ne := img.bat[g.payloadIndex(blk)]
-			if ne.state() != FullyPresent || ne.offset() != next {
+			ne, err := img.entry(g.payloadIndex(blk))
+			if err != nil || ne.state() != FullyPresent || ne.at() != next {
 				break
 			}
 			k = min(n, k+g.blockSize)
@@ -49,7 +52,7 @@ func (img *Image) FileRun(off, n int64) (f *os.File, fileOff, k int64, ok bool) 
 	default:
 		return nil, 0, 0, false
 	}
-	return f, e.offset() + in, k, true
+	return f, e.at() + in, k, true
 }
 
 // CopyFrom copies n bytes at srcOff of src into the image at off with
@@ -85,7 +88,10 @@ func (img *Image) CopyFrom(src *os.File, srcOff, off, n int64) (int64, error) {
 	img.mu.Lock()
 	defer img.mu.Unlock()
 	blk, in := off/g.blockSize, off%g.blockSize
-	e := img.bat[g.payloadIndex(blk)]
+	e, err := img.entry(g.payloadIndex(blk))
+	if err != nil {
+		return 0, err
+	}
 	if e.state() != FullyPresent && e.state() != PartiallyPresent {
 		return 0, fmt.Errorf("%s: copy to block %d, which is %v: %w", img.name, blk, e.state(), ErrNotInPlace)
 	}
@@ -95,7 +101,7 @@ func (img *Image) CopyFrom(src *os.File, srcOff, off, n int64) (int64, error) {
 	if err := img.beginWriteLocked(); err != nil {
 		return 0, err
 	}
-	k, err := fileio.CopyRange(src, srcOff, dst, e.offset()+in, min(n, g.blockSize-in), g.sectorSize, img.name)
+	k, err := fileio.CopyRange(src, srcOff, dst, e.at()+in, min(n, g.blockSize-in), g.sectorSize, img.name)
 	if k > 0 && e.state() == PartiallyPresent {
 		// The copied sectors are the block's now: their bits are set as a write's.
 		if berr := img.commitLocked(nil, &bitRange{blk, in / g.sectorSize, k / g.sectorSize, false}); berr != nil {

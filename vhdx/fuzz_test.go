@@ -134,6 +134,10 @@ func builderSeeds(t testing.TB) map[string][]byte {
 	b.data[1] = fill(4096, 7)
 	b.states[2] = Zero
 	seeds["dynamic"] = b.build()
+	// An entry at 2^63, which a signed offset once let through to reads.
+	b = newBuilder(4*MiB, MiB)
+	b.rawBAT[0] = 1<<63 | uint64(FullyPresent)
+	seeds["offset-2^63"] = b.build()
 	d, _ := differencingImage(512)
 	seeds["differencing-512"] = shrink(d).build()
 	d, _ = differencingImage(4096)
@@ -276,7 +280,7 @@ func FuzzOpen(f *testing.F) {
 			}
 			return
 		}
-		view := exercise(t, img)
+		view, bad := exercise(t, img, path)
 		replayed, vsize := img.LogReplayed(), img.src.vsize
 		img.Close()
 		if vsize > maxFuzzFile {
@@ -286,8 +290,8 @@ func FuzzOpen(f *testing.F) {
 		if err != nil {
 			t.Fatalf("a writable open failed where a read-only one succeeded: %v", err)
 		}
-		if !bytes.Equal(exercise(t, img), view) {
-			t.Fatal("the writable view differs from the read-only one")
+		if v, b := exercise(t, img, path); !bytes.Equal(v, view) || (b == nil) != (bad == nil) {
+			t.Fatalf("the writable view differs from the read-only one (%v; %v)", b, bad)
 		}
 		img.Close()
 		if replayed == 0 && fuzzSum(t, path) != before {
@@ -300,10 +304,13 @@ func FuzzOpen(f *testing.F) {
 		if img.LogReplayed() != 0 || !img.Header().LogGuid.IsZero() && replayed > 0 {
 			t.Fatal("the log is not empty after a writable open")
 		}
-		if !bytes.Equal(exercise(t, img), view) {
-			t.Fatal("the view after replay differs from the view before")
+		if v, b := exercise(t, img, path); !bytes.Equal(v, view) || (b == nil) != (bad == nil) {
+			t.Fatalf("the view after replay differs from the view before (%v; %v)", b, bad)
 		}
 		img.Close()
+		if bad != nil {
+			return // writes that need the bad entries fail as the reads did
+		}
 
 		// A write at each end of the disk reads back after a reopen.
 		if img, err = Open(path, true); err != nil {
@@ -380,26 +387,41 @@ func checkOpenError(t *testing.T, err error, path string) {
 }
 
 // exercise reads the start and the end of the image and walks Run over it, checking
-// that they agree, and returns what it read.
-func exercise(t *testing.T, img *Image) []byte {
+// that they agree, and returns what it read, and the error that stopped the reads:
+// Open checks no BAT entry (the table is paged), and a read that needs a bad one
+// fails with an error naming the file (path) and wrapping ErrCorrupt.
+func exercise(t *testing.T, img *Image, path string) (view []byte, bad error) {
 	t.Helper()
 	size := img.Size()
 	n := min(size, maxFuzzRead)
-	view := make([]byte, 2*n)
-	if k, err := img.ReadAt(view[:n], 0); int64(k) != n || err != nil && err != io.EOF {
+	view = make([]byte, 2*n)
+	badEntry := func(err error) bool {
+		if err == nil || err == io.EOF {
+			return false
+		}
+		if !errors.Is(err, ErrCorrupt) || !strings.Contains(err.Error(), path) || strings.Contains(err.Error(), " -") {
+			t.Fatalf("a read failed with %v: want an error naming the file and wrapping ErrCorrupt", err)
+		}
+		bad = err
+		return true
+	}
+	if k, err := img.ReadAt(view[:n], 0); !badEntry(err) && int64(k) != n {
 		t.Fatalf("ReadAt(0, %d) = %d, %v", n, k, err)
 	}
-	if k, err := img.ReadAt(view[n:], size-n); int64(k) != n || err != nil && err != io.EOF {
+	if k, err := img.ReadAt(view[n:], size-n); !badEntry(err) && int64(k) != n {
 		t.Fatalf("ReadAt(%d, %d) = %d, %v", size-n, n, k, err)
 	}
-	for off, i := int64(0), 0; off < size && i < 2000; i++ {
+	for off, i := int64(0), 0; off < size && i < 2000 && bad == nil; i++ {
 		k, stored, err := img.Run(off, size-off)
+		if badEntry(err) {
+			break
+		}
 		if err != nil || k <= 0 || k > size-off {
 			t.Fatalf("Run(%d) = %d, %v, %v", off, k, stored, err)
 		}
 		if !stored && !img.HasParent() {
 			p := make([]byte, min(k, 64*KiB))
-			if _, err := img.ReadAt(p, off); err != nil && err != io.EOF || !allZero(p) {
+			if _, err := img.ReadAt(p, off); !badEntry(err) && (err != nil && err != io.EOF || !allZero(p)) {
 				t.Fatalf("Run(%d) = %d, not stored, but ReadAt finds data there (%v)", off, k, err)
 			}
 		}
@@ -419,5 +441,5 @@ func exercise(t *testing.T, img *Image) []byte {
 			t.Fatalf("FileRun(%d) = %d, %d, %v", off, fo, k, ok)
 		}
 	}
-	return view
+	return view, bad
 }

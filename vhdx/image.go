@@ -49,12 +49,14 @@ type Image struct {
 	meta       atomic.Pointer[Metadata] // replaced whole by SetParent; read without mu
 	geo        geometry
 
-	id         uint64 // names its bitmap slices in pagecache.Bitmaps
-	batOff     int64  // where the BAT region starts
-	logEntries int    // entries of the log replayed at open
+	id         uint64       // names its bitmap slices and BAT pages in pagecache.Bitmaps
+	batOff     int64        // where the BAT region starts
+	spans      []span       // the header section, the log and the regions, which no block may overlap
+	logEntries int          // entries of the log replayed at open
+	grown      atomic.Int64 // the file's size as a read-only handle last saw it grow (see fileSize)
+	hot        atomic.Pointer[hotPage]
 
 	mu               sync.RWMutex // WriteAt holds it; ReadAt and Run read under it
-	bat              []batEntry   // guarded by mu
 	fileWriteGuidSet bool         // guarded by mu: a new FileWriteGuid is on disk (§2.2.2.1)
 	dataWriteGuidSet bool         // guarded by mu: a new DataWriteGuid is on disk
 	logSeq           uint64       // guarded by mu: the sequence number of the last log entry written
@@ -150,22 +152,25 @@ func (img *Image) SameFile(path string) error {
 // FileID is the device and inode of the file the image has open.
 func (img *Image) FileID() (dev, ino uint64) { return img.dev, img.ino }
 
-// AllocatedBytes is the space of the FULLY_PRESENT and PARTIALLY_PRESENT blocks.
+// AllocatedBytes is the space of the FULLY_PRESENT and PARTIALLY_PRESENT blocks
+// (scanBAT: what the table holds, read past its holes), of those it could read.
 func (img *Image) AllocatedBytes() int64 {
 	img.mu.RLock()
 	defer img.mu.RUnlock()
 	var n int64
-	for p := int64(0); p < img.geo.blocks; p++ {
-		if s := img.bat[img.geo.payloadIndex(p)].state(); s == FullyPresent || s == PartiallyPresent {
+	_ = img.scanBAT(func(i int64, e batEntry) bool {
+		if s := e.state(); !img.geo.isBitmap(i) && (s == FullyPresent || s == PartiallyPresent) {
 			n++
 		}
-	}
+		return true
+	})
 	return n * img.geo.blockSize
 }
 
 // OpenFile opens an image on f, named name in errors. It reads and checks the file
-// identifier, both headers, the region table, the metadata and the BAT, after
-// replaying a non-empty log in memory; it writes nothing unless writable and the log
+// identifier, both headers, the region table, the metadata and the BAT region (its
+// entries are checked a page at a time as reads need them), after replaying a
+// non-empty log in memory; it writes nothing unless writable and the log
 // is not empty, and then replays the log into the file only once everything checked
 // out. The image takes ownership of f on success.
 func OpenFile(f File, name string, writable bool) (*Image, error) {
@@ -344,8 +349,7 @@ func (img *Image) readRegions() error {
 	}
 	img.meta.Store(m)
 	img.geo = newGeometry(int64(m.VirtualDiskSize), int64(m.BlockSize), int64(m.LogicalSectorSize), m.HasParent)
-	img.batOff = int64(bat.FileOffset)
-	return img.readBAT(int64(bat.FileOffset), int64(bat.Length), meta)
+	return img.checkBATRegion(int64(bat.FileOffset), int64(bat.Length), meta)
 }
 
 // updateHeader writes the current header, changed by edit and with the next sequence

@@ -29,11 +29,14 @@ func (img *Image) ReadAt(p []byte, off int64) (int, error) {
 		o := off + int64(done)
 		blk, in := o/g.blockSize, o%g.blockSize
 		n := int(min(int64(len(p)-done), g.blockSize-in))
-		e := img.bat[g.payloadIndex(blk)]
+		e, err := img.entry(g.payloadIndex(blk))
+		if err != nil {
+			return done, err
+		}
 		switch e.state() {
 		case FullyPresent, PartiallyPresent:
-			if err := img.src.readAt(p[done:done+n], e.offset()+in); err != nil {
-				return done, fmt.Errorf("%s: read block %d at %d: %w", img.name, blk, e.offset()+in, err)
+			if err := img.readData(p[done:done+n], e.at()+in); err != nil {
+				return done, fmt.Errorf("%s: read block %d at %d: %w", img.name, blk, e.at()+in, err)
 			}
 		default:
 			clear(p[done : done+n])
@@ -68,7 +71,11 @@ func (img *Image) Run(off, n int64) (int64, bool, error) {
 		blk, in := o/g.blockSize, o%g.blockSize
 		avail := min(n-run, g.blockSize-in)
 		k, p := avail, false
-		switch e := img.bat[g.payloadIndex(blk)]; e.state() {
+		e, err := img.entry(g.payloadIndex(blk))
+		if err != nil {
+			return 0, false, err
+		}
+		switch e.state() {
 		case NotPresent:
 		case FullyPresent:
 			p = true
@@ -134,11 +141,27 @@ func (img *Image) sectorBits(blk int64) ([]byte, error) {
 		return bm, nil
 	}
 	g := img.geo
-	off := img.bat[g.bitmapIndex(blk)].offset() + blk%g.chunkRatio*g.bitmapSlice
+	be, err := img.bitmapEntry(blk)
+	if err != nil {
+		return nil, err
+	}
+	off := be.at() + blk%g.chunkRatio*g.bitmapSlice
 	bm := make([]byte, g.bitmapSlice)
-	if err := img.src.readAt(bm, off); err != nil {
+	if err := img.readData(bm, off); err != nil {
 		return nil, fmt.Errorf("%s: read sector bitmap of block %d at %d: %w", img.name, blk, off, err)
 	}
 	pagecache.Bitmaps.Put(k, bm)
 	return bm, nil
+}
+
+// bitmapEntry returns the entry of the sector bitmap block of block blk's chunk,
+// which must be present: checkPage refuses a PARTIALLY_PRESENT entry whose chunk has
+// none, and writes never clear one. The caller holds mu.
+func (img *Image) bitmapEntry(blk int64) (batEntry, error) {
+	bi := img.geo.bitmapIndex(blk)
+	be, err := img.entry(bi)
+	if err == nil && be.state() != Present {
+		err = fmt.Errorf("%s: block %d has sector bits, but its sector bitmap entry %d is %v: %w", img.name, blk, bi, be.state(), ErrCorrupt)
+	}
+	return be, err
 }

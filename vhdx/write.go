@@ -37,6 +37,18 @@ func (img *Image) WriteAt(p []byte, off int64) (int, error) {
 	if err := img.usableLocked(off); err != nil {
 		return 0, err
 	}
+	// The entries the write needs are read (and checked) first: a bad one fails it
+	// before the header changes.
+	for blk := off / g.blockSize; blk*g.blockSize < off+int64(len(p)); blk++ {
+		if _, err := img.entry(g.payloadIndex(blk)); err != nil {
+			return 0, err
+		}
+		if img.meta.Load().HasParent {
+			if _, err := img.entry(g.bitmapIndex(blk)); err != nil {
+				return 0, err
+			}
+		}
+	}
 	if len(p) > 0 {
 		if err := img.beginWriteLocked(); err != nil {
 			return 0, err
@@ -58,7 +70,10 @@ func (img *Image) WriteAt(p []byte, off int64) (int, error) {
 func (img *Image) writeBlockLocked(blk, in int64, d []byte) error {
 	g := img.geo
 	idx := g.payloadIndex(blk)
-	e := img.bat[idx]
+	e, err := img.entry(idx)
+	if err != nil {
+		return err
+	}
 	var bat map[int64]batEntry
 	setBits := false
 	switch e.state() {
@@ -85,7 +100,14 @@ func (img *Image) writeBlockLocked(blk, in int64, d []byte) error {
 		}
 		e = makeEntry(state, start)
 		bat = map[int64]batEntry{idx: e}
-		if bi := g.bitmapIndex(blk); setBits && img.bat[bi].state() != Present {
+		bi := g.bitmapIndex(blk)
+		be := batEntry(0)
+		if setBits {
+			if be, err = img.entry(bi); err != nil {
+				return err
+			}
+		}
+		if setBits && be.state() != Present {
 			bstart, err := img.extendLocked(sectorBitmapBlockSize)
 			if err != nil {
 				return err
@@ -95,9 +117,12 @@ func (img *Image) writeBlockLocked(blk, in int64, d []byte) error {
 			}
 			bat[bi] = makeEntry(Present, bstart)
 		}
+		if err := img.reserveBATLocked(bat); err != nil {
+			return err
+		}
 	}
-	if _, err := img.src.f.WriteAt(d, e.offset()+in); err != nil {
-		return fmt.Errorf("%s: write block %d at %d: %w", img.name, blk, e.offset()+in, err)
+	if _, err := img.src.f.WriteAt(d, e.at()+in); err != nil {
+		return fmt.Errorf("%s: write block %d at %d: %w", img.name, blk, e.at()+in, err)
 	}
 	var bits *bitRange
 	if setBits {
@@ -134,6 +159,26 @@ func (img *Image) reserveLocked(blk, start, in, n int64) error {
 	}
 	if err != nil {
 		return fmt.Errorf("%s: reserve %d bytes for block %d at %d: %w", img.name, n, blk, start+in, err)
+	}
+	return nil
+}
+
+// reserveBATLocked allocates the file space of the BAT sectors that will hold the
+// entries in bat: a new image's table is a hole (Create), and the entries' write in
+// place, after the log names them, must not fail for want of room.
+func (img *Image) reserveBATLocked(bat map[int64]batEntry) error {
+	for idx := range bat {
+		off := (img.batOff + 8*idx) &^ (logSector - 1)
+		if _, ok := img.src.pending[off]; ok {
+			continue
+		}
+		err := fileio.Reserve(img.src.f, off, logSector)
+		if errors.Is(err, errors.ErrUnsupported) {
+			return nil
+		}
+		if err != nil {
+			return fmt.Errorf("%s: reserve the BAT sector at %d: %w", img.name, off, err)
+		}
 	}
 	return nil
 }
@@ -200,13 +245,20 @@ func (img *Image) commitLocked(bat map[int64]batEntry, bits *bitRange) error {
 			return err
 		}
 		binary.LittleEndian.PutUint64(s[off%logSector:], uint64(e))
+		// The page is read again, from the pending sectors: readers are shut out
+		// meanwhile (mu).
+		pagecache.Bitmaps.Take(batKey(img.id, idx/batPageEntries))
+		img.hot.Store(nil)
 	}
 	if bits != nil {
-		be := img.bat[g.bitmapIndex(bits.blk)]
-		if ne, ok := bat[g.bitmapIndex(bits.blk)]; ok {
-			be = ne
+		be, ok := bat[g.bitmapIndex(bits.blk)]
+		if !ok {
+			var err error
+			if be, err = img.bitmapEntry(bits.blk); err != nil {
+				return err
+			}
 		}
-		base := be.offset() + bits.blk%g.chunkRatio*g.bitmapSlice
+		base := be.at() + bits.blk%g.chunkRatio*g.bitmapSlice
 		changed := false
 		if bits.reset {
 			for i := int64(0); i < g.bitmapSlice; i++ {
@@ -231,9 +283,6 @@ func (img *Image) commitLocked(bat map[int64]batEntry, bits *bitRange) error {
 		if !changed && len(bat) == 0 {
 			return nil // every bit was set already: the data write was all
 		}
-	}
-	for idx, e := range bat {
-		img.bat[idx] = e
 	}
 	if len(sectors) >= maxPendingSectors {
 		return img.flushPendingLocked()

@@ -1,6 +1,7 @@
-// Package pagecache keeps the sector bitmaps of open images in memory, for every
-// format at once, within one byte budget per process: a Run over a block whose
-// sectors come from different layers then reads no bitmap from the file.
+// Package pagecache keeps the sector bitmaps of open images in memory (and VHDX's
+// block table pages), for every format at once, within one byte budget per process:
+// a Run over a block whose sectors come from different layers then reads no bitmap
+// from the file.
 package pagecache
 
 import (
@@ -21,7 +22,8 @@ var nextImage atomic.Uint64
 // NewImage numbers an open image for its keys.
 func NewImage() uint64 { return nextImage.Add(1) }
 
-// Key names a page: page Page of the bitmap of block Block of the image Image.
+// Key names a page: page Page of the bitmap of block Block of the image Image; a
+// format that pages its block table too (VHDX) keys its pages with Block -1.
 type Key struct {
 	Image       uint64
 	Block, Page int64

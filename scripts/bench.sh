@@ -60,7 +60,7 @@ done
 parent=${BENCH_DIR:-${TMPDIR:-/tmp}}
 mkdir -p "$parent"
 avail=$(($(df -Pk "$parent" | awk 'NR == 2 { print $4 }') * 1024))
-need=$((size_req * 17 / 2 + (256 << 20)))
+need=$((size_req * 17 / 2 + (768 << 20))) # 450 MiB of it for the chains of 64 (section 6b)
 ((avail >= need)) || die "$parent has $((avail >> 20)) MiB free; BENCH_SIZE=$size_arg needs about $((need >> 20)) MiB"
 dir=$(mktemp -d "$parent/vhdfs-bench.XXXXXX")
 mnt=$dir/mnt   # vhdfs mounts
@@ -704,6 +704,58 @@ for ((i = 1; i <= runs; i++)); do
   log "mount $i/$runs: $(ms "$t") ms, RSS $rss MiB"
 done
 
+# --- 6b. mount time and RSS against depth and virtual size ------------------------
+
+# One chain of 64 sparse images per size, made with vhdfs create: a dynamic VHD of
+# BENCH_SIZE, one of 2040 GiB (the largest a VHD can be) and a 64 TiB VHDX with 1 MiB
+# blocks (a 512 MiB block table per layer, paged). Depth 1, 16 and 64 are mounts of
+# its layers 0, 15 and 63; each reads 1 MiB at the start, the middle and the end of
+# the disk (through every layer, down to the base), then the RSS is read.
+scale=$dir/scale
+scale_specs="vhd_small:vhd:$size_arg vhd_2t:vhd:2040G vhdx_64t:vhdx:64T"
+scale_depths="1 16 64"
+t0=$(now)
+for spec in $scale_specs; do
+  IFS=: read -r key fmt sz <<<"$spec"
+  mkdir -p "$scale/$key"
+  opts=() child=vhd
+  [ "$fmt" = vhdx ] && opts=(--block-size 1M) child=avhdx
+  prev=$scale/$key/l00.$fmt
+  "$vhdfs" create --size "$sz" "${opts[@]}" "$prev" >>"$dir/cmd.log"
+  for ((i = 1; i < 64; i++)); do
+    next=$scale/$key/l$(printf %02d $i).$child
+    "$vhdfs" create "${opts[@]}" --parent "$prev" "$next" >>"$dir/cmd.log"
+    prev=$next
+  done
+done
+log "mount against depth: 3 chains of 64 made in $(ms $(($(now) - t0))) ms, $(du -sm "$scale" | cut -f1) MiB on disk"
+scale_top() { # KEY DEPTH: the top image of that depth
+  local f
+  f=$(ls "$scale/$1" | sort | sed -n "$2p")
+  echo "$scale/$1/$f"
+}
+for ((i = 1; i <= runs; i++)); do
+  for spec in $scale_specs; do
+    key=${spec%%:*}
+    for depth in $scale_depths; do
+      t0=$(now)
+      vmount -r "$(scale_top "$key" "$depth")" "$mnt"
+      t=$(($(now) - t0))
+      mib=$(($(stat -c %s "$mnt/disk.raw") >> 20))
+      for skip in 0 $((mib / 2)) $((mib - 1)); do
+        dd if="$mnt/disk.raw" of=/dev/null bs=1M count=1 skip="$skip" status=none
+      done
+      pid=$(json_field "$mnt/control" 'd["pid"]')
+      rss=$(awk '/^VmRSS:/ { printf "%.1f", $2 / 1024 }' "/proc/$pid/status")
+      vumount "$mnt"
+      record "scale_${key}_${depth}_ms" "$(ms "$t")"
+      record "scale_${key}_${depth}_rss" "$rss"
+    done
+  done
+  log "mount against depth $i/$runs: $(grep '^scale_' "$samples" | tail -n 18 | awk '{ printf "%s %s  ", substr($1, 7), $2 }')"
+done
+rm -rf "$scale"
+
 # --- 7. VHDX: the same chain as base.vhdx <- mid.avhdx <- top.avhdx ------------------
 
 # The same bytes as the VHD chain (the same generator and seeds), made by vhdfs with
@@ -882,6 +934,14 @@ compare("VHDX: merge depth=1 of a $((half >> 20)) MiB overlay", "merge_vx_vhdfs"
 m, rss = med("mount_ms"), med("mount_rss")
 rows.append(["mount of a 16-deep chain of 2 TiB images", f"{num(m)} ms", "—", "—", "< 300 ms", "yes" if m < 300 else "**no**"])
 rows.append(["RSS of that mount after reading 12 MiB", f"{num(rss)} MiB", "—", "—", "< 100 MiB", "yes" if rss < 100 else "**no**"])
+for key, label in [("vhd_small", "$size_arg VHD"), ("vhd_2t", "2 TiB VHD"), ("vhdx_64t", "64 TiB VHDX (1 MiB blocks)")]:
+    depths = [d for d in "$scale_depths".split() if f"scale_{key}_{d}_ms" in samples]
+    ms_ = [med(f"scale_{key}_{d}_ms") for d in depths]
+    rss_ = [med(f"scale_{key}_{d}_rss") for d in depths]
+    ok = max(ms_) < 3000 and max(rss_) < 100
+    rows.append([f"mount of a chain of {label} images, depth " + " / ".join(depths) + ", then RSS after reading 3 MiB",
+                 " / ".join(f"{num(x)}" for x in ms_) + " ms; " + " / ".join(f"{num(x)}" for x in rss_) + " MiB",
+                 "—", "—", "< 3 s, < 100 MiB", "yes" if ok else "**no**"])
 
 print("## vhdfs benchmark")
 print()

@@ -201,8 +201,12 @@ func copyPiece(p Piece, out *os.File, buf []byte, off int64, noClone *atomic.Boo
 
 // pieceData calls fn, in order, for each extent of data [data, data+n) of p.File
 // within the piece p (SEEK_DATA, SEEK_HOLE): what lies between them are holes, which
-// read as zeros. A piece past the end of its file is an error.
+// read as zeros. A piece shorter than minSeekPiece is one extent, holes and all. A
+// piece past the end of its file is an error.
 func pieceData(p Piece, fn func(data, n int64) error) error {
+	if p.N < minSeekPiece {
+		return fn(p.FileOff, p.N)
+	}
 	fd := int(p.File.Fd())
 	end := p.FileOff + p.N
 	for pos := p.FileOff; pos < end; {
@@ -228,6 +232,12 @@ func pieceData(p Piece, fn func(data, n int64) error) error {
 	}
 	return nil
 }
+
+// minSeekPiece is the shortest piece whose holes pieceData looks for: below it, two
+// lseeks cost more than reading the piece (on ext4, SEEK_DATA over reserved, unwritten
+// extents walks their page cache: some 150 µs a call, measured on the 4 KiB runs of
+// differencing images). The zeros read are skipped as granules all the same.
+const minSeekPiece = 256 << 10
 
 // holeToEnd checks that f, which has no data from some offset on, is at least end
 // bytes long: a piece past the end of its file (a truncated image) is an error, not

@@ -332,6 +332,9 @@ func writeAt(out sink, p []byte, off int64) error {
 		return nil
 	}
 	if _, err := out.WriteAt(p, off); err != nil {
+		if _, ok := out.(*os.File); !ok {
+			return err // an image's errors name it and the offset
+		}
 		return fmt.Errorf("%s: write at %d: %w", out.Name(), off, err)
 	}
 	return nil

@@ -41,42 +41,57 @@ func Convert(ctx context.Context, c *Chain, dst image.Image, progress func(done 
 	}
 	return exportParallel(ctx, c, dst.StartWriteback, func(buf []byte, off, n int64) error {
 		p := buf[:n]
-		if err := readChunk(c, p, off); err != nil {
+		spans, err := readChunk(c, p, off)
+		if err != nil {
 			return err
 		}
-		return writeNonZero(dst, p, off)
+		for _, sp := range spans {
+			if err := writeNonZero(dst, p[sp.i:sp.j], off+int64(sp.i)); err != nil {
+				return err
+			}
+		}
+		return nil
 	}, progress)
 }
 
-// readChunk reads [off, off+len(p)) of the chain into p: from the layers' files,
-// skipping their holes, where FileRuns can say which file holds each run; else (a
-// layer that cannot say) through the chain.
-func readChunk(c *Chain, p []byte, off int64) error {
+// span is p[i:j] of a chunk.
+type span struct{ i, j int }
+
+// readChunk reads the data of [off, off+len(p)) of the chain into p and returns where
+// it lies in p, in order; the rest of p is left as it was and reads as zeros in the
+// chain (no layer stores it, or a layer's file has a hole there). It reads from the
+// layers' files, past their holes, where FileRuns can say which file holds each run;
+// else (a layer that cannot say) all of p through the chain.
+func readChunk(c *Chain, p []byte, off int64) ([]span, error) {
+	var spans []span
+	add := func(i, j int) {
+		if k := len(spans) - 1; k >= 0 && spans[k].j == i {
+			spans[k].j = j
+			return
+		}
+		spans = append(spans, span{i, j})
+	}
 	pos := off
 	_, err := c.FileRuns(nil, off, int64(len(p)), func(pc Piece) error {
-		b := p[pos-off : pos-off+pc.N]
+		at := int(pos - off) // where pc begins in p
 		pos += pc.N
 		if pc.File == nil {
-			clear(b)
 			return nil
 		}
-		done := pc.FileOff // what of b is filled in, as an offset of pc.File
-		err := pieceData(pc, func(data, n int64) error {
-			clear(b[done-pc.FileOff : data-pc.FileOff])
-			d := b[data-pc.FileOff : data-pc.FileOff+n]
-			if _, err := pc.File.ReadAt(d, data); err != nil {
+		return pieceData(pc, func(data, n int64) error {
+			i := at + int(data-pc.FileOff)
+			if _, err := pc.File.ReadAt(p[i:i+int(n)], data); err != nil {
 				return fmt.Errorf("%s: read %d bytes at %d: %w", pc.File.Name(), n, data, err)
 			}
-			done = data + n
+			add(i, i+int(n))
 			return nil
 		})
-		clear(b[done-pc.FileOff:])
-		return err
 	})
 	if errors.Is(err, ErrNotInFile) {
 		_, err = c.ReadAt(p, off)
+		spans = []span{{0, len(p)}}
 	}
-	return err
+	return spans, err
 }
 
 // punchStored makes holes of the file ranges that hold dst's bytes (a new fixed image:

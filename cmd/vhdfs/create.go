@@ -11,8 +11,6 @@ import (
 	"github.com/vhdfs/vhdfs/chain"
 	"github.com/vhdfs/vhdfs/image"
 	"github.com/vhdfs/vhdfs/probe"
-	"github.com/vhdfs/vhdfs/vhd"
-	"github.com/vhdfs/vhdfs/vhdx"
 )
 
 func cmdCreate(args []string) error {
@@ -63,17 +61,21 @@ func cmdCreate(args []string) error {
 	if *typ == "fixed" && *blockStr != "" && cmp.Or(*format, named) == "vhd" {
 		return usagef("--block-size applies to dynamic images only")
 	}
-	if cmp.Or(*format, named) == "vhdx" {
-		if *exact {
-			return usagef("--exact-size is for VHD: a VHDX keeps the size asked for")
-		}
-		err = createVHDX(pos[0], *typ, size, blockSize, *logical, *physical)
-	} else {
-		if *logical != 0 || *physical != 0 {
-			return usagef("--logical-sector and --physical-sector are for VHDX: a VHD has 512-byte sectors")
-		}
-		err = createVHD(pos[0], *typ, size, blockSize, *exact)
+	opts := probe.CreateOptions{Format: cmp.Or(*format, named), Type: image.Dynamic, Size: size, BlockSize: blockSize,
+		ExactSize: *exact, LogicalSector: *logical, PhysicalSector: *physical}
+	if *typ == "fixed" {
+		opts.Type = image.Fixed
 	}
+	if opts.Format == "vhdx" && *exact {
+		return usagef("--exact-size is for VHD: a VHDX keeps the size asked for")
+	}
+	if opts.Format == "vhd" && (*logical != 0 || *physical != 0) {
+		return usagef("--logical-sector and --physical-sector are for VHDX: a VHD has 512-byte sectors")
+	}
+	if opts.Format == "vhd" && blockSize > probe.DefaultBlockSize("vhd", false) {
+		warnBlockSize("create", blockSize)
+	}
+	err = probe.Create(pos[0], opts)
 	if err != nil {
 		if errors.Is(err, image.ErrInvalidArg) {
 			// A size or block size the format cannot take: the command line is wrong.
@@ -84,23 +86,9 @@ func cmdCreate(args []string) error {
 	return report(pos[0], "", size, *asJSON, *quiet)
 }
 
-func createVHD(name, typ string, size, blockSize int64, exact bool) error {
-	opts := vhd.CreateOptions{Type: vhd.TypeDynamic, Size: size, BlockSize: blockSize, ExactSize: exact}
-	if typ == "fixed" {
-		opts.Type = vhd.TypeFixed
-	}
-	if blockSize > vhd.DefaultBlockSize {
-		fmt.Fprintf(os.Stderr, "vhdfs create: warning: block size %s is above 2 MiB: blktap (XCP-ng, XenServer, Xen Orchestra's imports) cannot open the image, and Microsoft's tools are reported to handle 2 MiB only\n", human(blockSize))
-	}
-	return vhd.Create(name, opts)
-}
-
-func createVHDX(name, typ string, size, blockSize, logical, physical int64) error {
-	opts := vhdx.CreateOptions{Type: vhdx.TypeDynamic, Size: size, BlockSize: blockSize, LogicalSectorSize: logical, PhysicalSectorSize: physical}
-	if typ == "fixed" {
-		opts.Type = vhdx.TypeFixed
-	}
-	return vhdx.Create(name, opts)
+// warnBlockSize warns that a VHD's block size above 2 MiB is not for every reader.
+func warnBlockSize(cmd string, blockSize int64) {
+	fmt.Fprintf(os.Stderr, "vhdfs %s: warning: block size %s is above 2 MiB: blktap (XCP-ng, XenServer, Xen Orchestra's imports) cannot open the image, and Microsoft's tools are reported to handle 2 MiB only\n", cmd, human(blockSize))
 }
 
 // report prints what create made, in one line, and a second one when the size was
@@ -158,7 +146,7 @@ func createChild(parent, name, format string, blockSize int64) error {
 		}
 	}
 	if blockSize == 0 && top.Format() == "vhdx" {
-		blockSize = vhdx.DefaultDifferencingBlockSize
+		blockSize = probe.DefaultBlockSize("vhdx", true)
 	}
 	return top.CreateChild(name, image.ChildOptions{ParentPath: parent, BlockSize: blockSize})
 }

@@ -36,6 +36,8 @@ const usage = `usage:
   vhdfs merge [-p|--progress] [--depth N] [--from S] [--force-rw] IMAGE
   vhdfs check [--repair [--force-rw]] [-U] [--json] [--parent PARENT]... IMAGE
   vhdfs export [-p|--progress] [-U] [--parent PARENT]... IMAGE OUT.raw|-|DEVICE
+  vhdfs convert [--format vhd|vhdx] [--type dynamic|fixed] [--block-size SIZE] [--azure]
+                [-p|--progress] [-U] [--parent PARENT]... [-q] IN OUT
   vhdfs relink [--force-rw] IMAGE PARENT
   vhdfs help [COMMAND]               (or vhdfs COMMAND --help: every flag, described)
   vhdfs completion bash|zsh|fish|powershell
@@ -68,6 +70,7 @@ func init() {
 		"merge":      cmdMerge,
 		"check":      cmdCheck,
 		"export":     cmdExport,
+		"convert":    cmdConvert,
 		"snapshot":   cmdSnapshot,
 		"relink":     cmdRelink,
 		"version":    cmdVersion,
@@ -92,6 +95,7 @@ var summaries = map[string]string{
 	"merge":      "merge the top image (or a range) into its parent, offline",
 	"check":      "check the structure of every image in the chain",
 	"export":     "write the whole chain as one raw file, to a file, stdout (-) or a block device",
+	"convert":    "flatten the chain (or one image) into a new VHD or VHDX, dynamic or fixed",
 	"snapshot":   "create a new, empty differencing image on IMAGE (a checkpoint)",
 	"relink":     "point IMAGE's parent locators at PARENT, once its unique ID matches (qemu-img rebase -u)",
 	"version":    "print the version",
@@ -104,6 +108,11 @@ var details = map[string]string{
 		"  K, M, G, T (also KiB, MiB, GiB, TiB) are powers of 1024, as in qemu-img;\n" +
 		"  KB, MB, GB, TB are powers of 1000.\n" +
 		"Without --exact-size the size is rounded up to a CHS geometry, as qemu-img does.",
+	"convert": "OUT is written under a temporary name beside it (.OUT.vhdfs-convert-PID), synced,\n" +
+		"and renamed into place: it never exists half-written, and an existing OUT is refused.\n" +
+		"All-zero data is not stored; a fixed OUT's zero ranges are holes in its file.\n" +
+		"A VHD keeps the exact size (the footer's geometry is 65535/16/255 when no CHS\n" +
+		"geometry gives it); a VHDX takes the logical sector size of IN.",
 	"completion": "bash:  source <(vhdfs completion bash)\n" +
 		"zsh:   vhdfs completion zsh > \"${fpath[1]}/_vhdfs\"",
 }

@@ -258,3 +258,6 @@ func resizedCopy(c, f Footer) bool {
 	c.CurrentSize, c.Geometry, c.Checksum = f.CurrentSize, f.Geometry, f.Checksum
 	return c == f
 }
+
+// RoundSize is RoundUpCHS: the size create makes for a request of size.
+func (img *Image) RoundSize(size int64) int64 { return RoundUpCHS(size) }

@@ -37,6 +37,8 @@ const usage = `usage:
   vhdfs check [--repair [--force-rw]] [-U] [--json] [--parent PARENT]... IMAGE
   vhdfs export [-p|--progress] [-U] [--parent PARENT]... IMAGE OUT.raw|-|DEVICE
   vhdfs relink [--force-rw] IMAGE PARENT
+  vhdfs resize [--exact-size] [--force] [--force-rw] IMAGE SIZE
+  vhdfs resize --smallest [--exact-size] IMAGE
   vhdfs help [COMMAND]               (or vhdfs COMMAND --help: every flag, described)
   vhdfs completion bash|zsh|fish|powershell
   vhdfs version
@@ -70,6 +72,7 @@ func init() {
 		"export":     cmdExport,
 		"snapshot":   cmdSnapshot,
 		"relink":     cmdRelink,
+		"resize":     cmdResize,
 		"version":    cmdVersion,
 		"help":       cmdHelp,
 		"completion": cmdCompletion,
@@ -94,6 +97,7 @@ var summaries = map[string]string{
 	"export":     "write the whole chain as one raw file, to a file, stdout (-) or a block device",
 	"snapshot":   "create a new, empty differencing image on IMAGE (a checkpoint)",
 	"relink":     "point IMAGE's parent locators at PARENT, once its unique ID matches (qemu-img rebase -u)",
+	"resize":     "change the virtual size of IMAGE, offline (ResizeVirtualDisk); a shrink past a partition or data needs --force",
 	"version":    "print the version",
 	"help":       "show the help of vhdfs or of one command",
 	"completion": "print a bash, zsh, fish or powershell completion script",

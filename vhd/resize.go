@@ -24,7 +24,7 @@ import (
 //     header points at it. The old table is left unused.
 //   - The footer at the end, which readers use, is rewritten in place (one sector),
 //     then its copy at offset 0. A crash between the two leaves a copy that differs
-//     only in size and geometry, which Check reports as a warning.
+//     only in the sizes and geometry, which Check reports as a warning.
 //   - A fixed image's footer moves: on growth, a copy of the old footer goes to the
 //     new end first (the file grows sparse), the old one is zeroed, then the new footer
 //     is written over the copy; on shrinking, the new footer is written in place, a
@@ -56,7 +56,9 @@ func (img *Image) Resize(size int64) error {
 		return nil
 	}
 	foot := img.footer
-	foot.CurrentSize = uint64(size)
+	// The original size too: libvhdi reports it as the disk's size (and Azure's
+	// disk resizer sets both); the specification calls it informational.
+	foot.CurrentSize, foot.OriginalSize = uint64(size), uint64(size)
 	foot.Geometry = CHS(size)
 	if foot.Geometry.Bytes() != size {
 		foot.Geometry = MaxGeometry
@@ -255,7 +257,7 @@ func (img *Image) moveBATLocked(entries int64) error {
 // resizedCopy reports whether the footer copy c differs from the footer f only in
 // what Resize changes: what a crash between its two footer writes leaves.
 func resizedCopy(c, f Footer) bool {
-	c.CurrentSize, c.Geometry, c.Checksum = f.CurrentSize, f.Geometry, f.Checksum
+	c.CurrentSize, c.OriginalSize, c.Geometry, c.Checksum = f.CurrentSize, f.OriginalSize, f.Geometry, f.Checksum
 	return c == f
 }
 

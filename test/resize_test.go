@@ -1,0 +1,125 @@
+package test
+
+import (
+	"bytes"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+)
+
+// resizeExport flattens the chain at path with vhdfs export and returns its bytes.
+func resizeExport(t *testing.T, path string) []byte {
+	t.Helper()
+	out := filepath.Join(t.TempDir(), "export.raw")
+	mustVhdfs(t, "export", path, out)
+	return fileBytes(t, out)
+}
+
+// assertResized checks what every reader says of the image at path after a resize
+// to size: qemu-img (not for a differencing VHDX, which it cannot read) and vhdiinfo
+// report the size, vhdfs export and qemu-img convert (not of a differencing image,
+// whose parent qemu does not read) read model, and check is clean.
+func assertResized(t *testing.T, path string, size int64, model []byte, differencing bool) {
+	t.Helper()
+	if int64(len(model)) != size {
+		t.Fatalf("test bug: model of %d bytes for size %d", len(model), size)
+	}
+	if !(differencing && formatOf(path) == "vhdx") {
+		if qi := qemuImgInfo(t, "-f", qemuFormat(path), path); qi.VirtualSize != size {
+			t.Errorf("qemu-img info: virtual size %d, want %d", qi.VirtualSize, size)
+		}
+	}
+	if !differencing { // qemu reads a differencing VHD without its parent
+		if got := qemuConvert(t, path); md5Of(got[:min(len(got), len(model))]) != md5Of(model) || len(got) != len(model) {
+			t.Errorf("qemu-img convert: %d bytes, not the model's %d", len(got), len(model))
+		}
+	}
+	if _, n := vhdiinfo(t, path); n != size {
+		t.Errorf("vhdiinfo: media size %d, want %d", n, size)
+	}
+	if got := resizeExport(t, path); !bytes.Equal(got, model) {
+		t.Errorf("vhdfs export: %d bytes, not the model (%d bytes)", len(got), len(model))
+	}
+	if out, errs, code := vhdfs(t, "check", path); code != 0 {
+		t.Errorf("check after resize: exit %d\n%s%s", code, out, errs)
+	}
+}
+
+func TestResize(t *testing.T) {
+	t.Parallel()
+	requireTool(t, "qemu-img")
+	requireTool(t, "vhdiinfo")
+	for _, tc := range []struct {
+		name   string
+		create []string // create arguments, without the image; nil: a snapshot of a dynamic base
+		file   string
+		exact  []string
+		grow   int64
+		shrink int64
+	}{
+		{"dynamic VHD, BAT moved", []string{"--size", "40M", "--exact-size"}, "d.vhd", []string{"--exact-size"}, 100 * mib, 20*mib + 512},
+		{"fixed VHD", []string{"--size", "40M", "--exact-size", "--type", "fixed"}, "f.vhd", []string{"--exact-size"}, 72 * mib, 24 * mib},
+		{"dynamic VHDX", []string{"--size", "40M", "--block-size", "1M"}, "d.vhdx", nil, 100*mib + 4096, 20 * mib},
+		{"differencing VHD top", nil, "top.vhd", []string{"--exact-size"}, 90 * mib, 30 * mib},
+		{"differencing VHDX top", nil, "top.vhdx", nil, 90 * mib, 30 * mib},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			dir := t.TempDir()
+			path := filepath.Join(dir, tc.file)
+			model := make([]byte, 40*mib)
+			differencing := tc.create == nil
+			if differencing {
+				base := filepath.Join(dir, "base"+filepath.Ext(tc.file))
+				args := []string{"create", "-q", "--size", "40M", base}
+				if filepath.Ext(base) == ".vhd" {
+					args = append(args[:4], "--exact-size", base)
+				}
+				mustVhdfs(t, args...)
+				applyWrites(t, base, model, []write{{0, pattern(1, 8*mib)}, {30 * mib, pattern(2, 10*mib)}})
+				mustVhdfs(t, "create", "--parent", base, path)
+			} else {
+				mustVhdfs(t, append(append([]string{"create", "-q"}, tc.create...), path)...)
+			}
+			applyWrites(t, path, model, []write{{mib, pattern(3, 3*mib)}, {20*mib - 4096, pattern(4, 12*mib)}, {40*mib - 8192, pattern(5, 8192)}})
+
+			// Grow: the data stays, the new space reads zeros.
+			mustVhdfs(t, append([]string{"resize", path, sizeArg(tc.grow)}, tc.exact...)...)
+			model = append(model, make([]byte, tc.grow-int64(len(model)))...)
+			assertResized(t, path, tc.grow, model, differencing)
+
+			// Shrink below data: refused, nothing changed.
+			_, errs, code := vhdfs(t, append([]string{"resize", path, sizeArg(tc.shrink)}, tc.exact...)...)
+			if code == 0 {
+				t.Fatalf("shrink below stored data succeeded")
+			}
+			assertOneLineError(t, errs, "data is stored at", "--force")
+			if got := resizeExport(t, path); !bytes.Equal(got, model) {
+				t.Fatal("a refused shrink changed the disk")
+			}
+			mustVhdfs(t, append([]string{"resize", "--force", path, sizeArg(tc.shrink)}, tc.exact...)...)
+			model = model[:tc.shrink]
+			assertResized(t, path, tc.shrink, model, differencing)
+
+			// Grown again, what was cut off is gone (in a differencing image the
+			// parent shows there again: --force, as the child no longer covers it).
+			args := append([]string{"resize", path, "40M"}, tc.exact...)
+			if differencing {
+				if _, errs, code := vhdfs(t, args...); code == 0 || !strings.Contains(errs, "parent") {
+					t.Fatalf("growing a child over its parent's data: exit %d, %q; want a refusal", code, errs)
+				}
+				args = append(args, "--force")
+			}
+			mustVhdfs(t, args...)
+			model = append(model, make([]byte, 40*mib-len(model))...)
+			if differencing {
+				base := resizeExport(t, filepath.Join(dir, "base"+filepath.Ext(tc.file)))
+				copy(model[tc.shrink:], base[tc.shrink:])
+			}
+			assertResized(t, path, 40*mib, model, differencing)
+		})
+	}
+}
+
+func sizeArg(n int64) string { return strconv.FormatInt(n, 10) }

@@ -35,7 +35,8 @@ type ResizeResult struct {
 
 // Resize changes the virtual size of the chain's top, which was opened writable. A
 // shrink is refused (ErrUnsafeResize) when a partition of the disk, or data stored in
-// any layer that is not all zeros, lies past the new size, unless Force. Growing a
+// any layer that is not all zeros, lies past the new size, unless Force; a GPT's
+// backup at the old end does not count (a shrink always leaves it behind). Growing a
 // differencing top where its parent is larger than the top would show the parent's
 // data in the grown space: refused too, unless Force.
 func Resize(c *Chain, o ResizeOptions) (ResizeResult, error) {
@@ -82,7 +83,8 @@ func Resize(c *Chain, o ResizeOptions) (ResizeResult, error) {
 					top.Path, p.Index, tab.Scheme, p.End, size, roundSize(top.Image, tab.End()+tab.Tail, o.ExactSize), ErrUnsafeResize)
 			}
 		}
-		if off, found, err := dataPast(c, size, old); err != nil {
+		// A GPT's backup, at the end, is the table's own: it goes with any shrink.
+		if off, found, err := dataPast(c, size, old-tab.Tail); err != nil {
 			return res, err
 		} else if found {
 			return res, fmt.Errorf("%s: data is stored at %d, past the new size %d (--force drops it): %w", top.Path, off, size, ErrUnsafeResize)

@@ -2,6 +2,7 @@ package test
 
 import (
 	"bytes"
+	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -123,3 +124,122 @@ func TestResize(t *testing.T) {
 }
 
 func sizeArg(n int64) string { return strconv.FormatInt(n, 10) }
+
+// sfdiskInto writes a partition table with sfdisk into the disk of image, through a
+// mount.
+func sfdiskInto(t *testing.T, image, script string) {
+	t.Helper()
+	requireTool(t, "sfdisk")
+	mnt := mMountpoint(t)
+	mMount(t, image, mnt)
+	cmd := exec.Command("sfdisk", "--no-reread", "--no-tell-kernel", "-q", filepath.Join(mnt, "disk.raw"))
+	cmd.Stdin = strings.NewReader(script)
+	out, err := cmd.CombinedOutput()
+	mUmount(t, mnt)
+	if err != nil {
+		t.Fatalf("sfdisk: %v\n%s", err, out)
+	}
+}
+
+// TestResizePartitions: a shrink past the end of a partition is refused without
+// --force, and --smallest shrinks to the end of the last one (a GPT's backup after
+// it), for MBR and GPT, VHD and VHDX.
+func TestResizePartitions(t *testing.T) {
+	t.Parallel()
+	for _, tc := range []struct {
+		name, file, script string
+		end                int64 // where the last partition ends
+		smallest           int64 // --smallest (--exact-size for VHD)
+	}{
+		{"MBR in a VHD", "m.vhd", "label: dos\nstart=2048, size=10M, type=83\nstart=12M, size=28M, type=7\n", 40 * mib, 40 * mib},
+		{"GPT in a VHD", "g.vhd", "label: gpt\nstart=2048, size=30M\n", 31 * mib, 31*mib + 33*512},
+		{"GPT in a VHDX", "g.vhdx", "label: gpt\nstart=2048, size=30M\n", 31 * mib, 31*mib + 33*512},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			path := filepath.Join(t.TempDir(), tc.file)
+			exact := filepath.Ext(path) == ".vhd"
+			args := []string{"create", "-q", "--size", "64M", path}
+			if exact {
+				args = append(args, "--exact-size")
+			}
+			mustVhdfs(t, args...)
+			sfdiskInto(t, path, tc.script)
+			before := resizeExport(t, path)
+
+			_, errs, code := vhdfs(t, "resize", path, sizeArg(tc.end-mib))
+			if code == 0 {
+				t.Fatal("shrink past a partition's end succeeded")
+			}
+			assertOneLineError(t, errs, "partition", "--smallest", "--force")
+			if got := resizeExport(t, path); !bytes.Equal(got, before) {
+				t.Fatal("a refused shrink changed the disk")
+			}
+
+			var ex []string // VHD sizes exact, as created
+			if exact {
+				// First as create rounds: up to a whole CHS geometry, no less than the end.
+				mustVhdfs(t, "resize", "--smallest", path)
+				size := qemuImgInfo(t, "-f", "vpc", path).VirtualSize
+				if size != geometryBytes(t, path) || size < tc.smallest || size >= tc.smallest+mib {
+					t.Errorf("--smallest without --exact-size: qemu sees %d, geometry %d, partitions end at %d", size, geometryBytes(t, path), tc.smallest)
+				}
+				if got := resizeExport(t, path); !bytes.Equal(got, before[:size]) {
+					t.Fatalf("--smallest: %d bytes, want the first %d of the disk", len(got), size)
+				}
+				ex = []string{"--exact-size"}
+			}
+			mustVhdfs(t, append([]string{"resize", "--smallest", path}, ex...)...)
+			if got := resizeExport(t, path); !bytes.Equal(got, before[:tc.smallest]) {
+				t.Fatalf("--smallest: %d bytes, want the first %d of the disk", len(got), tc.smallest)
+			}
+			if _, n := vhdiinfo(t, path); n != tc.smallest {
+				t.Errorf("vhdiinfo after --smallest: %d, want %d", n, tc.smallest)
+			}
+			if out, errs, code := vhdfs(t, "check", path); code != 0 {
+				t.Errorf("check: exit %d\n%s%s", code, out, errs)
+			}
+			// The partitions are whole: sfdisk reads them from the raw disk.
+			raw := filepath.Join(t.TempDir(), "smallest.raw")
+			mustVhdfs(t, "export", path, raw)
+			out := mustRun(t, "sfdisk", "--dump", raw)
+			if n := strings.Count(out, "start="); n != strings.Count(tc.script, "start=") {
+				t.Errorf("sfdisk --dump after --smallest: %d partitions\n%s", n, out)
+			}
+
+			// --force cuts into the partition.
+			mustVhdfs(t, append([]string{"resize", "--force", path, sizeArg(tc.end / 2)}, ex...)...)
+			if got := resizeExport(t, path); !bytes.Equal(got, before[:tc.end/2]) {
+				t.Fatal("--force shrink: the disk is not the first half")
+			}
+		})
+	}
+}
+
+// TestResizeRefusesMounted: a mounted image is refused with its mount point named; a
+// size like create's rounds up to the same geometry.
+func TestResizeRefusesMounted(t *testing.T) {
+	t.Parallel()
+	dir := t.TempDir()
+	path := filepath.Join(dir, "a.vhd")
+	mustVhdfs(t, "create", "-q", "--size", "30M", path)
+	mnt := mMountpoint(t)
+	mMount(t, path, mnt)
+	_, errs, code := vhdfs(t, "resize", path, "40M")
+	mUmount(t, mnt)
+	if code == 0 {
+		t.Fatal("resize of a mounted image succeeded")
+	}
+	assertOneLineError(t, errs, "mounted at "+mnt)
+
+	// Rounded as create rounds.
+	ref := filepath.Join(dir, "ref.vhd")
+	mustVhdfs(t, "create", "-q", "--size", "100M", ref)
+	mustVhdfs(t, "resize", path, "100M")
+	if a, b := qemuImgInfo(t, "-f", "vpc", path).VirtualSize, qemuImgInfo(t, "-f", "vpc", ref).VirtualSize; a != b {
+		t.Errorf("resize to 100M gave %d bytes, create --size 100M %d", a, b)
+	}
+	if out, errs, code := vhdfs(t, "check", path); code != 0 {
+		t.Errorf("check: exit %d\n%s%s", code, out, errs)
+	}
+}

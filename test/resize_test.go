@@ -59,7 +59,8 @@ func TestResize(t *testing.T) {
 		grow   int64
 		shrink int64
 	}{
-		{"dynamic VHD, BAT moved", []string{"--size", "40M", "--exact-size"}, "d.vhd", []string{"--exact-size"}, 100 * mib, 20*mib + 512},
+		{"dynamic VHD, BAT grown in place", []string{"--size", "40M", "--exact-size"}, "d.vhd", []string{"--exact-size"}, 100 * mib, 20*mib + 512},
+		{"dynamic VHD, BAT moved", []string{"--size", "40M", "--exact-size"}, "m.vhd", []string{"--exact-size"}, 300 * mib, 20*mib + 512},
 		{"fixed VHD", []string{"--size", "40M", "--exact-size", "--type", "fixed"}, "f.vhd", []string{"--exact-size"}, 72 * mib, 24 * mib},
 		{"dynamic VHDX", []string{"--size", "40M", "--block-size", "1M"}, "d.vhdx", nil, 100*mib + 4096, 20 * mib},
 		{"differencing VHD top", nil, "top.vhd", []string{"--exact-size"}, 90 * mib, 30 * mib},
@@ -86,7 +87,18 @@ func TestResize(t *testing.T) {
 			applyWrites(t, path, model, []write{{mib, pattern(3, 3*mib)}, {20*mib - 4096, pattern(4, 12*mib)}, {40*mib - 8192, pattern(5, 8192)}})
 
 			// Grow: the data stays, the new space reads zeros.
+			var before layout
+			if filepath.Ext(path) == ".vhd" {
+				before = readLayout(t, path)
+			}
 			mustVhdfs(t, append([]string{"resize", path, sizeArg(tc.grow)}, tc.exact...)...)
+			if before.Dynamic {
+				// The BAT's last sector holds 128 entries: 40 MiB of 2 MiB blocks take 20.
+				after := readLayout(t, path)
+				if moved, want := after.TableOff != before.TableOff, tc.grow > 128*2*mib; moved != want {
+					t.Errorf("BAT at %d, was at %d: moved %v, want %v", after.TableOff, before.TableOff, moved, want)
+				}
+			}
 			model = append(model, make([]byte, tc.grow-int64(len(model)))...)
 			assertResized(t, path, tc.grow, model, differencing)
 

@@ -18,10 +18,12 @@ import (
 //   - Space past the old size that is about to be shown is cleared first, while no
 //     reader sees it: BAT entries past the old size dropped, the tail of a last,
 //     partial block zeroed and its bitmap bits cleared.
-//   - A dynamic or differencing image whose BAT is too short for the new size gets a
-//     new, longer one past the last block: the footer is pushed back first (with its
-//     old content), the new table written behind it, then one write of the dynamic
-//     header points at it. The old table is left unused.
+//   - A dynamic or differencing image whose BAT is too short for the new size takes
+//     the entries into the padding of the table's last sector if they fit (one write
+//     of the dynamic header), or else gets a new, longer table past the last block:
+//     the footer is pushed back first (with its old content), the new table written
+//     behind it, then one write of the dynamic header points at it. The old table is
+//     left unused.
 //   - The footer at the end, which readers use, is rewritten in place (one sector),
 //     then its copy at offset 0. A crash between the two leaves a copy that differs
 //     only in the sizes and geometry, which Check reports as a warning.
@@ -81,7 +83,7 @@ func (img *Image) Resize(size int64) error {
 			if need > maxBATEntries {
 				return fmt.Errorf("%s: resize to %d in blocks of %d needs %d BAT entries, more than %d: %w", img.name, size, img.blockSize, need, maxBATEntries, ErrInvalidArg)
 			}
-			if err := img.moveBATLocked(need); err != nil {
+			if err := img.growBATLocked(need); err != nil {
 				return err
 			}
 		}
@@ -204,6 +206,46 @@ func (img *Image) dropPastLocked(size int64) error {
 	return img.syncLocked()
 }
 
+// growBATLocked gives the image a BAT of entries entries: in place when the
+// padding of the table's last sector holds them (all unallocated, as create writes
+// it), by one write of the dynamic header; moved otherwise (moveBATLocked).
+func (img *Image) growBATLocked(entries int64) error {
+	h := *img.header
+	n := roundUp(int64(h.MaxTableEntries)*4, SectorSize)
+	if entries*4 > n {
+		return img.moveBATLocked(entries)
+	}
+	pad := make([]byte, n-int64(h.MaxTableEntries)*4)
+	if _, err := img.f.ReadAt(pad, int64(h.TableOffset)+int64(h.MaxTableEntries)*4); err != nil {
+		return fmt.Errorf("%s: read BAT at %d: %w", img.name, int64(h.TableOffset)+int64(h.MaxTableEntries)*4, err)
+	}
+	for _, c := range pad {
+		if c != 0xff {
+			return img.moveBATLocked(entries)
+		}
+	}
+	h.MaxTableEntries = uint32(entries)
+	if err := img.writeHeaderLocked(h); err != nil {
+		return err
+	}
+	old := img.bat
+	img.bat = newBAT(int(entries))
+	copy(img.bat.pages, old.pages)
+	return nil
+}
+
+// writeHeaderLocked writes the dynamic header h, syncs, and makes it the image's.
+func (img *Image) writeHeaderLocked(h Header) error {
+	if _, err := img.f.WriteAt(h.Marshal(), int64(img.footer.DataOffset)); err != nil {
+		return fmt.Errorf("%s: write dynamic header at %d: %w", img.name, img.footer.DataOffset, err)
+	}
+	if err := img.f.Sync(); err != nil {
+		return fmt.Errorf("%s: fsync: %w", img.name, err)
+	}
+	*img.header = h // in place: readers test img.header for nil without the lock
+	return nil
+}
+
 // moveBATLocked gives the image a BAT of entries entries past its last block; see
 // Resize. The caller has synced and holds mu.
 func (img *Image) moveBATLocked(entries int64) error {
@@ -235,13 +277,9 @@ func (img *Image) moveBATLocked(entries int64) error {
 	}
 	h := *img.header
 	h.TableOffset, h.MaxTableEntries = uint64(start), uint32(entries)
-	if _, err := img.f.WriteAt(h.Marshal(), int64(img.footer.DataOffset)); err != nil {
-		return fmt.Errorf("%s: write dynamic header at %d: %w", img.name, img.footer.DataOffset, err)
+	if err := img.writeHeaderLocked(h); err != nil {
+		return err
 	}
-	if err := img.f.Sync(); err != nil {
-		return fmt.Errorf("%s: fsync: %w", img.name, err)
-	}
-	*img.header = h
 	old := img.bat
 	img.bat = newBAT(int(entries))
 	copy(img.bat.pages, old.pages)

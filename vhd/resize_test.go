@@ -12,20 +12,20 @@ import (
 
 // resizeCase is an image with data, to resize from size to to.
 type resizeCase struct {
-	name   string
-	typ    DiskType
-	bs     int64
-	size   int64
-	to     int64
-	moved  bool // the BAT must grow
-	tables bool // the image is made with a BAT just for size
+	name  string
+	typ   DiskType
+	bs    int64
+	size  int64
+	to    int64
+	moved bool // the BAT must move
 }
 
 var resizeCases = []resizeCase{
 	{name: "grow dynamic within its BAT", typ: TypeDynamic, bs: 4 * kib, size: 40*kib + 1024, to: 44 * kib},
-	{name: "grow dynamic past its BAT", typ: TypeDynamic, bs: 4 * kib, size: 40*kib + 1024, to: 100 * kib, moved: true},
+	{name: "grow dynamic into its BAT's padding", typ: TypeDynamic, bs: 4 * kib, size: 40*kib + 1024, to: 100 * kib},
+	{name: "grow dynamic past its BAT", typ: TypeDynamic, bs: 4 * kib, size: 40*kib + 1024, to: 600 * kib, moved: true},
 	{name: "shrink dynamic into a block", typ: TypeDynamic, bs: 4 * kib, size: 40 * kib, to: 21*kib + 512},
-	{name: "grow differencing past its BAT", typ: TypeDifferencing, bs: 4 * kib, size: 40 * kib, to: 90*kib + 512, moved: true},
+	{name: "grow differencing past its BAT", typ: TypeDifferencing, bs: 4 * kib, size: 40 * kib, to: 900*kib + 512, moved: true},
 	{name: "shrink differencing", typ: TypeDifferencing, bs: 4 * kib, size: 40 * kib, to: 30 * kib},
 	{name: "grow fixed", typ: TypeFixed, size: 40 * kib, to: 1 * mib},
 	{name: "shrink fixed", typ: TypeFixed, size: 40 * kib, to: 20*kib + 512},

@@ -3,6 +3,8 @@ package vhd
 import (
 	"encoding/binary"
 	"fmt"
+
+	"github.com/vhdfs/vhdfs/internal/fileio"
 )
 
 // Resize changes the virtual size to size, a positive multiple of 512, as
@@ -20,10 +22,8 @@ import (
 //     partial block zeroed and its bitmap bits cleared.
 //   - A dynamic or differencing image whose BAT is too short for the new size takes
 //     the entries into the padding of the table's last sector if they fit (one write
-//     of the dynamic header), or else gets a new, longer table past the last block:
-//     the footer is pushed back first (with its old content), the new table written
-//     behind it, then one write of the dynamic header points at it. The old table is
-//     left unused.
+//     of the dynamic header), or else gets a longer table before its blocks, the
+//     blocks in its way copied to the end first (moveBATLocked).
 //   - The footer at the end, which readers use, is rewritten in place (one sector),
 //     then its copy at offset 0. A crash between the two leaves a copy that differs
 //     only in the sizes and geometry, which Check reports as a warning.
@@ -246,18 +246,34 @@ func (img *Image) writeHeaderLocked(h Header) error {
 	return nil
 }
 
-// moveBATLocked gives the image a BAT of entries entries past its last block; see
-// Resize. The caller has synced and holds mu.
+// moveBATLocked gives the image a BAT of entries entries before its blocks, as
+// blktap's vhd-util resize does, so that every reader, blktap's too, still finds the
+// metadata before the data: where the table is if it is the last of the metadata
+// (header, table, parent locators), else right after the metadata. The blocks in the
+// way are copied to the end of the file first, one at a time, each behind an fsync
+// before its BAT entry (in the old table) points at the copy; then the new table is
+// written and synced; then one write of the dynamic header switches to it. A crash
+// leaves the old table in force, its blocks whole where it points. The caller has
+// synced and holds mu.
 func (img *Image) moveBATLocked(entries int64) error {
-	start := roundUp(img.footerOff+FooterSize, SectorSize)
+	h := *img.header
+	oldOff, oldLen := int64(h.TableOffset), roundUp(int64(h.MaxTableEntries)*4, SectorSize)
 	n := roundUp(entries*4, SectorSize)
-	if (start+n)/SectorSize >= int64(unallocated) {
-		return fmt.Errorf("%s: move the BAT past %d: the file would exceed the 2 TiB a BAT can address: %w", img.name, start, ErrOutOfRange)
+	start := roundUp(img.metaEnd, SectorSize)
+	if oldOff+oldLen >= start {
+		start = oldOff
 	}
-	if err := img.writeFooterLocked(img.footer.Marshal(), start+n); err != nil {
-		return err
+	var inWay []int64
+	for i, e := range img.bat.allocated() {
+		if overlaps(int64(e)*SectorSize, img.bitmapSize+img.blockSize, start, n) {
+			inWay = append(inWay, int64(i))
+		}
 	}
-	img.footerOff = start + n
+	for _, blk := range inWay {
+		if err := img.relocateLocked(blk); err != nil {
+			return err
+		}
+	}
 	buf := make([]byte, min(n, 64<<10))
 	for off := int64(0); off < n; off += int64(len(buf)) {
 		k := min(int64(len(buf)), n-off)
@@ -275,7 +291,6 @@ func (img *Image) moveBATLocked(entries int64) error {
 	if err := img.f.Sync(); err != nil {
 		return fmt.Errorf("%s: fsync: %w", img.name, err)
 	}
-	h := *img.header
 	h.TableOffset, h.MaxTableEntries = uint64(start), uint32(entries)
 	if err := img.writeHeaderLocked(h); err != nil {
 		return err
@@ -290,6 +305,32 @@ func (img *Image) moveBATLocked(entries int64) error {
 	}
 	img.metaEnd = max(img.metaEnd, start+n)
 	return nil
+}
+
+// relocateLocked copies block blk (bitmap and data) to a new block at the end of the
+// file, syncs, and points its BAT entry at the copy (syncLocked). All-zero pieces are
+// not written: the new block reads as zeros where nothing is written.
+func (img *Image) relocateLocked(blk int64) error {
+	from := int64(img.bat.get(blk)) * SectorSize
+	e, err := img.allocateLocked(uint32(blk))
+	if err != nil {
+		return err
+	}
+	to := int64(e) * SectorSize
+	buf := make([]byte, min(img.bitmapSize+img.blockSize, 1<<20))
+	for off := int64(0); off < img.bitmapSize+img.blockSize; off += int64(len(buf)) {
+		k := min(int64(len(buf)), img.bitmapSize+img.blockSize-off)
+		if _, err := img.f.ReadAt(buf[:k], from+off); err != nil {
+			return fmt.Errorf("%s: read block %d at %d: %w", img.name, blk, from+off, err)
+		}
+		if fileio.AllZero(buf[:k]) {
+			continue
+		}
+		if _, err := img.f.WriteAt(buf[:k], to+off); err != nil {
+			return fmt.Errorf("%s: copy block %d to %d: %w", img.name, blk, to+off, err)
+		}
+	}
+	return img.syncLocked()
 }
 
 // resizedCopy reports whether the footer copy c differs from the footer f only in

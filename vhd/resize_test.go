@@ -23,9 +23,9 @@ type resizeCase struct {
 var resizeCases = []resizeCase{
 	{name: "grow dynamic within its BAT", typ: TypeDynamic, bs: 4 * kib, size: 40*kib + 1024, to: 44 * kib},
 	{name: "grow dynamic into its BAT's padding", typ: TypeDynamic, bs: 4 * kib, size: 40*kib + 1024, to: 100 * kib},
-	{name: "grow dynamic past its BAT", typ: TypeDynamic, bs: 4 * kib, size: 40*kib + 1024, to: 600 * kib, moved: true},
+	{name: "grow dynamic past its BAT", typ: TypeDynamic, bs: 4 * kib, size: 40*kib + 1024, to: 4*mib + 512, moved: true},
 	{name: "shrink dynamic into a block", typ: TypeDynamic, bs: 4 * kib, size: 40 * kib, to: 21*kib + 512},
-	{name: "grow differencing past its BAT", typ: TypeDifferencing, bs: 4 * kib, size: 40 * kib, to: 900*kib + 512, moved: true},
+	{name: "grow differencing past its BAT", typ: TypeDifferencing, bs: 4 * kib, size: 40 * kib, to: 16*mib + 512, moved: true},
 	{name: "shrink differencing", typ: TypeDifferencing, bs: 4 * kib, size: 40 * kib, to: 30 * kib},
 	{name: "grow fixed", typ: TypeFixed, size: 40 * kib, to: 1 * mib},
 	{name: "shrink fixed", typ: TypeFixed, size: 40 * kib, to: 20*kib + 512},
@@ -89,6 +89,11 @@ func checkResized(t *testing.T, path string, parent, before []byte, to int64, mu
 	if ps := problems(img.Check(), Error); len(ps) > 0 {
 		t.Fatalf("%s: Check: %v", what, ps)
 	}
+	for _, p := range problems(img.Check(), Warning) {
+		if strings.Contains(p.Message, "clobbers headers") {
+			t.Fatalf("%s: Check: %v", what, p)
+		}
+	}
 	got := view(t, img, parent)
 	common := min(size, int64(len(before)))
 	if !bytes.Equal(got[:common], before[:common]) {
@@ -122,8 +127,12 @@ func TestResize(t *testing.T) {
 			checkResized(t, path, parent, before, c.to, true, "after resize")
 			after := openImage(t, path, false)
 			h, _ := after.Header()
-			if moved := h.TableOffset != oldBAT.TableOffset; moved != c.moved {
-				t.Fatalf("BAT moved = %v (from %d to %d), want %v", moved, oldBAT.TableOffset, h.TableOffset, c.moved)
+			moved := roundUp(int64(h.MaxTableEntries)*4, SectorSize) > roundUp(int64(oldBAT.MaxTableEntries)*4, SectorSize)
+			if moved != c.moved {
+				t.Fatalf("BAT grown past its sectors = %v (%d entries at %d, was %d at %d), want %v", moved, h.MaxTableEntries, h.TableOffset, oldBAT.MaxTableEntries, oldBAT.TableOffset, c.moved)
+			}
+			if c.moved && int64(after.bat.get(0))*SectorSize < int64(h.TableOffset)+int64(h.MaxTableEntries)*4 {
+				t.Fatalf("block 0 at %d, before the end of the BAT", int64(after.bat.get(0))*SectorSize)
 			}
 			f := after.Footer()
 			if g := CHS(c.to); g.Bytes() == c.to && f.Geometry != g || g.Bytes() != c.to && f.Geometry != MaxGeometry {

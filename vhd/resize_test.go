@@ -211,6 +211,10 @@ func TestResizeCrash(t *testing.T) {
 				}
 				completed := !ff.failed
 				checkResized(t, work, parent, before, c.to, completed, fmt.Sprintf("k=%d", k))
+				if c.to < c.size {
+					// Grown back, whatever the cut left past the smaller size is gone.
+					regrow(t, work, parent, before, c.to, fmt.Sprintf("k=%d, grown back", k))
+				}
 				if completed {
 					t.Logf("resize completed with %d writes; every earlier cut was safe", ff.writes)
 					break
@@ -218,4 +222,31 @@ func TestResizeCrash(t *testing.T) {
 			}
 		})
 	}
+}
+
+// regrow resizes the image at path, cut down to size from the view before, back to
+// len(before) and checks that the part past size reads zeros (a differencing image:
+// its parent, as it stores nothing there).
+func regrow(t *testing.T, path string, parent, before []byte, size int64, what string) {
+	t.Helper()
+	img, err := Open(path, true)
+	if err != nil {
+		t.Fatalf("%s: %v", what, err)
+	}
+	if img.Size() != size { // the cut left the old size
+		img.Close()
+		return
+	}
+	if err := img.Resize(int64(len(before))); err != nil {
+		t.Fatalf("%s: %v", what, err)
+	}
+	if err := img.Close(); err != nil {
+		t.Fatalf("%s: %v", what, err)
+	}
+	want := append([]byte(nil), before[:size]...)
+	want = append(want, make([]byte, int64(len(before))-size)...)
+	if parent != nil {
+		copy(want[size:], parent[size:])
+	}
+	checkResized(t, path, parent, want, int64(len(before)), true, what)
 }

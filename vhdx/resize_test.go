@@ -230,6 +230,28 @@ func TestResizeCut(t *testing.T) {
 					what := fmt.Sprintf("cut after %d (writable %v)", k, writable)
 					sameOrResized(t, resizedView(t, p, writable, parent), before, c.to, err == nil, what)
 				}
+				if c.to < c.size {
+					// Grown back, what the cut left past the smaller size is gone.
+					img, oerr := Open(p, true)
+					if oerr != nil {
+						t.Fatal(oerr)
+					}
+					if img.Size() == c.to {
+						if rerr := img.Resize(c.size); rerr != nil {
+							t.Fatalf("cut after %d, grown back: %v", k, rerr)
+						}
+						want := append(append([]byte(nil), before[:c.to]...), make([]byte, c.size-c.to)...)
+						if c.diff {
+							copy(want[c.to:], parent[c.to:])
+						}
+						img.Close()
+						if got := resizedView(t, p, false, parent); !bytes.Equal(got, want) {
+							t.Fatalf("cut after %d, grown back: not the view cut and zero-filled", k)
+						}
+					} else {
+						img.Close()
+					}
+				}
 				if err == nil {
 					t.Logf("%d cut points", k)
 					return

@@ -70,6 +70,11 @@ type Image interface {
 	CopyFrom(src *os.File, srcOff, off, n int64) (int64, error)
 	// NoReservation stops reserving space for new blocks ahead of their writes.
 	NoReservation()
+	// Resize changes the virtual size (a multiple of SectorSize) of a writable image
+	// no one else does I/O on, durably: a crash leaves the old size or the new one,
+	// the shared part unchanged. Grown space reads as stored nothing (zeros, or a
+	// differencing image's parent); what lay past a smaller size is dropped.
+	Resize(size int64) error
 
 	Sync() error
 	// StartWriteback starts writing dirty pages back without waiting for them.
@@ -87,6 +92,13 @@ type Image interface {
 // (opened read-only) replays in memory. A writable open replays them into the file.
 type LogHolder interface {
 	LogPending() bool
+}
+
+// SizeRounder is implemented by formats whose sizes round to something other
+// tools expect (VHD: a whole CHS geometry); RoundSize is the size create gives for
+// a request of size.
+type SizeRounder interface {
+	RoundSize(size int64) int64
 }
 
 // Type is the kind of image. The values are the VHD footer's.

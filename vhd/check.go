@@ -85,7 +85,11 @@ func (img *Image) Check() []Problem {
 	if img.copyFooter == nil {
 		add(Error, "footer copy at offset 0 is missing or damaged")
 	} else if state != FooterCopyOnly && !bytes.Equal(img.copyFooter.Marshal(), f.Marshal()) {
-		add(Error, "footer copy at offset 0 differs from the footer at the end")
+		if c := *img.copyFooter; resizedCopy(c, *f) {
+			add(Warning, "footer copy at offset 0 records size %d, the footer at the end %d: a resize was interrupted; 'vhdfs resize' to either size rewrites it", c.CurrentSize, f.CurrentSize)
+		} else {
+			add(Error, "footer copy at offset 0 differs from the footer at the end")
+		}
 	}
 	h := img.header
 	if h.DataOffset != noDataOffset {

@@ -39,6 +39,8 @@ const usage = `usage:
   vhdfs convert [--format vhd|vhdx] [--type dynamic|fixed] [--block-size SIZE] [--azure]
                 [-p|--progress] [-U] [--parent PARENT]... [-q] IN OUT
   vhdfs relink [--force-rw] IMAGE PARENT
+  vhdfs resize [--exact-size] [--force] [--force-rw] IMAGE SIZE
+  vhdfs resize --smallest [--exact-size] IMAGE
   vhdfs help [COMMAND]               (or vhdfs COMMAND --help: every flag, described)
   vhdfs completion bash|zsh|fish|powershell
   vhdfs version
@@ -73,6 +75,7 @@ func init() {
 		"convert":    cmdConvert,
 		"snapshot":   cmdSnapshot,
 		"relink":     cmdRelink,
+		"resize":     cmdResize,
 		"version":    cmdVersion,
 		"help":       cmdHelp,
 		"completion": cmdCompletion,
@@ -98,6 +101,7 @@ var summaries = map[string]string{
 	"convert":    "flatten the chain (or one image) into a new VHD or VHDX, dynamic or fixed",
 	"snapshot":   "create a new, empty differencing image on IMAGE (a checkpoint)",
 	"relink":     "point IMAGE's parent locators at PARENT, once its unique ID matches (qemu-img rebase -u)",
+	"resize":     "change the virtual size of IMAGE, offline (ResizeVirtualDisk); a shrink past a partition or data needs --force",
 	"version":    "print the version",
 	"help":       "show the help of vhdfs or of one command",
 	"completion": "print a bash, zsh, fish or powershell completion script",

@@ -10,6 +10,7 @@ command -v qemu-storage-daemon >/dev/null || need+=(qemu-system-common) # the be
 command -v mkfs.ext4 >/dev/null || need+=(e2fsprogs)
 command -v mkfs.xfs >/dev/null || need+=(xfsprogs) # the bench's merge on XFS (reflink)
 command -v losetup >/dev/null || need+=(mount)
+command -v sfdisk >/dev/null || need+=(fdisk) # resize: partition tables written into disk.raw
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}"
   sudo=""

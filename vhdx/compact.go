@@ -139,6 +139,21 @@ func (img *Image) Compact(ctx context.Context, o image.CompactOptions) (image.Co
 		bat := map[int64]batEntry{}
 		for i := range drop {
 			bat[i] = makeEntry(NotPresent, 0)
+			// The bits of a NOT_PRESENT block mean nothing (§2.5.1.1), but libvhdi
+			// reads a block through them whatever its state: they are cleared. The
+			// view is the same before and after (zeros here, zeros below).
+			if diff {
+				blk := g.block(i)
+				be, err := img.entry(g.bitmapIndex(blk))
+				if err != nil {
+					return res, err
+				}
+				if be.state() == Present {
+					if err := img.commitLocked(nil, &bitRange{blk: blk, reset: true}); err != nil {
+						return res, err
+					}
+				}
+			}
 		}
 		if err := img.commitLocked(bat, nil); err != nil {
 			return res, err

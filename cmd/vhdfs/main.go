@@ -35,6 +35,7 @@ const usage = `usage:
   vhdfs snapshot IMAGE NEW
   vhdfs merge [-p|--progress] [--depth N] [--from S] [--force-rw] IMAGE
   vhdfs check [--repair [--force-rw]] [-U] [--json] [--parent PARENT]... IMAGE
+  vhdfs compact [-n|--dry-run] [-p|--progress] [--force-rw] IMAGE
   vhdfs export [-p|--progress] [-U] [--parent PARENT]... IMAGE OUT.raw|-|DEVICE
   vhdfs relink [--force-rw] IMAGE PARENT
   vhdfs help [COMMAND]               (or vhdfs COMMAND --help: every flag, described)
@@ -68,6 +69,7 @@ func init() {
 		"merge":      cmdMerge,
 		"check":      cmdCheck,
 		"export":     cmdExport,
+		"compact":    cmdCompact,
 		"snapshot":   cmdSnapshot,
 		"relink":     cmdRelink,
 		"version":    cmdVersion,
@@ -91,6 +93,7 @@ var summaries = map[string]string{
 	"create":     "create a dynamic or fixed image, or a differencing image of a parent (--parent)",
 	"merge":      "merge the top image (or a range) into its parent, offline",
 	"check":      "check the structure of every image in the chain",
+	"compact":    "drop all-zero blocks and shrink the file (Optimize-VHD), offline; --dry-run says by how much",
 	"export":     "write the whole chain as one raw file, to a file, stdout (-) or a block device",
 	"snapshot":   "create a new, empty differencing image on IMAGE (a checkpoint)",
 	"relink":     "point IMAGE's parent locators at PARENT, once its unique ID matches (qemu-img rebase -u)",

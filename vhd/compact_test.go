@@ -224,7 +224,7 @@ func TestCompactRefuses(t *testing.T) {
 	}
 }
 
-// TestCompactCrash cuts Compact after every write (failFile, as TestCrashOrder):
+// TestCompactCrash cuts Compact after every write, fsync and truncate (stepFile):
 // after each cut the image opens with its footer at the end, Check finds no error,
 // and the view is the model; the first budget that lets it complete gives the
 // compacted file.
@@ -244,6 +244,7 @@ func TestCompactCrash(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			dir := t.TempDir()
 			template, _, model, parent := compactFixture(t, dir, tc.typ, tc.bs, 24, func(b int) bool { return b%3 != 1 || b < 4 })
+			scrubGaps(t, template)
 			oldSum := sha256.Sum256(readFile(t, template))
 			work := filepath.Join(dir, "work.vhd")
 			for k := 0; ; k++ {
@@ -255,7 +256,7 @@ func TestCompactCrash(t *testing.T) {
 				if err != nil {
 					t.Fatal(err)
 				}
-				ff := &failFile{File: f, budget: k}
+				ff := &stepFile{File: f, left: k}
 				img, err := OpenFile(ff, work, true)
 				if err != nil {
 					t.Fatalf("k=%d: OpenFile: %v", k, err)
@@ -264,6 +265,9 @@ func TestCompactCrash(t *testing.T) {
 				closeErr := img.Close()
 				if cerr != nil && !errors.Is(cerr, errInjected) || closeErr != nil && !errors.Is(closeErr, errInjected) {
 					t.Fatalf("k=%d: unexpected error: %v, %v", k, cerr, closeErr)
+				}
+				if ff.failed != (cerr != nil || closeErr != nil) {
+					t.Fatalf("k=%d: a step was refused (%v) but the errors were %v, %v", k, ff.failed, cerr, closeErr)
 				}
 				after, err := Open(work, false)
 				if err != nil {
@@ -286,10 +290,74 @@ func TestCompactCrash(t *testing.T) {
 					if res.Dropped == 0 || res.Moved == 0 || fileSize(t, work) >= fileSize(t, template) {
 						t.Fatalf("completed with %+v: the fixture must drop, move and shrink", res)
 					}
-					t.Logf("compact completed after %d writes (%+v); every earlier cut was safe", ff.writes, res)
+					t.Logf("compact completed after %d steps (%+v); every earlier cut was safe", k, res)
 					break
 				}
 			}
 		})
 	}
+}
+
+// scrubGaps overwrites the 512 bytes after every block with 0xCC where no block or
+// footer is: each allocation leaves a valid footer there (allocateLocked), which
+// would make a file cut right after a block valid by chance.
+func scrubGaps(t *testing.T, p string) {
+	t.Helper()
+	img := openImage(t, p, false)
+	var offs []int64
+	blockLen := img.bitmapSize + img.blockSize
+	for _, e := range img.bat.allocated() {
+		off := int64(e)*SectorSize + blockLen
+		free := off+FooterSize <= img.footerOff
+		for _, o := range img.bat.allocated() {
+			free = free && !overlaps(off, FooterSize, int64(o)*SectorSize, blockLen)
+		}
+		if free {
+			offs = append(offs, off)
+		}
+	}
+	img.Close()
+	junk := bytes.Repeat([]byte{0xcc}, FooterSize)
+	for _, off := range offs {
+		patchAt(t, p, off, junk)
+	}
+}
+
+// stepFile lets the first left writes, fsyncs and truncates through and refuses every
+// later one: unlike failFile, a cut can fall between any two of them (between the
+// footer's fsync and the truncate, say).
+type stepFile struct {
+	*os.File
+	left   int
+	failed bool
+}
+
+func (f *stepFile) step() error {
+	if f.left <= 0 {
+		f.failed = true
+		return errInjected
+	}
+	f.left--
+	return nil
+}
+
+func (f *stepFile) WriteAt(p []byte, off int64) (int, error) {
+	if err := f.step(); err != nil {
+		return 0, err
+	}
+	return f.File.WriteAt(p, off)
+}
+
+func (f *stepFile) Sync() error {
+	if err := f.step(); err != nil {
+		return err
+	}
+	return f.File.Sync()
+}
+
+func (f *stepFile) Truncate(n int64) error {
+	if err := f.step(); err != nil {
+		return err
+	}
+	return f.File.Truncate(n)
 }

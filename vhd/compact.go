@@ -2,7 +2,9 @@ package vhd
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"os"
 	"slices"
 
 	"github.com/vhdfs/vhdfs/image"
@@ -132,11 +134,8 @@ func (img *Image) Compact(ctx context.Context, o image.CompactOptions) (image.Co
 		batch := moves[:min(compactBatch, len(moves))]
 		moves = moves[len(batch):]
 		for _, m := range batch {
-			if _, err := img.f.ReadAt(buf, m.From); err != nil {
-				return res, fmt.Errorf("%s: read block %d at %d: %w", img.name, m.ID, m.From, err)
-			}
-			if _, err := img.f.WriteAt(buf, m.To); err != nil {
-				return res, fmt.Errorf("%s: write block %d at %d: %w", img.name, m.ID, m.To, err)
+			if err := img.copyBlock(buf, m); err != nil {
+				return res, err
 			}
 		}
 		for _, m := range batch {
@@ -245,4 +244,28 @@ func (img *Image) metaRegions() []region {
 		}
 	}
 	return out
+}
+
+// copyBlock copies a block (bitmap and data) to its new place: in the kernel
+// (copy_file_range) where the file system can, else through buf.
+func (img *Image) copyBlock(buf []byte, m pack.Move) error {
+	done := int64(0)
+	if f, ok := img.f.(*os.File); ok {
+		var err error
+		done, err = fileio.CopyRange(f, m.From, f, m.To, m.Len, SectorSize, img.name)
+		if err != nil && !errors.Is(err, image.ErrNoKernelCopy) {
+			return fmt.Errorf("move block %d: %w", m.ID, err)
+		}
+	}
+	if done == m.Len {
+		return nil
+	}
+	p := buf[:m.Len-done]
+	if _, err := img.f.ReadAt(p, m.From+done); err != nil {
+		return fmt.Errorf("%s: read block %d at %d: %w", img.name, m.ID, m.From+done, err)
+	}
+	if _, err := img.f.WriteAt(p, m.To+done); err != nil {
+		return fmt.Errorf("%s: write block %d at %d: %w", img.name, m.ID, m.To+done, err)
+	}
+	return nil
 }

@@ -2,9 +2,12 @@ package vhdx
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"os"
 
 	"github.com/vhdfs/vhdfs/image"
+	"github.com/vhdfs/vhdfs/internal/fileio"
 	"github.com/vhdfs/vhdfs/internal/pack"
 )
 
@@ -202,10 +205,19 @@ func (img *Image) Compact(ctx context.Context, o image.CompactOptions) (image.Co
 	return res, nil
 }
 
-// copyData copies n bytes of the file from from to to through buf (the holes of
-// Plan never overlap what they copy).
+// copyData copies n bytes of the file from from to to (the holes of Plan never
+// overlap what they copy), by copy_file_range or through buf.
 func (img *Image) copyData(buf []byte, from, to, n int64) error {
-	for k := int64(0); k < n; {
+	k := int64(0)
+	// In the kernel where the file system can (and no log overlay stands between).
+	if f, ok := img.src.f.(*os.File); ok && img.src.ov == nil {
+		var err error
+		k, err = fileio.CopyRange(f, from, f, to, n, img.geo.sectorSize, img.name)
+		if err != nil && !errors.Is(err, ErrNoKernelCopy) {
+			return err
+		}
+	}
+	for k < n {
 		c := min(int64(len(buf)), n-k)
 		if err := img.readData(buf[:c], from+k); err != nil {
 			return fmt.Errorf("read at %d: %w", from+k, err)

@@ -107,6 +107,8 @@ func (img *Image) Compact(ctx context.Context, o image.CompactOptions) (image.Co
 	}
 	moves, end := pack.Plan(ext, img.fit)
 	res.Moved = len(moves)
+	scanned := total
+	total += int64(len(moves)) * img.blockSize
 	newFooterOff := roundUp(max(end, img.metaEnd), SectorSize)
 	res.NewSize = min(newFooterOff+FooterSize, res.OldSize)
 	if o.DryRun {
@@ -146,7 +148,7 @@ func (img *Image) Compact(ctx context.Context, o image.CompactOptions) (image.Co
 		if err := img.syncLocked(); err != nil {
 			return res, err
 		}
-		progress(total - int64(len(moves))*img.blockSize)
+		progress(scanned + int64(res.Moved-len(moves))*img.blockSize)
 	}
 	if newFooterOff+FooterSize < res.OldSize {
 		if _, err := img.f.WriteAt(img.footer.Marshal(), newFooterOff); err != nil {

@@ -126,6 +126,8 @@ func (img *Image) Compact(ctx context.Context, o image.CompactOptions) (image.Co
 	}
 	moves, end := pack.Plan(ext, fitMiB)
 	res.Moved = len(moves)
+	scanned := total
+	total += int64(len(moves)) * g.blockSize
 	newEnd := (end + MiB - 1) / MiB * MiB
 	res.NewSize = min(newEnd, res.OldSize)
 	if o.DryRun || len(drop) == 0 && len(moves) == 0 && newEnd >= img.src.vsize {
@@ -190,7 +192,7 @@ func (img *Image) Compact(ctx context.Context, o image.CompactOptions) (image.Co
 		if err := img.flushPendingLocked(); err != nil {
 			return res, err
 		}
-		progress(total - int64(len(moves))*g.blockSize)
+		progress(scanned + int64(res.Moved-len(moves))*g.blockSize)
 	}
 	if newEnd < img.src.vsize {
 		if err := img.src.f.Truncate(newEnd); err != nil {

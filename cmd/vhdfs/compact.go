@@ -27,9 +27,8 @@ func cmdCompact(args []string) error {
 	fileio.AllowWriteProtected(*forceRW)
 	path := pos[0]
 	// A mounted image is compacted by nobody but its owner, once unmounted.
-	if rec, err := findMount(path); err != nil {
-		return err
-	} else if rec != nil {
+	// (A path that is not there is the open's to report, naming it.)
+	if rec, err := findMount(path); err == nil && rec != nil {
 		return fmt.Errorf("%s is mounted at %s (mount process %d): unmount it first ('vhdfs umount %s'), then compact it", path, rec.Mountpoint, rec.PID, rec.Mountpoint)
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)

@@ -49,6 +49,9 @@ func (img *Image) Compact(ctx context.Context, o image.CompactOptions) (image.Co
 	}
 	img.mu.Lock()
 	defer img.mu.Unlock()
+	if img.hasBatmap() {
+		return res, fmt.Errorf("%s: has a blktap batmap, which compact would leave naming dropped blocks: %w", img.name, ErrUnsupported)
+	}
 	if img.writable {
 		if err := img.syncLocked(); err != nil {
 			return res, err
@@ -270,4 +273,17 @@ func (img *Image) copyBlock(buf []byte, m pack.Move) error {
 		return fmt.Errorf("%s: write block %d at %d: %w", img.name, m.ID, m.To+done, err)
 	}
 	return nil
+}
+
+// hasBatmap reports whether a blktap image keeps a batmap (a "tdbatmap" header in
+// the sector after the BAT): a bit per block that says it is fully allocated, which
+// vhdfs does not keep up to date. The caller holds mu.
+func (img *Image) hasBatmap() bool {
+	if string(img.footer.CreatorApp[:3]) != "tap" {
+		return false
+	}
+	h := img.header
+	b := make([]byte, 8)
+	_, err := img.f.ReadAt(b, int64(h.TableOffset)+roundUp(int64(h.MaxTableEntries)*4, SectorSize))
+	return err == nil && string(b) == "tdbatmap"
 }

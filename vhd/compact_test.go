@@ -217,6 +217,20 @@ func TestCompactRefuses(t *testing.T) {
 	if _, err := img.Compact(context.Background(), image.CompactOptions{}); !errors.Is(err, ErrUnsupported) {
 		t.Fatalf("fixed: %v, want ErrUnsupported", err)
 	}
+	// A blktap image with a batmap after the BAT.
+	p = createImage(t, dir, "tap.vhd", CreateOptions{Type: TypeDynamic, Size: mib, ExactSize: true})
+	img = openImage(t, p, true)
+	if _, err := img.WriteAt(bytes.Repeat([]byte{1}, SectorSize), 0); err != nil { // the footer moves past the block
+		t.Fatal(err)
+	}
+	h, _ := img.Header()
+	img.Close()
+	editFooter(t, p, func(f *Footer) { copy(f.CreatorApp[:], "tap\x00") })
+	patchAt(t, p, int64(h.TableOffset)+roundUp(int64(h.MaxTableEntries)*4, SectorSize), []byte("tdbatmap"))
+	img = openImage(t, p, true)
+	if _, err := img.Compact(context.Background(), image.CompactOptions{}); !errors.Is(err, ErrUnsupported) {
+		t.Fatalf("batmap: %v, want ErrUnsupported", err)
+	}
 	p = createImage(t, dir, "dyn.vhd", CreateOptions{Type: TypeDynamic, Size: mib, ExactSize: true})
 	img = openImage(t, p, false)
 	if _, err := img.Compact(context.Background(), image.CompactOptions{}); !errors.Is(err, ErrReadOnly) {

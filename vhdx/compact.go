@@ -157,13 +157,16 @@ func (img *Image) Compact(ctx context.Context, o image.CompactOptions) (image.Co
 					if err := img.commitLocked(nil, &bitRange{blk: blk, reset: true}); err != nil {
 						return res, err
 					}
+					// (commitLocked flushes a full pending set only when a bit was set.)
+					if len(img.src.pending) >= maxPendingSectors {
+						if err := img.flushPendingLocked(); err != nil {
+							return res, err
+						}
+					}
 				}
 			}
 		}
-		if err := img.commitLocked(bat, nil); err != nil {
-			return res, err
-		}
-		if err := img.flushPendingLocked(); err != nil {
+		if err := img.commitEachLocked(bat); err != nil {
 			return res, err
 		}
 	}
@@ -186,10 +189,7 @@ func (img *Image) Compact(ctx context.Context, o image.CompactOptions) (image.Co
 		}
 		// The log's first step is an fsync: the copies are durable before any
 		// entry names them.
-		if err := img.commitLocked(bat, nil); err != nil {
-			return res, err
-		}
-		if err := img.flushPendingLocked(); err != nil {
+		if err := img.commitEachLocked(bat); err != nil {
 			return res, err
 		}
 		progress(scanned + int64(res.Moved-len(moves))*g.blockSize)
@@ -205,6 +205,19 @@ func (img *Image) Compact(ctx context.Context, o image.CompactOptions) (image.Co
 	}
 	progress(total)
 	return res, nil
+}
+
+// commitEachLocked applies the entries of bat one at a time (commitLocked), so
+// that however many BAT sectors they touch, each log entry holds at most
+// maxPendingSectors of them, and makes them durable. Each entry keeps the view by
+// itself, in whichever order they land. The caller holds mu.
+func (img *Image) commitEachLocked(bat map[int64]batEntry) error {
+	for i, e := range bat {
+		if err := img.commitLocked(map[int64]batEntry{i: e}, nil); err != nil {
+			return err
+		}
+	}
+	return img.flushPendingLocked()
 }
 
 // copyData copies n bytes of the file from from to to (the holes of Plan never

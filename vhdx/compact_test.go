@@ -285,3 +285,56 @@ func TestCompactCrash(t *testing.T) {
 		})
 	}
 }
+
+// TestCompactManyBATSectors drops blocks whose entries lie in more BAT sectors than
+// one log entry can hold (256 sectors of 512 entries, in a 1 MiB log): the changes go
+// through the log in several entries.
+func TestCompactManyBATSectors(t *testing.T) {
+	const blocks = 300
+	p := filepath.Join(t.TempDir(), "big.vhdx")
+	size := int64(blocks) * batPageEntries * MiB
+	if err := Create(p, CreateOptions{Type: TypeDynamic, Size: size, BlockSize: MiB}); err != nil {
+		t.Fatal(err)
+	}
+	img, err := Open(p, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// One block in each BAT page: data (the block is allocated), then zeros.
+	for k := int64(0); k < blocks; k++ {
+		off := k * batPageEntries * MiB
+		if _, err := img.WriteAt(fill(4096, 1), off); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := img.WriteAt(make([]byte, 4096), off); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := img.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if img, err = Open(p, true); err != nil {
+		t.Fatal(err)
+	}
+	res, err := img.Compact(context.Background(), image.CompactOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := img.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if res.Dropped != blocks || res.NewSize >= res.OldSize {
+		t.Fatalf("%+v: want all %d blocks dropped and the file smaller", res, blocks)
+	}
+	ro, err := Open(p, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ro.Close()
+	if ps := errorsOf(ro.Check()); len(ps) > 0 {
+		t.Fatalf("Check: %v", ps)
+	}
+	if n := ro.AllocatedBytes(); n != 0 {
+		t.Fatalf("%d bytes still allocated", n)
+	}
+}

@@ -224,11 +224,12 @@ func (img *Image) droppable(i int, e uint32, buf []byte, belowZero func(off, n i
 }
 
 // fit places a block (bitmap and data, n bytes) in the hole [start, end): with its
-// data 4 KiB-aligned, as allocateLocked does, where that fits, else at the hole's
-// first sector.
+// data 4 KiB-aligned, as allocateLocked does, where that costs the hole no block
+// (blocks packed back to back, as qemu writes them, leave holes of exactly their
+// size), else at the hole's first sector.
 func (img *Image) fit(start, end, n int64) (int64, bool) {
 	start = roundUp(start, SectorSize)
-	if s := roundUp(start+img.bitmapSize, dataAlign) - img.bitmapSize; s+n <= end {
+	if s := roundUp(start+img.bitmapSize, dataAlign) - img.bitmapSize; s+n <= end && (end-s)/n == (end-start)/n {
 		return s, true
 	}
 	return start, start+n <= end

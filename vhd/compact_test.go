@@ -375,3 +375,29 @@ func (f *stepFile) Truncate(n int64) error {
 	}
 	return f.File.Truncate(n)
 }
+
+// TestCompactFit: a moved block's data is 4 KiB-aligned unless that would leave a
+// hole room for fewer blocks.
+func TestCompactFit(t *testing.T) {
+	img := &Image{bitmapSize: 512, blockSize: 2 * mib}
+	n := img.bitmapSize + img.blockSize
+	for _, tc := range []struct {
+		name             string
+		start, end, want int64
+		ok               bool
+	}{
+		{"aligned already", 3584, 3584 + n, 3584, true},
+		{"room to align", 1024, 1024 + n + 4096, 3584, true},
+		{"no room to align", 1024, 1024 + n, 1024, true},
+		{"two packed slots keep two blocks", 1024, 1024 + 2*n, 1024, true},
+		{"too small", 1024, 1024 + n - 512, 1024, false},
+		{"unaligned start rounds to a sector", 1000, 1024 + n, 1024, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			got, ok := img.fit(tc.start, tc.end, n)
+			if got != tc.want || ok != tc.ok {
+				t.Fatalf("fit(%d, %d) = %d, %v; want %d, %v", tc.start, tc.end, got, ok, tc.want, tc.ok)
+			}
+		})
+	}
+}

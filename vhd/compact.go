@@ -180,13 +180,19 @@ func (img *Image) droppable(i int, e uint32, buf []byte, belowZero func(off, n i
 	if _, err := img.f.ReadAt(buf, off); err != nil {
 		return false, false, fmt.Errorf("%s: read block %d at %d: %w", img.name, i, off, err)
 	}
-	bm, data := buf[:img.bitmapSize], buf[img.bitmapSize:]
+	// Only the part of the last block inside the disk counts; a block past the
+	// disk's end (which Check warns of) stays as it is.
+	base := int64(i) * img.blockSize
+	if base >= img.size {
+		return false, false, nil
+	}
+	bm, data := buf[:img.bitmapSize], buf[img.bitmapSize:img.bitmapSize+min(img.blockSize, img.size-base)]
 	if img.footer.DiskType != TypeDifferencing {
 		return fileio.AllZero(data), false, nil
 	}
 	// The runs of present sectors: zeros here, and zeros below.
 	var runs [][2]int64
-	spb := img.blockSize / SectorSize
+	spb := int64(len(data)) / SectorSize
 	for s := int64(0); s < spb; {
 		if bm[s/8]&(0x80>>(s%8)) == 0 {
 			s++
@@ -202,17 +208,11 @@ func (img *Image) droppable(i int, e uint32, buf []byte, belowZero func(off, n i
 		runs = append(runs, [2]int64{s, t})
 		s = t
 	}
-	base := int64(i) * img.blockSize
+	if belowZero == nil {
+		return true, false, nil
+	}
 	for _, r := range runs {
-		lo := base + r[0]*SectorSize
-		if lo >= img.size {
-			break
-		}
-		n := min(r[1]*SectorSize, img.size-base) - r[0]*SectorSize
-		if belowZero == nil {
-			continue
-		}
-		z, err := belowZero(lo, n)
+		z, err := belowZero(base+r[0]*SectorSize, (r[1]-r[0])*SectorSize)
 		if err != nil {
 			return false, false, err
 		}

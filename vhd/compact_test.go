@@ -401,3 +401,40 @@ func TestCompactFit(t *testing.T) {
 		})
 	}
 }
+
+// TestCompactLastBlock: the last block of a disk that is not a whole number of
+// blocks is dropped when the part inside the disk reads zeros, whatever the file
+// holds past the disk's end.
+func TestCompactLastBlock(t *testing.T) {
+	const bs = 64 * kib
+	dir := t.TempDir()
+	size := int64(3*bs + bs/2)
+	p := createImage(t, dir, "odd.vhd", CreateOptions{Type: TypeDynamic, Size: size, ExactSize: true, BlockSize: bs})
+	img := openImage(t, p, true)
+	if _, err := img.WriteAt(bytes.Repeat([]byte{3}, int(size)), 0); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := img.WriteAt(make([]byte, bs/2), 3*bs); err != nil {
+		t.Fatal(err)
+	}
+	e := img.bat.get(3)
+	if err := img.Close(); err != nil {
+		t.Fatal(err)
+	}
+	// Junk in the last block past the disk's end.
+	patchAt(t, p, int64(e)*SectorSize+SectorSize+bs/2, []byte("junk past the end"))
+	img = openImage(t, p, true)
+	res, err := img.Compact(context.Background(), image.CompactOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	img.Close()
+	if res.Dropped != 1 || res.Blocks != 4 {
+		t.Fatalf("%+v: want the last of 4 blocks dropped", res)
+	}
+	img = openImage(t, p, false)
+	want := append(bytes.Repeat([]byte{3}, 3*bs), make([]byte, bs/2)...)
+	if got := readAll(t, img); !bytes.Equal(got, want) {
+		t.Fatal("the view changed")
+	}
+}

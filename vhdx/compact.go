@@ -1,10 +1,12 @@
 package vhdx
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
 	"os"
+	"slices"
 
 	"github.com/vhdfs/vhdfs/image"
 	"github.com/vhdfs/vhdfs/internal/fileio"
@@ -81,6 +83,15 @@ func (img *Image) Compact(ctx context.Context, o image.CompactOptions) (image.Co
 			if !g.isBitmap(s.i) {
 				res.Blocks++
 			}
+		}
+	}
+	// Open checks entries a page at a time; two pages' blocks may still overlap
+	// (Check finds it), and moving either would then damage the other.
+	byOff := slices.Clone(blocks)
+	slices.SortFunc(byOff, func(a, b stored) int { return cmp.Compare(a.e.at(), b.e.at()) })
+	for k := 1; k < len(byOff); k++ {
+		if p := byOff[k-1]; byOff[k].e.at() < p.e.at()+p.len {
+			return res, fmt.Errorf("%s: %s and %s overlap at %d: %w", img.name, g.entryName(p.i), g.entryName(byOff[k].i), byOff[k].e.at(), ErrCorrupt)
 		}
 	}
 	total := int64(res.Blocks) * g.blockSize

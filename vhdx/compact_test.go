@@ -3,6 +3,7 @@ package vhdx
 import (
 	"bytes"
 	"context"
+	"encoding/binary"
 	"errors"
 	"math/rand/v2"
 	"os"
@@ -336,5 +337,52 @@ func TestCompactManyBATSectors(t *testing.T) {
 	}
 	if n := ro.AllocatedBytes(); n != 0 {
 		t.Fatalf("%d bytes still allocated", n)
+	}
+}
+
+// TestCompactRefusesOverlap: two blocks in different BAT pages (which Open checks
+// apart) that share their place are refused before anything moves.
+func TestCompactRefusesOverlap(t *testing.T) {
+	p := filepath.Join(t.TempDir(), "o.vhdx")
+	if err := Create(p, CreateOptions{Type: TypeDynamic, Size: 1024 * MiB, BlockSize: MiB}); err != nil {
+		t.Fatal(err)
+	}
+	img, err := Open(p, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := img.WriteAt(fill(MiB, 5), 0); err != nil {
+		t.Fatal(err)
+	}
+	img.mu.Lock()
+	e0, err := img.entry(0)
+	img.mu.Unlock()
+	if err != nil {
+		t.Fatal(err)
+	}
+	at := img.batOff + 8*img.geo.payloadIndex(600)
+	if err := img.Close(); err != nil {
+		t.Fatal(err)
+	}
+	f, err := os.OpenFile(p, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b := make([]byte, 8)
+	binary.LittleEndian.PutUint64(b, uint64(e0))
+	if _, err := f.WriteAt(b, at); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+	sum := fileSum(t, p)
+	if img, err = Open(p, true); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := img.Compact(context.Background(), image.CompactOptions{}); !errors.Is(err, ErrCorrupt) {
+		t.Fatalf("%v, want ErrCorrupt", err)
+	}
+	img.Close()
+	if fileSum(t, p) != sum {
+		t.Fatal("the refused compact wrote")
 	}
 }

@@ -20,13 +20,15 @@ var compactBatch = 64
 // view, then moves the last blocks (payload and sector bitmap blocks alike) into the
 // lowest holes and cuts the file after the last one (Optimize-VHD).
 //
-// A dropped block becomes NOT_PRESENT, never ZERO: in an image without a parent
-// NOT_PRESENT reads as zeros everywhere; in a differencing image it shows the parent,
-// so a block is dropped only when the sectors it holds (all of a FULLY_PRESENT one,
-// the set bits of a PARTIALLY_PRESENT one) are zeros and o.BelowZero says the parent
-// reads zeros there too. ZERO would keep the view of any zero block over parent data
-// (§2.5.1.1: it reads as zeros, not from the parent), but libvhdi reads a ZERO
-// block of a differencing file from the parent, so that view would differ there.
+// In an image without a parent every all-zero block is dropped and becomes ZERO,
+// whose content §2.5.1.1 defines as zeros (NOT_PRESENT's is undefined there,
+// though every reader shows zeros). In a differencing image a dropped block becomes
+// NOT_PRESENT, which shows the parent, so a block is dropped only when the sectors it
+// holds (all of a FULLY_PRESENT one, the set bits of a PARTIALLY_PRESENT one) are
+// zeros and o.BelowZero says the parent reads zeros there too. ZERO would keep the
+// view of any zero block, over parent data too (§2.5.1.1: it reads as zeros, not
+// from the parent), but libvhdi reads a ZERO block of a differencing file from the
+// parent, so its view would differ there: such blocks stay FULLY_PRESENT.
 // A fixed image (LeaveBlockAllocated) must keep every block (§2.6.2.1):
 // ErrUnsupported.
 //
@@ -152,9 +154,15 @@ func (img *Image) Compact(ctx context.Context, o image.CompactOptions) (image.Co
 		img.fileWriteGuidSet = true
 	}
 	if len(drop) > 0 {
+		// Without a parent a dropped block is ZERO, whose content §2.5.1.1 defines
+		// (NOT_PRESENT's is undefined there, though every reader shows zeros).
+		dropped := Zero
+		if diff {
+			dropped = NotPresent
+		}
 		bat := map[int64]batEntry{}
 		for i := range drop {
-			bat[i] = makeEntry(NotPresent, 0)
+			bat[i] = makeEntry(dropped, 0)
 			// The bits of a NOT_PRESENT block mean nothing (§2.5.1.1), but libvhdi
 			// reads a block through them whatever its state: they are cleared. The
 			// view is the same before and after (zeros here, zeros below).

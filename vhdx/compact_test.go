@@ -223,6 +223,16 @@ func TestCompact(t *testing.T) {
 			if !bytes.Equal(chainView(t, ro, parent), model) {
 				t.Fatal("the view changed")
 			}
+			if tc.diff {
+				// The last block was PARTIALLY_PRESENT and is dropped: its bits are
+				// clear, for libvhdi, which reads through them whatever the state.
+				ro.mu.RLock()
+				bm, err := ro.sectorBits(int64(tc.blocks - 1))
+				ro.mu.RUnlock()
+				if err != nil || !allZero(bm) {
+					t.Fatalf("the dropped block's sector bits are not clear (%v)", err)
+				}
+			}
 		})
 	}
 }

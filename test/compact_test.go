@@ -112,6 +112,7 @@ func TestCompactCommand(t *testing.T) {
 		}
 		dry := compactNumbers(t, out)
 		out = mustVhdfs(t, "compact", img)
+		t.Log(strings.TrimSpace(out))
 		got := compactNumbers(t, out)
 		if got != dry {
 			t.Errorf("--dry-run said %v, the run did %v", dry, got)
@@ -168,6 +169,7 @@ func TestCompactDifferencing(t *testing.T) {
 		writeThroughMount(t, top, model, r, blockRange(0, 48), func(b int) bool { return b%2 == 1 })
 		baseSum := sha256file(t, base)
 		out := mustVhdfs(t, "compact", top)
+		t.Log(strings.TrimSpace(out))
 		got := compactNumbers(t, out)
 		if got[0] != 8 || got[1] != 48 || !strings.Contains(out, "16 all-zero blocks kept") {
 			t.Errorf("compact said %q; want 8 of 48 dropped and 16 kept", out)

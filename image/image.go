@@ -5,6 +5,7 @@
 package image
 
 import (
+	"context"
 	"io"
 	"os"
 	"strconv"
@@ -80,6 +81,10 @@ type Image interface {
 	// StartWriteback starts writing dirty pages back without waiting for them.
 	StartWriteback()
 	Close() error
+
+	// Compact drops the blocks that read all zeros where that keeps the view and
+	// moves the last blocks into the holes, so the file shrinks (see compact.go).
+	Compact(ctx context.Context, o CompactOptions) (CompactResult, error)
 
 	// Check returns every problem found in the file; it writes nothing.
 	Check() []Problem

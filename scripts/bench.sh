@@ -885,6 +885,62 @@ for ((i = 1; i <= runs; i++)); do
 done
 rm -rf "$vx"
 
+# --- 8. compact of a dynamic image half of whose blocks were zeroed ---------------------
+
+# c0/half.vhd: base.vhd (every block written) with zeros written over every other
+# 2 MiB block through a mount. Each run compacts a fresh copy in place, against
+# qemu-img convert of the same copy to a new sparse VHD (which skips zero blocks),
+# each with a sync of its output.
+mkdir "$dir/c0"
+cp --sparse=always "$dir/base.vhd" "$dir/c0/half.vhd"
+vmount "$dir/c0/half.vhd" "$mnt"
+python3 - "$mnt/disk.raw" <<'PY'
+import os, sys
+fd = os.open(sys.argv[1], os.O_WRONLY)
+size, bs = os.fstat(fd).st_size, 2 << 20
+z = bytes(bs)
+for off in range(bs, size - size % bs, 2 * bs):
+    os.pwrite(fd, z, off)
+os.fsync(fd)
+os.close(fd)
+PY
+sum_half=$(md5 "$mnt/disk.raw")
+vumount "$mnt"
+half_size=$(stat -c %s "$dir/c0/half.vhd")
+log "compact: half.vhd ($((half_size >> 20)) MiB), every other block zeroed"
+compact_run() { # TOOL
+  local r=$dir/crun t0 t res
+  rm -rf "$r"
+  mkdir "$r"
+  cp --sparse=always "$dir/c0/half.vhd" "$r/x.vhd"
+  sync "$r/x.vhd"
+  t0=$(now)
+  if [ "$1" = vhdfs ]; then
+    "$vhdfs" compact "$r/x.vhd" >>"$dir/cmd.log"
+    sync "$r/x.vhd"
+    res=$r/x.vhd
+  else
+    qemu-img convert -f vpc -O vpc "$r/x.vhd" "$r/y.vhd"
+    sync "$r/y.vhd"
+    res=$r/y.vhd
+  fi
+  t=$(($(now) - t0))
+  record "compact_$1" "$(mibps "$half_size" "$t")"
+  record "compact_$1_ms" "$(ms "$t")"
+  record "compact_$1_mib" "$(awk -v b="$(stat -c %s "$res")" 'BEGIN { printf "%.1f", b / 1048576 }')"
+  if [ "$1" = vhdfs ] && [ ! -e "$dir/c0/checked" ]; then
+    [ "$("$vhdfs" export "$res" - | md5sum | cut -d' ' -f1)" = "$sum_half" ] || note "compact: the compacted image reads other data than before"
+    "$vhdfs" check "$res" >>"$dir/cmd.log" 2>&1 || note "compact: check of the compacted image found errors"
+    touch "$dir/c0/checked"
+  fi
+  rm -rf "$r"
+}
+for ((i = 1; i <= runs; i++)); do
+  if ((i % 2)); then compact_run vhdfs; compact_run qemu; else compact_run qemu; compact_run vhdfs; fi
+  log "compact $i/$runs: vhdfs $(grep '^compact_vhdfs_ms' "$samples" | tail -n 1 | cut -f2) ms, qemu-img convert $(grep '^compact_qemu_ms' "$samples" | tail -n 1 | cut -f2) ms"
+done
+rm -rf "$dir/c0"
+
 # --- the table ---------------------------------------------------------------------
 
 log "done in $(($(date +%s) - t_begin)) s"
@@ -967,6 +1023,9 @@ compare("VHDX: random 4 KiB reads, fio psync, 4 jobs", "fio_vx_vhdfs", "fio_vx_v
 info("VHDX: random 4 KiB reads, fio psync, 4 jobs (informational)", "fio_vx_vhdfs", "fio_vx_vhdimount", "IOPS", "vhdimount")
 compare("VHDX: export of the dynamic base", "export_vx_vhdfs", "export_vx_qemu", "MiB/s", "qemu-img convert", 1, ("export_vx_vhdfs_ms", "export_vx_qemu_ms"))
 compare("VHDX: merge depth=1 of a $((half >> 20)) MiB overlay", "merge_vx_vhdfs", "merge_vx_cp", "MiB/s", "cp + sync", 0.5, ("merge_vx_vhdfs_ms", "merge_vx_cp_ms"))
+compare("compact of a dynamic image, every other block zeroed", "compact_vhdfs", "compact_qemu", "MiB/s", "qemu-img convert -O vpc to a new sparse file", 1, ("compact_vhdfs_ms", "compact_qemu_ms"))
+rows[-1][1] += f", {num(med('compact_vhdfs_mib'))} MiB left"
+rows[-1][2] += f", {num(med('compact_qemu_mib'))} MiB"
 m, rss = med("mount_ms"), med("mount_rss")
 rows.append(["mount of a 16-deep chain of 2 TiB images", f"{num(m)} ms", "—", "—", "< 300 ms", "yes" if m < 300 else "**no**"])
 rows.append(["RSS of that mount after reading 12 MiB", f"{num(rss)} MiB", "—", "—", "< 100 MiB", "yes" if rss < 100 else "**no**"])

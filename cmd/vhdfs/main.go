@@ -35,6 +35,7 @@ const usage = `usage:
   vhdfs snapshot IMAGE NEW
   vhdfs merge [-p|--progress] [--depth N] [--from S] [--force-rw] IMAGE
   vhdfs check [--repair [--force-rw]] [-U] [--json] [--parent PARENT]... IMAGE
+  vhdfs compact [-n|--dry-run] [-p|--progress] [--force-rw] IMAGE
   vhdfs export [-p|--progress] [-U] [--parent PARENT]... IMAGE OUT.raw|-|DEVICE
   vhdfs convert [--format vhd|vhdx] [--type dynamic|fixed] [--block-size SIZE] [--azure]
                 [-p|--progress] [-U] [--parent PARENT]... [-q] IN OUT
@@ -73,6 +74,7 @@ func init() {
 		"check":      cmdCheck,
 		"export":     cmdExport,
 		"convert":    cmdConvert,
+		"compact":    cmdCompact,
 		"snapshot":   cmdSnapshot,
 		"relink":     cmdRelink,
 		"resize":     cmdResize,
@@ -97,6 +99,7 @@ var summaries = map[string]string{
 	"create":     "create a dynamic or fixed image, or a differencing image of a parent (--parent)",
 	"merge":      "merge the top image (or a range) into its parent, offline",
 	"check":      "check the structure of every image in the chain",
+	"compact":    "drop all-zero blocks and shrink the file (Optimize-VHD), offline; --dry-run says by how much",
 	"export":     "write the whole chain as one raw file, to a file, stdout (-) or a block device",
 	"convert":    "flatten the chain (or one image) into a new VHD or VHDX, dynamic or fixed",
 	"snapshot":   "create a new, empty differencing image on IMAGE (a checkpoint)",

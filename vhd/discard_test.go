@@ -138,3 +138,40 @@ func TestDiscard(t *testing.T) {
 		}
 	}
 }
+
+// TestDiscardFixed: a fixed image punches the range in place.
+func TestDiscardFixed(t *testing.T) {
+	const size = 1 * mib
+	dir := t.TempDir()
+	r := newRand(t, 9)
+	p := createImage(t, dir, "fixed.vhd", CreateOptions{Type: TypeFixed, Size: size, ExactSize: true})
+	img := openImage(t, p, true)
+	want := randBytes(r, size)
+	if _, err := img.WriteAt(want, 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := img.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	before := allocatedBytes(t, p)
+	if err := img.Discard(64*kib, 256*kib, nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := img.Discard(size-SectorSize, 2*SectorSize, nil); !errors.Is(err, ErrOutOfRange) {
+		t.Errorf("Discard past the end: %v, want ErrOutOfRange", err)
+	}
+	clear(want[64*kib : 320*kib])
+	if got := readAll(t, img); !bytes.Equal(got, want) {
+		t.Fatalf("view differs from the model at %d", firstDiff(got, want))
+	}
+	if err := img.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if a := allocatedBytes(t, p); a > before-256*kib {
+		t.Errorf("allocation %d -> %d: want 256 KiB back", before, a)
+	}
+	after := openImage(t, p, false)
+	if ps := problems(after.Check(), Warning); len(ps) > 0 {
+		t.Fatalf("Check: %v", ps)
+	}
+}

@@ -12,9 +12,10 @@ import (
 // zero. New space is only ever taken at the end of the file (extendLocked), so a
 // block given back is never reused while an entry on disk may still point at it.
 //
-//   - a whole block with nothing below (below false, or no parent): its data is
-//     punched, then it becomes NOT_PRESENT (a zero block below reads the same);
-//     in a fixed image (LeaveBlockAllocated) it stays FULLY_PRESENT, punched;
+//   - a whole block with nothing below: its data is punched, then it becomes
+//     NOT_PRESENT in a differencing file (the layers below hold nothing there), ZERO
+//     in a file without a parent (whose NOT_PRESENT blocks are undefined); in a fixed
+//     image (LeaveBlockAllocated) it stays FULLY_PRESENT, punched;
 //   - a whole block of a differencing image with data below: punched, then ZERO;
 //   - part of a block with nothing below: the data of a present block is punched;
 //     other blocks read zeros already;
@@ -101,8 +102,11 @@ func (img *Image) discardBlockLocked(blk, in, k int64, below func(off, n int64) 
 				return err
 			}
 		}
+		// Without a parent, NOT_PRESENT's content is undefined (§2.5.1.1): only
+		// ZERO promises the zeros a discard does. In a differencing file, NOT_PRESENT
+		// shows the layers below, which hold nothing here unless under.
 		state := NotPresent
-		if under {
+		if under || !meta.HasParent {
 			state = Zero
 		}
 		// Its sector bits (if any) mean nothing now; a block written again

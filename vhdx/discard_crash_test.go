@@ -18,12 +18,13 @@ func (f cutFile) Punch(off, n int64) error {
 }
 
 // TestDiscardCrash cuts a script of discards and writes after every write, punch,
-// fsync and truncate: a block dropped to NOT_PRESENT, a block over parent data set
-// to ZERO, sectors over parent data punched and marked present (in a
-// PARTIALLY_PRESENT block and in a NOT_PRESENT one, which gets new space), part of a
-// present block punched, a write into the dropped block, and Syncs. Each cut file
-// opens (read-only, replaying its log in memory, and writable), Check finds no
-// error, and every sector shows a value it had at some step of the script.
+// fsync and truncate: a block dropped (ZERO without a parent, NOT_PRESENT in a
+// differencing file), a block over parent data set to ZERO, sectors over parent data
+// punched and marked present (in a PARTIALLY_PRESENT block and in a NOT_PRESENT one,
+// which gets new space), part of a present block punched, a write into the dropped
+// block, and Syncs. Each cut file opens (read-only, replaying its log in memory, and
+// writable), Check finds no error, and every sector shows a value it had at some step
+// of the script.
 func TestDiscardCrash(t *testing.T) {
 	type op struct {
 		sync, write bool

@@ -61,7 +61,7 @@ func TestDiscardCrash(t *testing.T) {
 						t.Fatal(err)
 					}
 					template = createDiff(t, dir, "template.vhd", pp, bs)
-					below = belowOf(bs, 8, 16)
+					below = parentBlocks(bs, 8, 16)
 				} else {
 					template = createImage(t, dir, "template.vhd", CreateOptions{Type: TypeDynamic, Size: size, ExactSize: true, BlockSize: bs})
 				}

@@ -9,9 +9,9 @@ import (
 	"testing"
 )
 
-// belowOf returns the below function of a parent whose data lies in the blocks
+// parentBlocks returns the below function of a parent whose data lies in the blocks
 // [from, to) of bs bytes: what chain hands Discard.
-func belowOf(bs, from, to int64) func(off, n int64) (bool, error) {
+func parentBlocks(bs, from, to int64) func(off, n int64) (bool, error) {
 	return func(off, n int64) (bool, error) {
 		return off < to*bs && off+n > from*bs, nil
 	}
@@ -79,7 +79,7 @@ func TestDiscard(t *testing.T) {
 						t.Fatal(err)
 					}
 					path = createDiff(t, dir, "top.vhd", pp, bs)
-					below = belowOf(bs, 8, 16)
+					below = parentBlocks(bs, 8, 16)
 				} else {
 					path = createImage(t, dir, "top.vhd", CreateOptions{Type: TypeDynamic, Size: size, ExactSize: true, BlockSize: bs})
 				}

@@ -11,7 +11,8 @@ import (
 // discardImage is an 8 MiB image of 1 MiB blocks to discard in. kind "dynamic":
 // blocks 0-2 and 5 FULLY_PRESENT, 3 ZERO. "differencing": over a parent that holds
 // data (parentByte) in blocks 4-7 only, blocks 0 and 4 FULLY_PRESENT, 1 and 5
-// PARTIALLY_PRESENT (every other sector), 6 ZERO. "fixed": LeaveBlockAllocated,
+// PARTIALLY_PRESENT (every other sector), 6 ZERO; "differencing-4k" the same with
+// 4096-byte logical sectors. "fixed": LeaveBlockAllocated,
 // every block FULLY_PRESENT.
 func discardImage(kind string) (*builder, []byte, func(off, n int64) (bool, error)) {
 	b := newBuilder(8*MiB, MiB)
@@ -28,15 +29,19 @@ func discardImage(kind string) (*builder, []byte, func(off, n int64) (bool, erro
 		for p := int64(0); p < 8; p++ {
 			b.states[p], b.data[p] = FullyPresent, pattern(MiB, byte(16*p+1))
 		}
-	case "differencing":
+	case "differencing", "differencing-4k":
 		b.parent = true
+		ss := int64(512)
+		if kind == "differencing-4k" {
+			b.logical, ss = 4096, 4096
+		}
 		b.locator = []KeyValue{{"parent_linkage", "{" + NewGUID().String() + "}"}, {"relative_path", `parent.vhdx`}}
 		for i, p := range []int64{0, 1, 4, 5} {
 			b.data[p] = pattern(MiB, byte(16*i+1))
 			b.states[p] = FullyPresent
 			if p == 1 || p == 5 {
 				b.states[p] = PartiallyPresent
-				for s := int64(0); s < MiB/512; s += 2 {
+				for s := int64(0); s < MiB/ss; s += 2 {
 					b.bits[p] = append(b.bits[p], s)
 				}
 			}
@@ -109,6 +114,10 @@ func TestDiscard(t *testing.T) {
 		{kind: "differencing", name: "punch across a block boundary", off: 3*MiB + MiB/2, n: MiB, states: map[int64]BlockState{3: NotPresent, 4: FullyPresent}},
 		{kind: "differencing", name: "punch a ZERO block", off: 6 * MiB, n: MiB, states: map[int64]BlockState{6: Zero}},
 		{kind: "differencing", name: "punch a never-written block", off: 2 * MiB, n: MiB, states: map[int64]BlockState{2: NotPresent}},
+		{kind: "differencing-4k", name: "part of a partial block over parent data", off: 5*MiB + 4096, n: 3 * 4096, states: map[int64]BlockState{5: PartiallyPresent}},
+		{kind: "differencing-4k", name: "part of a never-written block over parent data", off: 7*MiB + 8192, n: 4096, states: map[int64]BlockState{7: PartiallyPresent}, freed: -2 * MiB},
+		{kind: "differencing-4k", name: "punch across a block boundary", off: 4*MiB - 4096, n: MiB, states: map[int64]BlockState{3: NotPresent, 4: FullyPresent}},
+		{kind: "differencing-4k", name: "punch half a logical sector", off: 5 * MiB, n: 512, err: ErrInvalidArg},
 		{kind: "differencing", name: "punch the whole disk", off: 0, n: 8 * MiB, states: map[int64]BlockState{0: NotPresent, 1: NotPresent, 4: Zero, 5: Zero, 7: Zero}, freed: 4 * MiB},
 	}
 	for _, c := range cases {

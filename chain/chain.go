@@ -321,6 +321,13 @@ func (c *Chain) WriteAt(p []byte, off int64) (int, error) {
 	if !top.Image.Writable() {
 		return 0, fmt.Errorf("%s: %w", top.Path, ErrReadOnly)
 	}
+	return c.writeLocked(p, off)
+}
+
+// writeLocked is WriteAt for a caller that holds wmu and mu (for reading) and has
+// checked that the top is writable.
+func (c *Chain) writeLocked(p []byte, off int64) (int, error) {
+	top := c.layers[0]
 	size := top.Image.Size()
 	if off < 0 || off >= size {
 		return 0, fmt.Errorf("%s: write at %d, disk size %d: %w", top.Path, off, size, ErrNoSpace)

@@ -125,6 +125,41 @@ func (n *diskNode) Write(ctx context.Context, fh fs.FileHandle, data []byte, off
 	return 0, n.root.errno("write", err)
 }
 
+var _ = (fs.NodeAllocater)((*diskNode)(nil))
+
+// Allocate answers fallocate: FALLOC_FL_PUNCH_HOLE|FALLOC_FL_KEEP_SIZE and
+// FALLOC_FL_ZERO_RANGE (with or without KEEP_SIZE) make the range read zeros
+// (chain.Discard), which is how a loop device passes on its discards; a range past
+// the end is cut there with KEEP_SIZE and refused without it, as a size change is.
+// Every other mode is EOPNOTSUPP.
+func (n *diskNode) Allocate(ctx context.Context, fh fs.FileHandle, off uint64, size uint64, mode uint32) syscall.Errno {
+	if !n.root.enter() {
+		return syscall.EIO
+	}
+	defer n.root.leave()
+	const (
+		keepSize  = 0x01 // FALLOC_FL_KEEP_SIZE
+		punchHole = 0x02 // FALLOC_FL_PUNCH_HOLE
+		zeroRange = 0x10 // FALLOC_FL_ZERO_RANGE
+	)
+	switch mode {
+	case punchHole | keepSize, zeroRange | keepSize:
+	case zeroRange:
+		if off+size > uint64(max(n.size(), 0)) {
+			return syscall.EINVAL
+		}
+	default:
+		return syscall.EOPNOTSUPP
+	}
+	if !n.writable {
+		return syscall.EROFS
+	}
+	if int64(off) < 0 || int64(size) < 0 {
+		return syscall.EINVAL
+	}
+	return n.root.errno("fallocate", n.chain().Discard(int64(off), int64(size)))
+}
+
 var _ = (fs.NodeSetattrer)((*diskNode)(nil))
 
 func (n *diskNode) Setattr(ctx context.Context, fh fs.FileHandle, in *fuse.SetAttrIn, out *fuse.AttrOut) syscall.Errno {

@@ -21,6 +21,14 @@ type Image interface {
 	// WriteAt writes whole logical sectors (SectorSize): off and len(p) are multiples
 	// of it, or the call fails with ErrInvalidArg.
 	io.WriterAt
+	// Discard makes [off, off+n) read as zeros in the view of the chain this image
+	// tops, giving back the file space its format allows. off and n are whole
+	// logical sectors (else ErrInvalidArg), the range inside Size (else
+	// ErrOutOfRange); a read-only image fails with ErrReadOnly. below reports
+	// whether an image under this one stores any byte of [off, off+n) (nil: none
+	// does, as for an image without a parent); it runs under the image's lock and
+	// must not call into the image. Durable at the next Sync, as writes are.
+	Discard(off, n int64, below func(off, n int64) (bool, error)) error
 	// Run reports whether the byte at off is stored in this image (present) and how
 	// many bytes from off, at most n, share that answer. off < Size.
 	Run(off, n int64) (k int64, present bool, err error)

@@ -13,9 +13,11 @@ import (
 	"syscall"
 	"testing"
 	"unsafe"
+
+	"golang.org/x/sys/unix"
 )
 
-// TestFsx is a random read/write/fsync test of disk.raw against an in-memory model,
+// TestFsx is a random read/write/punch/fsync test of disk.raw against an in-memory model,
 // in the manner of xfstests' fsx: thousands of operations at unaligned offsets and
 // lengths, across block boundaries and the end of the disk, through buffered and
 // O_DIRECT handles and mmap, on a chain of depth 3. Each read is checked at once; at
@@ -165,8 +167,12 @@ func (x *fsx) step(i int) {
 		op = "read"
 	case r < 38:
 		op = "read direct"
-	case r < 66:
+	case r < 63:
 		op = "write"
+	case r < 65:
+		op = "punch"
+	case r < 66:
+		op = "zero range"
 	case r < 76:
 		op = "write direct"
 	case r < 84:
@@ -193,6 +199,9 @@ func (x *fsx) step(i int) {
 	case "write", "write direct":
 		x.logf("%d: %s %d bytes at %d", i, op, n, off)
 		x.write(f, op, off, n)
+	case "punch", "zero range":
+		x.logf("%d: %s %d bytes at %d", i, op, n, off)
+		x.punch(op, off, n)
 	case "mapread", "mapwrite":
 		if off >= x.size {
 			off = x.rng.Int64N(x.size)
@@ -249,6 +258,22 @@ func (x *fsx) write(f *os.File, op string, off, n int64) {
 	}
 	if k > 0 {
 		copy(x.model[off:off+int64(k)], data[:k])
+	}
+}
+
+// punch makes [off, off+n) read zeros with fallocate (PUNCH_HOLE or ZERO_RANGE, with
+// KEEP_SIZE): the part inside the disk.
+func (x *fsx) punch(op string, off, n int64) {
+	mode := uint32(unix.FALLOC_FL_PUNCH_HOLE | unix.FALLOC_FL_KEEP_SIZE)
+	if op == "zero range" {
+		mode = unix.FALLOC_FL_ZERO_RANGE | unix.FALLOC_FL_KEEP_SIZE
+	}
+	if err := unix.Fallocate(int(x.f.Fd()), mode, off, n); err != nil {
+		x.t.Errorf("%s %d bytes at %d: %v", op, n, off, err)
+		return
+	}
+	if off < x.size {
+		clear(x.model[off:min(off+n, x.size)])
 	}
 }
 

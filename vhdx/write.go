@@ -68,9 +68,7 @@ func (img *Image) WriteAt(p []byte, off int64) (int, error) {
 
 // writeBlockLocked writes d at byte in of payload block blk. The caller holds mu.
 func (img *Image) writeBlockLocked(blk, in int64, d []byte) error {
-	g := img.geo
-	idx := g.payloadIndex(blk)
-	e, err := img.entry(idx)
+	e, err := img.entry(img.geo.payloadIndex(blk))
 	if err != nil {
 		return err
 	}
@@ -86,38 +84,7 @@ func (img *Image) writeBlockLocked(blk, in int64, d []byte) error {
 		if !(img.meta.Load().HasParent && e.state() == NotPresent) && fileio.AllZero(d) {
 			return nil
 		}
-		start, err := img.extendLocked(g.blockSize)
-		if err != nil {
-			return err
-		}
-		if err := img.reserveLocked(blk, start, in, int64(len(d))); err != nil {
-			return err
-		}
-		blockLen := min(g.blockSize, g.size-blk*g.blockSize)
-		state := FullyPresent
-		if img.meta.Load().HasParent && e.state() == NotPresent && !(in == 0 && int64(len(d)) == blockLen) {
-			state, setBits = PartiallyPresent, true
-		}
-		e = makeEntry(state, start)
-		bat = map[int64]batEntry{idx: e}
-		bi := g.bitmapIndex(blk)
-		be := batEntry(0)
-		if setBits {
-			if be, err = img.entry(bi); err != nil {
-				return err
-			}
-		}
-		if setBits && be.state() != Present {
-			bstart, err := img.extendLocked(sectorBitmapBlockSize)
-			if err != nil {
-				return err
-			}
-			if err := img.reserveLocked(-1, bstart, 0, sectorBitmapBlockSize); err != nil {
-				return err
-			}
-			bat[bi] = makeEntry(Present, bstart)
-		}
-		if err := img.reserveBATLocked(bat); err != nil {
+		if e, bat, setBits, err = img.allocateBlockLocked(blk, in, int64(len(d)), e); err != nil {
 			return err
 		}
 	}
@@ -128,9 +95,53 @@ func (img *Image) writeBlockLocked(blk, in int64, d []byte) error {
 	if setBits {
 		// A new block's slice may hold stale bits (a NOT_PRESENT block's bits mean
 		// nothing): it starts clear.
-		bits = &bitRange{blk, in / g.sectorSize, int64(len(d)) / g.sectorSize, bat != nil}
+		bits = &bitRange{blk, in / img.geo.sectorSize, int64(len(d)) / img.geo.sectorSize, bat != nil}
 	}
 	return img.commitLocked(bat, bits)
+}
+
+// allocateBlockLocked gives payload block blk, whose entry e is in neither present
+// state, new space at the end of the file for a write of n bytes at in, and returns
+// its new entry, the BAT entries to commit (the block's, and its chunk's sector
+// bitmap's if that is new) and whether the block takes sector bits (PARTIALLY_PRESENT).
+// The caller holds mu.
+func (img *Image) allocateBlockLocked(blk, in, n int64, e batEntry) (batEntry, map[int64]batEntry, bool, error) {
+	g := img.geo
+	start, err := img.extendLocked(g.blockSize)
+	if err != nil {
+		return 0, nil, false, err
+	}
+	if err := img.reserveLocked(blk, start, in, n); err != nil {
+		return 0, nil, false, err
+	}
+	blockLen := min(g.blockSize, g.size-blk*g.blockSize)
+	state, setBits := FullyPresent, false
+	if img.meta.Load().HasParent && e.state() == NotPresent && !(in == 0 && n == blockLen) {
+		state, setBits = PartiallyPresent, true
+	}
+	e = makeEntry(state, start)
+	bat := map[int64]batEntry{g.payloadIndex(blk): e}
+	bi := g.bitmapIndex(blk)
+	be := batEntry(0)
+	if setBits {
+		if be, err = img.entry(bi); err != nil {
+			return 0, nil, false, err
+		}
+	}
+	if setBits && be.state() != Present {
+		bstart, err := img.extendLocked(sectorBitmapBlockSize)
+		if err != nil {
+			return 0, nil, false, err
+		}
+		if err := img.reserveLocked(-1, bstart, 0, sectorBitmapBlockSize); err != nil {
+			return 0, nil, false, err
+		}
+		bat[bi] = makeEntry(Present, bstart)
+	}
+	if err := img.reserveBATLocked(bat); err != nil {
+		return 0, nil, false, err
+	}
+	return e, bat, setBits, nil
 }
 
 // maxReservedBlock is the largest block reserved whole when it is allocated (as

@@ -1,8 +1,11 @@
 package faults
 
 import (
+	"errors"
 	"fmt"
 	"os"
+
+	"golang.org/x/sys/unix"
 )
 
 // File is the file of an image opened while the package is armed: each write,
@@ -36,6 +39,29 @@ func (f File) Sync() error {
 		return err
 	}
 	return f.File.Sync()
+}
+
+// Punch punches a hole (fallocate PUNCH_HOLE|KEEP_SIZE): a step, as a write is.
+func (f File) Punch(off, n int64) error {
+	if err := Step(); err != nil {
+		return err
+	}
+	rc, err := f.File.SyscallConn()
+	if err != nil {
+		return err
+	}
+	var ferr error
+	if err := rc.Control(func(fd uintptr) {
+		for ferr = unix.EINTR; ferr == unix.EINTR; {
+			ferr = unix.Fallocate(int(fd), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, n)
+		}
+	}); err != nil {
+		return err
+	}
+	if ferr == unix.EOPNOTSUPP || ferr == unix.ENOSYS {
+		return errors.ErrUnsupported
+	}
+	return ferr
 }
 
 func (f File) Truncate(size int64) error {

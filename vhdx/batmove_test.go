@@ -2,12 +2,15 @@ package vhdx
 
 import (
 	"bytes"
+	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"math/rand/v2"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"testing"
 
 	"golang.org/x/sys/unix"
@@ -116,8 +119,11 @@ func checkMoved(t *testing.T, path string, writable bool, m *sparseModel, old, t
 		t.Fatalf("%s: open: %v", what, err)
 	}
 	defer img.Close()
-	if ps := errorsOf(img.Check()); len(ps) > 0 {
-		t.Fatalf("%s: Check: %v", what, ps)
+	for _, p := range img.Check() {
+		// A read-only open of a cut file reports the log it replayed in memory.
+		if p.Severity >= image.Warning && !(strings.Contains(p.Message, "replayed in memory") && !writable) {
+			t.Fatalf("%s: Check: %v", what, p)
+		}
 	}
 	size := img.Size()
 	if size != to && (mustBeNew || size != old) {
@@ -260,6 +266,29 @@ func TestResizeMovesBAT(t *testing.T) {
 				t.Errorf("growing to 1 TiB left the BAT region at %d, %d bytes", r.FileOffset, r.Length)
 			}
 			checkMoved(t, path, false, m, 1<<40, 1<<40, true, "at 1 TiB")
+
+			// Compact moves the blocks written since into the old regions' space,
+			// around the table at its new place.
+			img, err = Open(path, true)
+			if err != nil {
+				t.Fatal(err)
+			}
+			o := image.CompactOptions{}
+			if c.diff {
+				o.BelowZero = func(off, n int64) (bool, error) { return false, nil }
+			}
+			res, err := img.Compact(context.Background(), o)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := img.Close(); err != nil {
+				t.Fatal(err)
+			}
+			t.Logf("compact: %+v", res)
+			if res.Moved == 0 {
+				t.Errorf("Compact moved nothing: %+v", res)
+			}
+			checkMoved(t, path, false, m, 1<<40, 1<<40, true, "compacted")
 		})
 	}
 }
@@ -296,5 +325,57 @@ func TestResizeMovesBATCut(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// TestResizeMovesBATLeavesStaleEntries: an entry past the last block of a
+// differencing image's last chunk (here FULLY_PRESENT, over block 2's data, as a
+// torn shrink or another tool may leave it) is not carried into the new region, and
+// the handle that cached its page before the move reads the grown block as
+// NOT_PRESENT after it, not through the page of the old region.
+func TestResizeMovesBATLeavesStaleEntries(t *testing.T) {
+	c := batMoveCases[1]
+	path, _ := makeMoved(t, t.TempDir(), c)
+	g := newGeometry(c.size, MiB, 512, true)
+	bat := int64(batRegion(t, path).FileOffset)
+	f, err := os.OpenFile(path, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	e0 := make([]byte, 8) // block 2's, written whole
+	if _, err := f.ReadAt(e0, bat+8*g.payloadIndex(2)); err != nil {
+		t.Fatal(err)
+	}
+	stray := g.payloadIndex(g.blocks + 1)
+	if _, err := f.WriteAt(e0, bat+8*stray); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+	if stray/batPageEntries != g.payloadIndex(g.blocks-1)/batPageEntries || batEntry(binary.LittleEndian.Uint64(e0)).state() != FullyPresent {
+		t.Fatal("test bug: the stray entry is not on the last block's page, or block 2 is not stored whole")
+	}
+
+	img, err := Open(path, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer img.Close()
+	last := make([]byte, 512)
+	if _, err := img.ReadAt(last, c.size-512); err != nil { // caches the page
+		t.Fatal(err)
+	}
+	if err := img.Resize(c.to); err != nil {
+		t.Fatal(err)
+	}
+	off := (g.blocks + 1) * MiB
+	if _, ok, err := img.Run(off, MiB); err != nil || ok {
+		t.Fatalf("block %d after the move: stored %v (%v), want NOT_PRESENT", g.blocks+1, ok, err)
+	}
+	got := make([]byte, MiB)
+	if _, err := img.ReadAt(got, off); err != nil || !allZero(got) {
+		t.Fatalf("block %d after the move does not read zeros (%v)", g.blocks+1, err)
+	}
+	if ps := errorsOf(img.Check()); len(ps) > 0 {
+		t.Fatalf("Check: %v", ps)
 	}
 }

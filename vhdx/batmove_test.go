@@ -379,3 +379,44 @@ func TestResizeMovesBATLeavesStaleEntries(t *testing.T) {
 		t.Fatalf("Check: %v", ps)
 	}
 }
+
+// TestResizeMovesBATQemuReplay: a move cut once its log entry is durable and named
+// by the header, before it is in place, is replayed by qemu (qemu-img check -r all)
+// to the grown disk: qemu then reports the new size and we read the model, clean.
+func TestResizeMovesBATQemuReplay(t *testing.T) {
+	needTool(t, "qemu-img")
+	c := batMoveCases[0]
+	base, m := makeMoved(t, t.TempDir(), c)
+	for k := 0; ; k++ {
+		if k > 500 {
+			t.Fatal("the log was never left pending")
+		}
+		p, img, _ := openCut(t, base, k)
+		err := img.Resize(c.to)
+		img.Close()
+		if err == nil {
+			t.Fatal("the resize completed before its log entry was left pending")
+		}
+		f, ferr := os.Open(p)
+		if ferr != nil {
+			t.Fatal(ferr)
+		}
+		raw, ferr := OpenFile(f, p, false)
+		if ferr != nil {
+			t.Fatalf("cut after %d: %v", k, ferr)
+		}
+		pending := !raw.Header().LogGuid.IsZero()
+		raw.Close()
+		if !pending {
+			continue
+		}
+		run(t, "qemu-img", "check", "-q", "-r", "all", "-f", "vhdx", p)
+		out, err := exec.Command("qemu-img", "info", "-f", "vhdx", p).CombinedOutput()
+		if err != nil || !bytes.Contains(out, []byte(fmt.Sprintf("(%d bytes)", c.to))) {
+			t.Fatalf("cut after %d, replayed by qemu: qemu-img info (%v):\n%s", k, err, out)
+		}
+		run(t, "qemu-img", "check", "-f", "vhdx", p)
+		checkMoved(t, p, false, m, c.size, c.to, true, fmt.Sprintf("cut after %d, replayed by qemu", k))
+		return
+	}
+}

@@ -2,11 +2,17 @@ package test
 
 import (
 	"bytes"
+	"errors"
+	"os"
 	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
 	"testing"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/vhdfs/vhdfs/chain"
 )
 
 // resizeExport flattens the chain at path with vhdfs export and returns its bytes.
@@ -135,6 +141,135 @@ func TestResize(t *testing.T) {
 			}
 			assertResized(t, path, 40*mib, model, differencing)
 		})
+	}
+}
+
+// TestResizeVHDXPastBATRegion grows a dynamic VHDX past what its BAT region holds
+// (1 MiB of entries: 128 GiB at 1 MiB blocks): the table moves to the end of the
+// file, and qemu-img, vhdiinfo and vhdfs check agree on the new size and data. The
+// disk is too large to hold whole: the raw image qemu-img converts it to is compared
+// with the model sparsely (its data extents, and the written ranges).
+func TestResizeVHDXPastBATRegion(t *testing.T) {
+	t.Parallel()
+	requireTool(t, "qemu-img")
+	requireTool(t, "vhdiinfo")
+	const gib = 1 << 30
+	const old, grown = 100*gib + 4096, 200*gib + 8192
+	path := filepath.Join(t.TempDir(), "big.vhdx")
+	mustVhdfs(t, "create", "-q", "--size", sizeArg(old), "--block-size", "1M", path)
+	ws := []write{{0, pattern(11, 3*mib)}, {4096 * mib, pattern(12, mib+4096)}, {60 * gib, pattern(13, 2*mib)}, {old - 8192, pattern(14, 8192)}}
+	c, err := chain.Open(path, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, w := range ws {
+		if _, err := c.WriteAt(w.Data, w.Off); err != nil {
+			t.Fatalf("write %v: %v", w, err)
+		}
+	}
+	if err := c.Close(); err != nil {
+		t.Fatal(err)
+	}
+	batBefore := vhdxBATOffset(t, path)
+
+	mustVhdfs(t, "resize", path, sizeArg(grown))
+	if after := vhdxBATOffset(t, path); after <= batBefore {
+		t.Errorf("BAT region at %d after the resize, was at %d: not moved to the end", after, batBefore)
+	}
+	if qi := qemuImgInfo(t, "-f", "vhdx", path); qi.VirtualSize != grown {
+		t.Errorf("qemu-img info: virtual size %d, want %d", qi.VirtualSize, grown)
+	}
+	mustRun(t, "qemu-img", "check", "-f", "vhdx", path)
+	if _, n := vhdiinfo(t, path); n != grown {
+		t.Errorf("vhdiinfo: media size %d, want %d", n, grown)
+	}
+	if out, errs, code := vhdfs(t, "check", path); code != 0 {
+		t.Errorf("check after resize: exit %d\n%s%s", code, out, errs)
+	}
+	raw := filepath.Join(t.TempDir(), "big.raw")
+	mustRun(t, "qemu-img", "convert", "-f", "vhdx", "-O", "raw", path, raw)
+	sparseEqual(t, raw, grown, ws)
+
+	// And from the new region on: a write in the grown space, read back by qemu.
+	end := write{grown - 3*mib, pattern(15, 2*mib)}
+	c, err = chain.Open(path, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.WriteAt(end.Data, end.Off); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Close(); err != nil {
+		t.Fatal(err)
+	}
+	ws = append(ws, end)
+	os.Remove(raw)
+	mustRun(t, "qemu-img", "convert", "-f", "vhdx", "-O", "raw", path, raw)
+	sparseEqual(t, raw, grown, ws)
+}
+
+// sparseEqual checks that the raw file at path is size bytes of zeros with ws
+// written over them, reading only its data extents (SEEK_DATA, SEEK_HOLE: a hole
+// reads zeros) and the written ranges.
+func sparseEqual(t *testing.T, path string, size int64, ws []write) {
+	t.Helper()
+	want := func(off, n int64) []byte {
+		b := make([]byte, n)
+		for _, w := range ws {
+			lo, hi := max(off, w.Off), min(off+n, w.Off+int64(len(w.Data)))
+			if lo < hi {
+				copy(b[lo-off:hi-off], w.Data[lo-w.Off:hi-w.Off])
+			}
+		}
+		return b
+	}
+	f, err := os.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	st, err := f.Stat()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st.Size() != size {
+		t.Fatalf("%s: %d bytes, want %d", path, st.Size(), size)
+	}
+	check := func(off, n int64) {
+		t.Helper()
+		for done := int64(0); done < n; done += 16 * mib {
+			k := min(16*mib, n-done)
+			got := make([]byte, k)
+			if _, err := f.ReadAt(got, off+done); err != nil {
+				t.Fatalf("%s: read %d bytes at %d: %v", path, k, off+done, err)
+			}
+			if !bytes.Equal(got, want(off+done, k)) {
+				t.Fatalf("%s: %d bytes at %d differ from the model", path, k, off+done)
+			}
+		}
+	}
+	for _, w := range ws {
+		check(w.Off, int64(len(w.Data)))
+	}
+	extents := 0
+	for off := int64(0); off < size; {
+		d, err := unix.Seek(int(f.Fd()), off, unix.SEEK_DATA)
+		if errors.Is(err, unix.ENXIO) {
+			break
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		h, err := unix.Seek(int(f.Fd()), d, unix.SEEK_HOLE)
+		if err != nil {
+			t.Fatal(err)
+		}
+		check(d, h-d)
+		extents++
+		off = h
+	}
+	if extents == 0 {
+		t.Fatalf("%s: no data at all", path)
 	}
 }
 

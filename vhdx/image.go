@@ -43,15 +43,15 @@ type Image struct {
 	dev, ino uint64            // identity of the file, for SameFile; zero unless opened by Open
 
 	src        *source
-	header     Header // the current one
-	headerSlot int64  // where the current header is: header1Off or header2Off
-	regions    []RegionEntry
+	header     Header                   // the current one
+	headerSlot int64                    // where the current header is: header1Off or header2Off
+	regions    []RegionEntry            // changed by a Resize that moves the BAT, under mu
 	meta       atomic.Pointer[Metadata] // replaced whole by SetParent; read without mu
 	geo        geometry
 
 	id         uint64       // names its bitmap slices and BAT pages in pagecache.Bitmaps
-	batOff     int64        // where the BAT region starts
-	spans      []span       // the header section, the log and the regions, which no block may overlap
+	batOff     int64        // where the BAT region starts; a Resize that moves it changes it under mu
+	spans      []span       // the header section, the log and the regions, which no block may overlap; as batOff
 	logEntries int          // entries of the log replayed at open
 	grown      atomic.Int64 // the file's size as a read-only handle last saw it grow (see fileSize)
 	hot        atomic.Pointer[hotPage]

@@ -11,17 +11,20 @@ import (
 // Resize changes the virtual size to size, a positive multiple of the logical sector
 // of at most 64 TiB, as ResizeVirtualDisk does: the part both sizes share reads as
 // before, grown space reads zeros (or, in a differencing image, its parent where the
-// file stores nothing), and what lies past a smaller size is dropped. The BAT region
-// keeps its place and length (create rounds it up to a whole MiB, room for 131072
-// entries): a size that needs more entries than it holds is refused. No other I/O
-// may run on the image meanwhile.
+// file stores nothing), and what lies past a smaller size is dropped. A size that
+// needs more BAT entries than the BAT region holds (create rounds it up to a whole
+// MiB, room for 131072 entries; Windows sizes it tightly) gets a new region at the end
+// of the file, 1 MiB-aligned and just large enough (see batmove.go); the old
+// region's space is freed (punched) afterwards. No other I/O may run on the image
+// meanwhile.
 //
 // The virtual disk size item changes through the log (§2.3), in one entry with the
-// BAT entries it takes in or drops, so a crash leaves the old size or the new one.
-// Before that entry, and invisible to readers until it is in place, the space to be
-// shown is cleared: BAT entries past the old end made NOT_PRESENT (through the log,
-// in entries of their own if there are many), and the data past the old size in a
-// last, partial block zeroed in place and its sector bits cleared.
+// BAT entries it takes in or drops, and with both copies of the region table when
+// the BAT moves, so a crash leaves the old size or the new one. Before that entry,
+// and invisible to readers until it is in place, the space to be shown is cleared:
+// BAT entries past the old end made NOT_PRESENT (through the log, in entries of their
+// own if there are many, or simply not copied into a new region), and the data past
+// the old size in a last, partial block zeroed in place and its sector bits cleared.
 func (img *Image) Resize(size int64) error {
 	if !img.writable {
 		return fmt.Errorf("%s: resize: %w", img.name, ErrReadOnly)
@@ -49,9 +52,8 @@ func (img *Image) Resize(size int64) error {
 			mdOff = int64(r.FileOffset)
 		}
 	}
-	if ng.entries*8 > batLen {
-		return fmt.Errorf("%s: resize to %d: the BAT region of %d bytes holds %d entries and the size needs %d; moving the BAT region is not supported: %w", img.name, size, batLen, batLen/8, ng.entries, ErrUnsupported)
-	}
+	move := ng.entries*8 > batLen // only a larger size can need more entries
+	oldBAT := span{img.batOff, batLen, "the old BAT region"}
 	if err := img.flushPendingLocked(); err != nil {
 		return err
 	}
@@ -63,11 +65,16 @@ func (img *Image) Resize(size int64) error {
 		return err
 	}
 	sectors := map[int64][]byte{}
+	var regions []RegionEntry
 	if size > g.size {
 		if err := img.clearTailLocked(sectors); err != nil {
 			return err
 		}
-		if err := img.clearEntriesLocked(g, ng); err != nil {
+		if move {
+			if regions, err = img.newBATRegionLocked(ng, sectors); err != nil {
+				return err
+			}
+		} else if err := img.clearEntriesLocked(g, ng); err != nil {
 			return err
 		}
 	}
@@ -82,7 +89,7 @@ func (img *Image) Resize(size int64) error {
 		}
 	}
 	later := false
-	if len(sectors) > maxPendingSectors {
+	if size < g.size && len(sectors) > maxPendingSectors {
 		// Too many dropped entries for one log entry: the size goes alone, and the
 		// entries past it, which no reader consults then, follow.
 		sectors, later = map[int64][]byte{}, true
@@ -94,11 +101,21 @@ func (img *Image) Resize(size int64) error {
 		m.VirtualDiskSize = uint64(size)
 		img.meta.Store(&m)
 		img.geo = ng
+		if regions != nil {
+			img.useRegionsLocked(regions)
+		}
+		// BAT pages are keyed by their page in the table, not by file offset:
+		// after a move, those of the old region would pass for the new one's.
 		pagecache.Bitmaps.Drop(img.id)
 		img.hot.Store(nil)
 	})
 	if err == nil && later {
 		err = img.clearEntriesLocked(ng, g)
+	}
+	if err == nil && regions != nil {
+		// The log is empty again: nothing refers to the old region. A failure
+		// leaves its space allocated, and the resize done.
+		_ = zeroRange(img.src.f, oldBAT.off, oldBAT.len, img.Type() == TypeFixed)
 	}
 	return err
 }

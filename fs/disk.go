@@ -12,11 +12,13 @@ import (
 )
 
 // diskNode is a raw view of the chain from depth down: disk.raw (depth 0, writable
-// unless the mount is read-only) and the files of layers/ (read-only).
+// unless the mount is read-only), the files of layers/ (read-only) and those of
+// partitions/ (a window of disk.raw, writable as disk.raw is).
 type diskNode struct {
 	fs.Inode
 	root     *Root
 	layer    *chain.Layer // the view's top layer; nil for disk.raw, which follows the chain's top
+	part     *partView    // the window of disk.raw this view shows; nil for the whole view
 	writable bool
 }
 
@@ -28,6 +30,9 @@ func (n *diskNode) chain() *chain.Chain { return n.root.chain }
 
 // size of this view, or -1 if the layer left the chain (a merge shortened it).
 func (n *diskNode) size() int64 {
+	if n.part != nil {
+		return max(min(n.part.length, n.chain().Size()-n.part.start), 0)
+	}
 	if n.layer != nil {
 		if !n.chain().Contains(n.layer) {
 			return -1
@@ -37,7 +42,31 @@ func (n *diskNode) size() int64 {
 	return n.chain().Size()
 }
 
+// base is where the view starts in the chain's view.
+func (n *diskNode) base() int64 {
+	if n.part != nil {
+		return n.part.start
+	}
+	return 0
+}
+
+// clip cuts a request of count bytes at off to the end of a partition's window; for
+// other views it returns count.
+func (n *diskNode) clip(off, count int64) int64 {
+	if n.part == nil {
+		return count
+	}
+	return max(min(count, n.size()-off), 0)
+}
+
 func (n *diskNode) readAt(p []byte, off int64) (int, error) {
+	if n.part != nil {
+		p = p[:n.clip(off, int64(len(p)))]
+		if len(p) == 0 {
+			return 0, io.EOF
+		}
+		return n.chain().ReadAt(p, n.base()+off)
+	}
 	if n.layer == nil {
 		return n.chain().ReadAt(p, off)
 	}
@@ -46,7 +75,7 @@ func (n *diskNode) readAt(p []byte, off int64) (int, error) {
 
 func (n *diskNode) run(off, count int64) (int64, bool, error) {
 	if n.layer == nil {
-		return n.chain().Run(0, off, count)
+		return n.chain().Run(0, n.base()+off, n.clip(off, count))
 	}
 	return n.chain().RunLayer(n.layer, off, count)
 }
@@ -73,6 +102,14 @@ func (n *diskNode) Open(ctx context.Context, flags uint32) (fs.FileHandle, uint3
 	if n.size() < 0 {
 		return nil, 0, syscall.ENOENT
 	}
+	if n.part != nil {
+		// Only a partition the table still has opens. The kernel caches nothing of
+		// it: writes through disk.raw and the other partitions show at once.
+		if errno := n.root.partitionExists(n.part); errno != 0 {
+			return nil, 0, errno
+		}
+		return &diskHandle{}, fuse.FOPEN_DIRECT_IO, 0
+	}
 	// The kernel may keep pages of disk.raw across opens: every change to it goes
 	// through this mount, and a merge leaves it byte-identical. A layer's view does
 	// change when a merge writes into it, so its cache goes at each open.
@@ -94,6 +131,7 @@ func (n *diskNode) Read(ctx context.Context, fh fs.FileHandle, dest []byte, off 
 		return nil, syscall.EIO
 	}
 	defer n.root.leave()
+	dest = dest[:n.clip(off, int64(len(dest)))]
 	if want := int64(len(dest)); want >= minSplice && want <= maxSplice && n.root.splice {
 		if r, ok := n.spliceRead(want, off); ok {
 			return r, 0
@@ -118,7 +156,15 @@ func (n *diskNode) Write(ctx context.Context, fh fs.FileHandle, data []byte, off
 	if !n.writable {
 		return 0, syscall.EROFS
 	}
-	k, err := n.chain().WriteAt(data, off) // waits while a merge from the top runs
+	if n.part != nil {
+		// Past the partition's end as past the disk's: what fits is written, the
+		// rest fails with ENOSPC.
+		if data = data[:n.clip(off, int64(len(data)))]; len(data) == 0 {
+			return 0, syscall.ENOSPC
+		}
+		defer n.root.dropDiskCache(n.base()+off, int64(len(data)))
+	}
+	k, err := n.chain().WriteAt(data, n.base()+off) // waits while a merge from the top runs
 	if k > 0 {
 		return uint32(k), 0
 	}
@@ -157,7 +203,13 @@ func (n *diskNode) Allocate(ctx context.Context, fh fs.FileHandle, off uint64, s
 	if int64(off) < 0 || int64(size) < 0 {
 		return syscall.EINVAL
 	}
-	return n.root.errno("fallocate", n.chain().Discard(int64(off), int64(size)))
+	if n.part != nil {
+		if size = uint64(n.clip(int64(off), int64(size))); size == 0 {
+			return 0
+		}
+		defer n.root.dropDiskCache(n.base()+int64(off), int64(size))
+	}
+	return n.root.errno("fallocate", n.chain().Discard(n.base()+int64(off), int64(size)))
 }
 
 var _ = (fs.NodeSetattrer)((*diskNode)(nil))

@@ -1,5 +1,6 @@
 // Package fs serves a chain of virtual disks (VHD or VHDX) over FUSE: disk.raw (the whole chain), layers/ (the
-// view from each depth down) and control (commands in, JSON state out). Nodes are
+// view from each depth down), partitions/ (a window of disk.raw per partition) and
+// control (commands in, JSON state out). Nodes are
 // thin: checks, locks, then a call into chain or merge.
 package fs
 
@@ -78,9 +79,12 @@ type Root struct {
 	errMu  sync.Mutex
 	errors []string // guarded by errMu: the latest I/O errors, for the status
 
-	inoMu   sync.Mutex
-	inos    map[*chain.Layer]uint64 // guarded by inoMu
-	nextIno uint64                  // guarded by inoMu
+	inoMu    sync.Mutex
+	inos     map[*chain.Layer]uint64 // guarded by inoMu
+	partInos map[partView]uint64     // guarded by inoMu
+	nextIno  uint64                  // guarded by inoMu
+
+	disk *fs.Inode // disk.raw, set in OnAdd
 
 	// serving is read-held by each request that reaches the chain; Stop takes it to
 	// wait for them. stopped is set (under serving) once no request may reach it.
@@ -121,7 +125,10 @@ func (r *Root) layerIno(l *chain.Layer) uint64 {
 		return ino
 	}
 	if r.inos == nil {
-		r.inos, r.nextIno = map[*chain.Layer]uint64{}, 100
+		r.inos = map[*chain.Layer]uint64{}
+	}
+	if r.nextIno == 0 {
+		r.nextIno = 100
 	}
 	r.nextIno++
 	r.inos[l] = r.nextIno
@@ -149,11 +156,14 @@ var _ = (fs.NodeOnAdder)((*Root)(nil))
 func (r *Root) OnAdd(ctx context.Context) {
 	disk := r.NewPersistentInode(ctx, &diskNode{root: r, writable: !r.opts.ReadOnly}, fs.StableAttr{Ino: 2})
 	r.AddChild("disk.raw", disk, false)
+	r.disk = disk
 	r.controlIno.Store(1 << 32)
 	ctl := r.NewPersistentInode(ctx, &controlNode{root: r}, fs.StableAttr{Ino: 3})
 	r.AddChild("control", ctl, false)
 	layers := r.NewPersistentInode(ctx, &layersDir{root: r}, fs.StableAttr{Mode: syscall.S_IFDIR, Ino: 4})
 	r.AddChild("layers", layers, false)
+	parts := r.NewPersistentInode(ctx, &partitionsDir{root: r}, fs.StableAttr{Mode: syscall.S_IFDIR, Ino: 5})
+	r.AddChild("partitions", parts, false)
 }
 
 var _ = (fs.NodeLookuper)((*Root)(nil))
@@ -194,7 +204,7 @@ const entryTimeout = time.Second
 var _ = (fs.NodeGetattrer)((*Root)(nil))
 
 func (r *Root) Getattr(ctx context.Context, fh fs.FileHandle, out *fuse.AttrOut) syscall.Errno {
-	r.fillDirAttr(&out.Attr, 3, !r.opts.ReadOnly)
+	r.fillDirAttr(&out.Attr, 4, !r.opts.ReadOnly)
 	return 0
 }
 

@@ -29,7 +29,8 @@ var (
 	maxRequest int64 = 512 << 10
 )
 
-// spliceRead loads [off, off+len) of the view into a pipe (chain.SpliceRuns: the pipe
+// spliceRead loads [off, off+size) of the view (which the caller cut to a partition's
+// end) into a pipe (chain.SpliceRuns: the pipe
 // then holds references to the image files' pages, so a merge may close the files
 // before go-fuse sends the reply). It never waits for room: a full pipe, too many
 // pieces, a layer not in a plain file or any error, which the copy path reports again,
@@ -43,7 +44,7 @@ func (n *diskNode) spliceRead(size, off int64) (fuse.ReadResult, bool) {
 		splice.Done(pair)
 		return nil, false
 	}
-	total, err := n.chain().SpliceRuns(n.layer, off, size, int(pair.WriteFd()), unix.SPLICE_F_NONBLOCK, maxPieces)
+	total, err := n.chain().SpliceRuns(n.layer, n.base()+off, size, int(pair.WriteFd()), unix.SPLICE_F_NONBLOCK, maxPieces)
 	if err != nil || total <= 0 {
 		splice.Done(pair)
 		return nil, false

@@ -249,13 +249,13 @@ func TestMountOwnerAndMode(t *testing.T) {
 			ro    bool
 		}{
 			{"the image's", nil, map[string]string{
-				".": "0700 123:45 n3", "disk.raw": "0600 123:45 n1", "control": "0600 123:45 n1",
+				".": "0700 123:45 n4", "disk.raw": "0600 123:45 n1", "control": "0600 123:45 n1",
 				"layers": "0500 123:45 n2", layer: "0400 123:45 n1"}, false},
 			{"read-only", []string{"-r"}, map[string]string{"disk.raw": "0400 123:45 n1", "control": "0400 123:45 n1"}, true},
 			{"-o ro", []string{"-o", "ro"}, map[string]string{"disk.raw": "0400 123:45 n1"}, true},
 			{"uid and gid", []string{"-o", "uid=7,gid=8"}, map[string]string{"disk.raw": "0600 7:8 n1", "layers": "0500 7:8 n2"}, false},
 			{"umask", []string{"-o", "umask=027"}, map[string]string{
-				".": "0750 123:45 n3", "disk.raw": "0640 123:45 n1", "layers": "0550 123:45 n2", layer: "0440 123:45 n1"}, false},
+				".": "0750 123:45 n4", "disk.raw": "0640 123:45 n1", "layers": "0550 123:45 n2", layer: "0440 123:45 n1"}, false},
 			{"all three as flags", []string{"--uid=0", "--gid=0", "--umask=022"}, map[string]string{"disk.raw": "0644 0:0 n1"}, false},
 		} {
 			t.Run(tc.name, func(t *testing.T) {

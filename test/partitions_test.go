@@ -79,8 +79,8 @@ func cmpSlice(t testing.TB, mnt string, p partSpan, off, n int64) {
 	file := filepath.Join(mnt, "partitions", p.name)
 	script := fmt.Sprintf("cmp <(dd if=%q bs=512 skip=%d count=%d status=none) <(dd if=%q bs=512 skip=%d count=%d status=none)",
 		disk, (p.start+off)/512, n/512, file, off/512, n/512)
-	if _, errs, code := run(t, "bash", "-c", script); code != 0 {
-		t.Errorf("%s [%d, %d) differs from disk.raw at %d: %s", p.name, off, off+n, p.start+off, errs)
+	if out, errs, code := run(t, "bash", "-c", script); code != 0 {
+		t.Errorf("%s [%d, %d) differs from disk.raw at %d: %s%s", p.name, off, off+n, p.start+off, out, errs)
 	}
 }
 
@@ -164,10 +164,15 @@ func TestPartitionsGPT(t *testing.T) {
 	mustRun(t, "e2fsck", "-fn", p3)
 	cmpSlice(t, mnt, want[1], 0, want[1].size)
 
-	t.Run("damaged primary", func(t *testing.T) {
+	t.Run("damaged primary, then backup", func(t *testing.T) {
 		// Flip a byte of the primary header: the backup at the end lists the same.
 		mustRun(t, "bash", "-c", fmt.Sprintf("printf '\\xff' | dd of=%q bs=1 seek=%d conv=notrunc status=none", filepath.Join(mnt, "disk.raw"), 512+40))
 		checkParts(t, mnt, want)
+		// And of the backup's: no table vhdfs can read, no partitions.
+		mustRun(t, "bash", "-c", fmt.Sprintf("printf '\\xff' | dd of=%q bs=1 seek=%d conv=notrunc status=none", filepath.Join(mnt, "disk.raw"), 64*mib-512+40))
+		if names := partNames(t, mnt); len(names) != 0 {
+			t.Errorf("partitions/ with both GPTs damaged: %v", names)
+		}
 	})
 }
 

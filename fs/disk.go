@@ -56,6 +56,9 @@ func (n *diskNode) clip(off, count int64) int64 {
 	if n.part == nil {
 		return count
 	}
+	if off < 0 {
+		return 0
+	}
 	return max(min(count, n.size()-off), 0)
 }
 
@@ -148,7 +151,17 @@ func (n *diskNode) Read(ctx context.Context, fh fs.FileHandle, dest []byte, off 
 
 var _ = (fs.NodeWriter)((*diskNode)(nil))
 
+// Write through a partition drops the pages of disk.raw it changed from the kernel's
+// cache, once the write no longer holds the mount (see dropDiskCache).
 func (n *diskNode) Write(ctx context.Context, fh fs.FileHandle, data []byte, off int64) (uint32, syscall.Errno) {
+	k, errno := n.write(data, off)
+	if n.part != nil && k > 0 {
+		n.root.dropDiskCache(n.base()+off, int64(k))
+	}
+	return k, errno
+}
+
+func (n *diskNode) write(data []byte, off int64) (uint32, syscall.Errno) {
 	if !n.root.enter() {
 		return 0, syscall.EIO
 	}
@@ -162,7 +175,6 @@ func (n *diskNode) Write(ctx context.Context, fh fs.FileHandle, data []byte, off
 		if data = data[:n.clip(off, int64(len(data)))]; len(data) == 0 {
 			return 0, syscall.ENOSPC
 		}
-		defer n.root.dropDiskCache(n.base()+off, int64(len(data)))
 	}
 	k, err := n.chain().WriteAt(data, n.base()+off) // waits while a merge from the top runs
 	if k > 0 {
@@ -177,8 +189,16 @@ var _ = (fs.NodeAllocater)((*diskNode)(nil))
 // FALLOC_FL_ZERO_RANGE (with or without KEEP_SIZE) make the range read zeros
 // (chain.Discard), which is how a loop device passes on its discards; a range past
 // the end is cut there with KEEP_SIZE and refused without it, as a size change is.
-// Every other mode is EOPNOTSUPP.
+// Every other mode is EOPNOTSUPP. In a partition, the range is cut at its end.
 func (n *diskNode) Allocate(ctx context.Context, fh fs.FileHandle, off uint64, size uint64, mode uint32) syscall.Errno {
+	errno := n.allocate(off, size, mode)
+	if n.part != nil && errno == 0 {
+		n.root.dropDiskCache(n.base()+int64(off), n.clip(int64(off), int64(size)))
+	}
+	return errno
+}
+
+func (n *diskNode) allocate(off uint64, size uint64, mode uint32) syscall.Errno {
 	if !n.root.enter() {
 		return syscall.EIO
 	}
@@ -207,7 +227,6 @@ func (n *diskNode) Allocate(ctx context.Context, fh fs.FileHandle, off uint64, s
 		if size = uint64(n.clip(int64(off), int64(size))); size == 0 {
 			return 0
 		}
-		defer n.root.dropDiskCache(n.base()+int64(off), int64(size))
 	}
 	return n.root.errno("fallocate", n.chain().Discard(n.base()+int64(off), int64(size)))
 }

@@ -87,8 +87,10 @@ func (r *Root) partIno(v partView) uint64 {
 
 // dropDiskCache drops the kernel's cached pages of disk.raw in [off, off+n), which a
 // write through a partition changed. The kernel may not know disk.raw: nothing to do.
+// The caller must not hold enter: the kernel waits for the pages' locks, which a read
+// of disk.raw may hold while its request waits to enter behind a Stop.
 func (r *Root) dropDiskCache(off, n int64) {
-	if r.disk != nil {
+	if n > 0 && r.disk != nil {
 		r.disk.NotifyContent(off, n)
 	}
 }

@@ -114,6 +114,12 @@ func TestPartitionsMBR(t *testing.T) {
 	t.Run("write through p5.raw", func(t *testing.T) {
 		mustRun(t, "bash", "-c", fmt.Sprintf("head -c 12345 /dev/urandom | dd of=%q bs=1 seek=777 conv=notrunc status=none", filepath.Join(mnt, "partitions", "p5.raw")))
 		cmpSlice(t, mnt, want[2], 0, 64<<10)
+		// A discard (a hole punched in the partition) reads zeros through disk.raw too.
+		mustRun(t, "fallocate", "-p", "-o", "4096", "-l", "8192", filepath.Join(mnt, "partitions", "p5.raw"))
+		cmpSlice(t, mnt, want[2], 0, 64<<10)
+		if out := mustRun(t, "bash", "-c", fmt.Sprintf("dd if=%q bs=4096 skip=%d count=2 status=none | tr -d '\\0' | wc -c", filepath.Join(mnt, "disk.raw"), (want[2].start+4096)/4096)); strings.TrimSpace(out) != "0" {
+			t.Errorf("punched range of p5.raw, read through disk.raw: %s non-zero bytes", out)
+		}
 	})
 	t.Run("write through disk.raw", func(t *testing.T) {
 		mustRun(t, "bash", "-c", fmt.Sprintf("head -c 65536 /dev/urandom | dd of=%q bs=4096 seek=%d conv=notrunc status=none", filepath.Join(mnt, "disk.raw"), (45*mib+8192)/4096))

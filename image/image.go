@@ -107,6 +107,14 @@ type LogHolder interface {
 	LogPending() bool
 }
 
+// ZeroStorer is implemented by formats that can store a range as zeros without file
+// data (VHDX's ZERO and UNMAPPED block states in a differencing image): ZeroRun
+// reports whether the byte at off, which the image stores (Run says present), is
+// stored that way, and how many bytes from off, at most n, share that answer.
+type ZeroStorer interface {
+	ZeroRun(off, n int64) (k int64, zero bool, err error)
+}
+
 // SizeRounder is implemented by formats whose sizes round to something other
 // tools expect (VHD: a whole CHS geometry); RoundSize is the size create gives for
 // a request of size.

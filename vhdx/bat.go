@@ -248,7 +248,9 @@ func (img *Image) checkEntry(i int64, e batEntry) (int64, error) {
 // entryProblem is checkEntry's: the length, or what is wrong.
 func (img *Image) entryProblem(i int64, e batEntry) (int64, string) {
 	g := img.geo
-	name := g.entryName(i)
+	// Named only for a problem: formatting it for every entry of a paged table
+	// costs more than checking it.
+	name := func() string { return g.entryName(i) }
 	bitmap := g.isBitmap(i)
 	var length int64
 	switch s := e.state(); {
@@ -257,23 +259,23 @@ func (img *Image) entryProblem(i int64, e batEntry) (int64, string) {
 	case bitmap && s == Present:
 		length = sectorBitmapBlockSize
 	case bitmap:
-		return 0, fmt.Sprintf("%s has invalid state %d", name, s)
+		return 0, fmt.Sprintf("%s has invalid state %d", name(), s)
 	case s == NotPresent, s == Undefined, s == Zero, s == Unmapped, s == unmappedDraft:
 		return 0, ""
 	case s == FullyPresent, s == PartiallyPresent && img.meta.Load().HasParent:
 		length = min(g.blockSize, g.size-g.block(i)*g.blockSize)
 	case s == PartiallyPresent:
-		return 0, fmt.Sprintf("%s is PARTIALLY_PRESENT in an image without a parent", name)
+		return 0, fmt.Sprintf("%s is PARTIALLY_PRESENT in an image without a parent", name())
 	default:
-		return 0, fmt.Sprintf("%s has invalid state %d", name, s)
+		return 0, fmt.Sprintf("%s has invalid state %d", name(), s)
 	}
 	off := e.offset()
 	if off >= 1<<63-uint64(length) || img.fileSize(int64(off)+length) < int64(off)+length {
-		return 0, fmt.Sprintf("%s points to %d+%d, past the end of the file at %d", name, off, length, img.src.vsize)
+		return 0, fmt.Sprintf("%s points to %d+%d, past the end of the file at %d", name(), off, length, img.src.vsize)
 	}
 	for _, m := range img.spans {
 		if overlaps(int64(off), length, m.off, m.len) {
-			return 0, fmt.Sprintf("%s points to %d, overlapping %s at %d", name, off, m.name, m.off)
+			return 0, fmt.Sprintf("%s points to %d, overlapping %s at %d", name(), off, m.name, m.off)
 		}
 	}
 	return length, ""

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"io"
 
+	"github.com/vhdfs/vhdfs/image"
 	"github.com/vhdfs/vhdfs/internal/pagecache"
 )
 
@@ -97,6 +98,46 @@ func (img *Image) Run(off, n int64) (int64, bool, error) {
 		}
 	}
 	return run, present, nil
+}
+
+var _ = (image.ZeroStorer)((*Image)(nil))
+
+// ZeroRun reports whether the byte at off lies in a block that a differencing image
+// stores as zeros without data (ZERO, UNMAPPED, UNDEFINED: Run calls those present,
+// hiding the parent), and how many bytes from off, at most n, share that answer, a
+// block at a time. An image without a parent stores nothing that way.
+func (img *Image) ZeroRun(off, n int64) (int64, bool, error) {
+	g := img.geo
+	if off >= g.size || off < 0 {
+		return n, false, nil
+	}
+	n = min(n, g.size-off)
+	if !img.meta.Load().HasParent {
+		return n, false, nil
+	}
+	img.mu.RLock()
+	defer img.mu.RUnlock()
+	var run int64
+	var zero bool
+	for run < n {
+		blk, in := (off+run)/g.blockSize, (off+run)%g.blockSize
+		e, err := img.entry(g.payloadIndex(blk))
+		if err != nil {
+			return 0, false, err
+		}
+		z := false
+		switch e.state() {
+		case NotPresent, FullyPresent, PartiallyPresent:
+		default:
+			z = true
+		}
+		if run > 0 && z != zero {
+			break
+		}
+		zero = z
+		run += min(n-run, g.blockSize-in)
+	}
+	return run, zero, nil
 }
 
 // bitmapRun returns the length of the run from byte in of PARTIALLY_PRESENT block

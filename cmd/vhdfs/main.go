@@ -73,6 +73,8 @@ func init() {
 		"merge":      cmdMerge,
 		"check":      cmdCheck,
 		"export":     cmdExport,
+		"map":        cmdMap,
+		"scan":       cmdScan,
 		"convert":    cmdConvert,
 		"compact":    cmdCompact,
 		"snapshot":   cmdSnapshot,
@@ -101,6 +103,8 @@ var summaries = map[string]string{
 	"check":      "check the structure of every image in the chain",
 	"compact":    "drop all-zero blocks and shrink the file (Optimize-VHD), offline; --dry-run says by how much",
 	"export":     "write the whole chain as one raw file, to a file, stdout (-) or a block device",
+	"scan":       "list the VHD and VHDX images of directories as chains, by ID: ok, orphan or stale; no locks",
+	"map":        "show which layer holds each run of the disk (qemu-img map's shape; --json)",
 	"convert":    "flatten the chain (or one image) into a new VHD or VHDX, dynamic or fixed",
 	"snapshot":   "create a new, empty differencing image on IMAGE (a checkpoint)",
 	"relink":     "point IMAGE's parent locators at PARENT, once its unique ID matches (qemu-img rebase -u)",
@@ -219,7 +223,8 @@ func newFlags(name string) *pflag.FlagSet {
 	return fs
 }
 
-// parse parses args and checks the number of positional arguments.
+// parse parses args and checks the number of positional arguments; a last name
+// ending in "..." takes one or more.
 func parse(fs *pflag.FlagSet, args []string, names ...string) ([]string, error) {
 	if describing != nil {
 		*describing = described{fs, names}
@@ -233,6 +238,12 @@ func parse(fs *pflag.FlagSet, args []string, names ...string) ([]string, error) 
 			return nil, err
 		}
 		return nil, usagef("%v", err)
+	}
+	if n := len(names); n > 0 && strings.HasSuffix(names[n-1], "...") {
+		if fs.NArg() < n {
+			return nil, usagef("want %s, got %d arguments", strings.Join(names, " "), fs.NArg())
+		}
+		return fs.Args(), nil
 	}
 	if fs.NArg() != len(names) {
 		return nil, usagef("want %s, got %d arguments", strings.Join(names, " "), fs.NArg())

@@ -39,7 +39,7 @@ func describe(name string) described {
 
 // commandOrder lists the commands as help shows them; a command missing here comes
 // after them, in name order.
-var commandOrder = []string{"mount", "umount", "info", "create", "merge", "check", "export", "version"}
+var commandOrder = []string{"mount", "umount", "info", "map", "scan", "create", "snapshot", "merge", "check", "export", "convert", "compact", "resize", "relink", "version"}
 
 // notDescribed are the commands that are no vhdfs command of their own: cobra makes
 // help and completion itself, and man, __complete and __control are hidden.
@@ -70,8 +70,8 @@ func commandTree() *cobra.Command {
 	root := &cobra.Command{
 		Use:   "vhdfs",
 		Short: "mount a chain of VHD images as one raw disk, and work on such chains offline",
-		Long: "vhdfs mounts a chain of Microsoft VHD images (a base and its differencing disks) as one\n" +
-			"raw disk, and creates, inspects, checks, merges and exports such chains offline.\n\n" +
+		Long: "vhdfs mounts a chain of Microsoft VHD or VHDX images (a base and its differencing disks) as one\n" +
+			"raw disk, and creates, inspects, checks, merges, converts, compacts, resizes and exports such chains offline.\n\n" +
 			"mount -t fuse.vhdfs and fstab lines run it as: vhdfs IMAGE MOUNTPOINT -o OPTS\n" +
 			"Exit codes: 0 ok, 1 the operation failed, 2 bad command line, 3 check found errors.",
 		SilenceErrors:     true,

@@ -69,7 +69,7 @@ func commandTree() *cobra.Command {
 	cobra.EnableCommandSorting = false
 	root := &cobra.Command{
 		Use:   "vhdfs",
-		Short: "mount a chain of VHD images as one raw disk, and work on such chains offline",
+		Short: "mount a chain of VHD or VHDX images as one raw disk, and work on such chains offline",
 		Long: "vhdfs mounts a chain of Microsoft VHD or VHDX images (a base and its differencing disks) as one\n" +
 			"raw disk, and creates, inspects, checks, merges, converts, compacts, resizes and exports such chains offline.\n\n" +
 			"mount -t fuse.vhdfs and fstab lines run it as: vhdfs IMAGE MOUNTPOINT -o OPTS\n" +

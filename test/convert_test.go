@@ -1,6 +1,7 @@
 package test
 
 import (
+	"bufio"
 	"bytes"
 	"errors"
 	"fmt"
@@ -10,6 +11,7 @@ import (
 	"strings"
 	"syscall"
 	"testing"
+	"time"
 )
 
 // convertTargets are the images convert makes in the tests: each format, each type.
@@ -232,20 +234,43 @@ func TestConvertInterrupted(t *testing.T) {
 		env, reached, resume := pausePoint(t, "convert-half")
 		cmd = exec.Command(vhdfsBin, "convert", c.Top(), out2)
 		cmd.Env = append(os.Environ(), env)
-		var stderr bytes.Buffer
-		cmd.Stderr = &stderr
+		errPipe, err := cmd.StderrPipe()
+		if err != nil {
+			t.Fatal(err)
+		}
 		if err := cmd.Start(); err != nil {
 			t.Fatal(err)
 		}
+		lines := make(chan string, 4)
+		go func() {
+			sc := bufio.NewScanner(errPipe)
+			for sc.Scan() {
+				lines <- sc.Text()
+			}
+			close(lines)
+		}()
 		reached()
 		if err := cmd.Process.Signal(os.Interrupt); err != nil {
 			t.Fatal(err)
 		}
-		resume()
-		if err := cmd.Wait(); !errors.As(err, &ee) || ee.ExitCode() != 1 {
-			t.Fatalf("convert interrupted: %v, want exit 1; stderr %s", err, stderr.String())
+		// The convert says it stops once it has been told to: only then may it go on.
+		var said []string
+		select {
+		case l := <-lines:
+			said = append(said, l)
+		case <-time.After(cmdTimeout):
+			t.Fatalf("convert did not acknowledge SIGINT within %v", cmdTimeout)
 		}
-		assertOneLineError(t, stderr.String(), out2, "interrupted")
+		resume()
+		for l := range lines {
+			said = append(said, l)
+		}
+		if err := cmd.Wait(); !errors.As(err, &ee) || ee.ExitCode() != 1 {
+			t.Fatalf("convert interrupted: %v, want exit 1; stderr %q", err, said)
+		}
+		if len(said) != 2 || !strings.Contains(said[0], "stopping") || !strings.Contains(said[1], out2) || !strings.Contains(said[1], "interrupted") {
+			t.Errorf("stderr of the interrupted convert: %q; want the acknowledgement, then one line naming %s", said, out2)
+		}
 		assertDirHolds(t, outDir, "flat.vhdx")
 		assertUnchanged(t, snap)
 	})

@@ -102,8 +102,18 @@ func cmdConvert(args []string) error {
 			out, sizeText(size), sizeText(o.Size))
 	}
 	// Signals are caught before the temporary file exists, so none leaves it behind.
-	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM, syscall.SIGHUP)
-	defer stop()
+	// A signal is said at once, once the work is told to stop: the stop is then
+	// certain, whatever the work was doing.
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	sigs := make(chan os.Signal, 1)
+	signal.Notify(sigs, os.Interrupt, syscall.SIGTERM, syscall.SIGHUP)
+	defer signal.Stop(sigs)
+	go func() {
+		s := <-sigs
+		cancel()
+		fmt.Fprintf(os.Stderr, "vhdfs convert: %v: stopping; %s will not be made\n", s, out)
+	}()
 	tmp := convertTemp(out)
 	if err := probe.Create(tmp, o); err != nil {
 		// The temporary name means nothing to the user yet: the error names OUT.

@@ -276,13 +276,22 @@ func findMountIn(dirs []string, image string) (*mountRecord, error) {
 		return nil, err
 	}
 	dev, ino := uint64(st.Dev), st.Ino
+	real, err := filepath.EvalSymlinks(image)
+	if err != nil {
+		return nil, err
+	}
+	real, _ = filepath.Abs(real)
 	var byImage *mountRecord
 	for _, r := range readRecords(dirs) {
 		locked, any := lockedBytes(r.PID, dev, ino)
 		if locked[writeLockByte] {
 			return r, nil
 		}
-		if r.ImageDev == dev && r.ImageIno == ino && (any || holdsPath(r.PID, r.Image)) && byImage == nil {
+		// The record's device and inode are those of the top it was mounted on: after
+		// a merge replaced that top, they may name another file now (an inode number
+		// is reused once the old top is closed). So the process must hold this very
+		// file: a lock on it, or a descriptor of its path.
+		if r.ImageDev == dev && r.ImageIno == ino && (any || holdsPath(r.PID, real)) && byImage == nil {
 			byImage = r
 		}
 	}

@@ -3,10 +3,12 @@ package fs
 import (
 	"context"
 	"io"
+	"slices"
 	"syscall"
 
 	"github.com/hanwen/go-fuse/v2/fs"
 	"github.com/hanwen/go-fuse/v2/fuse"
+	"golang.org/x/sys/unix"
 
 	"github.com/vhdfs/vhdfs/chain"
 )
@@ -88,8 +90,36 @@ var _ = (fs.NodeGetattrer)((*diskNode)(nil))
 func (n *diskNode) Getattr(ctx context.Context, fh fs.FileHandle, out *fuse.AttrOut) syscall.Errno {
 	n.root.fillAttr(&out.Attr, n.writable)
 	out.Size = uint64(max(n.size(), 0))
-	out.Blocks = (out.Size + 511) / 512
+	// A block size set keeps go-fuse from putting the size in Blocks.
+	out.Blocks, out.Blksize = n.blocks(out.Size), 4096
 	return 0
+}
+
+// blocks is what the view takes on disk, in 512-byte blocks, as du, ls -s and
+// qemu-img info show it: the space of the image files of the view's layers (disk.raw:
+// the whole chain; a layer's view: from its depth down), each a stat of a file, so a
+// getattr costs one system call per layer whatever the image claims. A partition's
+// view, a window of them, shows its size.
+func (n *diskNode) blocks(size uint64) uint64 {
+	if n.part != nil {
+		return (size + 511) / 512
+	}
+	layers := n.chain().Layers()
+	if n.layer != nil {
+		i := slices.Index(layers, n.layer)
+		if i < 0 {
+			return 0 // gone from the chain
+		}
+		layers = layers[i:]
+	}
+	var b uint64
+	for _, l := range layers {
+		var st unix.Stat_t
+		if unix.Stat(l.Path, &st) == nil {
+			b += uint64(st.Blocks)
+		}
+	}
+	return b
 }
 
 var _ = (fs.NodeOpener)((*diskNode)(nil))

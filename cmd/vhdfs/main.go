@@ -36,7 +36,7 @@ const usage = `usage:
   vhdfs merge [-p|--progress] [--depth N] [--from S] [--force-rw] IMAGE
   vhdfs check [--repair [--force-rw]] [-U] [--json] [--parent PARENT]... IMAGE
   vhdfs compact [-n|--dry-run] [-p|--progress] [--force-rw] IMAGE
-  vhdfs export [-p|--progress] [-U] [--parent PARENT]... IMAGE OUT.raw|-|DEVICE
+  vhdfs export [-p|--progress] [-U] [--hash sha256|md5] [--force] [--parent PARENT]... IMAGE OUT.raw|-|DEVICE
   vhdfs convert [--format vhd|vhdx] [--type dynamic|fixed] [--block-size SIZE] [--azure]
                 [-p|--progress] [-U] [--parent PARENT]... [-q] IN OUT
   vhdfs relink [--force-rw] IMAGE PARENT

@@ -155,7 +155,7 @@ func TestShortFooter(t *testing.T) {
 			}
 			assertFileEquals(t, exportImage(t, img), model)
 			stdout, stderr, code := vhdfs(t, "check", img)
-			if code != 0 || !strings.Contains(stdout, "511-byte footer") {
+			if code != 0 || !strings.Contains(stdout, "footer is 511 bytes long") {
 				t.Errorf("check: exit %d\nstdout: %s\nstderr: %s", code, stdout, stderr)
 			}
 			assertUnchanged(t, snap)

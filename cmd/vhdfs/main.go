@@ -34,7 +34,7 @@ const usage = `usage:
   vhdfs create --parent PARENT [--block-size SIZE] IMAGE
   vhdfs snapshot IMAGE NEW
   vhdfs merge [-p|--progress] [--depth N] [--from S] [--force-rw] IMAGE
-  vhdfs check [--repair [--force-rw]] [-U] [--json] [--parent PARENT]... IMAGE
+  vhdfs check [--repair [--force-rw]] [-U] [-v|--verbose] [--json] [--parent PARENT]... IMAGE
   vhdfs compact [-n|--dry-run] [-p|--progress] [--force-rw] IMAGE
   vhdfs export [-p|--progress] [-U] [--hash sha256|md5] [--force] [--parent PARENT]... IMAGE OUT.raw|-|DEVICE
   vhdfs convert [--format vhd|vhdx] [--type dynamic|fixed] [--block-size SIZE] [--azure]

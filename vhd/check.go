@@ -71,7 +71,7 @@ func (img *Image) Check() []Problem {
 		add(Warning, "footer saved state is set: the disk belongs to a saved virtual machine")
 	}
 	if f.UniqueID.IsZero() {
-		add(Warning, "footer unique ID is zero")
+		add(Warning, "footer unique ID is zero: a differencing image on this one cannot tell it from another")
 	}
 	if g := CHS(img.size); f.Geometry != g && f.Geometry != MaxGeometry {
 		add(Note, "the disk geometry %d/%d/%d is not the %d/%d/%d computed for the size, as some tools write it; harmless", f.Geometry.Cylinders, f.Geometry.Heads, f.Geometry.Sectors, g.Cylinders, g.Heads, g.Sectors)

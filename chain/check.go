@@ -59,7 +59,7 @@ func CheckWith(path string, o OpenOptions) []image.Problem {
 		seen[id] = parent.Path
 		ts := cur.Image.Describe().ParentTimestamp
 		if st, err := os.Stat(parent.Path); err == nil && !ts.IsZero() && !ts.Equal(st.ModTime().Truncate(time.Second)) {
-			out = append(out, image.Problem{Severity: image.Note, File: cur.Path, Message: fmt.Sprintf("parent time stamp %s differs from the parent's modification time %s (reported, not enforced)",
+			out = append(out, image.Problem{Severity: image.Note, File: cur.Path, Message: fmt.Sprintf("the parent's time stamp recorded here, %s, is not the parent's modification time, %s: the parent was copied or changed after this image was made; vhdfs does not rely on it",
 				ts.UTC().Format("2006-01-02 15:04:05"), st.ModTime().UTC().Format("2006-01-02 15:04:05"))})
 		}
 		if cur.Image.Size() < parent.Image.Size() {

@@ -162,7 +162,8 @@ func TestCreateErrors(t *testing.T) {
 }
 
 // TestExportCommand: export is quiet when stdout is not a terminal, replaces an
-// existing output file entirely, and refuses to overwrite an image of the chain.
+// existing output file entirely with --force, and refuses to overwrite an image of the
+// chain, --force or not.
 func TestExportCommand(t *testing.T) {
 	t.Parallel()
 	c := makeChain(t, chainOptions{Depth: 2, Create: []string{"--size", "8M"}, Writes: 6, Seed: 51})
@@ -172,7 +173,7 @@ func TestExportCommand(t *testing.T) {
 	if err := os.WriteFile(out, fill(int(c.Size)+3*mib, 0xff), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	stdout, stderr, code := vhdfs(t, "export", c.Top(), out)
+	stdout, stderr, code := vhdfs(t, "export", "--force", c.Top(), out)
 	if code != 0 || stdout != "" || stderr != "" {
 		t.Errorf("export: exit %d, stdout %q, stderr %q", code, stdout, stderr)
 	}
@@ -180,21 +181,21 @@ func TestExportCommand(t *testing.T) {
 
 	snap := snapshotFiles(t, c.Dir)
 	for _, target := range c.Images {
-		stdout, stderr, code := vhdfs(t, "export", c.Top(), target)
+		stdout, stderr, code := vhdfs(t, "export", "--force", c.Top(), target)
 		if code != 1 || stdout != "" {
 			t.Errorf("export onto %s: exit %d, stdout %q", target, code, stdout)
 		}
-		assertOneLineError(t, stderr, target, "refusing")
+		assertOneLineError(t, stderr, target, "image of the chain")
 	}
 	// The same file through another name.
 	link := filepath.Join(outDir, "link.vhd")
 	if err := os.Symlink(c.Images[0], link); err != nil {
 		t.Fatal(err)
 	}
-	if _, stderr, code := vhdfs(t, "export", c.Top(), link); code != 1 {
+	if _, stderr, code := vhdfs(t, "export", "--force", c.Top(), link); code != 1 {
 		t.Errorf("export onto a symlink to the base: exit %d", code)
 	} else {
-		assertOneLineError(t, stderr, "refusing")
+		assertOneLineError(t, stderr, "image of the chain")
 	}
 	_, stderr, code = vhdfs(t, "export", c.Top(), filepath.Join(outDir, "no", "dir", "x.raw"))
 	if code != 1 {

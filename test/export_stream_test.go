@@ -56,7 +56,7 @@ func TestExportToStdout(t *testing.T) {
 }
 
 // TestExportToLoopDevice: export to a block device writes the view over whatever the
-// device held (zeros too), without truncating it; a device smaller than the image is
+// device held (zeros too), without truncating it, and --hash digests the view; a device smaller than the image is
 // refused and left alone.
 func TestExportToLoopDevice(t *testing.T) {
 	requireTool(t, "losetup")
@@ -84,7 +84,10 @@ func TestExportToLoopDevice(t *testing.T) {
 
 		backing, dev := attach("big", len(model)+1<<20)
 		mLoopCleanup(t, &dev)
-		mustVhdfs(t, "export", c.Top(), dev)
+		// --hash: the digest of the disk, not of the device past it.
+		if out, want := mustVhdfs(t, "export", "--hash", "sha256", c.Top(), dev), fmt.Sprintf("%x  %s\n", sha256.Sum256(model), dev); out != want {
+			t.Errorf("export --hash to a device printed %q, want %q", out, want)
+		}
 		detach(&dev)
 		got := fileBytes(t, backing)
 		if len(got) != len(model)+1<<20 {

@@ -154,8 +154,8 @@ func TestShortFooter(t *testing.T) {
 				t.Errorf("info: size %d, want %d", got, len(model))
 			}
 			assertFileEquals(t, exportImage(t, img), model)
-			stdout, stderr, code := vhdfs(t, "check", img)
-			if code != 0 || !strings.Contains(stdout, "511-byte footer") {
+			stdout, stderr, code := vhdfs(t, "check", "-v", img)
+			if code != 0 || !strings.Contains(stdout, "footer is 511 bytes long") {
 				t.Errorf("check: exit %d\nstdout: %s\nstderr: %s", code, stdout, stderr)
 			}
 			assertUnchanged(t, snap)

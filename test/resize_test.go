@@ -48,7 +48,7 @@ func assertResized(t *testing.T, path string, size int64, model []byte, differen
 	if got := resizeExport(t, path); !bytes.Equal(got, model) {
 		t.Errorf("vhdfs export: %d bytes, not the model (%d bytes)", len(got), len(model))
 	}
-	if out, errs, code := vhdfs(t, "check", path); code != 0 || strings.Contains(out, "clobbers") {
+	if out, errs, code := vhdfs(t, "check", path); code != 0 || strings.Contains(out, "lies inside the space of the header") {
 		t.Errorf("check after resize: exit %d\n%s%s", code, out, errs)
 	}
 }

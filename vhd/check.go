@@ -42,28 +42,28 @@ func (img *Image) Check() []Problem {
 	case FooterCopyOnly:
 		add(Error, "footer at the end is damaged (%v); the copy at offset 0 is good: run 'vhdfs check --repair'", img.footerErr)
 	case FooterShort:
-		add(Note, "511-byte footer, as images made before Virtual PC 2004 have")
+		add(Note, "the footer is 511 bytes long, as images made before Virtual PC 2004 have it; harmless")
 	}
 	if f.Features&featureReserved == 0 {
-		add(Warning, "footer features %#08x lacks the reserved bit 0x2 the specification requires (blktap's vhd-util check rejects it: \"invalid 'reserved' feature\")", f.Features)
+		add(Note, "the footer's features field (%#08x) lacks the bit 0x2 the format requires: XenServer and XCP-ng (blktap) refuse such an image; other tools read it", f.Features)
 	}
 	// Byte 85 is blktap's "hidden" flag, 0 or 1; the rest must be zero.
 	if f.Reserved[0] > 1 || !fileio.AllZero(f.Reserved[1:]) {
-		add(Warning, "footer reserved bytes 85-511 are not zero (blktap's vhd-util check rejects it: \"invalid 'reserved' bits\")")
+		add(Note, "the footer's unused bytes 85-511 are not zero: XenServer and XCP-ng (blktap) refuse such an image; other tools read it")
 	}
 	now := Timestamp(time.Now())
 	if f.Timestamp > now+timestampSlack {
-		add(Warning, "footer time stamp %s lies in the future (blktap's vhd-util check rejects it: \"creation time in future\")", Time(f.Timestamp).Format(time.RFC3339))
+		add(Note, "the image's creation time, %s, lies in the future (the clock where it was made was wrong): XenServer and XCP-ng (blktap) refuse such an image; other tools read it", Time(f.Timestamp).Format(time.RFC3339))
 	}
 	if chsPacked(f.Geometry) > chsPacked(CHS(img.size)) {
-		what := fmt.Sprintf("footer geometry %d/%d/%d", f.Geometry.Cylinders, f.Geometry.Heads, f.Geometry.Sectors)
+		what := fmt.Sprintf("the disk geometry %d/%d/%d is larger than the size needs", f.Geometry.Cylinders, f.Geometry.Heads, f.Geometry.Sectors)
 		if f.Geometry == MaxGeometry {
-			what = "footer geometry is the 65535/16/255 marker for an exact size (as qemu's force_size and Azure write)"
+			what = "the disk geometry is 65535/16/255, the mark of an exact size that qemu and Azure write"
 		}
-		add(Note, "%s: blktap's vhd-util check, stricter than the format, calls it \"geometry too large\"", what)
+		add(Note, "%s: XenServer and XCP-ng (blktap) call that geometry too large and refuse the image; other tools read it", what)
 	}
 	if f.Features&^uint32(0x3) != 0 {
-		add(Warning, "footer features %#08x has unknown bits", f.Features)
+		add(Warning, "the footer's features field (%#08x) has bits this version of vhdfs does not know: the image may use something it does not understand", f.Features)
 	}
 	if f.SavedState > 1 {
 		add(Error, "footer saved state is %d, want 0 or 1", f.SavedState)
@@ -71,10 +71,10 @@ func (img *Image) Check() []Problem {
 		add(Warning, "footer saved state is set: the disk belongs to a saved virtual machine")
 	}
 	if f.UniqueID.IsZero() {
-		add(Warning, "footer unique ID is zero")
+		add(Warning, "footer unique ID is zero: a differencing image on this one cannot tell it from another")
 	}
 	if g := CHS(img.size); f.Geometry != g && f.Geometry != MaxGeometry {
-		add(Note, "footer geometry %d/%d/%d differs from the %d/%d/%d computed for the size", f.Geometry.Cylinders, f.Geometry.Heads, f.Geometry.Sectors, g.Cylinders, g.Heads, g.Sectors)
+		add(Note, "the disk geometry %d/%d/%d is not the %d/%d/%d computed for the size, as some tools write it; harmless", f.Geometry.Cylinders, f.Geometry.Heads, f.Geometry.Sectors, g.Cylinders, g.Heads, g.Sectors)
 	}
 	if f.Geometry.Bytes() != img.size && f.Geometry != MaxGeometry {
 		add(Note, "geometry describes %d bytes but the current size is %d: tools that size disks by geometry (Virtual PC, older qemu) see a different disk", f.Geometry.Bytes(), img.size)
@@ -93,20 +93,20 @@ func (img *Image) Check() []Problem {
 	}
 	h := img.header
 	if h.DataOffset != noDataOffset {
-		add(Warning, "dynamic header data offset is %#x, want all ones", h.DataOffset)
+		add(Note, "the dynamic header's unused data offset is %#x, not all ones as the format says: readers ignore it", h.DataOffset)
 	}
 	if h.Reserved1 != 0 || !fileio.AllZero(h.Reserved2[:]) {
-		add(Warning, "dynamic header reserved fields are not zero (blktap's vhd-util check rejects it: \"invalid reserved bits\")")
+		add(Note, "the dynamic header's unused fields are not zero: XenServer and XCP-ng (blktap) refuse such an image; other tools read it")
 	}
 	if img.blockSize > DefaultBlockSize {
 		add(Note, "block size %d is above 2 MiB: blktap (XCP-ng, XenServer) cannot open it", img.blockSize)
 	}
 	need := (img.size + img.blockSize - 1) / img.blockSize
 	if int64(h.MaxTableEntries) != need {
-		add(Note, "BAT has %d entries, the size needs %d", h.MaxTableEntries, need)
+		add(Note, "the block table has %d entries where the size needs %d; harmless", h.MaxTableEntries, need)
 	}
 	if img.blockSize != DefaultBlockSize && img.blockSize != 512<<10 && img.blockSize <= DefaultBlockSize {
-		add(Note, "block size %d: Microsoft's tools use only 2 MiB and 512 KiB", img.blockSize)
+		add(Note, "block size %d: Windows makes only 2 MiB and 512 KiB blocks, though it reads others", img.blockSize)
 	}
 	img.mu.RLock()
 	dataEnd, blocks := img.metaEnd, false
@@ -123,19 +123,19 @@ func (img *Image) Check() []Problem {
 	if pad := roundUp(batBytes, SectorSize) - batBytes; pad > 0 {
 		buf := make([]byte, pad)
 		if _, err := img.f.ReadAt(buf, int64(h.TableOffset)+batBytes); err == nil && !bytes.Equal(buf, bytes.Repeat([]byte{0xff}, int(pad))) {
-			add(Note, "BAT padding after entry %d is not 0xFFFFFFFF", h.MaxTableEntries)
+			add(Note, "the unused end of the block table, after entry %d, is not 0xFFFFFFFF as the format says: readers ignore it", h.MaxTableEntries)
 		}
 	}
 	// Without blocks, the space before the footer is room for parent locators.
 	if state == FooterAtEnd && blocks && footerOff > roundUp(dataEnd, SectorSize)+dataAlign {
-		add(Note, "%d bytes between the last block and the footer belong to no block (left by an interrupted allocation)", footerOff-dataEnd)
+		add(Note, "%d bytes between the last block and the footer belong to no block (left by an interrupted write); 'vhdfs compact' gives them back", footerOff-dataEnd)
 	}
 	if img.footer.DiskType == TypeDifferencing {
 		seen := map[uint32]bool{}
 		for i, l := range h.ParentLocators {
 			if l.PlatformCode == PlatformNone {
 				if l != (Locator{}) {
-					add(Warning, "parent locator %d has no platform code but other fields set", i)
+					add(Note, "parent locator %d is unused but not cleared: readers ignore it", i)
 				}
 				continue
 			}
@@ -148,13 +148,13 @@ func (img *Image) Check() []Problem {
 				add(Warning, "parent locator %d (%s) data length %d exceeds its data space %d", i, PlatformName(l.PlatformCode), l.PlatformDataLength, l.PlatformDataSpace)
 			}
 			if l.PlatformDataOffset == 0 || l.PlatformDataSpace == 0 || l.PlatformDataLength == 0 {
-				add(Warning, "parent locator %d (%s) has a zero data offset, space or length (blktap's vhd-util check rejects it)", i, PlatformName(l.PlatformCode))
+				add(Note, "parent locator %d (%s) has a zero data offset, space or length: XenServer and XCP-ng (blktap) refuse such an image; other tools read it", i, PlatformName(l.PlatformCode))
 			}
 			if ok && int64(l.PlatformDataOffset)+sp > footerOff {
-				add(Warning, "parent locator %d (%s) data space at %d+%d runs past the footer at %d (blktap's vhd-util check rejects it: \"invalid size\")", i, PlatformName(l.PlatformCode), l.PlatformDataOffset, sp, footerOff)
+				add(Warning, "parent locator %d (%s) claims space at %d+%d, past the footer at %d; XenServer and XCP-ng (blktap) refuse such an image", i, PlatformName(l.PlatformCode), l.PlatformDataOffset, sp, footerOff)
 			}
 			if l.Reserved != 0 {
-				add(Warning, "parent locator %d (%s) reserved field is not zero (blktap's vhd-util check rejects it)", i, PlatformName(l.PlatformCode))
+				add(Note, "parent locator %d (%s) has an unused field that is not zero: XenServer and XCP-ng (blktap) refuse such an image; other tools read it", i, PlatformName(l.PlatformCode))
 			}
 		}
 		if !seen[PlatformW2ru] && !seen[PlatformW2ku] && !seen[PlatformMacX] {
@@ -162,7 +162,7 @@ func (img *Image) Check() []Problem {
 		}
 		img.checkLocatorNames(add)
 	} else if !h.ParentUniqueID.IsZero() || h.ParentTimestamp != 0 || !fileio.AllZero(h.ParentUnicodeName[:]) || h.ParentLocators != [8]Locator{} {
-		add(Warning, "dynamic image has parent fields set (blktap's vhd-util check rejects it)")
+		add(Note, "the image has no parent but its header's parent fields are set (perhaps left by a merge): XenServer and XCP-ng (blktap) refuse such an image; other tools read it")
 	}
 	img.checkBlocksAfterHeaders(add)
 	if img.footer.DiskType == TypeDynamic {
@@ -239,7 +239,7 @@ func (img *Image) checkLocatorNames(add func(Severity, string, ...any)) {
 	name := h.ParentName()
 	base := path.Base(WindowsToSlash(name))
 	if name != base {
-		add(Note, "parent name %q is a full path, as Windows writes it: blktap's vhd-util check compares the locators' file names with all of it and rejects the image", name)
+		add(Note, "the parent name \"%s\" is a full path, as Windows writes it: XenServer and XCP-ng (blktap) refuse such an image; other tools find the parent", name)
 	}
 	locs, err := img.ParentLocations()
 	if err != nil {
@@ -255,7 +255,7 @@ func (img *Image) checkLocatorNames(add func(Severity, string, ...any)) {
 			p = MacXToPath(l.Path)
 		}
 		if b := path.Base(p); b != base {
-			add(Warning, "%s parent locator names %q but the header's parent name is %q (blktap's vhd-util check rejects it)", l.Source, b, base)
+			add(Warning, "the %s parent locator names %q but the header's parent name is %q: the image disagrees with itself about its parent, and XenServer and XCP-ng (blktap) refuse it", l.Source, b, base)
 		}
 	}
 }
@@ -283,7 +283,7 @@ func (img *Image) checkBlocksAfterHeaders(add func(Severity, string, ...any)) {
 	defer img.mu.RUnlock()
 	for i, e := range img.bat.allocated() {
 		if off := int64(e) * SectorSize; off < eoh {
-			add(Warning, "block %d at %d lies before the end of the header, BAT and parent locator space at %d (blktap's vhd-util check rejects it: \"block %d clobbers headers\")", i, off, eoh, i)
+			add(Warning, "block %d at %d lies inside the space of the header, block table and parent locators, which ends at %d; XenServer and XCP-ng (blktap) refuse such an image", i, off, eoh)
 			return
 		}
 	}
@@ -327,7 +327,7 @@ func (img *Image) checkClearBits(add func(Severity, string, ...any)) {
 				return
 			}
 			if !fileio.AllZero(p) {
-				add(Warning, "block %d has data in sectors its bitmap marks unwritten: vhdfs and qemu return that data, blktap and libvhdi return zeros (blktap's vhd-util check -b: \"has data where bitmap is clear\")", b.i)
+				add(Warning, "block %d has data in sectors its bitmap marks unwritten: vhdfs and qemu read that data, XenServer (blktap) and libvhdi read zeros, so the tools see different disks", b.i)
 				break
 			}
 			s = e

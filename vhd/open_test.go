@@ -176,7 +176,7 @@ func TestShortFooter(t *testing.T) {
 				t.Fatalf("data differs at %d", firstDiff(got, want))
 			}
 			ps := img.Check()
-			if len(problems(ps, Warning)) > 0 || !strings.Contains(problemText(ps), "511-byte footer") {
+			if len(problems(ps, Warning)) > 0 || !strings.Contains(problemText(ps), "footer is 511 bytes long") {
 				t.Errorf("Check: %v; want only a note on the 511-byte footer", ps)
 			}
 			if typ == TypeFixed {
@@ -307,7 +307,7 @@ func TestCheckFindings(t *testing.T) {
 		}, Error, "differs from the footer at the end"},
 		{"saved state 2", TypeDynamic, func(t *testing.T, p string) { editFooter(t, p, func(f *Footer) { f.SavedState = 2 }) }, Error, "saved state"},
 		{"saved state set", TypeFixed, func(t *testing.T, p string) { editFooter(t, p, func(f *Footer) { f.SavedState = 1 }) }, Warning, "saved state"},
-		{"reserved feature bit clear", TypeDynamic, func(t *testing.T, p string) { editFooter(t, p, func(f *Footer) { f.Features = 0 }) }, Warning, "reserved bit"},
+		{"reserved feature bit clear", TypeDynamic, func(t *testing.T, p string) { editFooter(t, p, func(f *Footer) { f.Features = 0 }) }, Note, "lacks the bit 0x2"},
 		{"zero unique ID", TypeFixed, func(t *testing.T, p string) { editFooter(t, p, func(f *Footer) { f.UniqueID = UUID{} }) }, Warning, "unique ID is zero"},
 		{"BAT entry past the disk size", TypeDynamic, func(t *testing.T, p string) {
 			editHeader(t, p, func(h *Header) { h.MaxTableEntries = 17 })
@@ -321,17 +321,17 @@ func TestCheckFindings(t *testing.T) {
 			editHeader(t, p, func(h *Header) { h.ParentLocators[1].PlatformDataSpace = 1 }) // one sector
 			editHeader(t, p, func(h *Header) { h.ParentLocators[1].PlatformDataLength = 600 })
 		}, Warning, "exceeds its data space"},
-		// The rules of blktap's vhd-util check.
-		{"footer reserved bytes set", TypeDynamic, func(t *testing.T, p string) { editFooter(t, p, func(f *Footer) { f.Reserved[5] = 1 }) }, Warning, "reserved bytes 85-511"},
-		{"hidden byte 2", TypeFixed, func(t *testing.T, p string) { editFooter(t, p, func(f *Footer) { f.Reserved[0] = 2 }) }, Warning, "reserved bytes 85-511"},
-		{"header reserved field set", TypeDynamic, func(t *testing.T, p string) { editHeader(t, p, func(h *Header) { h.Reserved1 = 7 }) }, Warning, "invalid reserved bits"},
+		// The rules of blktap's vhd-util check: notes where only blktap minds, warnings where the image is at odds with itself.
+		{"footer reserved bytes set", TypeDynamic, func(t *testing.T, p string) { editFooter(t, p, func(f *Footer) { f.Reserved[5] = 1 }) }, Note, "unused bytes 85-511"},
+		{"hidden byte 2", TypeFixed, func(t *testing.T, p string) { editFooter(t, p, func(f *Footer) { f.Reserved[0] = 2 }) }, Note, "unused bytes 85-511"},
+		{"header reserved field set", TypeDynamic, func(t *testing.T, p string) { editHeader(t, p, func(h *Header) { h.Reserved1 = 7 }) }, Note, "dynamic header's unused fields are not zero"},
 		{"creation time in the future", TypeFixed, func(t *testing.T, p string) {
 			editFooter(t, p, func(f *Footer) { f.Timestamp = Timestamp(time.Now().Add(24 * time.Hour)) })
-		}, Warning, "creation time in future"},
+		}, Note, "creation time"},
 		{"geometry marker", TypeFixed, func(t *testing.T, p string) { editFooter(t, p, func(f *Footer) { f.Geometry = MaxGeometry }) }, Note, "geometry too large"},
 		{"locator space reaching into a block", TypeDifferencing, func(t *testing.T, p string) {
 			editHeader(t, p, func(h *Header) { h.ParentLocators[1].PlatformDataSpace = 32 * kib })
-		}, Warning, "clobbers headers"},
+		}, Warning, "lies inside the space of the header"},
 		{"locator name differs from the parent name", TypeDifferencing, func(t *testing.T, p string) {
 			editHeader(t, p, func(h *Header) {
 				h.ParentUnicodeName = [512]byte{}
@@ -342,7 +342,7 @@ func TestCheckFindings(t *testing.T) {
 			b := readFile(t, p)
 			e := int64(binary.BigEndian.Uint32(b[FooterSize+HeaderSize:])) * SectorSize
 			patchAt(t, p, e, []byte{0x7f}) // sector 0 of block 0 unwritten, its 0x5a data stays
-		}, Warning, "has data where bitmap is clear"},
+		}, Warning, "has data in sectors its bitmap marks unwritten"},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {

@@ -522,7 +522,7 @@ func TestSetParentNoRoom(t *testing.T) {
 	if e := problems(ps, Error); len(e) > 0 {
 		t.Errorf("Check after the re-link: %v", e)
 	}
-	if !strings.Contains(problemText(ps), "clobber") && !strings.Contains(problemText(ps), "after the first data block") {
+	if !strings.Contains(problemText(ps), "lies inside the space of the header") && !strings.Contains(problemText(ps), "after the first data block") {
 		t.Logf("check says: %s", problemText(ps))
 		t.Errorf("Check does not warn that the locators lie past a data block")
 	}

@@ -90,7 +90,7 @@ func checkResized(t *testing.T, path string, parent, before []byte, to int64, mu
 		t.Fatalf("%s: Check: %v", what, ps)
 	}
 	for _, p := range problems(img.Check(), Warning) {
-		if strings.Contains(p.Message, "clobbers headers") {
+		if strings.Contains(p.Message, "lies inside the space of the header") {
 			t.Fatalf("%s: Check: %v", what, p)
 		}
 	}

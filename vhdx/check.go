@@ -37,7 +37,7 @@ func (img *Image) Check() []image.Problem {
 	if st, err := img.src.f.Stat(); err != nil {
 		add(image.Error, "stat: %v", err)
 	} else if st.Size()%MiB != 0 {
-		add(image.Note, "file size %d is not a multiple of 1 MiB, as every object of the format is", st.Size())
+		add(image.Note, "file size %d is not a multiple of 1 MiB, as the format lays files out; harmless", st.Size())
 	}
 	return out
 }
@@ -60,19 +60,19 @@ func (img *Image) checkHeaders(add addFunc) {
 	} else {
 		switch {
 		case o.SequenceNumber == h.SequenceNumber:
-			add(image.Note, "both headers have sequence number %d (identical, as qemu accepts)", h.SequenceNumber)
+			add(image.Note, "both headers are the same copy (sequence number %d); qemu and vhdfs read it", h.SequenceNumber)
 		case o.LogOffset != h.LogOffset || o.LogLength != h.LogLength:
 			add(image.Warning, "header at %d (sequence number %d) puts the log at %d, length %d; the current header at %d puts it at %d, length %d", other, o.SequenceNumber, o.LogOffset, o.LogLength, cur, h.LogOffset, h.LogLength)
 		}
 	}
 	if _, err := img.src.f.ReadAt(raw, cur); err == nil && !allZero(raw[headerLen:]) {
-		add(image.Warning, "header at %d: reserved bytes %d-%d are not zero", cur, headerLen, headerSize-1)
+		add(image.Note, "header at %d: unused bytes %d-%d are not zero: readers ignore them", cur, headerLen, headerSize-1)
 	}
 	if h.DataWriteGuid.IsZero() {
 		add(image.Warning, "header at %d: DataWriteGuid is zero: a child's parent_linkage cannot name this image", cur)
 	}
 	if h.FileWriteGuid.IsZero() {
-		add(image.Note, "header at %d: FileWriteGuid is zero", cur)
+		add(image.Note, "header at %d: the file's write ID (FileWriteGuid) is zero; harmless", cur)
 	}
 	if h.LogLength == 0 {
 		add(image.Warning, "header at %d: no log region (length 0): a write that allocates a block fails", cur)
@@ -102,7 +102,7 @@ func (img *Image) checkRegionTables(add addFunc) {
 			continue
 		}
 		if binary.LittleEndian.Uint32(b[12:]) != 0 {
-			add(image.Note, "region table at %d: reserved field is not zero", off)
+			add(image.Note, "region table at %d: an unused field is not zero (reserved field): readers ignore it", off)
 		}
 		tables[i] = b
 		valid++
@@ -115,13 +115,13 @@ func (img *Image) checkRegionTables(add addFunc) {
 		case RegionBAT, RegionMetadata:
 			if !e.Required() {
 				what := map[GUID]string{RegionBAT: "BAT", RegionMetadata: "metadata"}[e.Guid]
-				add(image.Note, "region %d (the %s) is not marked required, as qemu writes it", i, what)
+				add(image.Note, "region %d (the %s) is not marked required, as qemu writes it; harmless", i, what)
 			}
 		default:
 			add(image.Note, "region %d (%v) at %d, length %d, is not known and not required: ignored", i, e.Guid, e.FileOffset, e.Length)
 		}
 		if e.Flags&^1 != 0 {
-			add(image.Warning, "region %d (%v): reserved flag bits %#x are set", i, e.Guid, e.Flags&^1)
+			add(image.Note, "region %d (%v): unused flag bits (reserved flag bits %#x) are set: readers ignore them", i, e.Guid, e.Flags&^1)
 		}
 	}
 }
@@ -144,7 +144,7 @@ func (img *Image) checkMetadata(add addFunc) {
 	var h metadataTableHeader
 	_, _ = binary.Decode(tbl, binary.LittleEndian, &h)
 	if h.Reserved != 0 || !allZero(h.Reserved2[:]) {
-		add(image.Note, "metadata table at %d: reserved fields are not zero", off)
+		add(image.Note, "metadata table at %d: unused fields are not zero: readers ignore them", off)
 	}
 	entries := make([]MetadataEntry, h.EntryCount)
 	_, _ = binary.Decode(tbl[metadataHeaderLen:], binary.LittleEndian, entries)
@@ -157,17 +157,17 @@ func (img *Image) checkMetadata(add addFunc) {
 			used = append(used, span{int64(e.Offset), int64(e.Length), what})
 		}
 		if e.Reserved != 0 || e.Flags&^uint32(itemIsUser|itemIsVirtualDisk|itemIsRequired) != 0 {
-			add(image.Note, "%s: reserved bits are set (flags %#x, reserved %#x)", what, e.Flags, e.Reserved)
+			add(image.Note, "%s: unused bits are set (flags %#x, reserved %#x): readers ignore them", what, e.Flags, e.Reserved)
 		}
 		if e.Flags&itemIsUser != 0 || !isKnownItem(e.ItemID) {
 			add(image.Note, "%s is a user item or not known, and not required: ignored", what)
 			continue
 		}
 		if e.Flags&itemIsRequired == 0 {
-			add(image.Warning, "%s is a system item not marked required (§2.6.2 marks every one required)", what)
+			add(image.Note, "%s is not marked required, as the format says it should be; harmless", what)
 		}
 		if vd := e.Flags&itemIsVirtualDisk != 0; vd != virtualDisk[e.ItemID] {
-			add(image.Note, "%s: IsVirtualDisk is %v, want %v", what, vd, virtualDisk[e.ItemID])
+			add(image.Note, "%s: its IsVirtualDisk flag is %v where the format says %v; harmless", what, vd, virtualDisk[e.ItemID])
 		}
 		if n, ok := wantLen[e.ItemID]; ok && e.Length != n {
 			add(image.Warning, "%s is %d bytes long, want %d", what, e.Length, n)
@@ -184,13 +184,13 @@ func (img *Image) checkMetadata(add addFunc) {
 		if e.ItemID == ItemFileParameters && e.Flags&itemIsUser == 0 && e.Length >= 8 {
 			if err := img.src.readAt(b, off+int64(e.Offset)); err == nil {
 				if f := binary.LittleEndian.Uint32(b[4:]); f&^3 != 0 {
-					add(image.Warning, "file parameters: reserved flag bits %#x are set", f&^3)
+					add(image.Note, "file parameters: unused flag bits (reserved flag bits %#x) are set: readers ignore them", f&^3)
 				}
 			}
 		}
 	}
 	if img.meta.Load().Page83Data.IsZero() {
-		add(image.Note, "page 83 data (VirtualDiskId) is zero")
+		add(image.Note, "the disk's ID (page 83 data, VirtualDiskId) is zero: a guest sees a disk without a serial; harmless")
 	}
 }
 
@@ -199,7 +199,7 @@ func (img *Image) checkLocator(add addFunc) {
 	kv := img.ParentLocator()
 	if !img.meta.Load().HasParent {
 		if kv != nil {
-			add(image.Note, "parent locator item in an image without a parent (file parameters HasParent clear): ignored")
+			add(image.Note, "the image has no parent but keeps a parent locator (perhaps left by a merge): ignored")
 		}
 		return
 	}
@@ -212,7 +212,7 @@ func (img *Image) checkLocator(add addFunc) {
 		if id, err := image.ParseID(v); err != nil {
 			add(image.Warning, "parent locator: parent_linkage2 %q is not a GUID", v)
 		} else if id.IsZero() {
-			add(image.Note, "parent locator: parent_linkage2 is zero (as Windows writes it): it names no parent")
+			add(image.Note, "parent locator: parent_linkage2 is zero, as Windows writes it; harmless (parent_linkage names the parent)")
 		}
 	}
 	if kv[keyRelativePath] == "" && kv[keyVolumePath] == "" && kv[keyAbsolutePath] == "" {
@@ -222,7 +222,7 @@ func (img *Image) checkLocator(add addFunc) {
 		switch e.Key {
 		case keyParentLinkage, keyParentLinkage2, keyRelativePath, keyVolumePath, keyAbsolutePath:
 		default:
-			add(image.Note, "parent locator key %q is not known: ignored", e.Key)
+			add(image.Note, "parent locator entry %q is not one vhdfs knows: ignored", e.Key)
 		}
 	}
 }
@@ -257,7 +257,7 @@ func (img *Image) checkBAT(add addFunc) {
 			}
 		}
 		if n > 0 {
-			add(image.Note, "BAT entries past the %d in use: %d not zero (the first: entry %d), ignored (a qemu 5.2 file has one)", g.entries, n, first)
+			add(image.Note, "block table entries past the %d in use: %d not zero (the first: entry %d), as qemu 5.2 leaves one: ignored", g.entries, n, first)
 		}
 	}
 	img.checkEntries(add)
@@ -297,12 +297,12 @@ func (img *Image) checkEntries(add addFunc) {
 			chunk = c
 		}
 		if r := uint64(e) >> 3 & (1<<17 - 1); r != 0 {
-			add(image.Warning, "BAT entry %d: reserved bits 3-19 are %#x, want 0", i, r)
+			add(image.Note, "BAT entry %d: unused bits (reserved bits 3-19) are %#x, not 0: readers ignore them", i, r)
 		}
 		s := e.state()
 		if g.isBitmap(i) {
 			if s == Present && !diff {
-				add(image.Warning, "BAT entry %d: a sector bitmap block is present at %d in an image without a parent (§2.5.1.2 wants NOT_PRESENT)", i, e.offset())
+				add(image.Note, "BAT entry %d: the image has no parent but keeps a sector bitmap block at %d: ignored", i, e.offset())
 			}
 		} else {
 			p := g.block(i)
@@ -351,13 +351,13 @@ func (img *Image) checkEntries(add addFunc) {
 	}
 	endChunk(0)
 	if draft > 0 {
-		add(image.Note, "%d BAT entries are UNMAPPED with the 0.95 draft's value 5 (version 1.0 has 3)", draft)
+		add(image.Note, "%d block table entries mark unmapped blocks as a draft of the format did (value 5, not 3): they read as unmapped", draft)
 	}
 	if fixed && full < g.blocks {
 		if firstNotFull < 0 {
 			firstNotFull = nextP
 		}
-		add(image.Note, "fixed image (LeaveBlockAllocated) has %d blocks not FULLY_PRESENT (the first: block %d, %v), as qemu 7.2 makes them", g.blocks-full, firstNotFull, firstState)
+		add(image.Note, "fixed image has %d blocks not fully allocated (the first: block %d, %v), as qemu 7.2 makes them; harmless", g.blocks-full, firstNotFull, firstState)
 	}
 	// A second pass names the block each clash ran into: the first that holds its MiB.
 	for _, c := range clashes {
@@ -375,10 +375,10 @@ func (img *Image) checkEntries(add addFunc) {
 		add(image.Error, "%s and %s overlap at %d", other, g.entryName(c.i), c.at)
 	}
 	if len(none.first) > 0 {
-		add(image.Note, "%s PARTIALLY_PRESENT with no sector bit set: %s wholly from the parent", none, map[bool]string{true: "it reads", false: "they read"}[none.n == 1])
+		add(image.Note, "%s PARTIALLY_PRESENT with no sector written: %s wholly from the parent; harmless", none, map[bool]string{true: "it reads", false: "they read"}[none.n == 1])
 	}
 	if len(all.first) > 0 {
-		add(image.Note, "%s PARTIALLY_PRESENT with every sector bit set: %s be FULLY_PRESENT", all, map[bool]string{true: "it could", false: "they could"}[all.n == 1])
+		add(image.Note, "%s PARTIALLY_PRESENT with every sector written: %s be FULLY_PRESENT; harmless", all, map[bool]string{true: "it could", false: "they could"}[all.n == 1])
 	}
 }
 

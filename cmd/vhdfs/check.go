@@ -23,7 +23,8 @@ func cmdCheck(args []string) error {
 	forceShare := fs.BoolP("force-share", "U", false, "open without locks, to read images another process has open for writing (as qemu-img -U); what it reads may be torn")
 	parents := parentFlag(fs)
 	repair := fs.Bool("repair", false, "complete or roll back an interrupted merge; restore a damaged end footer from the copy at offset 0")
-	asJSON := fs.Bool("json", false, "print the result as JSON: the problems, and the chain as info --json shows it")
+	asJSON := fs.Bool("json", false, "print the result as JSON: every finding with its severity, and the chain as info --json shows it")
+	verbose := fs.BoolP("verbose", "v", false, "also print the notes: what is unusual but harmless, such as how the tool that made an image writes it")
 	forceRW := forceRWFlag(fs)
 	pos, err := parse(fs, args, "IMAGE")
 	if err != nil {
@@ -96,9 +97,11 @@ func cmdCheck(args []string) error {
 		fmt.Println(line)
 	}
 	for _, p := range problems {
-		if p.Severity == vhd.Error {
+		switch {
+		case p.Severity == vhd.Error:
 			fmt.Fprintln(os.Stderr, p)
-		} else {
+		case p.Severity == vhd.Note && !*verbose:
+		default:
 			fmt.Println(p)
 		}
 	}

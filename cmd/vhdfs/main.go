@@ -34,9 +34,9 @@ const usage = `usage:
   vhdfs create --parent PARENT [--block-size SIZE] IMAGE
   vhdfs snapshot IMAGE NEW
   vhdfs merge [-p|--progress] [--depth N] [--from S] [--force-rw] IMAGE
-  vhdfs check [--repair [--force-rw]] [-U] [--json] [--parent PARENT]... IMAGE
+  vhdfs check [--repair [--force-rw]] [-U] [-v|--verbose] [--json] [--parent PARENT]... IMAGE
   vhdfs compact [-n|--dry-run] [-p|--progress] [--force-rw] IMAGE
-  vhdfs export [-p|--progress] [-U] [--parent PARENT]... IMAGE OUT.raw|-|DEVICE
+  vhdfs export [-p|--progress] [-U] [--hash sha256|md5] [--force] [--parent PARENT]... IMAGE OUT.raw|-|DEVICE
   vhdfs convert [--format vhd|vhdx] [--type dynamic|fixed] [--block-size SIZE] [--azure]
                 [-p|--progress] [-U] [--parent PARENT]... [-q] IN OUT
   vhdfs relink [--force-rw] IMAGE PARENT
@@ -124,6 +124,12 @@ var details = map[string]string{
 		"All-zero data is not stored; a fixed OUT's zero ranges are holes in its file.\n" +
 		"A VHD keeps the exact size (the footer's geometry is 65535/16/255 when no CHS\n" +
 		"geometry gives it); a VHDX takes the logical sector size of IN.",
+	"check": "Each finding is an error (on stderr; check exits 3), a warning (worth a look; exit 0)\n" +
+		"or a note (unusual but harmless, such as how the tool that made an image writes it),\n" +
+		"shown only with -v. --json has every finding, each with its severity.",
+	"export": "A regular file that is not empty is refused without --force; an image of the chain\n" +
+		"always. --hash prints the digest of the whole disk, holes as zeros, as sha256sum\n" +
+		"prints it: on stdout, or on stderr when OUT is stdout.",
 	"completion": "bash:  source <(vhdfs completion bash)\n" +
 		"zsh:   vhdfs completion zsh > \"${fpath[1]}/_vhdfs\"",
 }

@@ -13,15 +13,17 @@ func cmdExport(args []string) error {
 	forceShare := fs.BoolP("force-share", "U", false, "open without locks, to read images another process has open for writing (as qemu-img -U); what it reads may be torn")
 	force := fs.BoolP("progress", "p", false, "show the progress bar even when stdout is not a terminal")
 	parents := parentFlag(fs)
+	salvage := salvageFlag(fs)
 	pos, err := parse(fs, args, "IMAGE", "OUT.raw")
 	if err != nil {
 		return err
 	}
-	c, err := openChain(pos[0], chain.OpenOptions{ForceShare: *forceShare, Parents: *parents})
+	c, err := openChain(pos[0], chain.OpenOptions{ForceShare: *forceShare, Parents: *parents, Salvage: *salvage})
 	if err != nil {
 		return err
 	}
 	defer c.Close()
+	printNotes("export", c.Notes())
 	bar := newProgress("export", c.Size(), *force)
 	if pos[1] == "-" {
 		// Standard output, in order, every byte: `vhdfs export IMAGE - | sha256sum`.

@@ -125,7 +125,10 @@ func salvageCases() []salvageCase {
 func checkNotes(t *testing.T, stderr, img string, want []string) {
 	t.Helper()
 	lines := strings.Split(strings.TrimSuffix(stderr, "\n"), "\n")
-	if len(lines) != len(want) || stderr == "" {
+	if stderr == "" || len(lines) != len(want) {
+		if stderr == "" {
+			t.Fatalf("stderr is empty, want %d warning lines", len(want))
+		}
 		t.Fatalf("stderr is %d lines, want %d:\n%s", len(lines), len(want), stderr)
 	}
 	for i, w := range want {

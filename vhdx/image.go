@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -62,7 +63,12 @@ type Image struct {
 	logSeq           uint64       // guarded by mu: the sequence number of the last log entry written
 	failed           error        // guarded by mu: a metadata update that failed half way; no more writes
 	noReserve        bool         // guarded by mu: see NoReservation
+	notes            []string     // see Notes; set while opening
 }
+
+// Notes lists, one line each naming the file, the copies an open fell back to: a
+// header or region table that is invalid, its other copy used (§2.2.2, §2.2.3).
+func (img *Image) Notes() []string { return append([]string(nil), img.notes...) }
 
 // Open opens the image at name, read-only unless writable, and locks it with qemu's
 // protocol (package imagelock): a writable image is shared with readers only, a
@@ -255,6 +261,11 @@ func (img *Image) readHeaders() error {
 	default:
 		return fmt.Errorf("%s: both headers have sequence number %d but differ: %w", img.name, hs[0].SequenceNumber, ErrCorrupt)
 	}
+	for i, off := range []int64{header1Off, header2Off} {
+		if hs[i] == nil {
+			img.notes = append(img.notes, fmt.Sprintf("%s: header at %d is invalid (%s); using the one at %d", img.name, off, strings.TrimPrefix(errs[i].Error(), img.name+": "), img.headerSlot))
+		}
+	}
 	if img.header.LogVersion != 0 {
 		return fmt.Errorf("%s: header log version is %d, want 0: %w", img.name, img.header.LogVersion, ErrUnsupported)
 	}
@@ -296,6 +307,9 @@ func (img *Image) readRegions() error {
 	}
 	if entries == nil && len(errs) == 2 {
 		return fmt.Errorf("%s: both region tables are invalid: %w; %w", name, errs[0], errs[1])
+	}
+	if len(errs) == 1 {
+		img.notes = append(img.notes, fmt.Sprintf("%s: region table at %d is invalid (%s); using the copy at %d", name, regionTable1Off, strings.TrimPrefix(errs[0].Error(), name+": "), regionTable2Off))
 	}
 	img.regions = entries
 	meta := []span{{0, headerSection, "the header section"}}

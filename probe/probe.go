@@ -66,9 +66,12 @@ func openVHD(path string, m Mode) (image.Image, error) {
 func openVHDX(path string, m Mode) (image.Image, error) {
 	var img *vhdx.Image
 	var err error
-	if m.noLock() {
+	switch {
+	case m.salvage():
+		img, err = vhdx.OpenSalvage(path, m.noLock())
+	case m.noLock():
 		img, err = vhdx.OpenForceShare(path)
-	} else {
+	default:
 		img, err = vhdx.Open(path, m == Writable)
 	}
 	if err != nil {

@@ -64,6 +64,7 @@ type Image struct {
 	failed           error        // guarded by mu: a metadata update that failed half way; no more writes
 	noReserve        bool         // guarded by mu: see NoReservation
 	notes            []string     // see Notes; set while opening
+	salvage          bool         // opened by OpenSalvage: read-only, blocks past the end read as zeros
 }
 
 // Notes lists, one line each naming the file, the copies an open fell back to: a
@@ -94,7 +95,7 @@ func open(path, name string, writable, joint, noLock bool) (*Image, error) {
 	if err != nil {
 		return nil, err
 	}
-	img, err := openFile(faults.Wrap(o.File), name, writable, path == name)
+	img, err := openFile(faults.Wrap(o.File), name, writable, path == name, false)
 	if err != nil {
 		o.Close()
 		return nil, err
@@ -180,12 +181,17 @@ func (img *Image) AllocatedBytes() int64 {
 // is not empty, and then replays the log into the file only once everything checked
 // out. The image takes ownership of f on success.
 func OpenFile(f File, name string, writable bool) (*Image, error) {
-	return openFile(f, name, writable, true)
+	return openFile(f, name, writable, true, false)
 }
 
 // openFile is OpenFile; unless replay, a writable open of a file whose log is not
 // empty fails, wrapping ErrUnsupported, and writes nothing.
-func openFile(f File, name string, writable, replay bool) (*Image, error) {
+// A salvage open (never writable) reads blocks past the end of a truncated file as
+// zeros instead of refusing them, and notes them.
+func openFile(f File, name string, writable, replay, salvage bool) (*Image, error) {
+	if salvage && writable {
+		return nil, fmt.Errorf("%s: a salvage open is read-only: %w", name, ErrInvalidArg)
+	}
 	st, err := f.Stat()
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w", name, err)
@@ -194,7 +200,7 @@ func openFile(f File, name string, writable, replay bool) (*Image, error) {
 		return nil, fmt.Errorf("%s: is not a regular file (%v): %w", name, st.Mode().Type(), ErrNotVHDX)
 	}
 	size := st.Size()
-	img := &Image{name: name, writable: writable, src: &source{f: f, vsize: size}, id: pagecache.NewImage()}
+	img := &Image{name: name, writable: writable, salvage: salvage, src: &source{f: f, vsize: size}, id: pagecache.NewImage()}
 	id := make([]byte, 8)
 	n, err := f.ReadAt(id, fileIDOff)
 	if err != nil && err != io.EOF {
@@ -223,6 +229,11 @@ func openFile(f File, name string, writable, replay bool) (*Image, error) {
 	}
 	if err := img.checkLogReach(size); err != nil {
 		return nil, err
+	}
+	if salvage {
+		if err := img.noteLostBlocks(); err != nil {
+			return nil, err
+		}
 	}
 	if writable && img.src.ov != nil {
 		if !replay {

@@ -2,6 +2,7 @@ package test
 
 import (
 	"bytes"
+	"encoding/binary"
 	"os"
 	"path/filepath"
 	"sort"
@@ -64,6 +65,33 @@ func salvageCases() []salvageCase {
 			},
 			notes: []string{"footer at the end is damaged", "block 6 is cut by the end of the file", "block 14 (disk bytes 7340032-7864319) lies past the end of the file"},
 			err:   "past the end",
+		},
+		{
+			name: "truncated VHDX",
+			setup: func(t *testing.T, dir string) (string, []byte) {
+				p := filepath.Join(dir, "trunc.vhdx")
+				mustVhdfs(t, "create", "-q", "--size", "8M", "--block-size", "1M", p)
+				model := make([]byte, virtualSize(t, p))
+				applyWrites(t, p, model, []write{{0, fill(mib, 0x11)}, {mib, fill(mib, 0x22)}, {2 * mib, fill(mib, 0x33)}, {3 * mib, fill(mib, 0x44)}})
+				bat := vhdxBATOffset(t, p)
+				type stored struct{ blk, off int64 }
+				var blocks []stored
+				for i := int64(0); i < 4; i++ {
+					e := int64(binary.LittleEndian.Uint64(fileBytesAt(t, p, bat+8*i, 8)))
+					blocks = append(blocks, stored{i, e &^ (mib - 1)})
+				}
+				sort.Slice(blocks, func(a, b int) bool { return blocks[a].off < blocks[b].off })
+				// Cut halfway through the third block in the file: the rest of it and
+				// all of the fourth are lost.
+				if err := os.Truncate(p, blocks[2].off+mib/2); err != nil {
+					t.Fatal(err)
+				}
+				clear(model[blocks[2].blk*mib+mib/2 : (blocks[2].blk+1)*mib])
+				clear(model[blocks[3].blk*mib : (blocks[3].blk+1)*mib])
+				return p, model
+			},
+			notes: []string{"is cut by the end of the file", "lies past the end of the file"},
+			err:   "past the end of the file",
 		},
 		{
 			name: "fixed with a bad footer checksum",

@@ -156,7 +156,11 @@ func orphaned(o OpenOptions, cur *Layer, err error, notes *[]string) bool {
 	if !o.Salvage || !(errors.Is(err, image.ErrParentMissing) || errors.Is(err, image.ErrParentMismatch)) {
 		return false
 	}
-	*notes = append(*notes, fmt.Sprintf("%s: %v; reading zeros where the parent would be", cur.Path, strings.TrimPrefix(err.Error(), cur.Path+": ")))
+	msg := strings.TrimPrefix(err.Error(), cur.Path+": ")
+	for _, sentinel := range []error{image.ErrParentMissing, image.ErrParentMismatch} {
+		msg = strings.TrimSuffix(msg, ": "+sentinel.Error())
+	}
+	*notes = append(*notes, fmt.Sprintf("%s: %s; reading zeros where the parent would be", cur.Path, msg))
 	return true
 }
 

@@ -143,7 +143,7 @@ func salvageCases() []salvageCase {
 				mustVhdfs(t, "create", "-q", "--size", "8M", base)
 				return child, model
 			},
-			notes: []string{"does not match"},
+			notes: []string{"but its unique ID changed"},
 			err:   "does not match",
 		},
 	}

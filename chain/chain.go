@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"path/filepath"
+	"strings"
 	"sync"
 
 	"github.com/vhdfs/vhdfs/image"
@@ -55,6 +56,7 @@ type Chain struct {
 	// writing only to swap in the new chain.
 	mu     sync.RWMutex
 	layers []*Layer
+	notes  []string // set by OpenWith: see Notes
 }
 
 // OpenOptions says how Open opens a chain.
@@ -70,6 +72,23 @@ type OpenOptions struct {
 	// checked by unique ID. Levels below the last one named use their locators.
 	// Naming more levels than the chain has is an error (ErrTooManyParents).
 	Parents []string
+	// Salvage opens every image read-only and reads around damage (see probe.Salvage);
+	// a parent that is missing or does not match ends the chain there, its sectors
+	// reading as zeros. Notes says what was done. It never goes with Writable.
+	Salvage bool
+}
+
+// mode is the probe mode of the ancestors (and of the top, unless it is writable).
+func (o OpenOptions) mode() probe.Mode {
+	switch {
+	case o.Salvage && o.ForceShare:
+		return probe.SalvageForceShare
+	case o.Salvage:
+		return probe.Salvage
+	case o.ForceShare:
+		return probe.ForceShare
+	}
+	return probe.ReadOnly
 }
 
 // Open opens the image at path and every ancestor. The top is opened for writing if
@@ -86,40 +105,78 @@ func OpenWith(path string, o OpenOptions) (*Chain, error) {
 	if err := checkJournal(path); err != nil {
 		return nil, err
 	}
-	top, err := openImage(path, o.Writable && !o.ForceShare, o.ForceShare)
+	if o.Salvage && o.Writable {
+		return nil, fmt.Errorf("%s: a salvage open is read-only: %w", path, image.ErrInvalidArg)
+	}
+	m := o.mode()
+	if o.Writable && !o.ForceShare {
+		m = probe.Writable
+	}
+	top, err := openImage(path, m)
 	if err != nil {
 		return nil, err
 	}
-	layers, err := walkParents(&Layer{Image: top, Path: path}, o)
+	var notes []string
+	layers, err := walkParents(&Layer{Image: top, Path: path}, o, &notes)
 	if err != nil {
 		for _, l := range layers {
 			l.Image.Close()
 		}
 		return nil, err
 	}
-	return &Chain{layers: layers}, nil
+	return &Chain{layers: layers, notes: notes}, nil
 }
 
-func openImage(path string, writable, forceShare bool) (image.Image, error) {
-	switch {
-	case forceShare:
-		return probe.Open(path, probe.ForceShare)
-	case writable:
-		return probe.Open(path, probe.Writable)
+func openImage(path string, m probe.Mode) (image.Image, error) {
+	return probe.Open(path, m)
+}
+
+// Notes lists what opening the chain did that a sound chain would not need, one
+// line each naming the file: each layer's notes (see image.Noter), then an orphan's
+// missing parent. The caller prints them on stderr.
+func (c *Chain) Notes() []string {
+	c.mu.RLock()
+	defer c.mu.RUnlock()
+	return layerNotes(c.layers, c.notes)
+}
+
+func layerNotes(layers []*Layer, own []string) []string {
+	var out []string
+	for _, l := range layers {
+		if n, ok := l.Image.(image.Noter); ok {
+			out = append(out, n.Notes()...)
+		}
 	}
-	return probe.Open(path, probe.ReadOnly)
+	return append(out, own...)
+}
+
+// orphaned reports whether a salvage open may end the chain at cur for err (a
+// missing or mismatched parent), and says so in notes.
+func orphaned(o OpenOptions, cur *Layer, err error, notes *[]string) bool {
+	if !o.Salvage || !(errors.Is(err, image.ErrParentMissing) || errors.Is(err, image.ErrParentMismatch)) {
+		return false
+	}
+	msg := strings.TrimPrefix(err.Error(), cur.Path+": ")
+	for _, sentinel := range []error{image.ErrParentMissing, image.ErrParentMismatch} {
+		msg = strings.TrimSuffix(msg, ": "+sentinel.Error())
+	}
+	*notes = append(*notes, fmt.Sprintf("%s: %s; reading zeros where the parent would be", cur.Path, msg))
+	return true
 }
 
 // walkParents returns the chain that starts at top. On error it also returns the
 // layers it opened so far, top first, still open: the caller closes them.
-func walkParents(top *Layer, o OpenOptions) ([]*Layer, error) {
+func walkParents(top *Layer, o OpenOptions, notes *[]string) ([]*Layer, error) {
 	layers := []*Layer{top}
 	seen := map[image.ID]string{top.Image.ID(): top.Path}
 	for cur := top; cur.Image.Type() == image.Differencing; {
 		if len(layers) >= MaxDepth {
 			return layers, fmt.Errorf("%s: more than %d images below it: %w", top.Path, MaxDepth, ErrTooDeep)
 		}
-		parent, err := findParent(cur.Image, cur.Path, givenParent(o.Parents, len(layers)-1), o.ForceShare)
+		parent, err := findParent(cur.Image, cur.Path, givenParent(o.Parents, len(layers)-1), o.mode())
+		if orphaned(o, cur, err, notes) {
+			break
+		}
 		if err != nil {
 			return layers, err
 		}

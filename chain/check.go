@@ -16,7 +16,6 @@ func Check(path string) []image.Problem { return CheckWith(path, OpenOptions{}) 
 // CheckWith is Check with the ForceShare and Parents of o; it never writes, whatever
 // o.Writable says.
 func CheckWith(path string, o OpenOptions) []image.Problem {
-	forceShare := o.ForceShare
 	var out []image.Problem
 	switch j, err := ReadJournal(path); {
 	case err != nil:
@@ -27,7 +26,7 @@ func CheckWith(path string, o OpenOptions) []image.Problem {
 	case j != nil:
 		out = append(out, image.Problem{Severity: image.Warning, File: path, Message: fmt.Sprintf("merge journal %s: %q into %s is pending (a new top holds the writes made since it began); run the same merge again to complete it", JournalPath(path), j.Command, j.Target)})
 	}
-	img, err := openImage(path, false, forceShare)
+	img, err := openImage(path, o.mode())
 	if err != nil {
 		return append(out, image.Problem{Severity: image.Error, File: path, Message: err.Error()})
 	}
@@ -47,7 +46,12 @@ func CheckWith(path string, o OpenOptions) []image.Problem {
 		if len(opened) >= MaxDepth {
 			return append(out, image.Problem{Severity: image.Error, File: path, Message: fmt.Sprintf("more than %d images in the chain", MaxDepth)})
 		}
-		parent, err := findParent(cur.Image, cur.Path, givenParent(o.Parents, len(opened)-1), forceShare)
+		parent, err := findParent(cur.Image, cur.Path, givenParent(o.Parents, len(opened)-1), o.mode())
+		var notes []string
+		if orphaned(o, cur, err, &notes) {
+			out = append(out, image.Problem{Severity: image.Warning, File: cur.Path, Message: notes[0]})
+			break
+		}
 		if err != nil {
 			return append(out, image.Problem{Severity: image.Error, File: cur.Path, Message: err.Error()})
 		}

@@ -39,6 +39,8 @@ type Info struct {
 	// MissingParent is set when that was because a parent was not found or did not
 	// match.
 	MissingParent *MissingParent `json:"missing_parent,omitempty"`
+	// Notes says what the open did that a sound chain would not need (Chain.Notes).
+	Notes []string `json:"notes,omitempty"`
 }
 
 // MissingParent is a parent that was not found (or whose unique ID did not match):
@@ -57,17 +59,19 @@ func Inspect(path string, o OpenOptions) (Info, error) {
 	if err := checkJournal(path); err != nil {
 		return Info{}, err
 	}
-	top, err := openImage(path, false, o.ForceShare)
+	top, err := openImage(path, o.mode())
 	if err != nil {
 		return Info{}, err
 	}
-	layers, err := walkParents(&Layer{Image: top, Path: path}, o)
+	var notes []string
+	layers, err := walkParents(&Layer{Image: top, Path: path}, o, &notes)
 	defer func() {
 		for _, l := range layers {
 			l.Image.Close()
 		}
 	}()
 	info := describe(layers)
+	info.Notes = layerNotes(layers, notes)
 	if err != nil {
 		info.Error = err.Error()
 		var pe *ParentError

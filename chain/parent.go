@@ -51,7 +51,7 @@ func candidates(child image.Image, childPath string) ([]candidate, error) {
 // looking nowhere else, and fails, as a search of the locators does, if it is missing or its unique
 // ID is not the one the child records.
 func FindParentAt(child image.Image, childPath, parentPath string) (*Layer, error) {
-	return findParent(child, childPath, parentPath, false)
+	return findParent(child, childPath, parentPath, probe.ReadOnly)
 }
 
 // GivenBy is Layer.FoundBy for a parent given by hand (OpenOptions.Parents).
@@ -73,7 +73,7 @@ func (e *ParentError) Unwrap() error { return e.Err }
 
 // findParent looks for the parent of child at given alone if it is not "", else
 // where the locators say.
-func findParent(child image.Image, childPath, given string, forceShare bool) (*Layer, error) {
+func findParent(child image.Image, childPath, given string, m probe.Mode) (*Layer, error) {
 	want := child.ParentID()
 	var cands []candidate
 	if given != "" {
@@ -118,7 +118,7 @@ func findParent(child image.Image, childPath, given string, forceShare bool) (*L
 			}
 			continue
 		}
-		img, err := openImage(c.path, false, forceShare)
+		img, err := openImage(c.path, m)
 		if errors.Is(err, image.ErrLocked) {
 			// Locked: if it is the parent, that ends the search (a later locator may
 			// name a copy elsewhere, which is not this chain's parent).

@@ -100,6 +100,13 @@ type Image interface {
 	Describe() Description
 }
 
+// Noter is implemented by images that can open around damage or in a way that
+// bears saying: Notes lists what was done, one line each naming the file, for the
+// caller to print on stderr.
+type Noter interface {
+	Notes() []string
+}
+
 // LogHolder is implemented by formats with a metadata log (VHDX): LogPending reports
 // whether the file holds log entries not yet replayed into it, which this handle
 // (opened read-only) replays in memory. A writable open replays them into the file.

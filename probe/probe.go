@@ -20,7 +20,16 @@ const (
 	ReadOnly   Mode = iota // read-only, locked against writers (qemu's protocol)
 	Writable               // read-write, locked against other writers and readers' writes
 	ForceShare             // read-only, no lock at all (qemu-img -U)
+	// Salvage is ReadOnly that reads around damage rather than refusing it (each
+	// format says what it can; image.Noter says what it did). A file no format
+	// claims opens as the data of a fixed VHD whose footer is gone.
+	Salvage
+	SalvageForceShare // Salvage without any lock
 )
+
+func (m Mode) salvage() bool { return m == Salvage || m == SalvageForceShare }
+
+func (m Mode) noLock() bool { return m == ForceShare || m == SalvageForceShare }
 
 // format is one format vhdfs knows: how to open a file with it, and the error that
 // says the file is not of this format (as opposed to a damaged one of it).
@@ -40,9 +49,12 @@ var formats = []format{
 func openVHD(path string, m Mode) (image.Image, error) {
 	var img *vhd.Image
 	var err error
-	if m == ForceShare {
+	switch {
+	case m.salvage():
+		img, err = vhd.OpenSalvage(path, m.noLock())
+	case m == ForceShare:
 		img, err = vhd.OpenForceShare(path)
-	} else {
+	default:
 		img, err = vhd.Open(path, m == Writable)
 	}
 	if err != nil {
@@ -54,9 +66,12 @@ func openVHD(path string, m Mode) (image.Image, error) {
 func openVHDX(path string, m Mode) (image.Image, error) {
 	var img *vhdx.Image
 	var err error
-	if m == ForceShare {
+	switch {
+	case m.salvage():
+		img, err = vhdx.OpenSalvage(path, m.noLock())
+	case m.noLock():
 		img, err = vhdx.OpenForceShare(path)
-	} else {
+	default:
 		img, err = vhdx.Open(path, m == Writable)
 	}
 	if err != nil {
@@ -85,6 +100,11 @@ func Open(path string, m Mode) (image.Image, error) {
 		}
 		why = append(why, fmt.Sprintf("as %s: %s", f.name, strings.TrimPrefix(err.Error(), path+": ")))
 		errs = append(errs, err)
+	}
+	if m.salvage() {
+		if img, err := vhd.OpenSalvageRaw(path, m.noLock()); err == nil {
+			return img, nil
+		}
 	}
 	return nil, &unknownError{msg: fmt.Sprintf("%s: %s: %v", path, strings.Join(why, "; "), image.ErrUnknownFormat), errs: append(errs, image.ErrUnknownFormat)}
 }

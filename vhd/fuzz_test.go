@@ -368,3 +368,48 @@ func TestFuzzCorpusFresh(t *testing.T) {
 		img.Close()
 	}
 }
+
+// FuzzOpenSalvage: a salvage open of any bytes either fails naming the file or reads
+// (exercise) without error or panic, and never changes the file; neither does the
+// raw fallback.
+func FuzzOpenSalvage(f *testing.F) {
+	for _, b := range fuzzSeeds(f) {
+		f.Add(b, false)
+		f.Add(b, true)
+	}
+	dir := f.TempDir()
+	var seq atomic.Int64
+	f.Fuzz(func(t *testing.T, data []byte, fix bool) {
+		if len(data) > 1<<20 {
+			return
+		}
+		data = append([]byte(nil), data...)
+		if fix {
+			fixChecksums(data)
+		}
+		path := filepath.Join(dir, fmt.Sprintf("salvage%d.vhd", seq.Add(1)))
+		if err := os.WriteFile(path, data, 0o644); err != nil {
+			t.Fatal(err)
+		}
+		defer os.Remove(path)
+		for _, open := range []func(string, bool) (*Image, error){OpenSalvage, OpenSalvageRaw} {
+			img, err := open(path, false)
+			if err != nil {
+				if !strings.Contains(err.Error(), path) {
+					t.Fatalf("error does not name the file: %v", err)
+				}
+				continue
+			}
+			exercise(t, img)
+			for _, n := range img.Notes() {
+				if !strings.HasPrefix(n, path+": ") {
+					t.Fatalf("note does not name the file: %q", n)
+				}
+			}
+			img.Close()
+			if b, err := os.ReadFile(path); err != nil || !bytes.Equal(b, data) {
+				t.Fatalf("a salvage open changed the file (%v)", err)
+			}
+		}
+	})
+}

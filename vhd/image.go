@@ -13,6 +13,7 @@ import (
 	"io"
 	"os"
 	"sort"
+	"strings"
 	"sync"
 )
 
@@ -51,6 +52,8 @@ type Image struct {
 	lock      *imagelock.Handle // nil for images not opened by Open
 	dev, ino  uint64            // identity of the file, for SameFile
 	noReserve bool              // set before the first write: see NoReservation
+	salvage   bool              // opened by OpenSalvage: read-only, damage read around
+	notes     []string          // see Notes; set while opening
 
 	footer      Footer
 	footerState FooterState // guarded by mu once open: an allocation ends a 511-byte footer
@@ -101,7 +104,7 @@ func open(path, name string, writable, joint, noLock bool) (*Image, error) {
 	if faults.Armed() {
 		file = faults.File{File: o.File}
 	}
-	img, err := OpenFile(file, name, writable)
+	img, err := openFile(file, name, writable, false)
 	if err != nil {
 		o.Close()
 		return nil, err
@@ -156,6 +159,15 @@ func fileID(st os.FileInfo) (dev, ino uint64) {
 // OpenFile opens an image on f. It reads and validates the footer, the dynamic header
 // and the BAT, and writes nothing. The image takes ownership of f.
 func OpenFile(f File, name string, writable bool) (*Image, error) {
+	return openFile(f, name, writable, false)
+}
+
+// openFile is OpenFile; salvage (never with writable) reads around damage instead of
+// refusing it, as OpenSalvage says.
+func openFile(f File, name string, writable, salvage bool) (*Image, error) {
+	if salvage && writable {
+		return nil, fmt.Errorf("%s: a salvage open is read-only: %w", name, ErrInvalidArg)
+	}
 	st, err := f.Stat()
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w", name, err)
@@ -166,13 +178,19 @@ func OpenFile(f File, name string, writable bool) (*Image, error) {
 	if !st.Mode().IsRegular() && st.Mode()&os.ModeType != 0 {
 		return nil, fmt.Errorf("%s: is not a regular file (%v): %w", name, st.Mode().Type(), ErrNotVHD)
 	}
-	img := &Image{f: f, name: name, writable: writable}
+	img := &Image{f: f, name: name, writable: writable, salvage: salvage}
 	if err := img.readFooter(st.Size()); err != nil {
 		return nil, err
 	}
+	if salvage {
+		// What lies past the data (the footer, or nothing) reads as zeros.
+		img.f = &salvageFile{File: f, end: img.footerOff}
+	}
 	img.size = int64(img.footer.CurrentSize)
 	if img.footer.DiskType == TypeFixed {
-		if uint64(img.footerOff) < img.footer.CurrentSize { // also a size past MaxInt64
+		if salvage && uint64(img.footerOff) < img.footer.CurrentSize && img.footer.CurrentSize <= maxDynamicSize {
+			img.note("%s: fixed image holds %d data bytes but its footer says %d: disk bytes %d-%d read as zeros", name, img.footerOff, img.footer.CurrentSize, img.footerOff, img.footer.CurrentSize-1)
+		} else if uint64(img.footerOff) < img.footer.CurrentSize { // also a size past MaxInt64
 			return nil, fmt.Errorf("%s: fixed image holds %d data bytes but its footer says %d: %w", name, img.footerOff, img.footer.CurrentSize, ErrTruncated)
 		}
 		return img, nil
@@ -231,10 +249,14 @@ func (img *Image) readFooter(fileSize int64) error {
 	}
 	if endErr != nil {
 		if img.copyFooter == nil {
+			if img.salvage {
+				return img.salvageFixed(fileSize, endErr)
+			}
 			return endErr
 		}
 		img.footer, img.footerState, img.footerErr = *img.copyFooter, FooterCopyOnly, endErr
 		img.footerOff = fileSize
+		img.note("%s: footer at the end is damaged (%s); using the copy at offset 0", name, strings.TrimPrefix(endErr.Error(), name+": "))
 	}
 	return img.footer.validate(name)
 }
@@ -330,7 +352,9 @@ func (img *Image) readBAT() error {
 			i := base + k
 			img.bat.set(int64(i), e)
 			start := int64(e) * SectorSize
-			if start+blockLen > img.footerOff {
+			if start+blockLen > img.footerOff && img.salvage {
+				img.lostBlock(i, start+img.bitmapSize, img.footerOff)
+			} else if start+blockLen > img.footerOff {
 				return fmt.Errorf("%s: BAT entry %d points to %d, past the end of the data at %d: %w", img.name, i, start, img.footerOff, ErrCorrupt)
 			}
 			for _, m := range img.meta {

@@ -3,6 +3,7 @@ package vhdx
 import (
 	"encoding/binary"
 	"errors"
+	"fmt"
 	"strings"
 	"testing"
 
@@ -252,11 +253,12 @@ func TestDamagedButReadable(t *testing.T) {
 		edit func(b *builder)
 		pat  func(f []byte)
 		slot int64
+		note string // what Notes says of the copy used ("": nothing)
 	}{
-		{"newer header bad: the older is used", nil, func(f []byte) { f[header2Off+200]++ }, header1Off},
-		{"older header bad", nil, func(f []byte) { f[header1Off+200]++ }, header2Off},
-		{"first region table bad", nil, func(f []byte) { f[regionTable1Off+20]++ }, header2Off},
-		{"second region table bad", nil, func(f []byte) { f[regionTable2Off+20]++ }, header2Off},
+		{"newer header bad: the older is used", nil, func(f []byte) { f[header2Off+200]++ }, header1Off, fmt.Sprintf("header at %d is invalid", header2Off)},
+		{"older header bad", nil, func(f []byte) { f[header1Off+200]++ }, header2Off, fmt.Sprintf("header at %d is invalid", header1Off)},
+		{"first region table bad", nil, func(f []byte) { f[regionTable1Off+20]++ }, header2Off, fmt.Sprintf("region table at %d is invalid", regionTable1Off)},
+		{"second region table bad", nil, func(f []byte) { f[regionTable2Off+20]++ }, header2Off, ""},
 		{"unknown optional region and item, BAT and metadata not marked required (as qemu writes them)", func(b *builder) {
 			b.extraRegions = []RegionEntry{{Guid: NewGUID(), FileOffset: uint64(b.blockOffset(5)), Length: MiB}}
 			b.extraItems = []MetadataEntry{{ItemID: NewGUID(), Length: 8}, {ItemID: ItemFileParameters, Length: 3, Flags: itemIsUser}}
@@ -266,7 +268,7 @@ func TestDamagedButReadable(t *testing.T) {
 			put32(f, regionTable2Off+16+28, 0)
 			put32(f, regionTable2Off+16+32+28, 0)
 			fixRegionTables(f)
-		}, header2Off},
+		}, header2Off, ""},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			b := newBuilder(8*MiB, MiB)
@@ -284,6 +286,12 @@ func TestDamagedButReadable(t *testing.T) {
 			defer img.Close()
 			if img.headerSlot != tc.slot {
 				t.Errorf("header at %d, want %d", img.headerSlot, tc.slot)
+			}
+			switch notes := img.Notes(); {
+			case tc.note == "" && len(notes) != 0:
+				t.Errorf("notes %q, want none", notes)
+			case tc.note != "" && (len(notes) != 1 || !strings.Contains(notes[0], tc.note) || !strings.HasPrefix(notes[0], img.Name()+": ")):
+				t.Errorf("notes %q, want one naming the file that says %q", notes, tc.note)
 			}
 			got := make([]byte, MiB)
 			if _, err := img.ReadAt(got, 2*MiB); err != nil || string(got) != string(b.data[2]) {

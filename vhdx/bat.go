@@ -270,7 +270,7 @@ func (img *Image) entryProblem(i int64, e batEntry) (int64, string) {
 		return 0, fmt.Sprintf("%s has invalid state %d", name(), s)
 	}
 	off := e.offset()
-	if off >= 1<<63-uint64(length) || img.fileSize(int64(off)+length) < int64(off)+length {
+	if off >= 1<<63-uint64(length) || !img.salvage && img.fileSize(int64(off)+length) < int64(off)+length {
 		return 0, fmt.Sprintf("%s points to %d+%d, past the end of the file at %d", name(), off, length, img.src.vsize)
 	}
 	for _, m := range img.spans {
@@ -319,6 +319,14 @@ func (img *Image) fileSize(need int64) int64 {
 // readData reads file bytes a checked entry points at: through the source, or, past
 // the size it knows, from the file that another handle grew (see fileSize).
 func (img *Image) readData(p []byte, off int64) error {
+	if end := off + int64(len(p)); img.salvage && end > img.src.vsize {
+		keep := max(img.src.vsize-off, 0)
+		clear(p[keep:])
+		if keep == 0 {
+			return nil
+		}
+		p = p[:keep]
+	}
 	if end := off + int64(len(p)); end > img.src.vsize && end <= img.grown.Load() {
 		n, err := img.src.f.ReadAt(p, off)
 		if err == io.EOF {

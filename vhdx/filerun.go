@@ -21,7 +21,7 @@ import (
 func (img *Image) FileRun(off, n int64) (f *os.File, fileOff, k int64, ok bool) {
 	g := img.geo
 	f, isFile := faults.OSFile(img.src.f)
-	if !isFile || img.src.ov != nil || off < 0 || off >= g.size || n <= 0 {
+	if !isFile || img.salvage || img.src.ov != nil || off < 0 || off >= g.size || n <= 0 {
 		return nil, 0, 0, false
 	}
 	n = min(n, g.size-off)

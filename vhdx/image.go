@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -62,7 +63,13 @@ type Image struct {
 	logSeq           uint64       // guarded by mu: the sequence number of the last log entry written
 	failed           error        // guarded by mu: a metadata update that failed half way; no more writes
 	noReserve        bool         // guarded by mu: see NoReservation
+	notes            []string     // see Notes; set while opening
+	salvage          bool         // opened by OpenSalvage: read-only, blocks past the end read as zeros
 }
+
+// Notes lists, one line each naming the file, the copies an open fell back to: a
+// header or region table that is invalid, its other copy used (§2.2.2, §2.2.3).
+func (img *Image) Notes() []string { return append([]string(nil), img.notes...) }
 
 // Open opens the image at name, read-only unless writable, and locks it with qemu's
 // protocol (package imagelock): a writable image is shared with readers only, a
@@ -88,7 +95,7 @@ func open(path, name string, writable, joint, noLock bool) (*Image, error) {
 	if err != nil {
 		return nil, err
 	}
-	img, err := openFile(faults.Wrap(o.File), name, writable, path == name)
+	img, err := openFile(faults.Wrap(o.File), name, writable, path == name, false)
 	if err != nil {
 		o.Close()
 		return nil, err
@@ -174,12 +181,17 @@ func (img *Image) AllocatedBytes() int64 {
 // is not empty, and then replays the log into the file only once everything checked
 // out. The image takes ownership of f on success.
 func OpenFile(f File, name string, writable bool) (*Image, error) {
-	return openFile(f, name, writable, true)
+	return openFile(f, name, writable, true, false)
 }
 
 // openFile is OpenFile; unless replay, a writable open of a file whose log is not
 // empty fails, wrapping ErrUnsupported, and writes nothing.
-func openFile(f File, name string, writable, replay bool) (*Image, error) {
+// A salvage open (never writable) reads blocks past the end of a truncated file as
+// zeros instead of refusing them, and notes them.
+func openFile(f File, name string, writable, replay, salvage bool) (*Image, error) {
+	if salvage && writable {
+		return nil, fmt.Errorf("%s: a salvage open is read-only: %w", name, ErrInvalidArg)
+	}
 	st, err := f.Stat()
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w", name, err)
@@ -188,7 +200,7 @@ func openFile(f File, name string, writable, replay bool) (*Image, error) {
 		return nil, fmt.Errorf("%s: is not a regular file (%v): %w", name, st.Mode().Type(), ErrNotVHDX)
 	}
 	size := st.Size()
-	img := &Image{name: name, writable: writable, src: &source{f: f, vsize: size}, id: pagecache.NewImage()}
+	img := &Image{name: name, writable: writable, salvage: salvage, src: &source{f: f, vsize: size}, id: pagecache.NewImage()}
 	id := make([]byte, 8)
 	n, err := f.ReadAt(id, fileIDOff)
 	if err != nil && err != io.EOF {
@@ -217,6 +229,11 @@ func openFile(f File, name string, writable, replay bool) (*Image, error) {
 	}
 	if err := img.checkLogReach(size); err != nil {
 		return nil, err
+	}
+	if salvage {
+		if err := img.noteLostBlocks(); err != nil {
+			return nil, err
+		}
 	}
 	if writable && img.src.ov != nil {
 		if !replay {
@@ -254,6 +271,11 @@ func (img *Image) readHeaders() error {
 		img.header, img.headerSlot = *hs[0], header1Off
 	default:
 		return fmt.Errorf("%s: both headers have sequence number %d but differ: %w", img.name, hs[0].SequenceNumber, ErrCorrupt)
+	}
+	for i, off := range []int64{header1Off, header2Off} {
+		if hs[i] == nil {
+			img.notes = append(img.notes, fmt.Sprintf("%s: header at %d is invalid (%s); using the one at %d", img.name, off, strings.TrimPrefix(errs[i].Error(), img.name+": "), img.headerSlot))
+		}
 	}
 	if img.header.LogVersion != 0 {
 		return fmt.Errorf("%s: header log version is %d, want 0: %w", img.name, img.header.LogVersion, ErrUnsupported)
@@ -296,6 +318,9 @@ func (img *Image) readRegions() error {
 	}
 	if entries == nil && len(errs) == 2 {
 		return fmt.Errorf("%s: both region tables are invalid: %w; %w", name, errs[0], errs[1])
+	}
+	if len(errs) == 1 {
+		img.notes = append(img.notes, fmt.Sprintf("%s: region table at %d is invalid (%s); using the copy at %d", name, regionTable1Off, strings.TrimPrefix(errs[0].Error(), name+": "), regionTable2Off))
 	}
 	img.regions = entries
 	meta := []span{{0, headerSection, "the header section"}}

@@ -26,11 +26,15 @@ func cmdCheck(args []string) error {
 	asJSON := fs.Bool("json", false, "print the result as JSON: every finding with its severity, and the chain as info --json shows it")
 	verbose := fs.BoolP("verbose", "v", false, "also print the notes: what is unusual but harmless, such as how the tool that made an image writes it")
 	forceRW := forceRWFlag(fs)
+	salvage := salvageFlag(fs)
 	pos, err := parse(fs, args, "IMAGE")
 	if err != nil {
 		return err
 	}
 	fileio.AllowWriteProtected(*forceRW)
+	if *repair && *salvage {
+		return usagef("--repair writes; it cannot be combined with --salvage")
+	}
 	if *repair && *forceShare {
 		return usagef("--repair writes; it cannot be combined with --force-share")
 	}
@@ -45,7 +49,7 @@ func cmdCheck(args []string) error {
 		}
 	}
 	checkChain := func(path string) []vhd.Problem {
-		return chain.CheckWith(path, chain.OpenOptions{ForceShare: *forceShare, Parents: *parents})
+		return chain.CheckWith(path, chain.OpenOptions{ForceShare: *forceShare, Parents: *parents, Salvage: *salvage})
 	}
 	problems := checkChain(pos[0])
 	if *repair {
@@ -80,7 +84,7 @@ func cmdCheck(args []string) error {
 		for _, p := range problems {
 			out.Problems = append(out.Problems, problemJSON{Severity: p.Severity.String(), File: p.File, Message: p.Message})
 		}
-		if info, err := chain.Inspect(pos[0], chain.OpenOptions{ForceShare: *forceShare, Parents: *parents}); err == nil || len(info.Layers) > 0 {
+		if info, err := chain.Inspect(pos[0], chain.OpenOptions{ForceShare: *forceShare, Parents: *parents, Salvage: *salvage}); err == nil || len(info.Layers) > 0 {
 			out.Chain = &info
 		}
 		enc := json.NewEncoder(os.Stdout)

@@ -23,6 +23,7 @@ func cmdExport(args []string) error {
 	hashName := fs.String("hash", "", "print the sha256 or md5 digest of the whole disk written, as sha256sum prints it (on stderr when OUT is stdout)")
 	force := fs.Bool("force", false, "overwrite OUT, a regular file that is not empty")
 	parents := parentFlag(fs)
+	salvage := salvageFlag(fs)
 	pos, err := parse(fs, args, "IMAGE", "OUT.raw")
 	if err != nil {
 		return err
@@ -31,11 +32,12 @@ func cmdExport(args []string) error {
 	if *hashName != "" && newHash == nil {
 		return usagef("--hash: %q: want sha256 or md5", *hashName)
 	}
-	c, err := openChain(pos[0], chain.OpenOptions{ForceShare: *forceShare, Parents: *parents})
+	c, err := openChain(pos[0], chain.OpenOptions{ForceShare: *forceShare, Parents: *parents, Salvage: *salvage})
 	if err != nil {
 		return err
 	}
 	defer c.Close()
+	printNotes("export", c.Notes())
 	write, toStdout, err := exportTarget(c, pos[1], *force)
 	if err != nil {
 		return err

@@ -15,11 +15,13 @@ func cmdInfo(args []string) error {
 	forceShare := fs.BoolP("force-share", "U", false, "open without locks, to read images another process has open for writing (as qemu-img -U); what it reads may be torn")
 	asJSON := fs.Bool("json", false, "print JSON")
 	parents := parentFlag(fs)
+	salvage := salvageFlag(fs)
 	pos, err := parse(fs, args, "IMAGE")
 	if err != nil {
 		return err
 	}
-	info, err := chain.Inspect(pos[0], chain.OpenOptions{ForceShare: *forceShare, Parents: *parents})
+	info, err := chain.Inspect(pos[0], chain.OpenOptions{ForceShare: *forceShare, Parents: *parents, Salvage: *salvage})
+	printNotes("info", info.Notes)
 	if err = parentErr(err); err != nil && len(info.Layers) == 0 {
 		return err
 	}

@@ -25,18 +25,18 @@ const (
 var Version = "dev"
 
 const usage = `usage:
-  vhdfs mount [-r|--read-only] [--force-rw] [-f|--foreground] [--allow-other] [--debug] [-o OPTS] [--parent PARENT]... IMAGE MOUNTPOINT
+  vhdfs mount [-r|--read-only [--salvage]] [--force-rw] [-f|--foreground] [--allow-other] [--debug] [-o OPTS] [--parent PARENT]... IMAGE MOUNTPOINT
   vhdfs IMAGE MOUNTPOINT [-o OPTS]   (as mount.fuse3 runs it for mount -t fuse.vhdfs)
   vhdfs umount [--abort] MOUNTPOINT
-  vhdfs info [--json] [-U] [--parent PARENT]... IMAGE
+  vhdfs info [--json] [-U] [--salvage] [--parent PARENT]... IMAGE
   vhdfs create --size SIZE [--type dynamic|fixed] [--format vhd|vhdx] [--block-size SIZE] [--exact-size]
                [--logical-sector 512|4096] [--physical-sector 512|4096] [--json|-q] IMAGE
   vhdfs create --parent PARENT [--block-size SIZE] IMAGE
   vhdfs snapshot IMAGE NEW
   vhdfs merge [-p|--progress] [--depth N] [--from S] [--force-rw] IMAGE
-  vhdfs check [--repair [--force-rw]] [-U] [-v|--verbose] [--json] [--parent PARENT]... IMAGE
+  vhdfs check [--repair [--force-rw]] [-U] [-v|--verbose] [--salvage] [--json] [--parent PARENT]... IMAGE
   vhdfs compact [-n|--dry-run] [-p|--progress] [--force-rw] IMAGE
-  vhdfs export [-p|--progress] [-U] [--hash sha256|md5] [--force] [--parent PARENT]... IMAGE OUT.raw|-|DEVICE
+  vhdfs export [-p|--progress] [-U] [--salvage] [--hash sha256|md5] [--force] [--parent PARENT]... IMAGE OUT.raw|-|DEVICE
   vhdfs convert [--format vhd|vhdx] [--type dynamic|fixed] [--block-size SIZE] [--azure]
                 [-p|--progress] [-U] [--parent PARENT]... [-q] IN OUT
   vhdfs relink [--force-rw] IMAGE PARENT

@@ -44,7 +44,8 @@ type mountArgs struct {
 	uid, gid, umask   string
 	fsname            string
 	parents           []string
-	readAhead         int // KiB
+	salvage           bool // --salvage: read-only, damage read around
+	readAhead         int  // KiB
 	directIO          bool
 }
 
@@ -69,9 +70,14 @@ func cmdMount(args []string) error {
 	fl.BoolVar(&m.directIO, "direct-io", false, "serve disk.raw without the page cache (for one-shot imaging and export)")
 	fl.StringVar(&m.fsname, "fsname", "", "source name the mount table shows (default: the top image's path)")
 	parents := parentFlag(fl)
+	salvage := salvageFlag(fl)
 	pos, err := parse(fl, args, "IMAGE", "MOUNTPOINT")
 	if err != nil {
 		return err
+	}
+	m.salvage = *salvage
+	if m.salvage && !m.readOnly {
+		return usagef("--salvage never writes: it needs -r (or -o ro)")
 	}
 	m.image, m.mountpoint = chain.Abs(pos[0]), chain.Abs(pos[1])
 	for _, p := range *parents {
@@ -398,9 +404,12 @@ func serve(m mountArgs, notify *notifier) (err error) {
 			logger.Printf("%s: %s", m.image, msg)
 		}
 	}
-	c, err := openChain(m.image, chain.OpenOptions{Writable: !m.readOnly, Parents: m.parents})
+	c, err := openChain(m.image, chain.OpenOptions{Writable: !m.readOnly, Parents: m.parents, Salvage: m.salvage})
 	if err != nil {
 		return err
+	}
+	for _, n := range c.Notes() {
+		logger.Printf("warning: %s", n)
 	}
 	srv, root, err := fs.Mount(m.mountpoint, c, fs.Options{
 		ReadOnly: m.readOnly, AllowOther: m.allowOther, Debug: m.debug, Logger: logger,

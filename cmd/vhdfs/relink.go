@@ -3,6 +3,7 @@ package main
 import (
 	"errors"
 	"fmt"
+	"os"
 
 	"github.com/spf13/pflag"
 
@@ -15,6 +16,19 @@ import (
 // parentFlag adds the repeatable --parent flag of info, mount, export and check.
 func parentFlag(fs *pflag.FlagSet) *[]string {
 	return fs.StringArray("parent", nil, "the parent image, by hand (repeat, top down: the top's parent, then its parent, ...); still checked by unique ID")
+}
+
+// salvageFlag adds --salvage of info, export, check and mount -r.
+func salvageFlag(fs *pflag.FlagSet) *bool {
+	return fs.Bool("salvage", false, "read a damaged image as far as it can (never writing it): a fixed VHD with a bad or missing footer as its data, blocks past a truncated end and a missing parent as zeros; each fallback is said on stderr")
+}
+
+// printNotes says on stderr, one line each, what opening the images did that sound
+// images would not need (a footer read from its copy, damage read around).
+func printNotes(cmd string, notes []string) {
+	for _, n := range notes {
+		fmt.Fprintf(os.Stderr, "vhdfs %s: warning: %s\n", cmd, n)
+	}
 }
 
 // forceRWFlag adds --force-rw of mount, merge, relink and check; the caller passes

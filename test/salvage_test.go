@@ -180,6 +180,9 @@ func TestSalvage(t *testing.T) {
 			}
 			assertOneLineError(t, stderr, tc.err)
 
+			// A new name: the failed export may have begun its output, which export
+			// does not overwrite without --force.
+			out = filepath.Join(t.TempDir(), "salvaged.raw")
 			_, stderr, code = vhdfs(t, "export", "--salvage", img, out)
 			if code != 0 {
 				t.Fatalf("export --salvage: exit %d: %s", code, stderr)

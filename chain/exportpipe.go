@@ -24,7 +24,7 @@ func exportPipe(c *Chain, out *os.File, progress func(done int64)) error {
 	var buf []byte // for the chunks not all in plain files
 	for off := int64(0); off < size; {
 		n := min(exportChunk, size-off)
-		k, err := c.SpliceRuns(nil, off, n, fd, 0, 0)
+		k, err := c.SpliceRuns(nil, off, n, fd, 0, 0, 0)
 		switch {
 		case errors.Is(err, ErrNotInFile):
 			// Some layer does not hold these bytes in its file as they are (a

@@ -99,19 +99,32 @@ func fileRunsFrom(layers []*Layer, off, n int64, fn func(Piece) error) error {
 // go to splice and decide how a full pipe is met: unix.SPLICE_F_NONBLOCK (with a
 // non-blocking pipe) fails with EAGAIN, 0 (with a blocking one) waits for the reader.
 // More than maxPieces pieces (0: any number) is ErrTooManyPieces, before the first
-// byte of the one too many. A run no layer holds in a plain file, or a file that
+// byte of the one too many; so is more than maxBufs pipe buffers (0: any number), an
+// upper bound reckoned before each splice or write (see pipeBufs). A run no layer holds in a plain file, or a file that
 // cannot be spliced from, is ErrNotInFile, before any byte of that run. It returns
 // how many bytes went into the pipe, on error too (io.EOF from off on the view's end).
-func (c *Chain) SpliceRuns(l *Layer, off, n int64, pipe, flags, maxPieces int) (int64, error) {
+func (c *Chain) SpliceRuns(l *Layer, off, n int64, pipe, flags, maxPieces, maxBufs int) (int64, error) {
 	var sent int64
-	pieces := 0
+	pieces, bufs := 0, int64(0)
+	// room takes k more buffers, or fails before they go in.
+	room := func(k int64) error {
+		if maxBufs > 0 && bufs+k > int64(maxBufs) {
+			return ErrTooManyPieces
+		}
+		bufs += k
+		return nil
+	}
 	_, err := c.FileRuns(l, off, n, func(p Piece) error {
 		if pieces++; maxPieces > 0 && pieces > maxPieces {
 			return ErrTooManyPieces
 		}
 		if p.File == nil {
 			for left := p.N; left > 0; {
-				k, err := unix.Write(pipe, zeroChunk[:min(left, int64(len(zeroChunk)))])
+				chunk := min(left, int64(len(zeroChunk)))
+				if err := room(pipeBufs(0, chunk)); err != nil {
+					return err
+				}
+				k, err := unix.Write(pipe, zeroChunk[:chunk])
 				if err == unix.EINTR {
 					continue
 				}
@@ -124,6 +137,9 @@ func (c *Chain) SpliceRuns(l *Layer, off, n int64, pipe, flags, maxPieces int) (
 		}
 		src := int(p.File.Fd())
 		for left, fo := p.N, p.FileOff; left > 0; {
+			if err := room(pipeBufs(fo, left)); err != nil {
+				return err
+			}
 			k, err := unix.Splice(src, &fo, pipe, nil, int(left), flags)
 			switch {
 			case err == unix.EINTR:
@@ -140,6 +156,21 @@ func (c *Chain) SpliceRuns(l *Layer, off, n int64, pipe, flags, maxPieces int) (
 		return nil
 	})
 	return sent, err
+}
+
+// pipeBufs is at most how many pipe buffers n bytes take that are spliced from a
+// file at off (a buffer per page they touch: a run that starts or ends inside a page,
+// as runs split at sector boundaries between layers do, takes more than its bytes
+// fill) or written
+// (off 0: a buffer per page or part of one). Whoever moves the pipe's contents on
+// with splice(2) needs as many free slots in the pipe it moves them to: a
+// pipe-to-pipe splice moves whole buffers and stops, short, at a full pipe.
+func pipeBufs(off, n int64) int64 {
+	if n <= 0 {
+		return 0
+	}
+	page := int64(os.Getpagesize())
+	return (off+n-1)/page - off/page + 1
 }
 
 // zeroChunk is what SpliceRuns writes zeros from.

@@ -2,6 +2,7 @@ package fs
 
 import (
 	"os"
+	"unsafe"
 
 	"github.com/hanwen/go-fuse/v2/fuse"
 	"github.com/hanwen/go-fuse/v2/splice"
@@ -29,6 +30,23 @@ var (
 	maxRequest int64 = 512 << 10
 )
 
+// replyBufs is how many pipe buffers a reply of size bytes may take so that go-fuse
+// can pass it on whole. go-fuse writes the reply's header into a pipe of its own,
+// grown to header + size + a page bytes, and moves ours into it with one pipe-to-pipe
+// splice(2), which moves whole buffers and stops at a full pipe: ours must fit in the
+// slots left beside the header, one a page, counted without the kernel's rounding up.
+// A reply of more buffers (runs split at sector boundaries between layers, zeros
+// between them, data at offsets in a file that are not page-aligned: a buffer for
+// each page each piece touches) would be moved in part, and go-fuse would take
+// the part for a short read at the end of the file and send it as the reply: the
+// kernel would then shrink disk.raw's size to where the reply stopped, and a mapping
+// of disk.raw past there would fault (SIGBUS).
+func replyBufs(size int64) int {
+	page := int64(os.Getpagesize())
+	slots := (int64(unsafe.Sizeof(fuse.OutHeader{})) + size + page + page - 1) / page
+	return int(slots - 1)
+}
+
 // spliceRead loads [off, off+size) of the view (which the caller cut to a partition's
 // end) into a pipe (chain.SpliceRuns: the pipe
 // then holds references to the image files' pages, so a merge may close the files
@@ -44,7 +62,7 @@ func (n *diskNode) spliceRead(size, off int64) (fuse.ReadResult, bool) {
 		splice.Done(pair)
 		return nil, false
 	}
-	total, err := n.chain().SpliceRuns(n.layer, n.base()+off, size, int(pair.WriteFd()), unix.SPLICE_F_NONBLOCK, maxPieces)
+	total, err := n.chain().SpliceRuns(n.layer, n.base()+off, size, int(pair.WriteFd()), unix.SPLICE_F_NONBLOCK, maxPieces, replyBufs(size))
 	if err != nil || total <= 0 {
 		splice.Done(pair)
 		return nil, false

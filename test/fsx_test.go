@@ -8,6 +8,7 @@ import (
 	"math/rand/v2"
 	"os"
 	"path/filepath"
+	"runtime/debug"
 	"strconv"
 	"strings"
 	"syscall"
@@ -72,6 +73,7 @@ func TestFsx(t *testing.T) {
 				x.open()
 				for i := range ops {
 					x.step(i)
+					x.checkSize(i)
 					if t.Failed() {
 						break
 					}
@@ -221,6 +223,19 @@ func (x *fsx) step(i int) {
 	}
 }
 
+// checkSize fails the test if the kernel no longer sees disk.raw at its size: it takes
+// a READ reply shorter than asked for for the end of the file and shrinks its size to
+// there (until it asks the server again), and then reads past there come back short
+// and a mapping faults.
+func (x *fsx) checkSize(i int) {
+	fi, err := x.f.Stat()
+	if err != nil {
+		x.t.Errorf("after op %d: fstat: %v", i, err)
+	} else if fi.Size() != x.size {
+		x.t.Errorf("after op %d: disk.raw's size is %d, want %d (a short READ reply?)", i, fi.Size(), x.size)
+	}
+}
+
 func (x *fsx) read(f *os.File, op string, off, n int64) {
 	buf := make([]byte, n)
 	k, err := f.ReadAt(buf, off)
@@ -294,13 +309,45 @@ func (x *fsx) mmap(op string, off, n int64) {
 	}()
 	p := m[off-start:]
 	if op == "mapread" {
-		assertSameBytes(x.t, fmt.Sprintf("mapread %d bytes at %d", n, off), bytes.Clone(p), x.model[off:off+n])
+		got := make([]byte, n)
+		if x.mapped(op, off, p, func() { copy(got, p) }) {
+			assertSameBytes(x.t, fmt.Sprintf("mapread %d bytes at %d", n, off), got, x.model[off:off+n])
+		}
 		return
 	}
 	data := mRandBytes(x.rng, int(n))
-	copy(p, data)
+	if !x.mapped(op, off, p, func() { copy(p, data) }) {
+		return
+	}
 	copy(x.model[off:], data)
 	if _, _, e := syscall.Syscall(syscall.SYS_MSYNC, uintptr(unsafe.Pointer(&m[0])), uintptr(len(m)), syscall.MS_SYNC); e != 0 {
 		x.t.Errorf("mapwrite %d bytes at %d: msync: %v", n, off, e)
 	}
+}
+
+// mapped runs fn, which reads or writes p, the mapping of [off, off+len(p)), and reports
+// whether it got through. A page fault the kernel cannot serve (the READ for the page
+// failed or came back short, or the page is past the size the kernel has for the
+// file) is a SIGBUS, which would kill the test binary: SetPanicOnFault turns it into a
+// panic, recovered here to fail the test with the operation and the offset.
+func (x *fsx) mapped(op string, off int64, p []byte, fn func()) (ok bool) {
+	defer debug.SetPanicOnFault(debug.SetPanicOnFault(true))
+	defer func() {
+		r := recover()
+		if r == nil {
+			return
+		}
+		f, isFault := r.(interface{ Addr() uintptr })
+		if !isFault {
+			panic(r)
+		}
+		size := "unknown"
+		if fi, err := x.f.Stat(); err == nil {
+			size = strconv.FormatInt(fi.Size(), 10)
+		}
+		x.t.Errorf("%s %d bytes at %d: the mapping faulted (SIGBUS) near disk.raw's byte %d; its size is now %s, want %d",
+			op, len(p), off, off+int64(f.Addr()-uintptr(unsafe.Pointer(&p[0]))), size, x.size)
+	}()
+	fn()
+	return true
 }

@@ -323,6 +323,11 @@ func Mount(dir string, c *chain.Chain, opts Options) (*fuse.Server, *Root, error
 			Name:         "vhdfs",
 			MaxWrite:     mw,
 			MaxReadAhead: 1 << 20,
+			// One program's O_DIRECT requests in flight (libaio, io_uring: a VM's
+			// disk queue) reach vhdfs at once, not one at a time: the kernel waits for
+			// each FUSE request of a direct I/O before it sends the next unless the
+			// file system takes ASYNC_DIO, as qemu's FUSE export does.
+			ExtraCapabilities: fuse.CAP_ASYNC_DIO,
 			// Replies of bytes go as vectors, which go-fuse never tries to splice;
 			// only the replies that name an image file do (see Read).
 			DisableSplice: !root.splice,

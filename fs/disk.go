@@ -25,8 +25,15 @@ type diskNode struct {
 }
 
 // diskHandle exists so Setattr can tell ftruncate (which names a handle) from the
-// size change the kernel sends for open(O_TRUNC) (which does not).
-type diskHandle struct{}
+// size change the kernel sends for open(O_TRUNC) (which does not), and so Write
+// knows an O_DIRECT open.
+type diskHandle struct {
+	// direct: opened with O_DIRECT. With ASYNC_DIO the kernel sends the requests of
+	// such a write together and fails the whole write with EIO when one comes back
+	// short, so a write of this handle that crosses the end is refused (ENOSPC)
+	// before it writes anything, rather than written up to the end.
+	direct bool
+}
 
 func (n *diskNode) chain() *chain.Chain { return n.root.chain }
 
@@ -125,6 +132,15 @@ func (n *diskNode) blocks(size uint64) uint64 {
 var _ = (fs.NodeOpener)((*diskNode)(nil))
 
 func (n *diskNode) Open(ctx context.Context, flags uint32) (fs.FileHandle, uint32, syscall.Errno) {
+	fh, fl, errno := n.open(flags)
+	if fh != nil {
+		fh.direct = flags&syscall.O_DIRECT != 0
+		return fh, fl, errno
+	}
+	return nil, fl, errno
+}
+
+func (n *diskNode) open(flags uint32) (*diskHandle, uint32, syscall.Errno) {
 	if !n.root.enter() {
 		return nil, 0, syscall.EIO
 	}
@@ -184,20 +200,24 @@ var _ = (fs.NodeWriter)((*diskNode)(nil))
 // Write through a partition drops the pages of disk.raw it changed from the kernel's
 // cache, once the write no longer holds the mount (see dropDiskCache).
 func (n *diskNode) Write(ctx context.Context, fh fs.FileHandle, data []byte, off int64) (uint32, syscall.Errno) {
-	k, errno := n.write(data, off)
+	h, _ := fh.(*diskHandle)
+	k, errno := n.write(data, off, h != nil && h.direct)
 	if n.part != nil && k > 0 {
 		n.root.dropDiskCache(n.base()+off, int64(k))
 	}
 	return k, errno
 }
 
-func (n *diskNode) write(data []byte, off int64) (uint32, syscall.Errno) {
+func (n *diskNode) write(data []byte, off int64, direct bool) (uint32, syscall.Errno) {
 	if !n.root.enter() {
 		return 0, syscall.EIO
 	}
 	defer n.root.leave()
 	if !n.writable {
 		return 0, syscall.EROFS
+	}
+	if direct && off+int64(len(data)) > n.size() {
+		return 0, syscall.ENOSPC // see diskHandle
 	}
 	if n.part != nil {
 		// Past the partition's end as past the disk's: what fits is written, the

@@ -2,10 +2,12 @@ package main
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
 	"os"
 
 	"github.com/vhdfs/vhdfs/chain"
+	"github.com/vhdfs/vhdfs/image"
 	"github.com/vhdfs/vhdfs/internal/fileio"
 	"github.com/vhdfs/vhdfs/merge"
 	"github.com/vhdfs/vhdfs/probe"
@@ -37,6 +39,20 @@ func cmdCheck(args []string) error {
 	}
 	if *repair && *forceShare {
 		return usagef("--repair writes; it cannot be combined with --force-share")
+	}
+	if !*forceShare {
+		// An image a vhdfs mount holds (its top, read-write; any of its chain, for
+		// a repair) is not to be opened: say where it is mounted.
+		// (No open for writing to find out: it could write before the repair.)
+		if *repair {
+			if rec := mountHolding(pos[0]); rec != nil {
+				return mountedMsg(pos[0], rec, "")
+			}
+		} else if img, err := probe.Open(pos[0], probe.ReadOnly); err == nil {
+			img.Close()
+		} else if errors.Is(err, image.ErrLocked) {
+			return mountedErr(pos[0], err, "vhdfs check -U to read it as it is")
+		}
 	}
 	var repairs []string
 	if *repair {

@@ -41,17 +41,16 @@ func cmdCheck(args []string) error {
 		return usagef("--repair writes; it cannot be combined with --force-share")
 	}
 	if !*forceShare {
-		// An image a vhdfs mount holds (its top, read-write; any of its chain, for
-		// a repair) is not to be opened: say where it is mounted.
-		// (No open for writing to find out: it could write before the repair.)
-		if *repair {
-			if rec := mountHolding(pos[0]); rec != nil {
-				return mountedMsg(pos[0], rec, "")
-			}
-		} else if img, err := probe.Open(pos[0], probe.ReadOnly); err == nil {
+		// The top of a read-write mount is not to be opened, even to read: say where
+		// it is mounted. (A repair opens for writing only what it repairs.)
+		if img, err := probe.Open(pos[0], probe.ReadOnly); err == nil {
 			img.Close()
 		} else if errors.Is(err, image.ErrLocked) {
-			return mountedErr(pos[0], err, "vhdfs check -U to read it as it is")
+			instead := "vhdfs check -U to read it as it is"
+			if *repair {
+				instead = ""
+			}
+			return mountedErr(pos[0], err, instead)
 		}
 	}
 	var repairs []string
@@ -78,7 +77,7 @@ func cmdCheck(args []string) error {
 			done[p.File] = true
 			msg, err := repairFile(p.File)
 			if err != nil {
-				return err
+				return mountedErr(p.File, err, "")
 			}
 			if msg != "" {
 				repairs = append(repairs, p.File+": repaired: "+msg)

@@ -64,16 +64,20 @@ func mountedErr(path string, err error, instead string) error {
 	return mountedMsg(path, rec, instead)
 }
 
-// mountedMsg is the one line that says path is held by the mount rec.
+// mountedMsg is the one line that says path is held by the mount rec: locked for
+// writing (its top, read-write) or for reading (an image of its chain).
 func mountedMsg(path string, rec *mountRecord, instead string) error {
-	what := "mounted"
-	if rec.ReadOnly {
-		what = "mounted read-only"
+	dev, ino := statID(path)
+	how := "reading"
+	if locked, _ := lockedBytes(rec.PID, dev, ino); locked[writeLockByte] {
+		how = "writing"
 	}
-	if dev, ino := statID(path); rec.ImageDev != dev || rec.ImageIno != ino {
-		what = "in the chain " + what // a lower layer, or a top that a merge replaced
+	where := "mount at " + rec.Mountpoint
+	if rec.ImageDev != dev || rec.ImageIno != ino {
+		where += ", whose chain it is in" // a lower layer, or a top a merge replaced
 	}
-	msg := fmt.Sprintf("%s is %s at %s by vhdfs (pid %d): umount it first (vhdfs umount %s)", path, what, rec.Mountpoint, rec.PID, rec.Mountpoint)
+	msg := fmt.Sprintf("%s: locked for %s by the vhdfs %s (mount process %d): umount it first (vhdfs umount %s)",
+		path, how, where, rec.PID, rec.Mountpoint)
 	if instead != "" {
 		msg += ", or " + instead
 	}

@@ -2,10 +2,12 @@ package main
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
 	"os"
 
 	"github.com/vhdfs/vhdfs/chain"
+	"github.com/vhdfs/vhdfs/image"
 	"github.com/vhdfs/vhdfs/internal/fileio"
 	"github.com/vhdfs/vhdfs/merge"
 	"github.com/vhdfs/vhdfs/probe"
@@ -38,6 +40,19 @@ func cmdCheck(args []string) error {
 	if *repair && *forceShare {
 		return usagef("--repair writes; it cannot be combined with --force-share")
 	}
+	if !*forceShare {
+		// The top of a read-write mount is not to be opened, even to read: say where
+		// it is mounted. (A repair opens for writing only what it repairs.)
+		if img, err := probe.Open(pos[0], probe.ReadOnly); err == nil {
+			img.Close()
+		} else if errors.Is(err, image.ErrLocked) {
+			instead := "vhdfs check -U to read it as it is"
+			if *repair {
+				instead = ""
+			}
+			return mountedErr(pos[0], err, instead)
+		}
+	}
 	var repairs []string
 	if *repair {
 		msg, err := merge.Recover(pos[0])
@@ -62,7 +77,7 @@ func cmdCheck(args []string) error {
 			done[p.File] = true
 			msg, err := repairFile(p.File)
 			if err != nil {
-				return err
+				return mountedErr(p.File, err, "")
 			}
 			if msg != "" {
 				repairs = append(repairs, p.File+": repaired: "+msg)

@@ -2,12 +2,15 @@ package main
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
 	"os"
+	"sort"
 	"strings"
 	"text/tabwriter"
 
 	"github.com/vhdfs/vhdfs/chain"
+	"github.com/vhdfs/vhdfs/image"
 )
 
 func cmdInfo(args []string) error {
@@ -21,6 +24,18 @@ func cmdInfo(args []string) error {
 		return err
 	}
 	info, err := chain.Inspect(pos[0], chain.OpenOptions{ForceShare: *forceShare, Parents: *parents, Salvage: *salvage})
+	if errors.Is(err, image.ErrLocked) && len(info.Layers) == 0 {
+		// The top of a read-write mount: its mount describes the chain it has open.
+		rec, st, merr := servingMount(pos[0])
+		if merr != nil {
+			return merr
+		}
+		if rec == nil || st.ReadOnly || len(st.Chain) == 0 {
+			return mountedErr(pos[0], err, "vhdfs info -U to read it as it is")
+		}
+		fmt.Fprintf(os.Stderr, "vhdfs info: %s is mounted at %s (mount process %d): the chain as that mount has it open\n", pos[0], rec.Mountpoint, rec.PID)
+		info, err = mountInfo(st.Chain), nil
+	}
 	printNotes("info", info.Notes)
 	if err = parentErr(err); err != nil && len(info.Layers) == 0 {
 		return err
@@ -40,6 +55,26 @@ func cmdInfo(args []string) error {
 		fmt.Printf("parent %s of %s not opened; looked at: %s\n", mp.UniqueID, mp.Child, strings.Join(mp.Tried, ", "))
 	}
 	return err
+}
+
+// mountInfo is the Info of the chain a mount's status shows. The format's own fields
+// come as a map there (Details): the text output has them in the order of their names.
+func mountInfo(layers []chain.LayerInfo) chain.Info {
+	info := chain.Info{Layers: layers}
+	if len(layers) > 0 {
+		info.VirtualSize = layers[0].VirtualSize
+	}
+	for i, l := range layers {
+		keys := make([]string, 0, len(l.Details))
+		for k := range l.Details {
+			keys = append(keys, k)
+		}
+		sort.Strings(keys)
+		for _, k := range keys {
+			layers[i].Fields = append(layers[i].Fields, [2]string{k, l.Details[k]})
+		}
+	}
+	return info
 }
 
 func printInfo(info chain.Info) error {

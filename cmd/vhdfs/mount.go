@@ -774,8 +774,14 @@ func fusermountU(dir string, retryBusy bool, d time.Duration) error {
 			return nil
 		}
 		msg := strings.TrimSpace(string(out))
-		if !retryBusy || !strings.Contains(msg, "busy") || time.Now().After(deadline) {
-			return fmt.Errorf("unmount %s: %s", dir, msg)
+		busy := strings.Contains(msg, "busy")
+		if busy && (!retryBusy || time.Now().After(deadline)) {
+			if who := busyHolders(chain.Abs(dir)); who != "" {
+				return fmt.Errorf("unmount %s: busy: %s; still mounted, nothing lost: end those and run umount again", dir, who)
+			}
+		}
+		if !retryBusy || !busy || time.Now().After(deadline) {
+			return fmt.Errorf("unmount %s: %s", dir, oneLine(msg))
 		}
 		time.Sleep(delay)
 	}

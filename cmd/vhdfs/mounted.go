@@ -115,6 +115,9 @@ wait:
 		bar.complete()
 	}
 	bar.finish()
+	if lost := lostMount(werr, rec, "merge"); lost != nil {
+		return lost
+	}
 	st, serr := statusOf(mnt, d)
 	msg := ""
 	if serr == nil && st.Last != nil && st.Last.Command == line {

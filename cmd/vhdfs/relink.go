@@ -74,7 +74,7 @@ func cmdRelink(args []string) error {
 	// this fail.
 	img, err := probe.Open(path, probe.Writable)
 	if err != nil {
-		return err
+		return mountedErr(path, err, "")
 	}
 	id, err := relink(img, path, parent)
 	if err != nil {

@@ -247,9 +247,17 @@ func parseMerge(args []string) (merge.Options, error) {
 	opts := merge.Options{Depth: 1}
 	seen := map[string]bool{}
 	for _, a := range args {
+		if a == "delete" {
+			// Remove the images the completed merge left invalid (merge.Options.Delete).
+			if opts.Delete {
+				return opts, fmt.Errorf("merge argument %q: want depth=N, from=S or delete, once each: %w", a, errInvalid)
+			}
+			opts.Delete = true
+			continue
+		}
 		k, v, ok := strings.Cut(a, "=")
 		if !ok || seen[k] {
-			return opts, fmt.Errorf("merge argument %q: want depth=N or from=S, once each: %w", a, errInvalid)
+			return opts, fmt.Errorf("merge argument %q: want depth=N, from=S or delete, once each: %w", a, errInvalid)
 		}
 		seen[k] = true
 		n, err := strconv.Atoi(v)
@@ -269,7 +277,7 @@ func parseMerge(args []string) (merge.Options, error) {
 			}
 			opts.From = n
 		default:
-			return opts, fmt.Errorf("merge argument %q: want depth=N or from=S: %w", k, errInvalid)
+			return opts, fmt.Errorf("merge argument %q: want depth=N, from=S or delete: %w", k, errInvalid)
 		}
 	}
 	return opts, nil

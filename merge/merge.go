@@ -59,6 +59,10 @@ type Options struct {
 	// NoKernelCopy copies by read and write only, never by copy_file_range (to
 	// compare the two).
 	NoKernelCopy bool
+	// Delete removes the images the merge left invalid once it is complete (its
+	// journal gone), as Merge-VHD deletes the merged child: see deleteDetached for
+	// what it keeps. Hook is called at "deleted" after each removal.
+	Delete bool
 }
 
 // Validate checks the options against a chain of n images and fills defaults.
@@ -90,6 +94,9 @@ func (o *Options) Validate(n int) error {
 		if o.From > 0 {
 			o.Command = fmt.Sprintf("merge from=%d depth=%d", o.From, o.Depth)
 		}
+		if o.Delete {
+			o.Command += " delete"
+		}
 	}
 	return nil
 }
@@ -99,13 +106,25 @@ type Result struct {
 	Target   string   // the image that received the data
 	Detached []string // images merged away: left on disk, no longer in the chain
 	Bytes    int64    // bytes copied
+	// With Options.Delete: the images merged away that were removed (no longer in
+	// Detached), and why each of Detached was kept ("kept X: ...").
+	Deleted []string
+	Kept    []string
+
+	detached []detachedImage // the images merged away, for deleteDetached
 }
 
 // Message is a line for people.
 func (r *Result) Message() string {
 	msg := fmt.Sprintf("merged %d bytes into %s", r.Bytes, r.Target)
+	if len(r.Deleted) > 0 {
+		msg += "; deleted the images it left invalid: " + strings.Join(r.Deleted, ", ")
+	}
 	if len(r.Detached) > 0 {
 		msg += "; no longer in the chain (left on disk, now invalid): " + strings.Join(r.Detached, ", ")
+	}
+	for _, k := range r.Kept {
+		msg += "; " + k
 	}
 	return msg
 }
@@ -130,7 +149,8 @@ func Merge(ctx context.Context, c *chain.Chain, opts Options) (*Result, error) {
 		return nil, err
 	}
 	if opts.From > 0 {
-		return mergeRange(ctx, c, opts, opts.From, nil)
+		res, err := mergeRange(ctx, c, opts, opts.From, nil)
+		return done(c, opts, res, err)
 	}
 	p, err := pushTop(c, opts)
 	if err != nil {
@@ -142,6 +162,14 @@ func Merge(ctx context.Context, c *chain.Chain, opts Options) (*Result, error) {
 		if uerr := p.undo(c); uerr != nil {
 			err = fmt.Errorf("%w; the writes made since the merge began are in a new top image above the old one (%v): the chain shows the same data, and the same merge run again completes it", err, uerr)
 		}
+	}
+	return done(c, opts, res, err)
+}
+
+// done removes what the completed merge left invalid, if opts asks for it.
+func done(c *chain.Chain, opts Options, res *Result, err error) (*Result, error) {
+	if err == nil && opts.Delete {
+		deleteDetached(c, opts, res)
 	}
 	return res, err
 }
@@ -174,7 +202,8 @@ func resume(ctx context.Context, c *chain.Chain, opts Options, j *chain.Journal)
 		return nil, fmt.Errorf("merge journal %s: %w", chain.JournalPath(layers[0].Path), err)
 	}
 	p := &pushed{real: real, oldTop: j.OldTop, oldTopID: oldID, journal: j}
-	return mergeRange(ctx, c, opts, 1, p)
+	res, err := mergeRange(ctx, c, opts, 1, p)
+	return done(c, opts, res, err)
 }
 
 func checkSizes(layers []*chain.Layer, from, depth int) error {
@@ -686,10 +715,11 @@ func relink(c *chain.Chain, opts Options, from int, dst image.Image, p *pushed, 
 			go l.Image.Close()
 			continue
 		}
-		l.Image.Close()
 		if l != target {
 			res.Detached = append(res.Detached, l.Path)
+			res.detached = append(res.detached, detachedImage{path: l.Path, id: l.Image.ID(), file: fileID(l.Image)})
 		}
+		l.Image.Close()
 	}
 	return nil
 }

@@ -5,7 +5,9 @@ package probe
 import (
 	"errors"
 	"fmt"
+	"os"
 	"strings"
+	"syscall"
 
 	"github.com/vhdfs/vhdfs/image"
 	"github.com/vhdfs/vhdfs/internal/fileio"
@@ -118,3 +120,23 @@ type unknownError struct {
 
 func (e *unknownError) Error() string   { return e.msg }
 func (e *unknownError) Unwrap() []error { return e.errs }
+
+// Signed reports whether the file at path has the signature of a format vhdfs knows
+// where that format puts it: such a file is an image of that format, even one that
+// does not open; a file without is no image. It reads a few bytes, never follows
+// anything the file says, and opens only a regular file (else false).
+func Signed(path string) (bool, error) {
+	f, err := fileio.OpenRegular(path, os.O_RDONLY|syscall.O_NONBLOCK|syscall.O_NOCTTY)
+	if errors.Is(err, fileio.ErrNotRegular) {
+		return false, nil
+	}
+	if err != nil {
+		return false, err
+	}
+	defer f.Close()
+	st, err := f.Stat()
+	if err != nil {
+		return false, err
+	}
+	return vhd.HasSignature(f, st.Size()) || vhdx.HasSignature(f, st.Size()), nil
+}

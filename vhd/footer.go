@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/binary"
 	"fmt"
+	"io"
 	"time"
 
 	"github.com/vhdfs/vhdfs/image"
@@ -166,4 +167,20 @@ func printable(b []byte) string {
 		out[i] = c
 	}
 	return string(out)
+}
+
+// HasSignature reports whether the file r, of size bytes, has the footer's cookie
+// where a VHD puts it: its footer at the end (512 bytes, or 511 as old Virtual PC
+// wrote it) or the footer's copy at offset 0. A file that has it is a VHD, however
+// damaged the rest.
+func HasSignature(r io.ReaderAt, size int64) bool {
+	for _, off := range []int64{0, size - FooterSize, size - FooterSize + 1} {
+		var b [8]byte
+		if off >= 0 && off+8 <= size {
+			if _, err := r.ReadAt(b[:], off); err == nil && b == footerCookie {
+				return true
+			}
+		}
+	}
+	return false
 }

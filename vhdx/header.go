@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"fmt"
 	"hash/crc32"
+	"io"
 )
 
 // The header section (MS-VHDX §2.2): the file identifier, two headers and two region
@@ -143,3 +144,11 @@ func marshalRegionTable(entries []RegionEntry) []byte {
 
 // isFileID reports whether b starts with the file identifier's signature (§2.2.1).
 func isFileID(b []byte) bool { return bytes.HasPrefix(b, []byte("vhdxfile")) }
+
+// HasSignature reports whether the file r has the file identifier's signature at
+// offset 0: a file that has it is a VHDX, however damaged the rest.
+func HasSignature(r io.ReaderAt, size int64) bool {
+	b := make([]byte, 8)
+	n, _ := r.ReadAt(b, fileIDOff)
+	return n == len(b) && isFileID(b)
+}

@@ -33,7 +33,7 @@ const usage = `usage:
                [--logical-sector 512|4096] [--physical-sector 512|4096] [--json|-q] IMAGE
   vhdfs create --parent PARENT [--block-size SIZE] IMAGE
   vhdfs snapshot IMAGE NEW
-  vhdfs merge [-p|--progress] [--depth N] [--from S] [--force-rw] IMAGE
+  vhdfs merge [-p|--progress] [--depth N] [--from S] [--delete] [--force-rw] IMAGE
   vhdfs check [--repair [--force-rw]] [-U] [-v|--verbose] [--salvage] [--json] [--parent PARENT]... IMAGE
   vhdfs compact [-n|--dry-run] [-p|--progress] [--force-rw] IMAGE
   vhdfs export [-p|--progress] [-U] [--salvage] [--hash sha256|md5] [--force] [--parent PARENT]... IMAGE OUT.raw|-|DEVICE
@@ -130,6 +130,12 @@ var details = map[string]string{
 	"export": "A regular file that is not empty is refused without --force; an image of the chain\n" +
 		"always. --hash prints the digest of the whole disk, holes as zeros, as sha256sum\n" +
 		"prints it: on stdout, or on stderr when OUT is stdout.",
+	"merge": "The images merged away are left on disk, no longer valid, unless --delete removes\n" +
+		"them once the merge is complete (its journal gone), as Merge-VHD does. It keeps an image\n" +
+		"another image in its directory records as its parent (a sibling chain), one still in\n" +
+		"the chain, and all of a directory's while an image there cannot be read, saying why\n" +
+		"(\"kept X: Y records it as its parent\"). It removes them by name in their directory,\n" +
+		"with the authority of the top image's owner, never through a symlink.",
 	"completion": "bash:  source <(vhdfs completion bash)\n" +
 		"zsh:   vhdfs completion zsh > \"${fpath[1]}/_vhdfs\"",
 }

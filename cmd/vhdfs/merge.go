@@ -17,6 +17,7 @@ func cmdMerge(args []string) error {
 	depth := fl.Int("depth", 1, "merge the top and the N-1 images below it into the image N levels down")
 	from := fl.Int("from", 0, "merge a middle range starting at this depth (the top stays)")
 	force := fl.BoolP("progress", "p", false, "show the progress bar even when stdout is not a terminal")
+	del := fl.Bool("delete", false, "once the merge is complete, delete the images it left invalid (not one another image in their directory records as its parent)")
 	forceRW := forceRWFlag(fl)
 	pos, err := parse(fl, args, "IMAGE")
 	if err != nil {
@@ -26,7 +27,7 @@ func cmdMerge(args []string) error {
 	if *depth < 1 {
 		return usagef("--depth %d: depth must be at least 1", *depth)
 	}
-	opts := merge.Options{From: *from, Depth: *depth}
+	opts := merge.Options{From: *from, Depth: *depth, Delete: *del}
 	// A chain mounted read-write has its top locked: its mount does the merge.
 	rec, st, err := servingMount(pos[0])
 	if err != nil {

@@ -54,6 +54,9 @@ func mergeMounted(rec *mountRecord, image string, opts merge.Options, force bool
 	if opts.From > 0 {
 		line = fmt.Sprintf("merge from=%d depth=%d", opts.From, opts.Depth)
 	}
+	if opts.Delete {
+		line += " delete"
+	}
 	fmt.Fprintf(os.Stderr, "vhdfs merge: %s is mounted at %s: the mount merges (%q to %s)\n", image, mnt, line, ctl)
 	d := waitTimeout()
 

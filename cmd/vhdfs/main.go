@@ -204,10 +204,10 @@ func run(args []string) int {
 	case errors.Is(err, pflag.ErrHelp):
 		return exitOK
 	case errors.As(err, &ue) && !ok:
-		fmt.Fprintf(os.Stderr, "vhdfs: %s\n%s", ue.msg, usage)
+		fmt.Fprintf(os.Stderr, "vhdfs: %s; see 'vhdfs --help'\n", oneLine(ue.msg))
 		return exitUsage
 	case errors.As(err, &ue):
-		fmt.Fprintf(os.Stderr, "vhdfs %s: %s\n%s", args[0], ue.msg, usage)
+		fmt.Fprintf(os.Stderr, "vhdfs %s: %s; see 'vhdfs %s --help'\n", args[0], oneLine(ue.msg), args[0])
 		return exitUsage
 	case errors.As(err, &ce):
 		return exitCheck

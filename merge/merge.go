@@ -27,6 +27,7 @@ import (
 	"github.com/vhdfs/vhdfs/image"
 	"github.com/vhdfs/vhdfs/internal/faults"
 	"github.com/vhdfs/vhdfs/internal/fileio"
+	"github.com/vhdfs/vhdfs/internal/units"
 	"github.com/vhdfs/vhdfs/probe"
 )
 
@@ -103,7 +104,7 @@ type Result struct {
 
 // Message is a line for people.
 func (r *Result) Message() string {
-	msg := fmt.Sprintf("merged %d bytes into %s", r.Bytes, r.Target)
+	msg := fmt.Sprintf("merged %s into %s", units.Text(r.Bytes), r.Target)
 	if len(r.Detached) > 0 {
 		msg += "; no longer in the chain (left on disk, now invalid): " + strings.Join(r.Detached, ", ")
 	}

@@ -10,6 +10,7 @@ import (
 
 	"github.com/vhdfs/vhdfs/chain"
 	"github.com/vhdfs/vhdfs/image"
+	"github.com/vhdfs/vhdfs/internal/units"
 	"github.com/vhdfs/vhdfs/probe"
 )
 
@@ -88,7 +89,7 @@ func cmdCreate(args []string) error {
 
 // warnBlockSize warns that a VHD's block size above 2 MiB is not for every reader.
 func warnBlockSize(cmd string, blockSize int64) {
-	fmt.Fprintf(os.Stderr, "vhdfs %s: warning: block size %s is above 2 MiB: blktap (XCP-ng, XenServer, Xen Orchestra's imports) cannot open the image, and Microsoft's tools are reported to handle 2 MiB only\n", cmd, human(blockSize))
+	fmt.Fprintf(os.Stderr, "vhdfs %s: warning: block size %s is above 2 MiB: blktap (XCP-ng, XenServer, Xen Orchestra's imports) cannot open the image, and Microsoft's tools are reported to handle 2 MiB only\n", cmd, units.Human(blockSize))
 }
 
 // report prints what create made, in one line, and a second one when the size was
@@ -108,17 +109,17 @@ func report(path, parent string, asked int64, asJSON, quiet bool) error {
 		enc.SetIndent("", "  ")
 		return enc.Encode(li)
 	}
-	line := fmt.Sprintf("created %s: %s %s, %s", path, li.Format, li.Type, sizeText(li.VirtualSize))
+	line := fmt.Sprintf("created %s: %s %s, %s", path, li.Format, li.Type, units.Text(li.VirtualSize))
 	if li.BlockSize > 0 {
-		line += ", block size " + human(li.BlockSize)
+		line += ", block size " + units.Human(li.BlockSize)
 	}
 	if parent != "" {
 		line += ", parent " + parent
 	}
 	fmt.Println(line)
 	if asked > 0 && li.VirtualSize != asked {
-		fmt.Printf("note: %s became %s to fit a CHS geometry, as qemu-img does; --exact-size keeps the size asked for\n",
-			sizeText(asked), human(li.VirtualSize))
+		fmt.Printf("note: %s was rounded up to %s to fit a CHS geometry, as qemu-img does; --exact-size keeps the size asked for\n",
+			units.Text(asked), units.Text(li.VirtualSize))
 	}
 	return nil
 }
@@ -149,15 +150,4 @@ func createChild(parent, name, format string, blockSize int64) error {
 		blockSize = probe.DefaultBlockSize("vhdx", true)
 	}
 	return top.CreateChild(name, image.ChildOptions{ParentPath: parent, BlockSize: blockSize})
-}
-
-// sizeText gives a size for people and in bytes: "1.5 GiB (1610612736 bytes)", "1 byte".
-func sizeText(n int64) string {
-	switch {
-	case n == 1:
-		return "1 byte"
-	case n < 1024:
-		return fmt.Sprintf("%d bytes", n)
-	}
-	return fmt.Sprintf("%s (%d bytes)", human(n), n)
 }

@@ -4,6 +4,7 @@ import (
 	"fmt"
 
 	"github.com/vhdfs/vhdfs/chain"
+	"github.com/vhdfs/vhdfs/internal/units"
 	"github.com/vhdfs/vhdfs/probe"
 )
 
@@ -24,6 +25,6 @@ func cmdSnapshot(args []string) error {
 	}
 	defer img.Close()
 	fmt.Printf("%s: differencing image on %s, virtual size %s (%d bytes), block size %s\n",
-		chain.Abs(pos[1]), chain.Abs(pos[0]), human(img.Size()), img.Size(), human(img.BlockSize()))
+		chain.Abs(pos[1]), chain.Abs(pos[0]), units.Human(img.Size()), img.Size(), units.Human(img.BlockSize()))
 	return nil
 }

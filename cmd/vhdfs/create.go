@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"path/filepath"
 	"strings"
 
 	"github.com/vhdfs/vhdfs/chain"
@@ -73,6 +74,9 @@ func cmdCreate(args []string) error {
 	if opts.Format == "vhd" && (*logical != 0 || *physical != 0) {
 		return usagef("--logical-sector and --physical-sector are for VHDX: a VHD has 512-byte sectors")
 	}
+	if max := probe.MaxSize(opts.Format, opts.Type); max > 0 && size > max {
+		return tooLarge(pos[0], size, max, opts.Format, *format)
+	}
 	if opts.Format == "vhd" && blockSize > probe.DefaultBlockSize("vhd", false) {
 		warnBlockSize("create", blockSize)
 	}
@@ -85,6 +89,20 @@ func cmdCreate(args []string) error {
 		return err
 	}
 	return report(pos[0], "", size, *asJSON, *quiet)
+}
+
+// tooLarge is the usage error for a size more than a format holds: it says the
+// limit and, for a VHD, that a VHDX holds more, and how to ask for one.
+func tooLarge(path string, size, max int64, format, asked string) error {
+	if format != "vhd" {
+		return usagef("%s: %s is more than a VHDX holds, %s", path, units.Text(size), units.Exact(max))
+	}
+	how := "name it " + strings.TrimSuffix(path, filepath.Ext(path)) + ".vhdx"
+	if asked == "vhd" {
+		how += " and drop --format vhd"
+	}
+	return usagef("%s: %s is more than a dynamic VHD holds, %s; a VHDX holds up to %s: %s",
+		path, units.Text(size), units.Exact(max), units.Human(probe.MaxSize("vhdx", image.Dynamic)), how)
 }
 
 // warnBlockSize warns that a VHD's block size above 2 MiB is not for every reader.

@@ -29,3 +29,19 @@ func Text(n int64) string {
 	}
 	return fmt.Sprintf("%s (%d bytes)", Human(n), n)
 }
+
+// Exact gives a size in the largest binary unit that holds it a whole number of
+// times, with the bytes: "2040 GiB (2190433320960 bytes)", "64 TiB (70368744177664
+// bytes)", where Text would round to "2.0 TiB"; below 1 KiB, or not whole KiB, the
+// bytes alone.
+func Exact(n int64) string {
+	if n < 1024 || n%1024 != 0 {
+		return Text(n)
+	}
+	v, u := n, -1
+	for v%1024 == 0 && u < 4 {
+		v /= 1024
+		u++
+	}
+	return fmt.Sprintf("%d %ciB (%d bytes)", v, "KMGTP"[u], n)
+}

@@ -19,3 +19,18 @@ func TestText(t *testing.T) {
 		}
 	}
 }
+
+func TestExact(t *testing.T) {
+	for n, want := range map[int64]string{
+		512:           "512 bytes",
+		1536:          "1.5 KiB (1536 bytes)",
+		2190433320960: "2040 GiB (2190433320960 bytes)",
+		64 << 40:      "64 TiB (70368744177664 bytes)",
+		1 << 60:       "1024 PiB (1152921504606846976 bytes)",
+		1025:          "1.0 KiB (1025 bytes)",
+	} {
+		if got := Exact(n); got != want {
+			t.Errorf("Exact(%d) = %q, want %q", n, got, want)
+		}
+	}
+}

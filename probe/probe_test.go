@@ -2,6 +2,7 @@ package probe
 
 import (
 	"errors"
+	"go/build"
 	"os"
 	"path/filepath"
 	"strings"
@@ -152,4 +153,24 @@ func TestOtherFormat(t *testing.T) {
 		t.Fatalf("a fixed VHD with an MBR: %v", err)
 	}
 	img.Close()
+}
+
+// TestFormatsBehindProbe: the packages above the formats import neither vhd nor
+// vhdx (their non-test files, directly): they reach the formats through image and
+// probe, the one list of formats.
+func TestFormatsBehindProbe(t *testing.T) {
+	for _, dir := range []string{"cmd/vhdfs", "chain", "merge", "fs"} {
+		pkg, err := build.ImportDir(filepath.Join("..", dir), 0)
+		if err != nil {
+			t.Fatalf("%s: %v", dir, err)
+		}
+		if len(pkg.GoFiles) == 0 {
+			t.Fatalf("%s: no Go files", dir)
+		}
+		for _, imp := range pkg.Imports {
+			if imp == "github.com/vhdfs/vhdfs/vhd" || imp == "github.com/vhdfs/vhdfs/vhdx" {
+				t.Errorf("%s imports %s: go through probe or image", dir, imp)
+			}
+		}
+	}
 }

@@ -8,6 +8,8 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+
+	"github.com/vhdfs/vhdfs/internal/fileio"
 )
 
 // Other is a disk image format vhdfs does not read, as OtherFormat names it.
@@ -37,7 +39,7 @@ const headSize = 4096 + 8
 // It is for saying what a file is once no format of the list (formats) claims it: a
 // fixed VHD whose footer is lost looks like a raw disk too.
 func OtherFormat(path string) (o Other, ok bool) {
-	f, err := os.Open(path)
+	f, err := fileio.OpenRegular(path, os.O_RDONLY)
 	if err != nil {
 		return Other{}, false
 	}

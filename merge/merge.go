@@ -27,6 +27,7 @@ import (
 	"github.com/vhdfs/vhdfs/image"
 	"github.com/vhdfs/vhdfs/internal/faults"
 	"github.com/vhdfs/vhdfs/internal/fileio"
+	"github.com/vhdfs/vhdfs/internal/units"
 	"github.com/vhdfs/vhdfs/probe"
 )
 
@@ -116,7 +117,7 @@ type Result struct {
 
 // Message is a line for people.
 func (r *Result) Message() string {
-	msg := fmt.Sprintf("merged %d bytes into %s", r.Bytes, r.Target)
+	msg := fmt.Sprintf("merged %s into %s", units.Text(r.Bytes), r.Target)
 	if len(r.Deleted) > 0 {
 		msg += "; deleted the images it left invalid: " + strings.Join(r.Deleted, ", ")
 	}

@@ -9,6 +9,7 @@ import (
 
 	"github.com/vhdfs/vhdfs/chain"
 	"github.com/vhdfs/vhdfs/image"
+	"github.com/vhdfs/vhdfs/internal/units"
 	"github.com/vhdfs/vhdfs/probe"
 )
 
@@ -112,8 +113,8 @@ func recoverJournal(top string) (string, error) {
 		if err := j.Write(j.Top); err != nil {
 			return fail(err)
 		}
-		return fmt.Sprintf("%q was interrupted during its copy; the %d bytes written since it began are in a new top image above the old one (%s); the chain shows the same data; run the same merge again to complete it%s (journal %s)",
-			j.Command, allocated, j.OldTop, note, jp), nil
+		return fmt.Sprintf("%q was interrupted during its copy; what was written since it began (%s) is in a new top image above the old one (%s); the chain shows the same data; run the same merge again to complete it%s (journal %s)",
+			j.Command, units.Text(allocated), j.OldTop, note, jp), nil
 	}
 	if err := unpush(j, true); err != nil {
 		return fail(err)

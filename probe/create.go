@@ -59,3 +59,16 @@ func DefaultBlockSize(format string, differencing bool) int64 {
 	}
 	return vhd.DefaultBlockSize
 }
+
+// MaxSize is the largest virtual size an image of format ("vhd" or "vhdx") and type t
+// can have: 2040 GiB for a dynamic VHD (its BAT holds 32-bit sector offsets), 64 TiB
+// for a VHDX; 0 where the format sets no limit of its own (a fixed VHD).
+func MaxSize(format string, t image.Type) int64 {
+	switch {
+	case format == "vhdx":
+		return vhdx.MaxSize
+	case format == "vhd" && t != image.Fixed:
+		return vhd.MaxDynamicSize
+	}
+	return 0
+}

@@ -84,7 +84,8 @@ func openVHDX(path string, m Mode) (image.Image, error) {
 
 // Open opens the image at path with the first format that claims it. A file that no
 // format claims gives an error that wraps image.ErrUnknownFormat and says why each
-// format refused it.
+// format refused it, or what the file is when it has another format's signature
+// (OtherFormat), with how to convert it.
 func Open(path string, m Mode) (image.Image, error) {
 	// A device or a FIFO is refused before any format opens it.
 	if err := fileio.CheckRegular(path); err != nil {
@@ -98,6 +99,11 @@ func Open(path string, m Mode) (image.Image, error) {
 			return img, nil
 		}
 		if !errors.Is(err, f.notMine) {
+			// A short text VMDK descriptor is a truncated VHD to the VHD reader:
+			// another image format's signature says more than the damage found.
+			if o, ok := OtherFormat(path); ok && o.Name != "raw" {
+				return nil, otherError(path, o, err)
+			}
 			return nil, err
 		}
 		why = append(why, fmt.Sprintf("as %s: %s", f.name, strings.TrimPrefix(err.Error(), path+": ")))
@@ -108,7 +114,19 @@ func Open(path string, m Mode) (image.Image, error) {
 			return img, nil
 		}
 	}
+	if o, ok := OtherFormat(path); ok {
+		// Say what the file is, rather than why it is neither VHD nor VHDX.
+		return nil, otherError(path, o, errs...)
+	}
 	return nil, &unknownError{msg: fmt.Sprintf("%s: %s: %v", path, strings.Join(why, "; "), image.ErrUnknownFormat), errs: append(errs, image.ErrUnknownFormat)}
+}
+
+// otherError is the error for a file of another format, o: it says what the file is
+// and how to convert it, and wraps errs (the formats' refusals) and
+// image.ErrUnknownFormat.
+func otherError(path string, o Other, errs ...error) error {
+	return &unknownError{msg: fmt.Sprintf("%s: %s, not VHD or VHDX (%s)", path, o.Describe(), convertHint(path, o)),
+		errs: append(errs, image.ErrUnknownFormat)}
 }
 
 // unknownError says why no format claimed a file; it wraps every format's refusal

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/binary"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -65,7 +66,7 @@ func badInputCases() []badCase {
 		return p
 	}
 	self := func(p string) (string, string) { return p, p }
-	return []badCase{
+	cases := []badCase{
 		{"bad cookie, fixed image", func(t *testing.T, dir string) (string, string) {
 			p := fixed(t, dir)
 			patchFooters(t, p, footerCookieOff, []byte("notavhd!"), false)
@@ -295,6 +296,70 @@ func badInputCases() []badCase {
 		{"nonexistent path", func(t *testing.T, dir string) (string, string) {
 			return self(filepath.Join(dir, "nothing.vhd"))
 		}, []string{"no such file"}},
+	}
+	return append(cases, otherFormatCases()...)
+}
+
+// otherFormatCases are images of formats vhdfs does not read, made by qemu-img and
+// sfdisk: the error names the format and how to convert it.
+func otherFormatCases() []badCase {
+	qemu := func(name string, args ...string) func(t *testing.T, dir string) (string, string) {
+		return func(t *testing.T, dir string) (string, string) {
+			requireTool(t, "qemu-img")
+			p := filepath.Join(dir, name)
+			mustRun(t, "qemu-img", append(append([]string{"create", "-q"}, args...), p, "16M")...)
+			return p, p
+		}
+	}
+	partitioned := func(name, label string) func(t *testing.T, dir string) (string, string) {
+		return func(t *testing.T, dir string) (string, string) {
+			requireTool(t, "sfdisk")
+			p := filepath.Join(dir, name)
+			if err := os.WriteFile(p, nil, 0o644); err != nil {
+				t.Fatal(err)
+			}
+			if err := os.Truncate(p, 16<<20); err != nil {
+				t.Fatal(err)
+			}
+			cmd := exec.Command("sfdisk", "-q", "--label", label, p)
+			cmd.Stdin = strings.NewReader(",,L\n")
+			if out, err := cmd.CombinedOutput(); err != nil {
+				t.Fatalf("sfdisk %s: %v: %s", p, err, out)
+			}
+			return p, p
+		}
+	}
+	return []badCase{
+		{"a qcow2 image", qemu("disk.qcow2", "-f", "qcow2"), []string{"a qcow2 image, not VHD or VHDX", "qemu-img convert -O vhdx", "disk.vhdx"}},
+		{"a sparse VMDK", qemu("disk.vmdk", "-f", "vmdk"), []string{"a VMDK image, not VHD or VHDX", "qemu-img convert -O vhdx"}},
+		// A descriptor of a few hundred bytes: to the VHD reader a truncated file.
+		{"a VMDK descriptor", qemu("flat.vmdk", "-f", "vmdk", "-o", "subformat=monolithicFlat"), []string{"a VMDK image, not VHD or VHDX", "qemu-img convert -O vhdx"}},
+		{"a VDI image", qemu("disk.vdi", "-f", "vdi"), []string{"a VDI image, not VHD or VHDX", "qemu-img convert -O vhdx"}},
+		{"a raw disk with an MBR", partitioned("mbr.img", "dos"), []string{"a raw disk image (MBR), not VHD or VHDX", "qemu-img convert -f raw -O vhdx", "--salvage"}},
+		{"a raw disk with a GPT", partitioned("gpt.img", "gpt"), []string{"a raw disk image (GPT), not VHD or VHDX", "qemu-img convert -f raw -O vhdx", "--salvage"}},
+	}
+}
+
+// TestMountOtherFormat: mounting an image of another format fails with one line that
+// names the format, and mounts nothing.
+func TestMountOtherFormat(t *testing.T) {
+	t.Parallel()
+	for _, tc := range otherFormatCases() {
+		t.Run(tc.name, func(t *testing.T) {
+			image, culprit := tc.setup(t, t.TempDir())
+			mnt := mMountpoint(t)
+			unmountOnCleanup(t, mnt)
+			for _, args := range [][]string{{"mount", image, mnt}, {"mount", "-r", image, mnt}} {
+				stdout, stderr, code := vhdfs(t, args...)
+				if code != 1 || stdout != "" {
+					t.Errorf("vhdfs %v: exit %d, stdout %q; want exit 1 and nothing", args, code, stdout)
+				}
+				assertOneLineError(t, stderr, append([]string{culprit}, tc.want...)...)
+				if mountedAt(t, mnt) {
+					t.Errorf("vhdfs %v failed but left a mount", args)
+				}
+			}
+		})
 	}
 }
 

@@ -11,9 +11,14 @@ import (
 	"testing"
 )
 
-// compactNumbers reads "dropped D of B blocks ... shrink(s) by N bytes, from A to Z"
-// from compact's output.
-var compactRE = regexp.MustCompile(`(?:would drop|dropped) (\d+) of (\d+) blocks.* (?:would shrink|shrank) by (\d+) bytes, from (\d+) to (\d+)`)
+// compactRE reads "dropped D of B blocks ... shrank by N, from A to Z" from compact's
+// output, each size in units with its bytes in brackets.
+var compactRE = regexp.MustCompile(`(?:would drop|dropped) (\d+) of (\d+) blocks.* (?:would shrink|shrank) by ` +
+	sizeRE + `, from ` + sizeRE + ` to ` + sizeRE)
+
+// sizeRE matches a size as vhdfs shows it, "1.5 MiB (1572864 bytes)" or below a KiB
+// "512 bytes", and captures the bytes.
+const sizeRE = `(?:\d+\.\d [KMGTP]iB \()?(\d+) bytes?\)?`
 
 func compactNumbers(t *testing.T, out string) [5]int64 {
 	t.Helper()

@@ -46,7 +46,7 @@ func TestCreateOutput(t *testing.T) {
 		if size := virtualSize(t, img); !strings.Contains(lines[0], fmt.Sprintf("(%d bytes)", size)) {
 			t.Errorf("%s: %q does not give the size %d", tc.name, lines[0], size)
 		}
-		if tc.note && (len(lines) < 2 || !strings.Contains(lines[1], "1 byte became 34.0 KiB") || !strings.Contains(lines[1], "--exact-size")) {
+		if tc.note && (len(lines) < 2 || !strings.Contains(lines[1], "1 byte was rounded up to 34.0 KiB (34816 bytes)") || !strings.Contains(lines[1], "--exact-size")) {
 			t.Errorf("%s: no note on the rounding:\n%s", tc.name, out)
 		}
 	}

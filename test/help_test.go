@@ -64,13 +64,17 @@ func flagLine(help, flag string) string {
 	return ""
 }
 
-// TestHelpCommand: `vhdfs help` lists every command on stdout; `vhdfs help CMD` is
-// `vhdfs CMD --help`; `vhdfs help nosuch` is a usage error.
+// TestHelpCommand: `vhdfs help` says it is for VHD and VHDX and lists every command
+// on stdout; `vhdfs help CMD` is `vhdfs CMD --help`; `vhdfs help nosuch` is a usage
+// error.
 func TestHelpCommand(t *testing.T) {
 	t.Parallel()
 	stdout, stderr, code := vhdfs(t, "help")
 	if code != 0 || stderr != "" {
 		t.Fatalf("help: exit %d, stderr %q", code, stderr)
+	}
+	if first, _, _ := strings.Cut(stdout, "\n"); !strings.Contains(first, "VHD and VHDX") {
+		t.Errorf("help does not start by saying it is for VHD and VHDX:\n%s", stdout)
 	}
 	for _, c := range commandNames {
 		if !regexp.MustCompile(`(?m)^\s+` + c + `\b`).MatchString(stdout) {
@@ -81,7 +85,7 @@ func TestHelpCommand(t *testing.T) {
 	if stdout, stderr, code := vhdfs(t, "help", "merge"); code != 0 || stderr != "" || stdout != help {
 		t.Errorf("help merge: exit %d, stderr %q, stdout %q; want %q", code, stderr, stdout, help)
 	}
-	if stdout, stderr, code := vhdfs(t, "--help"); code != 0 || stderr != "" || !strings.Contains(stdout, "mount") {
+	if stdout, stderr, code := vhdfs(t, "--help"); code != 0 || stderr != "" || !strings.HasPrefix(stdout, "vhdfs works with VHD and VHDX") {
 		t.Errorf("--help: exit %d, stdout %q, stderr %q", code, stdout, stderr)
 	}
 	if _, stderr, code := vhdfs(t, "help", "mout"); code != 2 || !strings.Contains(stderr, `did you mean "mount"?`) {

@@ -5,6 +5,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"testing"
 	"time"
@@ -49,6 +50,10 @@ func TestMergeCommandOnMount(t *testing.T) {
 		if n := strings.Count(errs, "100.0%"); n != 1 {
 			t.Errorf("the bar shows 100%% %d times, want once: %q", n, errs)
 		}
+		// The size merged is said in units, with the bytes in brackets.
+		if !mergedRE(base).MatchString(out) {
+			t.Errorf("stdout %q does not match %s", out, mergedRE(base))
+		}
 		st := readMergeStatus(t, mnt)
 		if st.Last == nil || st.Last.Command != "merge depth=1" || st.Last.Errno != 0 || !strings.Contains(out, st.Last.Message) || st.Last.Message == "" {
 			t.Errorf("stdout %q, want the merge's result %+v", out, st.Last)
@@ -70,10 +75,18 @@ func TestMergeCommandOnMount(t *testing.T) {
 		if n := strings.Count(errs, "100.0%"); n != 1 {
 			t.Errorf("offline: the bar shows 100%% %d times, want once: %q", n, errs)
 		}
+		if !strings.HasPrefix(out, "merged 0 bytes into "+base+";") {
+			t.Errorf("offline: stdout %q, want the merge of nothing into %s", out, base)
+		}
 		if got := md5file(t, exportImage(t, top2)); got != want {
 			t.Errorf("view after the offline merge: md5 %s, want %s", got, want)
 		}
 	})
+}
+
+// mergedRE matches merge's result line for a merge into target.
+func mergedRE(target string) *regexp.Regexp {
+	return regexp.MustCompile(`^merged \d+\.\d [KMGT]iB \(\d+ bytes\) into ` + regexp.QuoteMeta(target) + `[;\n]`)
 }
 
 // TestMergeCommandOnMountInterrupted: Ctrl-C on a `vhdfs merge` that drives a mount

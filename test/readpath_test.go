@@ -5,6 +5,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strconv"
 	"strings"
 	"syscall"
@@ -27,6 +28,13 @@ func rpImage(t *testing.T, format string) string {
 // the test may read while the mount runs; it returns that file's path.
 func rpForeground(t *testing.T, img, dir string, flags ...string) string {
 	t.Helper()
+	return rpForegroundEnv(t, img, dir, nil, flags...)
+}
+
+// rpForegroundEnv is rpForeground with env(the stderr file) added to the
+// environment (nil: nothing).
+func rpForegroundEnv(t *testing.T, img, dir string, env func(stderr *os.File) []string, flags ...string) string {
+	t.Helper()
 	requireTool(t, "fusermount3")
 	logPath := filepath.Join(t.TempDir(), "stderr")
 	f, err := os.Create(logPath)
@@ -37,6 +45,9 @@ func rpForeground(t *testing.T, img, dir string, flags ...string) string {
 	cmd := exec.Command(vhdfsBin, append(append([]string{"mount", "-f"}, flags...), img, dir)...)
 	cmd.Stderr = f
 	cmd.Env = mRaceLog(t)
+	if env != nil {
+		cmd.Env = append(cmd.Env, env(f)...)
+	}
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
@@ -64,6 +75,52 @@ func rpForeground(t *testing.T, img, dir string, flags ...string) string {
 		}
 	}
 	return logPath
+}
+
+// TestForegroundLogJournal: in the foreground, each log line on stderr has its time,
+// unless stderr is the systemd journal's stream (JOURNAL_STREAM names its DEV:INO),
+// which adds its own. A process that inherited JOURNAL_STREAM but whose stderr goes
+// elsewhere still stamps its lines.
+func TestForegroundLogJournal(t *testing.T) {
+	img := rpImage(t, "vhd") // logging: the format does not matter
+	devIno := func(f *os.File) string {
+		var st syscall.Stat_t
+		if err := syscall.Fstat(int(f.Fd()), &st); err != nil {
+			t.Fatal(err)
+		}
+		return fmt.Sprintf("JOURNAL_STREAM=%d:%d", st.Dev, st.Ino)
+	}
+	other, err := os.Open(img)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer other.Close()
+	stamp := regexp.MustCompile(`^vhdfs: \d{4}/\d\d/\d\d \d\d:\d\d:\d\d `)
+	for _, tc := range []struct {
+		name  string
+		env   func(*os.File) []string
+		stamp bool
+	}{
+		{"no journal", func(*os.File) []string { return []string{"JOURNAL_STREAM="} }, true},
+		{"stderr is the journal", func(f *os.File) []string { return []string{devIno(f)} }, false},
+		{"the journal is another stream", func(*os.File) []string { return []string{devIno(other)} }, true},
+		{"JOURNAL_STREAM not DEV:INO", func(*os.File) []string { return []string{"JOURNAL_STREAM=journal"} }, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			mnt := mMountpoint(t)
+			logPath := rpForegroundEnv(t, img, mnt, tc.env, "-r")
+			mUmount(t, mnt) // waits for the process: the log is whole
+			log := strings.TrimSpace(string(fileBytes(t, logPath)))
+			if !strings.Contains(log, "mounted "+img) {
+				t.Fatalf("no mounted line in the log:\n%s", log)
+			}
+			for _, line := range strings.Split(log, "\n") {
+				if stamp.MatchString(line) != tc.stamp || !strings.HasPrefix(line, "vhdfs: ") {
+					t.Errorf("line %q: want the time on it %v", line, tc.stamp)
+				}
+			}
+		})
+	}
 }
 
 // rpReadAheadKB reads the sysfs read-ahead of the mount at dir.

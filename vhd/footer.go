@@ -40,6 +40,10 @@ const (
 	maxDynamicSize = 0xff000000 * SectorSize
 )
 
+// MaxDynamicSize is the largest virtual size of a dynamic or differencing VHD: 2040
+// GiB (qemu's VHD_MAX_SECTORS; Microsoft's limit too).
+const MaxDynamicSize int64 = maxDynamicSize
+
 // vhdEpoch is the zero of VHD time stamps: 2000-01-01 00:00:00 UTC.
 var vhdEpoch = time.Date(2000, 1, 1, 0, 0, 0, 0, time.UTC)
 

@@ -20,6 +20,9 @@ const (
 	maxLocatorLength = 1 * MiB
 )
 
+// MaxSize is the largest virtual size of a VHDX: 64 TiB.
+const MaxSize int64 = maxVirtualSize
+
 // metadataTableHeader is the start of the metadata table (§2.6.1.1).
 type metadataTableHeader struct {
 	Signature  [8]byte  // "metadata", at 0

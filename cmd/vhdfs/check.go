@@ -11,8 +11,6 @@ import (
 	"github.com/vhdfs/vhdfs/internal/fileio"
 	"github.com/vhdfs/vhdfs/merge"
 	"github.com/vhdfs/vhdfs/probe"
-	"github.com/vhdfs/vhdfs/vhd"
-	"github.com/vhdfs/vhdfs/vhdx"
 )
 
 // checkFailed is returned when check found errors; they were already printed.
@@ -63,7 +61,7 @@ func cmdCheck(args []string) error {
 			repairs = append(repairs, fmt.Sprintf("%s: repaired: %s", pos[0], msg))
 		}
 	}
-	checkChain := func(path string) []vhd.Problem {
+	checkChain := func(path string) []image.Problem {
 		return chain.CheckWith(path, chain.OpenOptions{ForceShare: *forceShare, Parents: *parents, Salvage: *salvage})
 	}
 	problems := checkChain(pos[0])
@@ -75,7 +73,7 @@ func cmdCheck(args []string) error {
 				continue
 			}
 			done[p.File] = true
-			msg, err := repairFile(p.File)
+			msg, err := probe.Repair(p.File)
 			if err != nil {
 				return mountedErr(p.File, err, "")
 			}
@@ -90,7 +88,7 @@ func cmdCheck(args []string) error {
 	}
 	errs := 0
 	for _, p := range problems {
-		if p.Severity == vhd.Error {
+		if p.Severity == image.Error {
 			errs++
 		}
 	}
@@ -117,9 +115,9 @@ func cmdCheck(args []string) error {
 	}
 	for _, p := range problems {
 		switch {
-		case p.Severity == vhd.Error:
+		case p.Severity == image.Error:
 			fmt.Fprintln(os.Stderr, p)
-		case p.Severity == vhd.Note && !*verbose:
+		case p.Severity == image.Note && !*verbose:
 		default:
 			fmt.Println(p)
 		}
@@ -145,36 +143,4 @@ type problemJSON struct {
 	Severity string `json:"severity"`
 	File     string `json:"file"`
 	Message  string `json:"message"`
-}
-
-// repairFile repairs what can be repaired in one file by itself, and says what it
-// did ("" if nothing): a VHD whose footer survives only as its copy at offset 0 gets
-// it back at the end; a VHDX has its log replayed into the file.
-func repairFile(path string) (string, error) {
-	img, err := probe.Open(path, probe.ForceShare)
-	if err != nil {
-		return "", nil // the check said why
-	}
-	format := img.Format()
-	var copyOnly bool
-	if v, ok := img.(*vhd.Image); ok {
-		st, _ := v.FooterState()
-		copyOnly = st == vhd.FooterCopyOnly
-	}
-	img.Close()
-	switch {
-	case format == "vhd" && copyOnly:
-		fixed, err := vhd.RepairFooter(path)
-		if err != nil || !fixed {
-			return "", err
-		}
-		return "footer at the end restored from the copy at offset 0", nil
-	case format == "vhdx":
-		n, err := vhdx.Repair(path)
-		if err != nil || n == 0 {
-			return "", err
-		}
-		return fmt.Sprintf("replayed %d log entries into the file", n), nil
-	}
-	return "", nil
 }

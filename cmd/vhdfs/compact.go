@@ -11,6 +11,7 @@ import (
 	"github.com/vhdfs/vhdfs/chain"
 	"github.com/vhdfs/vhdfs/image"
 	"github.com/vhdfs/vhdfs/internal/fileio"
+	"github.com/vhdfs/vhdfs/internal/units"
 )
 
 // cmdCompact drops the all-zero blocks of IMAGE where that keeps the view and moves
@@ -55,9 +56,9 @@ func compactMessage(path string, r image.CompactResult, dryRun bool) string {
 		kept = fmt.Sprintf(" (%d all-zero blocks kept: the parent has data there)", r.Kept)
 	}
 	if dryRun {
-		return fmt.Sprintf("%s: would drop %d of %d blocks%s and move %d; the file would shrink by %d bytes, from %d to %d",
-			path, r.Dropped, r.Blocks, kept, r.Moved, r.Freed(), r.OldSize, r.NewSize)
+		return fmt.Sprintf("%s: would drop %d of %d blocks%s and move %d; the file would shrink by %s, from %s to %s",
+			path, r.Dropped, r.Blocks, kept, r.Moved, units.Text(r.Freed()), units.Text(r.OldSize), units.Text(r.NewSize))
 	}
-	return fmt.Sprintf("%s: dropped %d of %d blocks%s and moved %d; the file shrank by %d bytes, from %d to %d",
-		path, r.Dropped, r.Blocks, kept, r.Moved, r.Freed(), r.OldSize, r.NewSize)
+	return fmt.Sprintf("%s: dropped %d of %d blocks%s and moved %d; the file shrank by %s, from %s to %s",
+		path, r.Dropped, r.Blocks, kept, r.Moved, units.Text(r.Freed()), units.Text(r.OldSize), units.Text(r.NewSize))
 }

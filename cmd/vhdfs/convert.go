@@ -17,6 +17,7 @@ import (
 
 	"github.com/vhdfs/vhdfs/chain"
 	"github.com/vhdfs/vhdfs/image"
+	"github.com/vhdfs/vhdfs/internal/units"
 	"github.com/vhdfs/vhdfs/probe"
 )
 
@@ -99,7 +100,7 @@ func cmdConvert(args []string) error {
 	if *azure && size%azureUnit != 0 {
 		o.Size = (size + azureUnit - 1) / azureUnit * azureUnit
 		fmt.Fprintf(os.Stderr, "vhdfs convert: note: %s: virtual size %s rounded up to %s, a whole number of MiB, as Azure requires; the new space reads as zeros\n",
-			out, sizeText(size), sizeText(o.Size))
+			out, units.Text(size), units.Text(o.Size))
 	}
 	// Signals are caught before the temporary file exists, so none leaves it behind.
 	// A signal is said at once, once the work is told to stop: the stop is then
@@ -179,9 +180,9 @@ func convertInto(ctx context.Context, c *chain.Chain, tmp string, force bool) (s
 	if err == nil {
 		err = dst.Sync()
 	}
-	made := fmt.Sprintf("%s %s, %s", strings.ToUpper(dst.Format()), dst.Type(), sizeText(dst.Size()))
+	made := fmt.Sprintf("%s %s, %s", strings.ToUpper(dst.Format()), dst.Type(), units.Text(dst.Size()))
 	if bs := dst.BlockSize(); bs > 0 {
-		made += ", block size " + human(bs)
+		made += ", block size " + units.Human(bs)
 	}
 	if cerr := dst.Close(); err == nil && cerr != nil {
 		err = cerr

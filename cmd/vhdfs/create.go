@@ -6,10 +6,12 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"path/filepath"
 	"strings"
 
 	"github.com/vhdfs/vhdfs/chain"
 	"github.com/vhdfs/vhdfs/image"
+	"github.com/vhdfs/vhdfs/internal/units"
 	"github.com/vhdfs/vhdfs/probe"
 )
 
@@ -72,6 +74,9 @@ func cmdCreate(args []string) error {
 	if opts.Format == "vhd" && (*logical != 0 || *physical != 0) {
 		return usagef("--logical-sector and --physical-sector are for VHDX: a VHD has 512-byte sectors")
 	}
+	if max := probe.MaxSize(opts.Format, opts.Type); max > 0 && size > max {
+		return tooLarge(pos[0], size, max, opts.Format, *format)
+	}
 	if opts.Format == "vhd" && blockSize > probe.DefaultBlockSize("vhd", false) {
 		warnBlockSize("create", blockSize)
 	}
@@ -86,9 +91,23 @@ func cmdCreate(args []string) error {
 	return report(pos[0], "", size, *asJSON, *quiet)
 }
 
+// tooLarge is the usage error for a size more than a format holds: it says the
+// limit and, for a VHD, that a VHDX holds more, and how to ask for one.
+func tooLarge(path string, size, max int64, format, asked string) error {
+	if format != "vhd" {
+		return usagef("%s: %s is more than a VHDX holds, %s", path, units.Text(size), units.Exact(max))
+	}
+	how := "name it " + strings.TrimSuffix(path, filepath.Ext(path)) + ".vhdx"
+	if asked == "vhd" {
+		how += " and drop --format vhd"
+	}
+	return usagef("%s: %s is more than a dynamic VHD holds, %s; a VHDX holds up to %s: %s",
+		path, units.Text(size), units.Exact(max), units.Human(probe.MaxSize("vhdx", image.Dynamic)), how)
+}
+
 // warnBlockSize warns that a VHD's block size above 2 MiB is not for every reader.
 func warnBlockSize(cmd string, blockSize int64) {
-	fmt.Fprintf(os.Stderr, "vhdfs %s: warning: block size %s is above 2 MiB: blktap (XCP-ng, XenServer, Xen Orchestra's imports) cannot open the image, and Microsoft's tools are reported to handle 2 MiB only\n", cmd, human(blockSize))
+	fmt.Fprintf(os.Stderr, "vhdfs %s: warning: block size %s is above 2 MiB: blktap (XCP-ng, XenServer, Xen Orchestra's imports) cannot open the image, and Microsoft's tools are reported to handle 2 MiB only\n", cmd, units.Human(blockSize))
 }
 
 // report prints what create made, in one line, and a second one when the size was
@@ -108,17 +127,17 @@ func report(path, parent string, asked int64, asJSON, quiet bool) error {
 		enc.SetIndent("", "  ")
 		return enc.Encode(li)
 	}
-	line := fmt.Sprintf("created %s: %s %s, %s", path, li.Format, li.Type, sizeText(li.VirtualSize))
+	line := fmt.Sprintf("created %s: %s %s, %s", path, li.Format, li.Type, units.Text(li.VirtualSize))
 	if li.BlockSize > 0 {
-		line += ", block size " + human(li.BlockSize)
+		line += ", block size " + units.Human(li.BlockSize)
 	}
 	if parent != "" {
 		line += ", parent " + parent
 	}
 	fmt.Println(line)
 	if asked > 0 && li.VirtualSize != asked {
-		fmt.Printf("note: %s became %s to fit a CHS geometry, as qemu-img does; --exact-size keeps the size asked for\n",
-			sizeText(asked), human(li.VirtualSize))
+		fmt.Printf("note: %s was rounded up to %s to fit a CHS geometry, as qemu-img does; --exact-size keeps the size asked for\n",
+			units.Text(asked), units.Text(li.VirtualSize))
 	}
 	return nil
 }
@@ -149,15 +168,4 @@ func createChild(parent, name, format string, blockSize int64) error {
 		blockSize = probe.DefaultBlockSize("vhdx", true)
 	}
 	return top.CreateChild(name, image.ChildOptions{ParentPath: parent, BlockSize: blockSize})
-}
-
-// sizeText gives a size for people and in bytes: "1.5 GiB (1610612736 bytes)", "1 byte".
-func sizeText(n int64) string {
-	switch {
-	case n == 1:
-		return "1 byte"
-	case n < 1024:
-		return fmt.Sprintf("%d bytes", n)
-	}
-	return fmt.Sprintf("%s (%d bytes)", human(n), n)
 }

@@ -2,6 +2,7 @@ package main
 
 import (
 	"errors"
+	"fmt"
 	"os"
 	"slices"
 	"strings"
@@ -70,8 +71,9 @@ func commandTree() *cobra.Command {
 	root := &cobra.Command{
 		Use:   "vhdfs",
 		Short: "mount a chain of VHD or VHDX images as one raw disk, and work on such chains offline",
-		Long: "vhdfs mounts a chain of Microsoft VHD or VHDX images (a base and its differencing disks) as one\n" +
-			"raw disk, and creates, inspects, checks, merges, converts, compacts, resizes and exports such chains offline.\n\n" +
+		Long: "vhdfs works with VHD and VHDX images, Microsoft's virtual disk formats. It mounts a chain of\n" +
+			"them (a base and its differencing disks, all one format) as one raw disk, and creates, inspects,\n" +
+			"checks, merges, converts, compacts, resizes and exports such chains offline.\n\n" +
 			"mount -t fuse.vhdfs and fstab lines run it as: vhdfs IMAGE MOUNTPOINT -o OPTS\n" +
 			"Exit codes: 0 ok, 1 the operation failed, 2 bad command line, 3 check found errors.",
 		SilenceErrors:     true,
@@ -135,7 +137,7 @@ func printHelp(name string) error {
 // nearest one.
 func unknownCommand(name string) error {
 	if s := commandTree().SuggestionsFor(name); len(s) > 0 {
-		return usagef("unknown command %q; did you mean %q?", name, s[0])
+		return usageError{msg: fmt.Sprintf("unknown command %q; did you mean %q?", name, s[0]), suggested: true}
 	}
 	return usagef("unknown command %q", name)
 }

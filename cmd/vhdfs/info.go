@@ -11,6 +11,7 @@ import (
 
 	"github.com/vhdfs/vhdfs/chain"
 	"github.com/vhdfs/vhdfs/image"
+	"github.com/vhdfs/vhdfs/internal/units"
 )
 
 func cmdInfo(args []string) error {
@@ -78,20 +79,20 @@ func mountInfo(layers []chain.LayerInfo) chain.Info {
 }
 
 func printInfo(info chain.Info) error {
-	fmt.Printf("chain of %d image(s), virtual size %s (%d bytes)\n", len(info.Layers), human(info.VirtualSize), info.VirtualSize)
+	fmt.Printf("chain of %d image(s), virtual size %s (%d bytes)\n", len(info.Layers), units.Human(info.VirtualSize), info.VirtualSize)
 	w := tabwriter.NewWriter(os.Stdout, 0, 0, 2, ' ', 0)
 	fmt.Fprintln(w, "DEPTH\tPATH\tFORMAT\tTYPE\tSIZE\tBLOCK\tALLOCATED\tCREATOR\tID\tFOUND BY")
 	for _, l := range info.Layers {
 		block := "-"
 		if l.BlockSize > 0 {
-			block = human(l.BlockSize)
+			block = units.Human(l.BlockSize)
 		}
 		found := l.FoundBy
 		if found == "" {
 			found = "(given)"
 		}
-		fmt.Fprintf(w, "%d\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", l.Depth, l.Path, l.Format, l.Type, human(l.VirtualSize), block,
-			human(l.AllocatedBytes), strings.TrimSpace(l.Creator), l.UniqueID, found)
+		fmt.Fprintf(w, "%d\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", l.Depth, l.Path, l.Format, l.Type, units.Human(l.VirtualSize), block,
+			units.Human(l.AllocatedBytes), strings.TrimSpace(l.Creator), l.UniqueID, found)
 	}
 	if err := w.Flush(); err != nil {
 		return err

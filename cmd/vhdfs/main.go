@@ -1,5 +1,5 @@
-// Command vhdfs mounts a chain of VHD images as one raw disk and works on such chains
-// offline: create, info, check, merge, export.
+// Command vhdfs mounts a chain of VHD or VHDX images as one raw disk and works on such
+// chains offline: create, info, check, merge, export, convert and more.
 package main
 
 import (
@@ -51,13 +51,17 @@ const usage = `usage:
 // startup error, sent to the command that started it): it is not printed again.
 type reported struct{ error }
 
-// usageError is a mistake on the command line.
-type usageError struct{ msg string }
+// usageError is a mistake on the command line. It is told in one line that points
+// at the command's help, unless it suggests what was meant (a mistyped command).
+type usageError struct {
+	msg       string
+	suggested bool
+}
 
 func (e usageError) Error() string { return e.msg }
 
 func usagef(format string, args ...any) error {
-	return usageError{fmt.Sprintf(format, args...)}
+	return usageError{msg: fmt.Sprintf(format, args...)}
 }
 
 // commands maps each command to the function that runs it (filled in init: help and
@@ -209,11 +213,16 @@ func run(args []string) int {
 		return exitOK
 	case errors.Is(err, pflag.ErrHelp):
 		return exitOK
-	case errors.As(err, &ue) && !ok:
-		fmt.Fprintf(os.Stderr, "vhdfs: %s\n%s", ue.msg, usage)
-		return exitUsage
 	case errors.As(err, &ue):
-		fmt.Fprintf(os.Stderr, "vhdfs %s: %s\n%s", args[0], ue.msg, usage)
+		prefix, help := "vhdfs", "vhdfs --help"
+		if ok {
+			prefix, help = "vhdfs "+args[0], "vhdfs "+args[0]+" --help"
+		}
+		if ue.suggested {
+			fmt.Fprintf(os.Stderr, "%s: %s\n", prefix, oneLine(ue.msg))
+		} else {
+			fmt.Fprintf(os.Stderr, "%s: %s; see '%s'\n", prefix, oneLine(ue.msg), help)
+		}
 		return exitUsage
 	case errors.As(err, &ce):
 		return exitCheck

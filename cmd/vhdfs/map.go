@@ -7,6 +7,7 @@ import (
 	"strings"
 
 	"github.com/vhdfs/vhdfs/chain"
+	"github.com/vhdfs/vhdfs/internal/units"
 )
 
 // cmdMap prints which layer holds each run of the disk, as qemu-img map does.
@@ -94,14 +95,14 @@ func printMap(c *chain.Chain, runs []chain.MapRun, depth int) error {
 		if depth != chain.MapAll && d != depth {
 			continue
 		}
-		fmt.Fprintf(&b, "depth %d %s: %s data", d, l.Path, human(data[d]))
+		fmt.Fprintf(&b, "depth %d %s: %s data", d, l.Path, units.Human(data[d]))
 		if zero[d] > 0 {
-			fmt.Fprintf(&b, ", %s stored as zeros", human(zero[d]))
+			fmt.Fprintf(&b, ", %s stored as zeros", units.Human(zero[d]))
 		}
 		b.WriteString("\n")
 	}
 	if depth == chain.MapAll {
-		fmt.Fprintf(&b, "in no layer (reads zeros): %s\n", human(zero[len(layers)]))
+		fmt.Fprintf(&b, "in no layer (reads zeros): %s\n", units.Human(zero[len(layers)]))
 	}
 	_, err := os.Stdout.WriteString(b.String())
 	return err

@@ -314,11 +314,31 @@ func (n *notifier) done(err error) {
 }
 
 // daemonLog is where a mount process logs: syslog (if there is one) and, until the
-// mount is ready, the caller's stderr through the notifier; in the foreground, stderr.
+// mount is ready, the caller's stderr through the notifier; in the foreground,
+// stderr, each line with its time unless stderr is the journal, which adds its own.
 type daemonLog struct {
 	syslog *syslog.Writer
 	notify *notifier
 	stderr bool
+	stamp  bool // the time on stderr's lines
+}
+
+// stderrIsJournal reports whether stderr is the systemd journal's stream: systemd
+// sets JOURNAL_STREAM to its DEV:INO for a service whose output goes to the journal,
+// and a process whose stderr was redirected elsewhere inherits the variable all the
+// same, so fd 2 must be that stream.
+func stderrIsJournal() bool {
+	dev, ino, ok := strings.Cut(os.Getenv("JOURNAL_STREAM"), ":")
+	if !ok {
+		return false
+	}
+	d, derr := strconv.ParseUint(dev, 10, 64)
+	i, ierr := strconv.ParseUint(ino, 10, 64)
+	var st syscall.Stat_t
+	if derr != nil || ierr != nil || syscall.Fstat(2, &st) != nil {
+		return false
+	}
+	return uint64(st.Dev) == d && uint64(st.Ino) == i
 }
 
 func (d *daemonLog) Write(p []byte) (int, error) {
@@ -329,9 +349,12 @@ func (d *daemonLog) Write(p []byte) (int, error) {
 	if d.notify != nil {
 		d.notify.log(line)
 	}
-	if d.stderr {
-		// A closed stderr (its reader gone) must not stop the mount: SIGPIPE is ignored.
+	switch {
+	// A closed stderr (its reader gone) must not stop the mount: SIGPIPE is ignored.
+	case d.stderr && d.stamp:
 		fmt.Fprintf(os.Stderr, "vhdfs: %s %s\n", time.Now().Format("2006/01/02 15:04:05"), line)
+	case d.stderr:
+		fmt.Fprintf(os.Stderr, "vhdfs: %s\n", line)
 	}
 	return len(p), nil
 }
@@ -356,7 +379,7 @@ func openWritable(image string) (bool, error) {
 // error that prevented it.
 func serve(m mountArgs, notify *notifier) (err error) {
 	signal.Ignore(syscall.SIGPIPE)
-	dlog := &daemonLog{stderr: !m.background}
+	dlog := &daemonLog{stderr: !m.background, stamp: !stderrIsJournal()}
 	if m.background {
 		dlog.notify = notify
 		if w, err := syslog.New(syslog.LOG_DAEMON|syslog.LOG_INFO, "vhdfs"); err == nil {

@@ -8,6 +8,8 @@ import (
 	"time"
 
 	"golang.org/x/term"
+
+	"github.com/vhdfs/vhdfs/internal/units"
 )
 
 // redrawEvery is the shortest time between two redraws of a progress bar.
@@ -86,7 +88,7 @@ func (p *progress) drawLocked(final bool) {
 		}
 	}
 	rate := float64(p.done) / max(now.Sub(p.start).Seconds(), 1e-3)
-	fmt.Fprintf(os.Stderr, "\r%s [%s] %5.1f%% %s / %s  %s/s ", p.label, bar, pct, human(p.done), human(p.total), human(int64(rate)))
+	fmt.Fprintf(os.Stderr, "\r%s [%s] %5.1f%% %s / %s  %s/s ", p.label, bar, pct, units.Human(p.done), units.Human(p.total), units.Human(int64(rate)))
 }
 
 // finish draws the bar as it ended and ends the line.

@@ -7,6 +7,7 @@ import (
 	"github.com/vhdfs/vhdfs/chain"
 	"github.com/vhdfs/vhdfs/image"
 	"github.com/vhdfs/vhdfs/internal/fileio"
+	"github.com/vhdfs/vhdfs/internal/units"
 )
 
 // cmdResize changes the virtual size of IMAGE (the top of its chain), offline, as
@@ -64,9 +65,9 @@ func cmdResize(args []string) error {
 	}
 	switch {
 	case res.New == res.Old:
-		fmt.Printf("%s: size stays %s\n", path, sizeText(res.Old))
+		fmt.Printf("%s: size stays %s\n", path, units.Text(res.Old))
 	default:
-		fmt.Printf("%s: resized from %s to %s\n", path, sizeText(res.Old), sizeText(res.New))
+		fmt.Printf("%s: resized from %s to %s\n", path, units.Text(res.Old), units.Text(res.New))
 		if res.Table != nil && res.Table.Scheme == "gpt" && res.New < res.Old {
 			fmt.Printf("note: the backup GPT was at the old end; 'sgdisk -e' or fdisk's write puts it at the new end\n")
 		}

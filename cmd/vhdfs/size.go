@@ -49,17 +49,3 @@ func parseSize(s string) (int64, error) {
 	}
 	return n.Int64(), nil
 }
-
-// human formats a byte count for people: 2.0 GiB.
-func human(n int64) string {
-	const unit = 1024
-	if n < unit {
-		return fmt.Sprintf("%d B", n)
-	}
-	div, exp := int64(unit), 0
-	for m := n / unit; m >= unit && exp < 4; m /= unit {
-		div *= unit
-		exp++
-	}
-	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTP"[exp])
-}

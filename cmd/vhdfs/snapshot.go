@@ -8,6 +8,7 @@ import (
 	"syscall"
 
 	"github.com/vhdfs/vhdfs/chain"
+	"github.com/vhdfs/vhdfs/internal/units"
 	"github.com/vhdfs/vhdfs/probe"
 )
 
@@ -36,7 +37,7 @@ func cmdSnapshot(args []string) error {
 	}
 	defer img.Close()
 	fmt.Printf("%s: differencing image on %s, virtual size %s (%d bytes), block size %s\n",
-		chain.Abs(pos[1]), chain.Abs(pos[0]), human(img.Size()), img.Size(), human(img.BlockSize()))
+		chain.Abs(pos[1]), chain.Abs(pos[0]), units.Human(img.Size()), img.Size(), units.Human(img.BlockSize()))
 	return nil
 }
 
@@ -81,10 +82,10 @@ func snapshotMounted(rec *mountRecord, top, name string) error {
 	l, p := st.Chain[0], st.Chain[1]
 	block := "-"
 	if l.BlockSize > 0 {
-		block = human(l.BlockSize)
+		block = units.Human(l.BlockSize)
 	}
 	fmt.Printf("%s: differencing image on %s, virtual size %s (%d bytes), block size %s (the top of the mount at %s)\n",
-		chain.Abs(l.Path), chain.Abs(p.Path), human(l.VirtualSize), l.VirtualSize, block, mnt)
+		chain.Abs(l.Path), chain.Abs(p.Path), units.Human(l.VirtualSize), l.VirtualSize, block, mnt)
 	return nil
 }
 

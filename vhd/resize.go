@@ -252,7 +252,8 @@ func (img *Image) writeHeaderLocked(h Header) error {
 // (header, table, parent locators), else right after the metadata. The blocks in the
 // way are copied to the end of the file first, one at a time, each behind an fsync
 // before its BAT entry (in the old table) points at the copy; then the new table is
-// written and synced; then one write of the dynamic header switches to it. A crash
+// written and synced; then one write of the dynamic header switches to it (the
+// footer, if the new table reaches it, moves to the new table's end first). A crash
 // leaves the old table in force, its blocks whole where it points. The caller has
 // synced and holds mu.
 func (img *Image) moveBATLocked(entries int64) error {
@@ -262,6 +263,16 @@ func (img *Image) moveBATLocked(entries int64) error {
 	start := roundUp(img.metaEnd, SectorSize)
 	if oldOff+oldLen >= start {
 		start = oldOff
+	}
+	// The footer first goes past the new table, if the table would reach it: copies
+	// of the blocks in the way go after the footer, and the table must not cover them
+	// either. A crash after leaves the footer at the end of the file, where readers
+	// look, and the old one in space no entry of the old table points at.
+	if end := start + n; img.footerOff < end {
+		if err := img.writeFooterLocked(img.footer.Marshal(), end); err != nil {
+			return err
+		}
+		img.footerOff, img.footerState = end, FooterAtEnd
 	}
 	var inWay []int64
 	for i, e := range img.bat.allocated() {

@@ -18,12 +18,18 @@ type resizeCase struct {
 	size  int64
 	to    int64
 	moved bool // the BAT must move
+	empty bool // no data written
 }
 
 var resizeCases = []resizeCase{
 	{name: "grow dynamic within its BAT", typ: TypeDynamic, bs: 4 * kib, size: 40*kib + 1024, to: 44 * kib},
 	{name: "grow dynamic into its BAT's padding", typ: TypeDynamic, bs: 4 * kib, size: 40*kib + 1024, to: 100 * kib},
 	{name: "grow dynamic past its BAT", typ: TypeDynamic, bs: 4 * kib, size: 40*kib + 1024, to: 4*mib + 512, moved: true},
+	// The new table reaches past the footer (an empty image), and past where the
+	// blocks in its way are copied to (a table larger than the blocks after it).
+	{name: "grow an empty dynamic past its BAT", typ: TypeDynamic, bs: 4 * kib, size: 40 * kib, to: 4 * mib, moved: true, empty: true},
+	{name: "grow dynamic far past its BAT", typ: TypeDynamic, bs: 4 * kib, size: 8 * kib, to: 64 * mib, moved: true},
+	{name: "grow differencing far past its BAT", typ: TypeDifferencing, bs: 4 * kib, size: 8 * kib, to: 64 * mib, moved: true},
 	{name: "shrink dynamic into a block", typ: TypeDynamic, bs: 4 * kib, size: 40 * kib, to: 21*kib + 512},
 	{name: "grow differencing past its BAT", typ: TypeDifferencing, bs: 4 * kib, size: 40 * kib, to: 16*mib + 512, moved: true},
 	{name: "shrink differencing", typ: TypeDifferencing, bs: 4 * kib, size: 40 * kib, to: 30 * kib},
@@ -54,7 +60,7 @@ func makeResizeImage(t *testing.T, dir string, c resizeCase) (string, []byte, []
 		path = createImage(t, dir, "image.vhd", CreateOptions{Type: c.typ, Size: c.size, ExactSize: true, BlockSize: c.bs})
 	}
 	img := openImage(t, path, true)
-	for s := int64(0); s < c.size/SectorSize; s++ {
+	for s := int64(0); s < c.size/SectorSize && !c.empty; s++ {
 		if s%3 != 1 {
 			if _, err := img.WriteAt(randBytes(r, SectorSize), s*SectorSize); err != nil {
 				t.Fatal(err)
@@ -131,7 +137,7 @@ func TestResize(t *testing.T) {
 			if moved != c.moved {
 				t.Fatalf("BAT grown past its sectors = %v (%d entries at %d, was %d at %d), want %v", moved, h.MaxTableEntries, h.TableOffset, oldBAT.MaxTableEntries, oldBAT.TableOffset, c.moved)
 			}
-			if c.moved && int64(after.bat.get(0))*SectorSize < int64(h.TableOffset)+int64(h.MaxTableEntries)*4 {
+			if c.moved && !c.empty && int64(after.bat.get(0))*SectorSize < int64(h.TableOffset)+int64(h.MaxTableEntries)*4 {
 				t.Fatalf("block 0 at %d, before the end of the BAT", int64(after.bat.get(0))*SectorSize)
 			}
 			f := after.Footer()

@@ -20,7 +20,8 @@ GOSRC := $(shell find . -name '*.go' ! -name '*_test.go' ! -path './test/*' ! -p
 
 .PHONY: all build man completions install uninstall deb demo test deps lint bench fuzz clean FORCE
 
-all: build
+# make builds what make install installs, so that `sudo make install` only copies.
+all: build man/vhdfs.1 completions
 
 # build always runs go build (which rebuilds only what changed); install and deb use
 # $(BIN), made only when a Go file or the version changed, so `sudo make install`

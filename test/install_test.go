@@ -197,6 +197,14 @@ func demoLeftNothing(t *testing.T, dir string) {
 	if loops := mustRun(t, "losetup", "-a"); strings.Contains(loops, dir) {
 		t.Errorf("the demo left loop devices:\n%s", loops)
 	}
+	// A lazily unmounted mount is in no mount table, and a loop device on it shows
+	// its file as /disk.raw: the mount process shows what is left.
+	procs, _ := filepath.Glob("/proc/[0-9]*/cmdline")
+	for _, p := range procs {
+		if b, err := os.ReadFile(p); err == nil && bytes.Contains(b, []byte(dir)) {
+			t.Errorf("the demo left a process: %s: %s", filepath.Dir(p), bytes.ReplaceAll(b, []byte{0}, []byte{' '}))
+		}
+	}
 }
 
 // cleanDemo detaches what the demo left of dir (after its checks), unmounts and removes it.
@@ -337,6 +345,12 @@ func TestDemoCtrlCDetachesLoop(t *testing.T) {
 	t.Cleanup(func() { cleanDemo(t, dir) })
 	out.waitFor(t, regexp.MustCompile(`Press Ctrl-C`), cmdTimeout)
 	dev := strings.TrimSpace(mustRun(t, "losetup", "--find", "--show", "--read-only", filepath.Join(dir, "mnt/disk.raw")))
+	backing := filepath.Join("/sys/block", filepath.Base(dev), "loop/backing_file")
+	t.Cleanup(func() {
+		if b, err := os.ReadFile(backing); err == nil && strings.HasSuffix(strings.TrimSpace(string(b)), "/disk.raw") {
+			exec.Command("losetup", "-d", dev).Run()
+		}
+	})
 
 	if _, err := ptm.Write([]byte{3}); err != nil { // Ctrl-C, through the terminal
 		t.Fatal(err)
@@ -353,6 +367,9 @@ func TestDemoCtrlCDetachesLoop(t *testing.T) {
 	out.waitFor(t, regexp.MustCompile(`demo files left in `), 10*time.Second)
 	if !strings.Contains(out.String(), "detached "+dev+" ") {
 		t.Errorf("the demo does not say it detached %s:\n%s", dev, out.String())
+	}
+	if b, err := os.ReadFile(backing); err == nil {
+		t.Errorf("%s is still attached, to %s", dev, bytes.TrimSpace(b))
 	}
 	demoLeftNothing(t, dir)
 }

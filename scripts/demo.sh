@@ -1,17 +1,37 @@
 #!/usr/bin/env bash
 # make demo: builds a small chain (a dynamic base with an ext4 filesystem, two
-# snapshots with changes), shows it, mounts it and waits for Ctrl-C.
+# snapshots with changes), shows it, mounts it and waits for Ctrl-C. Without a
+# terminal on stdin (or with CI set) it does not wait: it unmounts and ends.
+# On its way out it detaches the loop devices attached from the mount (as it
+# suggests trying) and unmounts; what it cannot end, it names, with the command
+# that ends it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 vhdfs=$PWD/bin/vhdfs
 dir=$(mktemp -d /tmp/vhdfs-demo.XXXXXX)
 mnt=$dir/mnt
 mkdir -p "$mnt"
+interactive=
+if [ -t 0 ] && [ -z "${CI:-}" ]; then interactive=1; fi
 sleeper=
 cleanup() {
   [ -n "$sleeper" ] && kill "$sleeper" 2>/dev/null
-  if grep -q " $mnt fuse" /proc/mounts; then "$vhdfs" umount "$mnt" || fusermount3 -u -z "$mnt"; fi
-  echo "demo files left in $dir"
+  if grep -q " $mnt fuse" /proc/mounts; then
+    local dev
+    for dev in $(losetup -n -O NAME -j "$mnt/disk.raw" 2>/dev/null); do
+      if losetup -d "$dev" 2>/dev/null && ! losetup -n -O NAME -j "$mnt/disk.raw" | grep -qx "$dev"; then
+        echo "detached $dev (attached from $mnt/disk.raw)"
+      else
+        echo "left $dev attached to $mnt/disk.raw: in use (findmnt $dev; fuser -v $dev); it detaches once that ends"
+      fi
+    done
+    if "$vhdfs" umount "$mnt"; then
+      echo "unmounted $mnt"
+    else
+      echo "left $mnt mounted (in use: fuser -vm $mnt shows by what); end it with: $vhdfs umount $mnt"
+    fi
+  fi
+  echo "demo files left in $dir (rm -r $dir removes them)"
 }
 trap cleanup EXIT
 trap 'exit 0' INT TERM
@@ -64,20 +84,23 @@ ls -l "$mnt" "$mnt/layers"
 echo
 echo "the three messages, each from its own layer:"
 dd if="$mnt/disk.raw" bs=512 skip=400000 count=24 status=none | strings
+echo
+if [ -z "$interactive" ]; then
+  if [ -n "${CI:-}" ]; then why="CI is set"; else why="stdin is not a terminal"; fi
+  echo "not interactive ($why): not waiting; unmounting $mnt and stopping (run make demo in a terminal to try the mount)"
+  exit 0
+fi
 cat <<EOT
-
 Try, in another terminal:
   dd if=$mnt/disk.raw bs=1M count=4 | md5sum
   cmp $mnt/layers/1-mid.raw $mnt/layers/2-base.raw | head -1
   cat $mnt/control
   echo 'merge depth=1' > $mnt/control     # fold top.vhd into mid.vhd
-  losetup --find --show --read-only $mnt/disk.raw
+  losetup --find --show --read-only $mnt/disk.raw   # detached again when the demo ends
 
-Press Ctrl-C to unmount and stop.
+Press Ctrl-C to detach those loop devices, unmount and stop.
 EOT
-if [ -t 0 ] && [ -z "${CI:-}" ]; then
-  # wait returns at once on a signal (a foreground sleep would hold off the trap).
-  sleep infinity &
-  sleeper=$!
-  wait "$sleeper"
-fi
+# wait returns at once on a signal (a foreground sleep would hold off the trap).
+sleep infinity &
+sleeper=$!
+wait "$sleeper"

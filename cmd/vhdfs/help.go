@@ -181,5 +181,5 @@ func cmdMan(args []string) error {
 		return usagef("want DIR")
 	}
 	root := commandTree()
-	return doc.GenManTree(root, &doc.GenManHeader{Title: "VHDFS", Section: "1", Source: "vhdfs " + Version}, args[0])
+	return doc.GenManTree(root, &doc.GenManHeader{Title: "VHDFS", Section: "1", Source: "vhdfs " + version()}, args[0])
 }

@@ -21,9 +21,6 @@ const (
 	exitCheck = 3 // check found errors
 )
 
-// Version is set at build time with -ldflags "-X main.Version=…".
-var Version = "dev"
-
 const usage = `usage:
   vhdfs mount [-r|--read-only [--salvage]] [--force-rw] [-f|--foreground] [--allow-other] [--debug] [-o OPTS] [--parent PARENT]... IMAGE MOUNTPOINT
   vhdfs IMAGE MOUNTPOINT [-o OPTS]   (as mount.fuse3 runs it for mount -t fuse.vhdfs)
@@ -148,7 +145,7 @@ func cmdVersion(args []string) error {
 	if _, err := parse(newFlags("version"), args); err != nil {
 		return err
 	}
-	fmt.Println("vhdfs", Version)
+	fmt.Println("vhdfs", version())
 	return nil
 }
 

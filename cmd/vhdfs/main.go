@@ -106,7 +106,7 @@ var summaries = map[string]string{
 	"scan":       "list the VHD and VHDX images of directories as chains, by ID: ok, orphan or stale; no locks",
 	"map":        "show which layer holds each run of the disk (qemu-img map's shape; --json)",
 	"convert":    "flatten the chain (or one image) into a new VHD or VHDX, dynamic or fixed",
-	"snapshot":   "create a new, empty differencing image on IMAGE (a checkpoint)",
+	"snapshot":   "freeze IMAGE's current state as NEW (beside it); IMAGE stays the live top, a new empty image on NEW",
 	"relink":     "point IMAGE's parent locators at PARENT, once its unique ID matches (qemu-img rebase -u)",
 	"resize":     "change the virtual size of IMAGE, offline (ResizeVirtualDisk); a shrink past a partition or data needs --force",
 	"version":    "print the version",
@@ -130,6 +130,11 @@ var details = map[string]string{
 	"export": "A regular file that is not empty is refused without --force; an image of the chain\n" +
 		"always. --hash prints the digest of the whole disk, holes as zeros, as sha256sum\n" +
 		"prints it: on stdout, or on stderr when OUT is stdout.",
+	"snapshot": "NEW is a new name of IMAGE's file, in IMAGE's directory, with its unique ID: what\n" +
+		"IMAGE holds now, read-only from then on. IMAGE becomes a new empty differencing\n" +
+		"image on NEW, so the name you mount and write stays the live disk. IMAGE's own\n" +
+		"children now belong to NEW: 'vhdfs relink CHILD NEW' points them there. A mounted\n" +
+		"IMAGE takes its snapshot through its control file (echo snapshot NEW > control).",
 	"completion": "bash:  source <(vhdfs completion bash)\n" +
 		"zsh:   vhdfs completion zsh > \"${fpath[1]}/_vhdfs\"",
 }

@@ -4,26 +4,22 @@ import (
 	"fmt"
 
 	"github.com/vhdfs/vhdfs/chain"
-	"github.com/vhdfs/vhdfs/probe"
 )
 
-// cmdSnapshot is `create --parent IMAGE NEW` that says what it made. A mounted chain
-// takes its snapshots through its control file (`snapshot NEW`): its top is locked.
+// cmdSnapshot freezes IMAGE's current state as NEW (beside it) and keeps IMAGE as the
+// live top, a new empty differencing image on NEW (chain.SnapshotFile). A mounted
+// chain takes its snapshots through its control file (`snapshot NEW`): its top is locked.
 func cmdSnapshot(args []string) error {
 	fl := newFlags("snapshot")
 	pos, err := parse(fl, args, "IMAGE", "NEW")
 	if err != nil {
 		return err
 	}
-	if err := createChild(pos[0], pos[1], "", 0); err != nil {
+	s, err := chain.SnapshotFile(pos[0], pos[1])
+	if s.Frozen == "" {
 		return err
 	}
-	img, err := probe.Open(pos[1], probe.ReadOnly)
-	if err != nil {
-		return err
-	}
-	defer img.Close()
-	fmt.Printf("%s: differencing image on %s, virtual size %s (%d bytes), block size %s\n",
-		chain.Abs(pos[1]), chain.Abs(pos[0]), human(img.Size()), img.Size(), human(img.BlockSize()))
-	return nil
+	fmt.Printf("%s: the state of %s, frozen; %s stays the live top, a new differencing image on it, virtual size %s (%d bytes), block size %s\n",
+		s.Frozen, s.Top, s.Top, human(s.Size), s.Size, human(s.BlockSize))
+	return err
 }

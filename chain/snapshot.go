@@ -35,7 +35,17 @@ const snapshotSuffix = ".vhdfs-snapshot"
 // must not exist (an error wrapping os.ErrExist): it is linked through a descriptor
 // of that directory, never through a symlink or over a file. The fresh top is owned
 // like the top and has its mode. The caller serialises Snapshot with merges.
-func (c *Chain) Snapshot(name string) (*Layer, error) {
+func (c *Chain) Snapshot(name string) (*Layer, error) { return c.SnapshotWith(name, nil) }
+
+// SnapshotWith is Snapshot that calls hook, if set, at each of its steps on disk:
+// "snapshot-journal" once the journal is written, "snapshot-made" once the fresh top
+// is made, "snapshot-linked" once name is linked to the top's file, and
+// "snapshot-renamed" once the fresh top has the top's name; tests kill the process
+// there.
+func (c *Chain) SnapshotWith(name string, hook func(point string)) (*Layer, error) {
+	if hook == nil {
+		hook = func(string) {}
+	}
 	top := c.Layers()[0]
 	if !top.Image.Writable() {
 		return nil, fmt.Errorf("snapshot of %s: %w", top.Path, ErrReadOnly)
@@ -89,6 +99,7 @@ func (c *Chain) Snapshot(name string) (*Layer, error) {
 	if err := j.Write(real); err != nil {
 		return nil, err
 	}
+	hook("snapshot-journal")
 	linked := false
 	var img image.Image
 	fail := func(err error) (*Layer, error) {
@@ -124,6 +135,7 @@ func (c *Chain) Snapshot(name string) (*Layer, error) {
 	if d, i := img.FileID(); d != dev || i != ino {
 		return fail(fmt.Errorf("snapshot %s: the file was replaced while it was made", name))
 	}
+	hook("snapshot-made")
 	unlock := c.WriteLock()
 	defer unlock()
 	layers := c.Layers()
@@ -166,6 +178,7 @@ func (c *Chain) Snapshot(name string) (*Layer, error) {
 		}
 		return fail(fmt.Errorf("snapshot %s: %w", name, err))
 	}
+	hook("snapshot-linked")
 	if err := durably(func() error { return unix.Renameat(dirFD, hidden, dirFD, topBase) }); err != nil {
 		ro.Close()
 		return fail(fmt.Errorf("snapshot %s: rename %s to %s: %w", name, hidden, topBase, err))
@@ -173,6 +186,7 @@ func (c *Chain) Snapshot(name string) (*Layer, error) {
 	// The rename happened: the chain on disk is the new one, and so is this one from
 	// here on. The journal's removal syncs the directory again.
 	syncErr := SyncDir(filepath.Dir(real))
+	hook("snapshot-renamed")
 	img.SetName(real)
 	ro.SetName(newPath)
 	fresh := &Layer{Image: img, Path: top.Path}

@@ -444,7 +444,7 @@ func (c *control) startSnapshot(line, name string) (*job, syscall.Errno) {
 	return c.start(line, "snapshotting", func(*ctlState) error { return nil }, func(j *job) {
 		top := c.root.chain.Layers()[0]
 		if err := c.asOwner(func() error {
-			_, err := c.root.chain.Snapshot(path)
+			_, err := c.root.chain.SnapshotWith(path, c.root.opts.MergeHook)
 			return err
 		}); err != nil {
 			if errors.Is(err, chain.ErrTooDeep) || errors.Is(err, chain.ErrPending) {

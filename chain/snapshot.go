@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 
 	"golang.org/x/sys/unix"
 
@@ -83,10 +84,10 @@ func (c *Chain) SnapshotWith(name string, hook func(point string)) (*Layer, erro
 	} else if err != unix.ENOENT {
 		return nil, fmt.Errorf("snapshot %s: %w", name, err)
 	}
-	hidden := "." + topBase + snapshotSuffix
-	if hidden == base {
-		return nil, fmt.Errorf("snapshot %s: the name is the one the snapshot makes its fresh top at: %w", name, image.ErrInvalidArg)
+	if reservedName(base) {
+		return nil, fmt.Errorf("snapshot %s: vhdfs keeps names like this for its own work files (journals, fresh tops), which it removes or replaces: %w", name, image.ErrInvalidArg)
 	}
+	hidden := "." + topBase + snapshotSuffix
 	// No journal names it: a leftover of nothing we know. Never the top itself.
 	if err := unix.Fstatat(dirFD, hidden, &st, unix.AT_SYMLINK_NOFOLLOW); err == nil {
 		if dev, ino := top.Image.FileID(); uint64(st.Dev) == dev && st.Ino == ino {
@@ -246,6 +247,16 @@ func RecoverSnapshot(j *Journal) (string, error) {
 		return fmt.Sprintf("completed the interrupted %q: %s is the state it froze, %s the live top on it (journal %s)", j.Command, j.Snapshot, j.Top, JournalPath(j.Top)), nil
 	}
 	return fmt.Sprintf("rolled back the interrupted %q: the chain is as it was (journal %s)", j.Command, JournalPath(j.Top)), nil
+}
+
+// reservedName reports whether base is a name of the kind vhdfs gives its work files
+// beside a top image (a journal, its temporary file, the hidden fresh top of a merge
+// or a snapshot), which it removes or renames over: a snapshot must not be one.
+func reservedName(base string) bool {
+	if strings.HasSuffix(base, JournalSuffix) || strings.HasSuffix(base, JournalSuffix+".tmp") {
+		return true
+	}
+	return strings.HasPrefix(base, ".") && (strings.HasSuffix(base, ".vhdfs-merging") || strings.HasSuffix(base, ".vhdfs-new") || strings.HasSuffix(base, snapshotSuffix))
 }
 
 // durably runs a change to a folder (a link, rename or unlink) as one step that a

@@ -79,6 +79,11 @@ func TestSnapshot(t *testing.T) {
 		{"an existing file", snap, os.ErrExist},
 		{"an image of the chain", base, os.ErrExist},
 		{"the top", top, os.ErrExist},
+		{"a journal's name", filepath.Join(dir, "other.vhd"+JournalSuffix), image.ErrInvalidArg},
+		{"a journal's temporary name", filepath.Join(dir, "top.vhd"+JournalSuffix+".tmp"), image.ErrInvalidArg},
+		{"the name of a merge's fresh top", filepath.Join(dir, ".top.vhd.vhdfs-new"), image.ErrInvalidArg},
+		{"the name of a merge's old top", filepath.Join(dir, ".top.vhd.vhdfs-merging"), image.ErrInvalidArg},
+		{"the name of a snapshot's fresh top", filepath.Join(dir, ".top.vhd"+snapshotSuffix), image.ErrInvalidArg},
 	} {
 		if _, err := c.Snapshot(tc.path); !errors.Is(err, tc.want) {
 			t.Errorf("%s: %v, want %v", tc.name, err, tc.want)

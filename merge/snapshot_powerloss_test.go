@@ -152,3 +152,46 @@ func TestSnapshotPowerLoss(t *testing.T) {
 		}
 	})
 }
+
+// TestSnapshotWriteMeanwhile: a write that reaches the top after the snapshot made its
+// fresh top but before the swap (a VHDX top takes a new ID at its first write) is in
+// the frozen image, and the fresh top records the ID the top has at the swap: the
+// chain opens again from the top's path, and the frozen image alone shows the write.
+func TestSnapshotWriteMeanwhile(t *testing.T) {
+	forEachFormat(t, func(t *testing.T, format string) {
+		dir := t.TempDir()
+		base := filepath.Join(dir, imageName(format, "base", false))
+		top := filepath.Join(dir, imageName(format, "top", true))
+		snap := filepath.Join(dir, imageName(format, "frozen", true))
+		createBase(t, format, base, image.Dynamic, 8*mib, blockSizes(format, 512*kib)[0])
+		createChild(t, base, top, 0)
+		c := openChain(t, top, true)
+		idBefore := c.Layers()[0].Image.ID()
+		data := []byte("written while the snapshot was being made")
+		model := make([]byte, 8*mib)
+		copy(model[3*mib:], data)
+		hooked := false
+		_, err := c.SnapshotWith(snap, func(point string) {
+			if point == "snapshot-made" {
+				hooked = true
+				if _, err := c.WriteAt(data, 3*mib); err != nil {
+					t.Errorf("write meanwhile: %v", err)
+				}
+			}
+		})
+		if err != nil || !hooked {
+			t.Fatalf("snapshot: %v (hook called: %v)", err, hooked)
+		}
+		frozenID := c.Layers()[1].Image.ID()
+		if c.Layers()[0].Image.ParentID() != frozenID {
+			t.Errorf("the live top records parent ID %v, the frozen image has %v", c.Layers()[0].Image.ParentID(), frozenID)
+		}
+		t.Logf("the top's ID before the write %v, at the swap %v", idBefore, frozenID)
+		if err := c.Close(); err != nil {
+			t.Fatal(err)
+		}
+		assertView(t, "the top opened again", top, model)
+		assertView(t, "the frozen image alone", snap, model)
+		assertClean(t, top)
+	})
+}

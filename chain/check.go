@@ -20,6 +20,8 @@ func CheckWith(path string, o OpenOptions) []image.Problem {
 	switch j, err := ReadJournal(path); {
 	case err != nil:
 		out = append(out, image.Problem{Severity: image.Error, File: path, Message: err.Error()})
+	case j != nil && j.Phase == PhaseSnapshot:
+		out = append(out, image.Problem{Severity: image.Warning, File: path, Message: fmt.Sprintf("snapshot journal %s: %q was interrupted; the chain is valid; mounting it read-write or 'vhdfs check --repair' completes or undoes it", JournalPath(path), j.Command)})
 	case j != nil && j.Phase != PhaseCopy:
 		out = append(out, image.Problem{Severity: image.Error, File: path, Message: fmt.Sprintf("merge journal %s: %q into %s was interrupted in its %s step; 'vhdfs check --repair' completes it", JournalPath(path), j.Command, j.Target, j.Phase)})
 		return out

@@ -15,7 +15,8 @@ import (
 // merge cut short by a crash or power loss is completed or rolled back by the next
 // writer of the chain (mount, merge, check --repair), and refused by readers while
 // the chain on disk is between its old and new shape. Package merge writes and acts
-// on it; this package only finds it.
+// on it; this package finds it. A snapshot (Chain.Snapshot) journals its steps the
+// same way, in PhaseSnapshot, and RecoverSnapshot here acts on that.
 
 // JournalSuffix ends the name of a merge journal: "top.vhd" has "top.vhd.vhdfs-journal".
 const JournalSuffix = ".vhdfs-journal"
@@ -35,6 +36,11 @@ const (
 	// new unique IDs) is under way. The chain on disk may be between shapes: the
 	// journal must be rolled forward before anything reads it.
 	PhaseRelink = "relink"
+	// PhaseSnapshot: a snapshot is freezing the top as Snapshot (a second name of the
+	// top's file) and putting a fresh image, made at NewTop, at the top's name. The
+	// chain on disk is valid at every step (the top's name holds the old top or the
+	// fresh image above it); RecoverSnapshot completes or undoes it.
+	PhaseSnapshot = "snapshot"
 )
 
 var ErrJournal = errors.New("an interrupted merge must be completed first")
@@ -71,6 +77,8 @@ type Journal struct {
 	// Last is the merged layer right above Target, pointed at TargetMidID.
 	Last  string `json:"last,omitempty"`
 	LastF FileID `json:"last_file"`
+	// Snapshot is the name a snapshot (PhaseSnapshot) gives the old top's file.
+	Snapshot string `json:"snapshot,omitempty"`
 }
 
 // JournalPath is where the journal of a chain whose top is at top lives: beside the
@@ -93,7 +101,7 @@ func ReadJournal(top string) (*Journal, error) {
 		return nil, fmt.Errorf("merge journal %s: %w", p, err)
 	}
 	var j Journal
-	if err := json.Unmarshal(b, &j); err != nil || j.Version != 1 || (j.Phase != PhaseCopy && j.Phase != PhasePrepare && j.Phase != PhaseRelink) {
+	if err := json.Unmarshal(b, &j); err != nil || j.Version != 1 || (j.Phase != PhaseCopy && j.Phase != PhasePrepare && j.Phase != PhaseRelink && j.Phase != PhaseSnapshot) {
 		return nil, fmt.Errorf("merge journal %s is unreadable (%v); move it away only if you know the merge it records is done", p, err)
 	}
 	return &j, nil
@@ -164,7 +172,7 @@ func checkJournal(top string) error {
 	if err != nil {
 		return err
 	}
-	if j != nil && j.Phase != PhaseCopy {
+	if j != nil && j.Phase != PhaseCopy && j.Phase != PhaseSnapshot {
 		return fmt.Errorf("%s: a merge into %s was interrupted in its first or last step (journal %s); mount the chain read-write, run the merge again or run 'vhdfs check --repair %s' to complete it: %w",
 			top, j.Target, JournalPath(top), top, ErrJournal)
 	}

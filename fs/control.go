@@ -436,8 +436,9 @@ func (c *control) asOwner(f func() error) error {
 	return fileio.AsOwnerOf(chain.Abs(c.root.chain.Layers()[0].Path), f)
 }
 
-// startSnapshot makes name a new empty differencing image on the top, the top of
-// the chain (see chain.Snapshot and snapshotName). It is refused while a merge runs,
+// startSnapshot freezes the chain's state as name, beside the top, and keeps the top's
+// path as the live top, a new empty differencing image on it (see chain.Snapshot and
+// snapshotName). It is refused while a merge runs,
 // and a merge is refused while it runs.
 func (c *control) startSnapshot(line, name string) (*job, syscall.Errno) {
 	if c.root.opts.ReadOnly {
@@ -451,7 +452,7 @@ func (c *control) startSnapshot(line, name string) (*job, syscall.Errno) {
 	return c.start(line, "snapshotting", func(*ctlState) error { return nil }, func(j *job) {
 		top := c.root.chain.Layers()[0]
 		if err := c.asOwner(func() error {
-			_, err := c.root.chain.Snapshot(path)
+			_, err := c.root.chain.SnapshotWith(path, c.root.opts.MergeHook)
 			return err
 		}); err != nil {
 			if errors.Is(err, chain.ErrTooDeep) || errors.Is(err, chain.ErrPending) {
@@ -459,16 +460,16 @@ func (c *control) startSnapshot(line, name string) (*job, syscall.Errno) {
 			}
 			j.message, j.errno = err.Error(), c.root.errno("control "+line, err)
 		} else {
-			j.message = fmt.Sprintf("snapshot %s made; it is the top, %s below it is read-only", path, top.Path)
+			j.message = fmt.Sprintf("snapshot %s made: it holds the disk as it was, read-only; %s stays the live top, a new image on it", path, top.Path)
 		}
 		c.root.opts.Logger.Printf("%s: %s", line, j.message)
 	})
 }
 
-// snapshotName is the file `snapshot NAME` makes: NAME in the directory of the top
-// image (after symlinks). A path is taken for its base name when it names that
-// directory, and refused when it names another; the name's extension must not name
-// the other format.
+// snapshotName is the name `snapshot NAME` gives the frozen state: NAME in the
+// directory of the top image (after symlinks). A path is taken for its base name when
+// it names that directory, and refused when it names another; the name's extension
+// must not name the other format.
 func snapshotName(top *chain.Layer, name string) (string, error) {
 	if name == "" {
 		return "", fmt.Errorf("snapshot takes the name of the new image, made beside the top image: %w", errInvalid)

@@ -31,7 +31,8 @@ type Options struct {
 	Debug      bool
 	// Logger receives the debug lines and error details; default log.Default().
 	Logger *log.Logger
-	// MergeHook is passed to every merge as merge.Options.Hook.
+	// MergeHook is passed to every merge as merge.Options.Hook, and to every
+	// snapshot (chain.SnapshotWith).
 	MergeHook func(point string)
 	// Access gives the owner and mode of disk.raw and layers/ (the data); nil: the
 	// mounting user, 0644.

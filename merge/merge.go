@@ -143,6 +143,14 @@ func Merge(ctx context.Context, c *chain.Chain, opts Options) (*Result, error) {
 	if err != nil {
 		return nil, err
 	}
+	if j != nil && j.Phase == chain.PhaseSnapshot {
+		// A snapshot of this chain that could not remove its journal: what is on disk
+		// is what c has open.
+		if _, err := chain.RecoverSnapshot(j); err != nil {
+			return nil, err
+		}
+		j = nil
+	}
 	if j != nil {
 		return resume(ctx, c, opts, j)
 	}

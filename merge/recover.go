@@ -13,8 +13,9 @@ import (
 	"github.com/vhdfs/vhdfs/probe"
 )
 
-// Recover acts on the merge journal of the chain whose top is at top, if there is
-// one, before a writer opens the chain. A re-link that was cut short is completed
+// Recover acts on the merge or snapshot journal of the chain whose top is at top, if
+// there is one, before a writer opens the chain. A snapshot cut short is completed if
+// its fresh top took the top's name, else undone (chain.RecoverSnapshot). A re-link that was cut short is completed
 // (every step of it is repeated or found done), and so is the interim ID of the
 // target taken before the copy. A merge from the top cut short before its re-link is
 // rolled back if nothing was written to its fresh top, and otherwise left pending
@@ -68,6 +69,13 @@ func recoverJournal(top string) (string, error) {
 		if _, err := replayLog(p); err != nil {
 			return fail(err)
 		}
+	}
+	if j.Phase == chain.PhaseSnapshot {
+		msg, err := chain.RecoverSnapshot(j)
+		if err != nil {
+			return fail(err)
+		}
+		return msg, nil
 	}
 	if j.Phase == chain.PhaseRelink {
 		if err := rollForward(j); err != nil {

@@ -15,10 +15,10 @@ import (
 )
 
 // TestSnapshotCommandOnMount: `vhdfs snapshot TOP NEW` of a top mounted read-write
-// has the mount add NEW (its status shows the chain NEW, top, base: qemu follows no
-// differencing VHD or VHDX), and
-// what is written afterwards lands in NEW, not in the old top. A NEW in another
-// directory, or one that exists, is refused in one line and nothing changes.
+// has the mount freeze the top as NEW (its status shows the chain top, NEW, base: qemu
+// follows no differencing VHD or VHDX), and what is written afterwards lands in the
+// live top, not in NEW. A NEW in another directory, or one that exists, is refused in
+// one line and nothing changes.
 func TestSnapshotCommandOnMount(t *testing.T) {
 	forEachFormat(t, func(t *testing.T, format string) {
 		dir := t.TempDir()
@@ -49,7 +49,7 @@ func TestSnapshotCommandOnMount(t *testing.T) {
 		if !strings.Contains(errs, mnt) || !strings.Contains(out, snap) {
 			t.Errorf("snapshot does not say it went through %s and made %s: %q %q", mnt, snap, out, errs)
 		}
-		if want := []string{snap, top, base}; !slices.Equal(chainPaths(readMergeStatus(t, mnt)), want) {
+		if want := []string{top, snap, base}; !slices.Equal(chainPaths(readMergeStatus(t, mnt)), want) {
 			t.Errorf("the mount's chain after the snapshot: %v, want %v", chainPaths(readMergeStatus(t, mnt)), want)
 		}
 		if _, errs, code := vhdfs(t, "snapshot", top, snap); code == 0 || !strings.Contains(errs, "exists") {
@@ -68,11 +68,12 @@ func TestSnapshotCommandOnMount(t *testing.T) {
 			t.Fatal(err)
 		}
 		mustVhdfs(t, "umount", mnt)
-		if got := fileBytes(t, exportImage(t, snap)); !bytes.Equal(got[:len(before)], before) || !bytes.Equal(got[4<<20:4<<20+len(after)], after) {
-			t.Errorf("the view of %s lacks what was written before or after the snapshot", snap)
+		// The name mounted stays the live disk; snap is the state at the snapshot.
+		if got := fileBytes(t, exportImage(t, top)); !bytes.Equal(got[:len(before)], before) || !bytes.Equal(got[4<<20:4<<20+len(after)], after) {
+			t.Errorf("the view of the live top %s lacks what was written before or after the snapshot", top)
 		}
-		if got := fileBytes(t, exportImage(t, top)); !bytes.Equal(got[:len(before)], before) || bytes.Equal(got[4<<20:4<<20+len(after)], after) {
-			t.Errorf("the old top %s: want what was written before the snapshot and not what was written after", top)
+		if got := fileBytes(t, exportImage(t, snap)); !bytes.Equal(got[:len(before)], before) || bytes.Equal(got[4<<20:4<<20+len(after)], after) {
+			t.Errorf("the frozen %s: want what was written before the snapshot and not what was written after", snap)
 		}
 	})
 }

@@ -8,7 +8,7 @@ import (
 	"syscall"
 )
 
-// failpointEnv names a merge point at which to stop, for crash tests:
+// failpointEnv names a merge or snapshot point at which to stop, for crash tests:
 // "POINT:kill" kills the process with SIGKILL there; "POINT:pause=DIR" writes a line
 // to the FIFO DIR/reached and then waits for a line from the FIFO DIR/resume.
 // "close:fail" makes the mount process's final close report an error.

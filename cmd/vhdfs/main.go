@@ -107,7 +107,7 @@ var summaries = map[string]string{
 	"scan":       "list the VHD and VHDX images of directories as chains, by ID: ok, orphan or stale; no locks",
 	"map":        "show which layer holds each run of the disk (qemu-img map's shape; --json)",
 	"convert":    "flatten the chain (or one image) into a new VHD or VHDX, dynamic or fixed",
-	"snapshot":   "create a new, empty differencing image on IMAGE (a checkpoint)",
+	"snapshot":   "freeze IMAGE's current state as NEW (beside it); IMAGE stays the live top, a new empty image on NEW",
 	"relink":     "point IMAGE's parent locators at PARENT, once its unique ID matches (qemu-img rebase -u)",
 	"resize":     "change the virtual size of IMAGE, offline (ResizeVirtualDisk); a shrink past a partition or data needs --force",
 	"version":    "print the version",
@@ -137,6 +137,11 @@ var details = map[string]string{
 		"the chain, and all of a directory's while an image there cannot be read, saying why\n" +
 		"(\"kept X: Y records it as its parent\"). It removes them by name in their directory,\n" +
 		"with the authority of the top image's owner, never through a symlink.",
+	"snapshot": "NEW is a new name of IMAGE's file, in IMAGE's directory, with its unique ID: what\n" +
+		"IMAGE holds now, read-only from then on. IMAGE becomes a new empty differencing\n" +
+		"image on NEW, so the name you mount and write stays the live disk. IMAGE's own\n" +
+		"children now belong to NEW: 'vhdfs relink CHILD NEW' points them there. A mounted\n" +
+		"IMAGE takes its snapshot through its control file (echo snapshot NEW > control).",
 	"completion": "bash:  source <(vhdfs completion bash)\n" +
 		"zsh:   vhdfs completion zsh > \"${fpath[1]}/_vhdfs\"",
 }

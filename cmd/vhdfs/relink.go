@@ -66,6 +66,8 @@ func cmdRelink(args []string) error {
 	// (or check --repair) finishes first.
 	if j, err := chain.ReadJournal(path); err != nil {
 		return err
+	} else if j != nil && j.Phase == chain.PhaseSnapshot {
+		return fmt.Errorf("%s: %q was interrupted (journal %s); mount it read-write or run 'vhdfs check --repair %s' first", path, j.Command, chain.JournalPath(path), path)
 	} else if j != nil {
 		return fmt.Errorf("%s: a merge into %s is pending (journal %s); run the merge again or 'vhdfs check --repair %s' first", path, j.Target, chain.JournalPath(path), path)
 	}

@@ -9,10 +9,10 @@ import (
 
 	"github.com/vhdfs/vhdfs/chain"
 	"github.com/vhdfs/vhdfs/internal/units"
-	"github.com/vhdfs/vhdfs/probe"
 )
 
-// cmdSnapshot is `create --parent IMAGE NEW` that says what it made. The top of a
+// cmdSnapshot freezes IMAGE's current state as NEW (beside it) and keeps IMAGE as the
+// live top, a new empty differencing image on NEW (chain.SnapshotFile). The top of a
 // chain mounted read-write is locked by its mount: that mount makes the snapshot
 // (`snapshot NEW` to its control file), as `vhdfs merge` has it merge.
 func cmdSnapshot(args []string) error {
@@ -28,17 +28,13 @@ func cmdSnapshot(args []string) error {
 	if rec != nil && !st.ReadOnly {
 		return snapshotMounted(rec, pos[0], pos[1])
 	}
-	if err := createChild(pos[0], pos[1], "", 0); err != nil {
+	s, err := chain.SnapshotFile(pos[0], pos[1])
+	if s.Frozen == "" {
 		return err
 	}
-	img, err := probe.Open(pos[1], probe.ReadOnly)
-	if err != nil {
-		return err
-	}
-	defer img.Close()
-	fmt.Printf("%s: differencing image on %s, virtual size %s (%d bytes), block size %s\n",
-		chain.Abs(pos[1]), chain.Abs(pos[0]), units.Human(img.Size()), img.Size(), units.Human(img.BlockSize()))
-	return nil
+	fmt.Printf("%s: the state of %s, frozen; %s stays the live top, a new differencing image on it, virtual size %s (%d bytes), block size %s\n",
+		s.Frozen, s.Top, s.Top, units.Human(s.Size), s.Size, units.Human(s.BlockSize))
+	return err
 }
 
 // snapshotMounted has the mount rec serves make NEW on its top. The mount makes it
@@ -68,6 +64,11 @@ func snapshotMounted(rec *mountRecord, top, name string) error {
 			return fmt.Errorf("%s: mount process %d serving %s did not answer %q within %v", top, rec.PID, mnt, line, d)
 		}
 		if lost := lostMount(err, rec, "snapshot"); lost != nil {
+			if _, serr := os.Lstat(abs); serr == nil {
+				// Made, or cut short: the next mount of the top finishes or undoes it.
+				return fmt.Errorf("the mount process (pid %d) ended while it made the snapshot %s; %s is the live top either way: `vhdfs umount %s`, mount %s again (it finishes or undoes the snapshot), and see with vhdfs info whether %s is in its chain",
+					rec.PID, abs, top, mnt, top, abs)
+			}
 			return lost
 		}
 		return fmt.Errorf("%s: %v", top, err)
@@ -84,8 +85,8 @@ func snapshotMounted(rec *mountRecord, top, name string) error {
 	if l.BlockSize > 0 {
 		block = units.Human(l.BlockSize)
 	}
-	fmt.Printf("%s: differencing image on %s, virtual size %s (%d bytes), block size %s (the top of the mount at %s)\n",
-		chain.Abs(l.Path), chain.Abs(p.Path), units.Human(l.VirtualSize), l.VirtualSize, block, mnt)
+	fmt.Printf("%s: the state of %s, frozen; %s stays the live top, a new differencing image on it, virtual size %s (%d bytes), block size %s (the mount at %s)\n",
+		chain.Abs(p.Path), chain.Abs(l.Path), chain.Abs(l.Path), units.Human(l.VirtualSize), l.VirtualSize, block, mnt)
 	return nil
 }
 

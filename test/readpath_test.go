@@ -2,6 +2,7 @@ package test
 
 import (
 	"fmt"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -220,5 +221,82 @@ func TestMountDirectIO(t *testing.T) {
 				t.Errorf("the second read sent %d READs: disk.raw was not cached", second)
 			}
 		})
+	}
+}
+
+// TestSystemdNotify: under a unit of Type=notify (NOTIFY_SOCKET set), `vhdfs mount -f`
+// says READY=1 once disk.raw is served, not before, and STOPPING=1 when it is
+// unmounted.
+func TestSystemdNotify(t *testing.T) {
+	img := rpImage(t, "vhd") // the format does not matter
+	sock := filepath.Join(t.TempDir(), "notify")
+	conn, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: sock, Net: "unixgram"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	msgs := make(chan string, 16)
+	go func() {
+		defer close(msgs)
+		buf := make([]byte, 4096)
+		for {
+			n, _, err := conn.ReadFromUnix(buf)
+			if err != nil {
+				return
+			}
+			msgs <- string(buf[:n])
+		}
+	}()
+	next := func(what string) string {
+		t.Helper()
+		select {
+		case m, ok := <-msgs:
+			if !ok {
+				t.Fatalf("the notify socket closed while waiting for %s", what)
+			}
+			return m
+		case <-time.After(30 * time.Second):
+			t.Fatalf("no %s from vhdfs mount -f after 30 s", what)
+		}
+		return ""
+	}
+	mnt := mMountpoint(t)
+	mCleanupMount(t, mnt)
+	cmd := exec.Command(vhdfsBin, "mount", "-f", "-r", img, mnt)
+	cmd.Env = append(mRaceLog(t), "NOTIFY_SOCKET="+sock)
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	var waitErr error
+	done := make(chan struct{})
+	go func() { waitErr = cmd.Wait(); close(done) }()
+	t.Cleanup(func() {
+		select {
+		case <-done:
+		case <-time.After(30 * time.Second):
+			t.Errorf("vhdfs mount -f %s is still running at the end of the test; killing it", mnt)
+			cmd.Process.Kill()
+			<-done
+		}
+	})
+	ready := next("READY=1")
+	if !strings.Contains(ready, "READY=1") || !strings.Contains(ready, "STATUS=serving "+img+" on "+mnt) {
+		t.Fatalf("first notification %q, want READY=1 and a STATUS naming the image and %s", ready, mnt)
+	}
+	// Ready means served: disk.raw reads now, without waiting.
+	if _, err := os.Stat(filepath.Join(mnt, "disk.raw")); err != nil {
+		t.Fatalf("READY=1 before the mount serves: %v", err)
+	}
+	mUmount(t, mnt)
+	if m := next("STOPPING=1"); !strings.Contains(m, "STOPPING=1") {
+		t.Errorf("notification after umount %q, want STOPPING=1", m)
+	}
+	select {
+	case <-done:
+		if waitErr != nil {
+			t.Errorf("vhdfs mount -f: %v", waitErr)
+		}
+	case <-time.After(30 * time.Second):
+		t.Errorf("vhdfs mount -f still runs 30 s after umount")
 	}
 }

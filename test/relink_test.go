@@ -74,6 +74,13 @@ func TestParentByHand(t *testing.T) {
 		t.Errorf("relink of a mounted image: exit %d, %s", code, stderr)
 	}
 	mUmount(t, mnt)
+	// As mount.fuse3 runs it for an fstab line with -o parent=.
+	mCleanupMount(t, mnt)
+	mustVhdfs(t, top, mnt, "-o", "ro,nosuid,nodev,parent="+moved)
+	if b := fileBytes(t, filepath.Join(mnt, "disk.raw")); !bytes.Equal(b, model) {
+		t.Errorf("mount -o parent=: disk.raw differs from the export before the move")
+	}
+	mUmount(t, mnt)
 
 	snap := snapshotFiles(t, top)
 	_, stderr, code := vhdfs(t, "relink", top, wrong)

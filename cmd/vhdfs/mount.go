@@ -19,6 +19,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/coreos/go-systemd/v22/daemon"
 	"github.com/hanwen/go-fuse/v2/fuse"
 	"github.com/moby/sys/mountinfo"
 
@@ -464,7 +465,12 @@ func serve(m mountArgs, notify *notifier) (err error) {
 		defer os.Remove(rec.path)
 	}
 	ready(nil)
-	logger.Printf("mounted %s on %s (%s)", m.image, m.mountpoint, map[bool]string{true: "read-only", false: "read-write"}[m.readOnly])
+	mode := map[bool]string{true: "read-only", false: "read-write"}[m.readOnly]
+	logger.Printf("mounted %s on %s (%s)", m.image, m.mountpoint, mode)
+	// A unit of Type=notify (vhdfs mount -f) is started once the mount serves.
+	if _, err := daemon.SdNotify(false, fmt.Sprintf("%s\nSTATUS=serving %s on %s (%s)", daemon.SdNotifyReady, m.image, m.mountpoint, mode)); err != nil {
+		logger.Printf("warning: telling systemd the mount is ready: %v", err)
+	}
 	sigs := make(chan os.Signal, 1)
 	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP)
 	served := make(chan struct{})
@@ -522,6 +528,7 @@ func serve(m mountArgs, notify *notifier) (err error) {
 	}
 	signal.Stop(sigs)
 	close(sigs)
+	daemon.SdNotify(false, daemon.SdNotifyStopping+"\nSTATUS=flushing and closing "+m.image)
 	var errs []error
 	if running := root.Abort(); running != "" {
 		errs = append(errs, fmt.Errorf("unmounted while %q ran: aborted it; the chain is as it was", running))

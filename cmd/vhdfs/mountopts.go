@@ -80,7 +80,7 @@ func optionFlag(o string) (string, error) {
 		return "", nil
 	case strings.HasPrefix(o, "x-") || strings.HasPrefix(o, "X-") || key == "comment":
 		return "", nil
-	case hasVal && (key == "uid" || key == "gid" || key == "umask" || key == "fsname" || key == "readahead"):
+	case hasVal && (key == "uid" || key == "gid" || key == "umask" || key == "fsname" || key == "readahead" || key == "parent"):
 		if val == "" {
 			return "", usagef("mount option %s needs a value", key)
 		}

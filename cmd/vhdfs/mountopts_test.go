@@ -46,6 +46,8 @@ func TestRewriteOptions(t *testing.T) {
 		{"last of ro and rw wins", []string{"a", "m", "-o", "ro,rw"}, []string{"a", "m", "--read-only=true", "--read-only=false"}},
 		{"values", []string{"-o", "uid=107,gid=kvm,umask=027,fsname=snap"}, []string{"--uid=107", "--gid=kvm", "--umask=027", "--fsname=snap"}},
 		{"readahead and direct_io", []string{"-o", "readahead=512,direct_io"}, []string{"--readahead=512", "--direct-io"}},
+		{"parents, top down", []string{"-o", "ro,parent=/i/b.vhd,parent=/i/c.vhd"}, []string{"--read-only=true", "--parent=/i/b.vhd", "--parent=/i/c.vhd"}},
+		{"parent needs a value", []string{"-o", "parent="}, nil},
 		{"readahead needs a value", []string{"-o", "readahead="}, nil},
 		{"direct_io takes no value", []string{"-o", "direct_io=1"}, nil},
 		{"debug and nonempty", []string{"-o", "debug,nonempty"}, []string{"--debug", "--nonempty"}},

@@ -74,7 +74,7 @@ func main() {
 		EntryTimeout:    &sec,
 		NullPermissions: true,
 		MountOptions: fuse.MountOptions{
-			FsName:  orig,
+			FsName:       orig,
 			Name:         "loopback",
 			Options:      []string{"ro"},
 			MaxReadAhead: readAhead,

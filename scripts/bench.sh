@@ -118,7 +118,11 @@ log() { printf '[bench %4ds] %s\n' $(($(date +%s) - t_begin)) "$*" >&2; }
 now() { date +%s%N; }
 mibps() { awk -v b="$1" -v ns="$2" 'BEGIN { printf "%.1f", b / 1048576 / (ns / 1e9) }'; }
 ms() { awk -v ns="$1" 'BEGIN { printf "%.1f", ns / 1e6 }'; }
-record() { printf '%s\t%s\n' "$1" "$2" >>"$samples"; }
+# Each sample's 1-minute load average goes beside it into $samples.load, for the table.
+record() {
+  printf '%s\t%s\n' "$1" "$2" >>"$samples"
+  printf '%s\t%s\n' "$1" "$(cut -d' ' -f1 /proc/loadavg)" >>"$samples.load"
+}
 note() { printf '%s\n' "$*" >>"$dir/notes"; log "NOTE: $*"; }
 
 # gen SEED BYTES: pseudo-random, non-zero-looking bytes on stdout, fast (AES-CTR of
@@ -333,11 +337,11 @@ coldread() { # KEY
       "$BENCH_BASELINE" umount "$mnt"
       vmount -r "$dir/top.vhd" "$mnt"
       ;;
-    loopback)
-      "$loopback" "$lmnt" "$lodir" >>"$dir/cmd.log" 2>&1 &
+    loopback | loopback_ra) # loopback_ra: with vhdfs's 1 MiB read-ahead
+      "$loopback" "$lmnt" "$lodir" $([ "$1" = loopback_ra ] && echo 1048576) >>"$dir/cmd.log" 2>&1 &
       pid=$!
       wait_mounted "$lmnt"
-      timed_read loopback "$disk" "$pid" $(ddr "$lmnt/chain.raw")
+      timed_read "$1" "$disk" "$pid" $(ddr "$lmnt/chain.raw")
       fusermount3 -u "$lmnt"
       wait_gone "$pid"
       ;;
@@ -366,7 +370,7 @@ vhdimount_read() {
 # These rows swing most from sample to sample: they get 2 * runs - 1 rounds, the slow
 # vhdimount only the first runs.
 cold_runs=$((2 * runs - 1))
-cold_tools="vhdfs direct_vhdfs cat${loopback:+ loopback}${qsd:+ qsd}${BENCH_BASELINE:+ baseline}"
+cold_tools="vhdfs direct_vhdfs cat${loopback:+ loopback loopback_ra}${qsd:+ qsd}${BENCH_BASELINE:+ baseline}"
 for ((i = 1; i <= cold_runs; i++)); do
   # Rotate the order so none of them always goes first.
   set -- $cold_tools
@@ -427,13 +431,13 @@ fi
 fio_direct_alt() {
   case $1 in
     loopback) fio_run direct_loopback "$lmnt/chain.raw" --direct=1 ;;
-    qsd) fio_run direct_qsd "$qfile" --direct=1; fio_qd32 qd32_qsd "$qfile" ;;
+    qsd) fio_run direct_qsd "$qfile" --direct=1; fio_qd32 qd32_qsd "$qfile"; fio_qd32 qd1_qsd "$qfile" 1 ;;
   esac
 }
 # One program with 32 O_DIRECT reads in flight (libaio), as a VM's disk queue reads:
 # what ASYNC_DIO is for.
-fio_qd32() { # KEY FILE
-  fio --name=qd32 --filename="${2//:/\\:}" --readonly --rw=randread --bs=4k --numjobs=1 --iodepth=32 \
+fio_qd32() { # KEY FILE [DEPTH, default 32]
+  fio --name=qd32 --filename="${2//:/\\:}" --readonly --rw=randread --bs=4k --numjobs=1 --iodepth="${3:-32}" \
     --ioengine=libaio --direct=1 --time_based --runtime="$fio_runtime" \
     --output-format=json --output="$dir/fio.json" >/dev/null
   record "fio_$1" "$(json_field "$dir/fio.json" 'round(d["jobs"][0]["read"]["iops"])')"
@@ -441,14 +445,14 @@ fio_qd32() { # KEY FILE
 for ((i = 1; i <= runs; i++)); do
   if ((i % 2)); then
     fio_run vhdfs "$mnt/disk.raw"; fio_run vhdimount "$vfile"
-    fio_run direct_vhdfs "$mnt/disk.raw" --direct=1; fio_qd32 qd32_vhdfs "$mnt/disk.raw"; fio_run direct_vhdimount "$vfile" --direct=1
+    fio_run direct_vhdfs "$mnt/disk.raw" --direct=1; fio_qd32 qd32_vhdfs "$mnt/disk.raw"; fio_qd32 qd1_vhdfs "$mnt/disk.raw" 1; fio_run direct_vhdimount "$vfile" --direct=1
     for a in "${direct_alts[@]}"; do fio_direct_alt "$a"; done
   else
     fio_run vhdimount "$vfile"; fio_run vhdfs "$mnt/disk.raw"
     for a in "${direct_alts[@]}"; do fio_direct_alt "$a"; done
-    fio_run direct_vhdimount "$vfile" --direct=1; fio_qd32 qd32_vhdfs "$mnt/disk.raw"; fio_run direct_vhdfs "$mnt/disk.raw" --direct=1
+    fio_run direct_vhdimount "$vfile" --direct=1; fio_qd32 qd1_vhdfs "$mnt/disk.raw" 1; fio_qd32 qd32_vhdfs "$mnt/disk.raw"; fio_run direct_vhdfs "$mnt/disk.raw" --direct=1
   fi
-  log "random read $i/$runs: $(tail -n $((5 + ${#direct_alts[@]} + (${#qsd} > 0))) "$samples" | awk '{ printf "%s %s IOPS  ", substr($1, 5), $2 }')"
+  log "random read $i/$runs: $(tail -n $((6 + ${#direct_alts[@]} + 2 * (${#qsd} > 0))) "$samples" | awk '{ printf "%s %s IOPS  ", substr($1, 5), $2 }')"
 done
 fusermount3 -u "$vmnt"
 vumount "$mnt"
@@ -953,12 +957,15 @@ rm -rf "$dir/c0"
 
 log "done in $(($(date +%s) - t_begin)) s"
 version=$("$vhdfs" version 2>/dev/null | head -n 1 | sed 's/^vhdfs //' || echo unknown)
-python3 - "$samples" "$dir/notes" >"$dir/table.md" <<PY
+python3 - "$samples" "$dir/notes" "$samples.load" >"$dir/table.md" <<PY
 import statistics, sys
-samples = {}
+samples, loads = {}, {}
 for line in open(sys.argv[1]):
     k, v = line.split()
     samples.setdefault(k, []).append(float(v))
+for line in open(sys.argv[3]):
+    k, v = line.split()
+    loads.setdefault(k, []).append(float(v))
 try:
     notes = [l.strip() for l in open(sys.argv[2]) if l.strip()]
 except FileNotFoundError:
@@ -967,10 +974,24 @@ med = lambda k: statistics.median(samples[k])
 def num(x):
     return f"{x:,.0f}" if abs(x) >= 100 else f"{x:.1f}"
 rows = []
+# ratio gives vhdfs / alternative as the median of the per-round ratios (the samples
+# of a and b are taken in the same rounds, one after the other), with their range and
+# the median load average while they were taken; the ratio of the medians where the
+# rounds do not pair up.
+def ratio(a, b):
+    xa, xb = samples[a], samples[b]
+    ld = loads.get(a, []) + loads.get(b, [])
+    tail = f"; load {statistics.median(ld):.1f}" if ld else ""
+    if len(xa) == len(xb) and len(xa) > 1 and all(xb):
+        rs = [x / y for x, y in zip(xa, xb)]
+        r = statistics.median(rs)
+        return r, f"{r:.2f}× ({min(rs):.2f}–{max(rs):.2f}{tail})"
+    r = med(a) / med(b)
+    return r, f"{r:.2f}×" + (f" ({tail[2:]})" if tail else "")
 def compare(name, a, b, unit, alt_name, target, extra=None):
     va, vb = med(a), med(b)
-    r = va / vb
-    cells = [f"{num(va)} {unit}", f"{alt_name}: {num(vb)} {unit}", f"{r:.2f}×", f"≥ {target:g}×", "yes" if r >= target else "**no**"]
+    r, cell = ratio(a, b)
+    cells = [f"{num(va)} {unit}", f"{alt_name}: {num(vb)} {unit}", cell, f"≥ {target:g}×", "yes" if r >= target else "**no**"]
     if extra:
         cells[0] += f" ({num(med(extra[0]))} ms)"
         cells[1] += f" ({num(med(extra[1]))} ms)"
@@ -978,10 +999,11 @@ def compare(name, a, b, unit, alt_name, target, extra=None):
 compare("sequential read, dd bs=1M, fresh mount (disk.raw cold, images cached)", "coldread_vhdfs", "coldread_cat", "MiB/s", "cat of the exported raw", 0.35)
 if "coldread_loopback" in samples:
     compare("sequential read, dd bs=1M, fresh mount", "coldread_vhdfs", "coldread_loopback", "MiB/s", "go-fuse's loopback of the exported raw, no passthrough", 1.6)
+info("sequential read, dd bs=1M, fresh mount: the lead without read-ahead's part (informational)", "coldread_vhdfs", "coldread_loopback_ra", "MiB/s", "that loopback with vhdfs's 1 MiB read-ahead")
 def info(name, a, b, unit, alt_name):
     if a in samples and b in samples:
         va, vb = med(a), med(b)
-        rows.append([name, f"{num(va)} {unit}", f"{alt_name}: {num(vb)} {unit}", f"{va / vb:.2f}×", "—", "—"])
+        rows.append([name, f"{num(va)} {unit}", f"{alt_name}: {num(vb)} {unit}", ratio(a, b)[1], "—", "—"])
 if "coldread_baseline" in samples:
     info("sequential read, dd bs=1M, fresh mount, against BENCH_BASELINE", "coldread_vhdfs", "coldread_baseline", "MiB/s", "$(basename "${BENCH_BASELINE:-none}")")
     rows[-1][2] += f" (CPU {med('coldcpu_baseline'):.2f} s/GiB)"
@@ -1007,6 +1029,8 @@ if "fio_direct_qsd" in samples:
     compare("random 4 KiB reads, O_DIRECT, 4 jobs", "fio_direct_vhdfs", "fio_direct_qsd", "IOPS", "qemu-storage-daemon's FUSE export of base.vhd", 2.2)
 if "fio_qd32_qsd" in samples:
     compare("random 4 KiB reads, O_DIRECT, 1 job at queue depth 32 (libaio)", "fio_qd32_vhdfs", "fio_qd32_qsd", "IOPS", "qemu-storage-daemon's FUSE export of base.vhd", 2.0)
+if "fio_qd1_qsd" in samples:
+    compare("random 4 KiB reads, O_DIRECT, 1 job at queue depth 1 (libaio)", "fio_qd1_vhdfs", "fio_qd1_qsd", "IOPS", "qemu-storage-daemon's FUSE export of base.vhd", 1.0)
 if "fio_direct_loopback" in samples:
     compare("random 4 KiB reads, O_DIRECT, 4 jobs", "fio_direct_vhdfs", "fio_direct_loopback", "IOPS", "go-fuse's loopback of the exported raw, no passthrough", 0.9)
 info("re-read of disk.raw mounted with -o direct_io (its cost; informational)", "reread_directio", "reread_cached", "MiB/s", "the default mount's page cache")
@@ -1063,7 +1087,9 @@ print("|---|---|---|---|---|---|")
 for r in rows:
     print("| " + " | ".join(r) + " |")
 print()
-print("Ratio is vhdfs / alternative (throughputs; for merge, export and convert, of the times' inverse).")
+print("Ratio is vhdfs / alternative (throughputs; for merge, export and convert, of the times' inverse): "
+      "the median of the ratios of the rounds, which take both one after the other, then their range and "
+      "the median 1-minute load average while the samples were taken.")
 print()
 print("Samples, in run order:")
 print()

@@ -4,7 +4,10 @@
 // backing file itself; an unprivileged user gets this copy path, the FUSE ceiling
 // without passthrough.
 //
-//	benchloopback MOUNTPOINT ORIGINAL
+//	benchloopback MOUNTPOINT ORIGINAL [READAHEAD]
+//
+// READAHEAD (bytes) sets the mount's maximum read-ahead, as vhdfs sets its own (1 MiB),
+// so that make bench can tell what of a lead over the loopback is read-ahead.
 package main
 
 import (
@@ -13,6 +16,7 @@ import (
 	"log"
 	"os"
 	"os/signal"
+	"strconv"
 	"syscall"
 	"time"
 
@@ -43,9 +47,17 @@ type file struct {
 func (f *file) PassthroughFd() (int, bool) { return -1, false }
 
 func main() {
-	if len(os.Args) != 3 {
-		fmt.Fprintf(os.Stderr, "usage: %s MOUNTPOINT ORIGINAL\n", os.Args[0])
+	if len(os.Args) != 3 && len(os.Args) != 4 {
+		fmt.Fprintf(os.Stderr, "usage: %s MOUNTPOINT ORIGINAL [READAHEAD]\n", os.Args[0])
 		os.Exit(2)
+	}
+	readAhead := 0
+	if len(os.Args) == 4 {
+		n, err := strconv.Atoi(os.Args[3])
+		if err != nil || n < 0 {
+			log.Fatalf("READAHEAD %q: not a number of bytes", os.Args[3])
+		}
+		readAhead = n
 	}
 	orig := os.Args[2]
 	root, err := fs.NewLoopbackRoot(orig)
@@ -62,9 +74,10 @@ func main() {
 		EntryTimeout:    &sec,
 		NullPermissions: true,
 		MountOptions: fuse.MountOptions{
-			FsName:  orig,
-			Name:    "loopback",
-			Options: []string{"ro"},
+			FsName:       orig,
+			Name:         "loopback",
+			Options:      []string{"ro"},
+			MaxReadAhead: readAhead,
 		},
 	})
 	if err != nil {

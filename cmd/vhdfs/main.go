@@ -132,10 +132,12 @@ var details = map[string]string{
 		"prints it: on stdout, or on stderr when OUT is stdout.",
 	"merge": "The images merged away are left on disk, no longer valid, unless --delete removes\n" +
 		"them once the merge is complete (its journal gone), as Merge-VHD does. It keeps an image\n" +
-		"another image in its directory records as its parent (a sibling chain), one still in\n" +
-		"the chain, and all of a directory's while an image there cannot be read, saying why\n" +
+		"an image in their directories records as its parent (a sibling chain), one still in\n" +
+		"the chain, and all of them while an image there cannot be read, saying why\n" +
 		"(\"kept X: Y records it as its parent\"). It removes them by name in their directory,\n" +
-		"with the authority of the top image's owner, never through a symlink.",
+		"with the authority of the top image's owner, never through a symlink. Children in\n" +
+		"other directories (a Hyper-V Snapshots folder) are not looked for: find them first\n" +
+		"with vhdfs scan -r over the VM's folder, and leave --delete out if there is one.",
 	"completion": "bash:  source <(vhdfs completion bash)\n" +
 		"zsh:   vhdfs completion zsh > \"${fpath[1]}/_vhdfs\"",
 }

@@ -32,16 +32,23 @@ type detachedImage struct {
 //   - every one of them while the chain's merge journal is there (the merge is
 //     then not complete on disk);
 //   - one still in the chain (by device and inode);
-//   - one whose ID an image in its directory records as its parent (a sibling chain
-//     that still needs it), and then the images below it that the merge took out
-//     with it, each its child's parent;
-//   - all of a directory's when an image there cannot be read (it may be such a child);
+//   - one whose ID an image in one of their directories records as its parent (a
+//     sibling chain that still needs it), wherever in those directories either is;
+//   - all of them when an image in one of their directories cannot be read, or a
+//     directory cannot be listed (it may hold such a child);
 //   - one whose name is now a symbolic link, another file or in use by another
-//     process.
+//     process, or that cannot be removed;
+//   - and below each one kept, the images the merge took out with it, each its
+//     child's parent (they are removed in order, top first, so that one that fails
+//     to go keeps those below it).
+//
+// Children in other directories are not looked for (see the README).
 //
 // Each is unlinked by name in the directory it was listed from, through that
 // directory's descriptor, never through a symlink. A name already gone counts as
-// removed, so a re-run after a crash between removals removes what is left.
+// removed. The list exists only in memory: after a crash between removals, the
+// images left are merged away and invalid, as without Delete, and a re-run of the
+// merge does another merge rather than remove them.
 func deleteDetached(c *chain.Chain, opts Options, res *Result) {
 	if len(res.detached) == 0 {
 		return
@@ -109,19 +116,14 @@ func (d *deleter) run(top string) {
 		}
 		f, err := openDir(dir)
 		if err != nil {
-			d.keepIn(dir, func(x string) string { return fmt.Sprintf("kept %s: its directory: %v", x, err) })
+			d.keepAll(func(x string) string {
+				return fmt.Sprintf("kept %s: %s cannot be read, so an image there may record it as its parent (%v)", x, dir, err)
+			})
 			d.dirs[dir] = nil
 			continue
 		}
 		d.dirs[dir] = f
 		d.readSiblings(dir, f, live, ours)
-	}
-	// A kept image keeps its parent: the merged layers are a chain, each the child of
-	// the next (the last one's parent is the target).
-	for i := 0; i+1 < len(res.detached); i++ {
-		if d.keep[i] != "" && d.keep[i+1] == "" {
-			d.keep[i+1] = fmt.Sprintf("kept %s: %s records it as its parent", res.detached[i+1].path, res.detached[i].path)
-		}
 	}
 	var left []string
 	var touched []string // directories a name was removed from, to sync
@@ -130,6 +132,12 @@ func (d *deleter) run(top string) {
 			if why := d.remove(x); why != "" {
 				d.keep[i] = why
 			}
+		}
+		// A kept image keeps its parent: the merged layers are a chain, each the
+		// child of the next (the last one's parent is the target). Decided here, after
+		// this one's removal was tried, so that one that failed to go keeps it too.
+		if d.keep[i] != "" && i+1 < len(res.detached) && d.keep[i+1] == "" {
+			d.keep[i+1] = fmt.Sprintf("kept %s: %s records it as its parent", res.detached[i+1].path, x.path)
 		}
 		if d.keep[i] != "" {
 			left = append(left, x.path)
@@ -150,15 +158,6 @@ func (d *deleter) run(top string) {
 	res.Detached = left
 }
 
-// keepIn keeps every image of ours in dir not kept yet.
-func (d *deleter) keepIn(dir string, why func(x string) string) {
-	for i, x := range d.res.detached {
-		if d.keep[i] == "" && filepath.Dir(x.path) == dir {
-			d.keep[i] = why(x.path)
-		}
-	}
-}
-
 func openDir(dir string) (*os.File, error) {
 	fd, err := unix.Open(dir, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
 	if err != nil {
@@ -168,12 +167,15 @@ func openDir(dir string) (*os.File, error) {
 }
 
 // readSiblings reads the parent IDs the images in dir (open as f) record, through
-// image and probe, and keeps each image of ours one of them records. An image that
-// cannot be read keeps all of ours in dir; a file no format claims is no image.
+// image and probe, and keeps each image of ours one of them records, in whichever
+// directory it is (a locator may lead elsewhere). An image that cannot be read keeps
+// all of ours; a file no format claims is no image.
 func (d *deleter) readSiblings(dir string, f *os.File, live map[chain.FileID]*chain.Layer, ours map[chain.FileID]bool) {
 	ents, err := f.ReadDir(-1)
 	if err != nil {
-		d.keepIn(dir, func(x string) string { return fmt.Sprintf("kept %s: list %s: %v", x, dir, err) })
+		d.keepAll(func(x string) string {
+			return fmt.Sprintf("kept %s: %s cannot be listed, so an image there may record it as its parent (%v)", x, dir, err)
+		})
 		return
 	}
 	for _, e := range ents {
@@ -190,7 +192,7 @@ func (d *deleter) readSiblings(dir string, f *os.File, live map[chain.FileID]*ch
 			continue // the merged layers: each records the next, dealt with in run
 		}
 		if l := live[id]; l != nil {
-			d.keepChildrenOf(dir, name, l.Image)
+			d.keepChildrenOf(name, l.Image)
 			continue
 		}
 		// Through the descriptor: the directory listed, whatever its path names now.
@@ -207,20 +209,21 @@ func (d *deleter) readSiblings(dir string, f *os.File, live map[chain.FileID]*ch
 			if serr != nil {
 				why = strings.ReplaceAll(serr.Error(), via, name)
 			}
-			d.keepIn(dir, func(x string) string {
+			d.keepAll(func(x string) string {
 				return fmt.Sprintf("kept %s: %s cannot be read, so it may record it as its parent (%s)", x, name, why)
 			})
 			continue
 		}
-		d.keepChildrenOf(dir, name, img)
+		d.keepChildrenOf(name, img)
 		img.Close()
 	}
 }
 
-// keepChildrenOf keeps each image of ours in dir that img, at name, records as its parent.
-func (d *deleter) keepChildrenOf(dir, name string, img image.Image) {
+// keepChildrenOf keeps each image of ours that img, at name, records as its parent,
+// whatever directory either is in.
+func (d *deleter) keepChildrenOf(name string, img image.Image) {
 	for i, x := range d.res.detached {
-		if d.keep[i] == "" && filepath.Dir(x.path) == dir && img.AcceptsParent(x.id) {
+		if d.keep[i] == "" && img.AcceptsParent(x.id) {
 			d.keep[i] = fmt.Sprintf("kept %s: %s records it as its parent", x.path, name)
 		}
 	}
@@ -242,7 +245,7 @@ func (d *deleter) remove(x detachedImage) string {
 		return fmt.Sprintf("kept %s: %v", x.path, err)
 	case st.Mode&unix.S_IFMT == unix.S_IFLNK:
 		return fmt.Sprintf("kept %s: it is a symbolic link, not followed: remove it and the image it names yourself", x.path)
-	case st.Mode&unix.S_IFMT != unix.S_IFREG || uint64(st.Dev) != x.file.Dev || st.Ino != x.file.Ino:
+	case !sameRegularFile(&st, x.file):
 		return fmt.Sprintf("kept %s: it is no longer the file the merge took out of the chain", x.path)
 	}
 	// Another process that has it open with a lock (a reader of the old chain) keeps it.
@@ -251,15 +254,37 @@ func (d *deleter) remove(x detachedImage) string {
 		return fmt.Sprintf("kept %s: %v", x.path, err)
 	}
 	of := os.NewFile(uintptr(ofd), x.path)
-	h, err := imagelock.Acquire(of, x.path, imagelock.Writer)
-	if err != nil {
-		of.Close()
+	defer of.Close()
+	// The name may have changed between the stat and the open: the file locked must
+	// be the one the merge took out.
+	if err := unix.Fstat(ofd, &st); err != nil {
 		return fmt.Sprintf("kept %s: %v", x.path, err)
 	}
-	h.Release()
-	of.Close()
+	if !sameRegularFile(&st, x.file) {
+		return fmt.Sprintf("kept %s: it is no longer the file the merge took out of the chain", x.path)
+	}
+	h, err := imagelock.Acquire(of, x.path, imagelock.Writer)
+	if err != nil {
+		return fmt.Sprintf("kept %s: %v", x.path, err)
+	}
+	defer h.Release()
+	// And the name must still be that file right before it goes (held locked meanwhile).
+	err = unix.Fstatat(fd, base, &st, unix.AT_SYMLINK_NOFOLLOW)
+	switch {
+	case errors.Is(err, unix.ENOENT):
+		return ""
+	case err != nil:
+		return fmt.Sprintf("kept %s: %v", x.path, err)
+	case !sameRegularFile(&st, x.file):
+		return fmt.Sprintf("kept %s: it is no longer the file the merge took out of the chain", x.path)
+	}
 	if err := durably(func() error { return unix.Unlinkat(fd, base, 0) }); err != nil && !errors.Is(err, unix.ENOENT) {
 		return fmt.Sprintf("kept %s: unlink: %v", x.path, err)
 	}
 	return ""
+}
+
+// sameRegularFile says whether st is of a regular file with the device and inode of id.
+func sameRegularFile(st *unix.Stat_t, id chain.FileID) bool {
+	return st.Mode&unix.S_IFMT == unix.S_IFREG && uint64(st.Dev) == id.Dev && st.Ino == id.Ino
 }

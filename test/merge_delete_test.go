@@ -220,3 +220,61 @@ func TestMergeDeleteUnreadable(t *testing.T) {
 		}
 	})
 }
+
+// TestMergeDeleteTwoDirectories: base <- snap1 in directory A, snap2 <- top in
+// directory B; `merge --from 1 --depth 2 --delete` takes snap2 and snap1 out. A
+// sibling made on snap2 but living in A (its locator leads to B) keeps snap2 and,
+// below it, snap1, though it is not in snap2's directory; so does an image in A that
+// cannot be read (a truncated copy), which may be such a child. Without either, both go.
+func TestMergeDeleteTwoDirectories(t *testing.T) {
+	forEachFormat(t, func(t *testing.T, format string) {
+		for _, other := range []string{"none", "sibling", "unreadable"} {
+			t.Run(other, func(t *testing.T) {
+				c := makeChain(t, chainOptions{Format: format, Depth: 2, Create: []string{"--size", "16M"}, Writes: 10, Seed: 9})
+				dirA, dirB := c.Dir, t.TempDir()
+				base, snap1 := c.Images[0], c.Images[1]
+				snap2 := filepath.Join(dirB, imageName(format, "snap2", true))
+				mustVhdfs(t, append([]string{"create", "--parent", snap1}, childFormatArgs(format, snap2)...)...)
+				top := createChild(t, snap2, "top")
+				wantA, wantB := []string{base}, []string{top}
+				var msgs []string
+				switch other {
+				case "none":
+					msgs = []string{"deleted the images it left invalid: " + snap2 + ", " + snap1}
+				case "sibling":
+					sib := filepath.Join(dirA, imageName(format, "sibling", true))
+					mustVhdfs(t, append([]string{"create", "--parent", snap2}, childFormatArgs(format, sib)...)...)
+					wantA = append(wantA, sib)
+					msgs = []string{fmt.Sprintf("kept %s: %s records it as its parent", snap2, sib)}
+				case "unreadable":
+					bad := filepath.Join(dirA, "truncated"+filepath.Ext(snap2))
+					if err := os.WriteFile(bad, fileBytes(t, snap2)[:1024], 0o644); err != nil {
+						t.Fatal(err)
+					}
+					wantA = append(wantA, bad)
+					msgs = []string{fmt.Sprintf("kept %s: %s cannot be read, so it may record it as its parent", snap2, bad)}
+				}
+				if other != "none" {
+					wantA, wantB = append(wantA, snap1), append(wantB, snap2)
+					msgs = append(msgs, fmt.Sprintf("kept %s: ", snap1))
+				}
+				out, errs, code := vhdfs(t, "merge", "--from", "1", "--depth", "2", "--delete", top)
+				if code != 0 {
+					t.Fatalf("merge --delete: exit %d\n%s%s", code, out, errs)
+				}
+				for _, w := range msgs {
+					if !strings.Contains(out, w) {
+						t.Errorf("output %q does not say %q", out, w)
+					}
+				}
+				if got, w := dirNames(t, dirA), baseNames(wantA...); !slices.Equal(got, w) {
+					t.Errorf("directory A after the merge: %v, want %v", got, w)
+				}
+				if got, w := dirNames(t, dirB), baseNames(wantB...); !slices.Equal(got, w) {
+					t.Errorf("directory B after the merge: %v, want %v", got, w)
+				}
+				assertFileEquals(t, exportImage(t, top), c.Model())
+			})
+		}
+	})
+}

@@ -133,10 +133,12 @@ var details = map[string]string{
 		"prints it: on stdout, or on stderr when OUT is stdout.",
 	"merge": "The images merged away are left on disk, no longer valid, unless --delete removes\n" +
 		"them once the merge is complete (its journal gone), as Merge-VHD does. It keeps an image\n" +
-		"another image in its directory records as its parent (a sibling chain), one still in\n" +
-		"the chain, and all of a directory's while an image there cannot be read, saying why\n" +
+		"an image in their directories records as its parent (a sibling chain), one still in\n" +
+		"the chain, and all of them while an image there cannot be read, saying why\n" +
 		"(\"kept X: Y records it as its parent\"). It removes them by name in their directory,\n" +
-		"with the authority of the top image's owner, never through a symlink.",
+		"with the authority of the top image's owner, never through a symlink. Children in\n" +
+		"other directories (a Hyper-V Snapshots folder) are not looked for: find them first\n" +
+		"with vhdfs scan -r over the VM's folder, and leave --delete out if there is one.",
 	"snapshot": "NEW is a new name of IMAGE's file, in IMAGE's directory, with its unique ID: what\n" +
 		"IMAGE holds now, read-only from then on. IMAGE becomes a new empty differencing\n" +
 		"image on NEW, so the name you mount and write stays the live disk. IMAGE's own\n" +

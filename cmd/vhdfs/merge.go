@@ -17,7 +17,7 @@ func cmdMerge(args []string) error {
 	depth := fl.Int("depth", 1, "merge the top and the N-1 images below it into the image N levels down")
 	from := fl.Int("from", 0, "merge a middle range starting at this depth (the top stays)")
 	force := fl.BoolP("progress", "p", false, "show the progress bar even when stdout is not a terminal")
-	del := fl.Bool("delete", false, "once the merge is complete, delete the images it left invalid (not one another image in their directory records as its parent)")
+	del := fl.Bool("delete", false, "once the merge is complete, delete the images it left invalid, but not one an image in their directories records as its parent; children in other directories are not looked for (find them first with vhdfs scan -r)")
 	forceRW := forceRWFlag(fl)
 	pos, err := parse(fl, args, "IMAGE")
 	if err != nil {

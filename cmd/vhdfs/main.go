@@ -133,7 +133,7 @@ var details = map[string]string{
 		"prints it: on stdout, or on stderr when OUT is stdout.",
 	"merge": "The images merged away are left on disk, no longer valid, unless --delete removes\n" +
 		"them once the merge is complete (its journal gone), as Merge-VHD does. It keeps an image\n" +
-		"an image in their directories records as its parent (a sibling chain), one still in\n" +
+		"that an image in their directories records as its parent (a sibling chain), one still in\n" +
 		"the chain, and all of them while an image there cannot be read, saying why\n" +
 		"(\"kept X: Y records it as its parent\"). It removes them by name in their directory,\n" +
 		"with the authority of the top image's owner, never through a symlink. Children in\n" +

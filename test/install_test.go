@@ -379,3 +379,83 @@ func (p *ptyOutput) String() string {
 	defer p.mu.Unlock()
 	return p.buf.String()
 }
+
+// TestVersionDebian: make deb's version (scripts/deb.sh) is a valid Debian version
+// that only a tag makes a release: a tag alone is its version, commits after it sort
+// after it, and a build of no tag is 0~gitN.HASH, below any release, even when its
+// hash starts with a digit (git describe --always gives the hash alone there, which
+// once became the version). First the version function on git describe's outputs,
+// then the script in a repository of its own, untagged and tagged.
+func TestVersionDebian(t *testing.T) {
+	requireTool(t, "dpkg")
+	script := filepath.Join(moduleRoot, "scripts/deb.sh")
+	for _, c := range []struct{ describe, count, want string }{
+		{"v1.2-0-gabc1234", "10", "1.2"},
+		{"v1.2-3-gabc1234", "13", "1.2+3.gabc1234"},
+		{"v1.2-3-gabc1234-dirty", "13", "1.2+3.gabc1234.dirty"},
+		{"v1.2-0-gabc1234-dirty", "10", "1.2+0.gabc1234.dirty"},
+		{"1234abc", "5", "0~git5.1234abc"},
+		{"1234abc-dirty", "5", "0~git5.1234abc.dirty"},
+		{"abc1234", "6", "0~git6.abc1234"},
+	} {
+		got := strings.TrimSpace(mustRun(t, script, "--debian-version", c.describe, c.count))
+		if got != c.want {
+			t.Errorf("version of git describe %s (%s commits) = %q, want %q", c.describe, c.count, got, c.want)
+			continue
+		}
+		mustRun(t, "dpkg", "--validate-version", got)
+	}
+	// Each sorts after the one before it.
+	order := []string{"0~git5.1234abc", "0~git5.1234abc.dirty", "0~git6.abc1234", "1.2", "1.2+0.gabc1234.dirty", "1.2+3.gabc1234", "1.2+3.gabc1234.dirty", "1.3"}
+	for i := 1; i < len(order); i++ {
+		if err := exec.Command("dpkg", "--compare-versions", order[i-1], "lt", order[i]).Run(); err != nil {
+			t.Errorf("dpkg: %s does not sort before %s: %v", order[i-1], order[i], err)
+		}
+	}
+
+	// The script in a repository of its own whose HEAD's hash starts with a digit.
+	requireTool(t, "dpkg-deb")
+	repo := t.TempDir()
+	g := func(args ...string) string {
+		t.Helper()
+		return strings.TrimSpace(mustRun(t, "git", append([]string{"-C", repo, "-c", "user.name=t", "-c", "user.email=t@example.com"}, args...)...))
+	}
+	g("init", "-q")
+	os.MkdirAll(filepath.Join(repo, "scripts"), 0o755)
+	if err := os.WriteFile(filepath.Join(repo, "scripts/deb.sh"), fileBytes(t, script), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	g("add", "scripts/deb.sh")
+	g("commit", "-q", "-m", "deb.sh")
+	for i := 0; i < 200 && !strings.ContainsAny(g("rev-parse", "--short", "HEAD")[:1], "0123456789"); i++ {
+		g("commit", "-q", "--allow-empty", "-m", fmt.Sprint(i))
+	}
+	deb := func() string {
+		t.Helper()
+		root, out := t.TempDir(), t.TempDir()
+		os.MkdirAll(filepath.Join(root, "usr/bin"), 0o755)
+		os.MkdirAll(filepath.Join(root, "usr/share/man/man1"), 0o755)
+		os.WriteFile(filepath.Join(root, "usr/bin/vhdfs"), []byte("#!/bin/sh\n"), 0o755)
+		os.WriteFile(filepath.Join(root, "usr/share/man/man1/vhdfs.1"), []byte(".TH VHDFS 1\n"), 0o644)
+		p := strings.TrimSpace(mustRun(t, filepath.Join(repo, "scripts/deb.sh"), root, out, "dev"))
+		v := strings.TrimSpace(mustRun(t, "dpkg-deb", "-f", p, "Version"))
+		mustRun(t, "dpkg", "--validate-version", v)
+		return v
+	}
+	short, count := g("rev-parse", "--short", "HEAD"), g("rev-list", "--count", "HEAD")
+	if v, want := deb(), "0~git"+count+"."+short; v != want {
+		t.Errorf("untagged HEAD %s: version %q, want %q", short, v, want)
+	}
+	g("tag", "v1.2")
+	if v := deb(); v != "1.2" {
+		t.Errorf("HEAD tagged v1.2: version %q, want 1.2", v)
+	}
+	g("commit", "-q", "--allow-empty", "-m", "after")
+	if v, want := deb(), "1.2+1.g"+g("rev-parse", "--short", "HEAD"); v != want {
+		t.Errorf("a commit after v1.2: version %q, want %q", v, want)
+	}
+	os.WriteFile(filepath.Join(repo, "scripts/deb.sh"), append(fileBytes(t, script), "\n"...), 0o755)
+	if v, want := deb(), "1.2+1.g"+g("rev-parse", "--short", "HEAD")+".dirty"; v != want {
+		t.Errorf("a changed working tree after v1.2: version %q, want %q", v, want)
+	}
+}

@@ -32,9 +32,13 @@ build: bin/.version
 $(BIN): $(GOSRC) bin/.version
 	$(GO) build -ldflags "-X main.Version=$(VERSION)" -o $(BIN) ./cmd/vhdfs
 
-# The version the binary was built with: rewritten only when it changes.
+# The version the binary was built with: rewritten only when it changes. A version of
+# dev, git describe failing, says nothing new once bin/vhdfs is built: `sudo make
+# install` runs git as root, which refuses a repository another user owns ("dubious
+# ownership"), and would rebuild bin/vhdfs as root, with root's Go, only to call it dev.
 bin/.version: FORCE
-	@mkdir -p bin; echo '$(VERSION)' | cmp -s - $@ || echo '$(VERSION)' > $@
+	@mkdir -p bin; if [ '$(VERSION)' = dev ] && [ -f $@ ] && [ -f $(BIN) ]; then exit 0; fi; \
+		echo '$(VERSION)' | cmp -s - $@ || echo '$(VERSION)' > $@
 
 man: build
 	rm -rf man && mkdir man && $(BIN) man man

@@ -142,6 +142,37 @@ func TestMakeInstall(t *testing.T) {
 	}
 }
 
+// TestMakeInstallGitRefuses: make install after make, with git refusing the repository
+// (as it refuses root one another user owns, under su or doas: "dubious ownership"),
+// only copies: it builds nothing (GO=false would fail), leaves bin/.version and
+// bin/vhdfs as make made them, and installs the binary naming HEAD, not dev.
+func TestMakeInstallGitRefuses(t *testing.T) {
+	makeAll(t)
+	fake := t.TempDir()
+	if err := os.WriteFile(filepath.Join(fake, "git"), []byte("#!/bin/sh\necho \"fatal: detected dubious ownership in repository\" >&2\nexit 128\n"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	version := fileBytes(t, filepath.Join(moduleRoot, "bin/.version"))
+	before, err := os.Stat(filepath.Join(moduleRoot, "bin/vhdfs"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	dest := t.TempDir()
+	mustRun(t, "env", "PATH="+fake+":"+os.Getenv("PATH"), "make", "-C", moduleRoot, "--no-print-directory",
+		"install", "GO=false", "DESTDIR="+dest, "PREFIX=/usr/local")
+	if b := fileBytes(t, filepath.Join(moduleRoot, "bin/.version")); !bytes.Equal(b, version) {
+		t.Errorf("make install rewrote bin/.version: %q, was %q", b, version)
+	}
+	if after, err := os.Stat(filepath.Join(moduleRoot, "bin/vhdfs")); err != nil || !after.ModTime().Equal(before.ModTime()) {
+		t.Errorf("make install rebuilt bin/vhdfs (%v)", err)
+	}
+	out := strings.TrimSpace(mustRun(t, filepath.Join(dest, "usr/local/bin/vhdfs"), "--version"))
+	if strings.Contains(out, "dev") {
+		t.Errorf("installed vhdfs --version = %q", out)
+	}
+	assertNamesHead(t, "installed vhdfs --version", out)
+}
+
 // TestVersionPlainBuild: a go build without -ldflags (VCS stamping on, as it is by
 // default) prints the revision it was built from, not dev. The go command records no
 // revision in a git worktree (.git is a file there), so the build runs in a clone of

@@ -12,6 +12,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/vhdfs/vhdfs/chain"
 	"github.com/vhdfs/vhdfs/image"
 )
 
@@ -98,12 +99,22 @@ const busyScanFor = 2 * time.Second
 // maxNamed bounds how many holders a message names.
 const maxNamed = 8
 
+// maxFdsRead bounds the descriptors read of one process: a process with a huge
+// descriptor table is not read to its end.
+var maxFdsRead = 1 << 16
+
 // busyHolders names what keeps the mount at mnt busy: loop devices backed by a file
 // under it (/sys/block/loop*/loop/backing_file) and processes with a file under it
 // open, or their working directory there (/proc/*/fd, /proc/*/cwd). Only links are
 // read, never the mount's files; what cannot be read is skipped, and the scan stops
-// after busyScanFor. "" when nothing was found.
+// after busyScanFor, inside a process's descriptors too, of which it reads at most
+// maxFdsRead. The links name the mount point with its symbolic links resolved, so mnt
+// is resolved too. "" when nothing was found.
 func busyHolders(mnt string) string {
+	if real, err := filepath.EvalSymlinks(mnt); err == nil {
+		mnt = real
+	}
+	mnt = chain.Abs(mnt)
 	prefix := strings.TrimSuffix(mnt, "/") + "/"
 	under := func(p string) bool {
 		p = strings.TrimSuffix(p, " (deleted)")
@@ -134,6 +145,7 @@ func busyHolders(mnt string) string {
 	procs, _ := filepath.Glob("/proc/[0-9]*")
 	self := os.Getpid()
 	partial := false
+	var capped []int
 	for _, d := range procs {
 		if time.Now().After(deadline) {
 			partial = true
@@ -147,10 +159,13 @@ func busyHolders(mnt string) string {
 		if l, err := os.Readlink(filepath.Join(d, "cwd")); err == nil && under(l) {
 			files = append(files, "its working directory "+l)
 		}
-		fds, _ := os.ReadDir(filepath.Join(d, "fd"))
-		for _, fd := range fds {
-			l, err := os.Readlink(filepath.Join(d, "fd", fd.Name()))
-			if err == nil && under(l) {
+		links, stopped, cut := fdLinks(d, deadline)
+		partial = partial || stopped
+		if cut {
+			capped = append(capped, pid)
+		}
+		for _, l := range links {
+			if under(l) {
 				files = append(files, strings.TrimSuffix(l, " (deleted)"))
 			}
 		}
@@ -168,7 +183,47 @@ func busyHolders(mnt string) string {
 	if partial {
 		s += fmt.Sprintf(" (the search of /proc stopped after %v)", busyScanFor)
 	}
+	if len(capped) > 0 {
+		s += fmt.Sprintf(" (only the first %d descriptors of pid %s were read)", maxFdsRead, joinInts(capped))
+	}
 	return s
+}
+
+// fdLinks returns the targets of the descriptors of the process at procDir
+// (/proc/PID), at most maxFdsRead of them, read until deadline: stopped says the
+// deadline ended the reading, cut that maxFdsRead did.
+func fdLinks(procDir string, deadline time.Time) (links []string, stopped, cut bool) {
+	f, err := os.Open(filepath.Join(procDir, "fd"))
+	if err != nil {
+		return nil, false, false
+	}
+	defer f.Close()
+	read := 0
+	for read < maxFdsRead {
+		names, err := f.Readdirnames(min(1024, maxFdsRead-read))
+		for _, n := range names {
+			if time.Now().After(deadline) {
+				return links, true, false
+			}
+			read++
+			if l, err := os.Readlink(filepath.Join(procDir, "fd", n)); err == nil {
+				links = append(links, l)
+			}
+		}
+		if err != nil || len(names) == 0 {
+			return links, false, false // io.EOF: all read
+		}
+	}
+	more, _ := f.Readdirnames(1)
+	return links, false, len(more) > 0
+}
+
+func joinInts(xs []int) string {
+	s := make([]string, len(xs))
+	for i, x := range xs {
+		s[i] = strconv.Itoa(x)
+	}
+	return strings.Join(s, ", ")
 }
 
 func dedup(s []string) []string {

@@ -227,3 +227,26 @@ func TestMergeClientMountKilled(t *testing.T) {
 		mustVhdfs(t, "umount", mnt2)
 	})
 }
+
+// TestMissingImageNamed: snapshot, merge and resize of an image that does not exist
+// (looked up first among the mounts) fail in one line naming it, and make nothing.
+func TestMissingImageNamed(t *testing.T) {
+	dir := t.TempDir()
+	missing := filepath.Join(dir, "missing.vhd")
+	for _, args := range [][]string{
+		{"snapshot", missing, filepath.Join(dir, "new.vhd")},
+		{"merge", missing},
+		{"resize", missing, "16M"},
+		{"snapshot", filepath.Join(dir, "nodir", "missing.vhdx"), filepath.Join(dir, "new.vhdx")},
+	} {
+		_, errs, code := vhdfs(t, args...)
+		if code == 0 {
+			t.Errorf("vhdfs %s succeeded", strings.Join(args, " "))
+			continue
+		}
+		assertOneLineError(t, errs, args[1], "no such file")
+	}
+	if entries, _ := os.ReadDir(dir); len(entries) != 0 {
+		t.Errorf("the failed commands left %v in %s", entries, dir)
+	}
+}

@@ -269,16 +269,21 @@ func findMount(image string) (*mountRecord, error) {
 	return findMountIn(recordDirs(), image)
 }
 
-// findMountIn is findMount with the records of dirs.
+// findMountIn is findMount with the records of dirs. An image that does not exist
+// is mounted nowhere: nil, and the caller's open of it says what is wrong, naming it.
+// Any other error names the image.
 func findMountIn(dirs []string, image string) (*mountRecord, error) {
 	var st unix.Stat_t
 	if err := unix.Stat(image, &st); err != nil {
-		return nil, err
+		if errors.Is(err, unix.ENOENT) || errors.Is(err, unix.ENOTDIR) {
+			return nil, nil
+		}
+		return nil, &os.PathError{Op: "stat", Path: image, Err: err}
 	}
 	dev, ino := uint64(st.Dev), st.Ino
 	real, err := filepath.EvalSymlinks(image)
 	if err != nil {
-		return nil, err
+		return nil, err // a *PathError
 	}
 	real, _ = filepath.Abs(real)
 	var byImage *mountRecord

@@ -6,6 +6,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"testing"
 
 	"github.com/vhdfs/vhdfs/internal/imagelock"
@@ -166,7 +167,16 @@ func TestFindMount(t *testing.T) {
 	if r := find(other); r != nil {
 		t.Errorf("findMount of an image nobody mounted found %+v", r)
 	}
-	if _, err := findMountIn([]string{records}, filepath.Join(dir, "missing.vhd")); err == nil {
-		t.Error("findMount of a missing image: no error")
+	// A missing image is mounted nowhere: the caller's open of it names it.
+	if r, err := findMountIn([]string{records}, filepath.Join(dir, "missing.vhd")); r != nil || err != nil {
+		t.Errorf("findMount of a missing image: %+v, %v; want nil, nil", r, err)
+	}
+	// Any other error names the image.
+	loop := filepath.Join(dir, "loop.vhd")
+	if err := os.Symlink(loop, loop); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := findMountIn([]string{records}, loop); err == nil || !strings.Contains(err.Error(), loop) {
+		t.Errorf("findMount of a symbolic link loop: %v; want an error naming %s", err, loop)
 	}
 }

@@ -999,11 +999,11 @@ def compare(name, a, b, unit, alt_name, target, extra=None):
 compare("sequential read, dd bs=1M, fresh mount (disk.raw cold, images cached)", "coldread_vhdfs", "coldread_cat", "MiB/s", "cat of the exported raw", 0.35)
 if "coldread_loopback" in samples:
     compare("sequential read, dd bs=1M, fresh mount", "coldread_vhdfs", "coldread_loopback", "MiB/s", "go-fuse's loopback of the exported raw, no passthrough", 1.6)
-info("sequential read, dd bs=1M, fresh mount: the lead without read-ahead's part (informational)", "coldread_vhdfs", "coldread_loopback_ra", "MiB/s", "that loopback with vhdfs's 1 MiB read-ahead")
 def info(name, a, b, unit, alt_name):
     if a in samples and b in samples:
         va, vb = med(a), med(b)
         rows.append([name, f"{num(va)} {unit}", f"{alt_name}: {num(vb)} {unit}", ratio(a, b)[1], "—", "—"])
+info("sequential read, dd bs=1M, fresh mount: the lead without read-ahead's part (informational)", "coldread_vhdfs", "coldread_loopback_ra", "MiB/s", "that loopback with vhdfs's 1 MiB read-ahead")
 if "coldread_baseline" in samples:
     info("sequential read, dd bs=1M, fresh mount, against BENCH_BASELINE", "coldread_vhdfs", "coldread_baseline", "MiB/s", "$(basename "${BENCH_BASELINE:-none}")")
     rows[-1][2] += f" (CPU {med('coldcpu_baseline'):.2f} s/GiB)"

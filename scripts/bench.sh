@@ -430,7 +430,7 @@ if [ -n "$qsd" ]; then
 fi
 fio_direct_alt() {
   case $1 in
-    loopback) fio_run direct_loopback "$lmnt/chain.raw" --direct=1 ;;
+    loopback) fio_run direct_loopback "$lmnt/chain.raw" --direct=1; fio_qd32 qd32_loopback "$lmnt/chain.raw"; fio_qd32 qd1_loopback "$lmnt/chain.raw" 1 ;;
     qsd) fio_run direct_qsd "$qfile" --direct=1; fio_qd32 qd32_qsd "$qfile"; fio_qd32 qd1_qsd "$qfile" 1 ;;
   esac
 }
@@ -452,7 +452,7 @@ for ((i = 1; i <= runs; i++)); do
     for a in "${direct_alts[@]}"; do fio_direct_alt "$a"; done
     fio_run direct_vhdimount "$vfile" --direct=1; fio_qd32 qd1_vhdfs "$mnt/disk.raw" 1; fio_qd32 qd32_vhdfs "$mnt/disk.raw"; fio_run direct_vhdfs "$mnt/disk.raw" --direct=1
   fi
-  log "random read $i/$runs: $(tail -n $((6 + ${#direct_alts[@]} + 2 * (${#qsd} > 0))) "$samples" | awk '{ printf "%s %s IOPS  ", substr($1, 5), $2 }')"
+  log "random read $i/$runs: $(tail -n $((6 + 3 * ${#direct_alts[@]})) "$samples" | awk '{ printf "%s %s IOPS  ", substr($1, 5), $2 }')"
 done
 fusermount3 -u "$vmnt"
 vumount "$mnt"
@@ -1033,6 +1033,8 @@ if "fio_qd1_qsd" in samples:
     compare("random 4 KiB reads, O_DIRECT, 1 job at queue depth 1 (libaio)", "fio_qd1_vhdfs", "fio_qd1_qsd", "IOPS", "qemu-storage-daemon's FUSE export of base.vhd", 1.0)
 if "fio_direct_loopback" in samples:
     compare("random 4 KiB reads, O_DIRECT, 4 jobs", "fio_direct_vhdfs", "fio_direct_loopback", "IOPS", "go-fuse's loopback of the exported raw, no passthrough", 0.9)
+info("random 4 KiB reads, O_DIRECT, 1 job at queue depth 32 (libaio; informational)", "fio_qd32_vhdfs", "fio_qd32_loopback", "IOPS", "go-fuse's loopback of the exported raw, no passthrough")
+info("random 4 KiB reads, O_DIRECT, 1 job at queue depth 1 (libaio; informational)", "fio_qd1_vhdfs", "fio_qd1_loopback", "IOPS", "go-fuse's loopback of the exported raw, no passthrough")
 info("re-read of disk.raw mounted with -o direct_io (its cost; informational)", "reread_directio", "reread_cached", "MiB/s", "the default mount's page cache")
 compare("sequential write $((half >> 20)) MiB, dd conv=fsync, fresh top", "write_vhdfs", "write_plain", "MiB/s", "plain file", 0.4)
 compare("merge depth=1 of a $((half >> 20)) MiB overlay", "merge_vhdfs", "merge_cp", "MiB/s", "cp + sync", 0.5, ("merge_vhdfs_ms", "merge_cp_ms"))

@@ -206,16 +206,9 @@ func FuzzOpen(f *testing.F) {
 	dir := f.TempDir()
 	var seq atomic.Int64
 	f.Fuzz(func(t *testing.T, data []byte, fix bool) {
-		if len(data) > 1<<20 {
+		path, data, ok := fuzzFile(t, dir, "fuzz", &seq, data, fix)
+		if !ok {
 			return
-		}
-		data = append([]byte(nil), data...)
-		if fix {
-			fixChecksums(data)
-		}
-		path := filepath.Join(dir, fmt.Sprintf("fuzz%d.vhd", seq.Add(1)))
-		if err := os.WriteFile(path, data, 0o644); err != nil {
-			t.Fatal(err)
 		}
 		defer os.Remove(path)
 		img, err := Open(path, false)
@@ -380,16 +373,9 @@ func FuzzOpenSalvage(f *testing.F) {
 	dir := f.TempDir()
 	var seq atomic.Int64
 	f.Fuzz(func(t *testing.T, data []byte, fix bool) {
-		if len(data) > 1<<20 {
+		path, data, ok := fuzzFile(t, dir, "salvage", &seq, data, fix)
+		if !ok {
 			return
-		}
-		data = append([]byte(nil), data...)
-		if fix {
-			fixChecksums(data)
-		}
-		path := filepath.Join(dir, fmt.Sprintf("salvage%d.vhd", seq.Add(1)))
-		if err := os.WriteFile(path, data, 0o644); err != nil {
-			t.Fatal(err)
 		}
 		defer os.Remove(path)
 		for _, open := range []func(string, bool) (*Image, error){OpenSalvage, OpenSalvageRaw} {
@@ -412,4 +398,22 @@ func FuzzOpenSalvage(f *testing.F) {
 			}
 		}
 	})
+}
+
+// fuzzFile writes a fuzz input (a copy of data, its checksums fixed if fix says so) to
+// a new file in dir and returns its path and the bytes written; false for an input
+// over 1 MiB, which is skipped.
+func fuzzFile(t *testing.T, dir, prefix string, seq *atomic.Int64, data []byte, fix bool) (string, []byte, bool) {
+	if len(data) > 1<<20 {
+		return "", nil, false
+	}
+	data = append([]byte(nil), data...)
+	if fix {
+		fixChecksums(data)
+	}
+	path := filepath.Join(dir, fmt.Sprintf("%s%d.vhd", prefix, seq.Add(1)))
+	if err := os.WriteFile(path, data, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return path, data, true
 }

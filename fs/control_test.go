@@ -22,15 +22,7 @@ func newTestControl(t *testing.T, hook func(string)) *control {
 	if err := vhd.Create(base, vhd.CreateOptions{Type: vhd.TypeDynamic, Size: 8 << 20, ExactSize: true}); err != nil {
 		t.Fatal(err)
 	}
-	parent, err := vhd.Open(base, false)
-	if err != nil {
-		t.Fatal(err)
-	}
-	err = vhd.Create(top, vhd.CreateOptions{Type: vhd.TypeDifferencing, Parent: parent, ParentPath: base})
-	parent.Close()
-	if err != nil {
-		t.Fatal(err)
-	}
+	testChild(t, base, top)
 	c, err := chain.Open(top, true)
 	if err != nil {
 		t.Fatal(err)
@@ -86,5 +78,19 @@ func TestAbortRetry(t *testing.T) {
 	c.abort(context.Background(), "abort")
 	if st, _ := c.status(); st.Last == nil || st.Last.Message != "no merge running" || st.State != "idle" {
 		t.Errorf("a third abort: %+v, state %s", st.Last, st.State)
+	}
+}
+
+// testChild creates top, an empty differencing VHD on base.
+func testChild(t *testing.T, base, top string) {
+	t.Helper()
+	parent, err := vhd.Open(base, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	err = vhd.Create(top, vhd.CreateOptions{Type: vhd.TypeDifferencing, Parent: parent, ParentPath: base})
+	parent.Close()
+	if err != nil {
+		t.Fatal(err)
 	}
 }

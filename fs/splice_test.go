@@ -44,15 +44,7 @@ func TestSpliceReplyFits(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	parent, err := vhd.Open(base, false)
-	if err != nil {
-		t.Fatal(err)
-	}
-	err = vhd.Create(top, vhd.CreateOptions{Type: vhd.TypeDifferencing, Parent: parent, ParentPath: base})
-	parent.Close()
-	if err != nil {
-		t.Fatal(err)
-	}
+	testChild(t, base, top)
 	if c, err = chain.Open(top, true); err != nil {
 		t.Fatal(err)
 	}

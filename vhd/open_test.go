@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/binary"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -414,4 +415,36 @@ func TestSecondWriterLocked(t *testing.T) {
 		t.Fatalf("joint Reopen: %v", err)
 	}
 	j.Close()
+}
+
+// TestCheckBounded: a finding that comes entry by entry is named for the first
+// maxPerEntry entries and counted in one line for the rest.
+func TestCheckBounded(t *testing.T) {
+	p := createImage(t, t.TempDir(), "a.vhd", CreateOptions{Type: TypeDynamic, Size: 100 * 4 * kib, ExactSize: true, BlockSize: 4 * kib})
+	img := openImage(t, p, true)
+	if _, err := img.WriteAt(bytes.Repeat([]byte{1}, 100*4*kib), 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := img.Close(); err != nil {
+		t.Fatal(err)
+	}
+	// 90 of the 100 allocated blocks now lie past the disk's size.
+	editFooter(t, p, func(f *Footer) { f.CurrentSize, f.OriginalSize = 10*4*kib, 10*4*kib })
+	img = openImage(t, p, false)
+	defer img.Close()
+	named, summary := 0, ""
+	for _, pr := range img.Check() {
+		switch {
+		case strings.Contains(pr.Message, "is allocated but lies past the disk size"):
+			named++
+		case strings.Contains(pr.Message, "more BAT entries are allocated past the disk size"):
+			summary = pr.Message
+		}
+	}
+	if named != maxPerEntry {
+		t.Errorf("%d entries named, want %d", named, maxPerEntry)
+	}
+	if want := fmt.Sprintf("%d more BAT entries are allocated past the disk size", 90-maxPerEntry); summary != want {
+		t.Errorf("summary %q, want %q", summary, want)
+	}
 }

@@ -266,6 +266,11 @@ func (img *Image) checkBAT(add addFunc) {
 // maxOverlaps bounds the overlapping blocks Check names.
 const maxOverlaps = 10
 
+// maxPerEntry bounds the findings of one kind Check names entry by entry (a crafted
+// table of millions of entries would otherwise give millions of lines); the rest are
+// counted in one line.
+const maxPerEntry = 20
+
 // checkEntries reads the whole table a megabyte at a time (scanBAT: the table as
 // reads see it, writes since the open included), in memory that does not grow with
 // it: a bit per MiB of the file finds blocks that overlap, and the sector bitmap of
@@ -273,7 +278,7 @@ const maxOverlaps = 10
 func (img *Image) checkEntries(add addFunc) {
 	g := img.geo
 	diff, fixed := img.meta.Load().HasParent, img.meta.Load().LeaveBlockAllocated
-	var full, draft, nextP int64
+	var full, draft, nextP, reserved, bad int64
 	firstNotFull, firstState := int64(-1), NotPresent
 	fileEnd := max(img.src.vsize, img.grown.Load())
 	used := make([]uint64, (fileEnd/MiB+63)/64) // a bit per MiB of the file
@@ -297,7 +302,9 @@ func (img *Image) checkEntries(add addFunc) {
 			chunk = c
 		}
 		if r := uint64(e) >> 3 & (1<<17 - 1); r != 0 {
-			add(image.Note, "BAT entry %d: unused bits (reserved bits 3-19) are %#x, not 0: readers ignore them", i, r)
+			if reserved++; reserved <= maxPerEntry {
+				add(image.Note, "BAT entry %d: unused bits (reserved bits 3-19) are %#x, not 0: readers ignore them", i, r)
+			}
 		}
 		s := e.state()
 		if g.isBitmap(i) {
@@ -323,7 +330,9 @@ func (img *Image) checkEntries(add addFunc) {
 		}
 		n, problem := img.entryProblem(i, e)
 		if problem != "" {
-			add(image.Error, "%s", problem)
+			if bad++; bad <= maxPerEntry {
+				add(image.Error, "%s", problem)
+			}
 			return true
 		}
 		if n > 0 {
@@ -350,6 +359,12 @@ func (img *Image) checkEntries(add addFunc) {
 		return
 	}
 	endChunk(0)
+	if reserved > maxPerEntry {
+		add(image.Note, "%d more BAT entries with unused bits set", reserved-maxPerEntry)
+	}
+	if bad > maxPerEntry {
+		add(image.Error, "%d more BAT entries with errors such as those above", bad-maxPerEntry)
+	}
 	if draft > 0 {
 		add(image.Note, "%d block table entries mark unmapped blocks as a draft of the format did (value 5, not 3): they read as unmapped", draft)
 	}

@@ -2,6 +2,7 @@ package vhdx
 
 import (
 	"encoding/binary"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -364,5 +365,37 @@ func TestCheckBitmapInDynamic(t *testing.T) {
 	}
 	if !found {
 		t.Errorf("no note says %q", want)
+	}
+}
+
+// TestCheckBounded: findings that come entry by entry are named for the first
+// maxPerEntry entries and counted in one line for the rest, so a crafted table of
+// millions of entries gives a bounded report.
+func TestCheckBounded(t *testing.T) {
+	b := newBuilder(256*MiB, MiB)
+	g := b.geometry()
+	for p := int64(1); p < 256; p++ {
+		b.rawBAT[g.payloadIndex(p)] = uint64(makeEntry(Zero, 0)) | 1<<5
+	}
+	p := writeFile(t, b.build())
+	img, err := Open(p, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer img.Close()
+	named, summary := 0, ""
+	for _, pr := range problems(t, img) {
+		switch {
+		case strings.Contains(pr.Message, "unused bits (reserved bits 3-19)"):
+			named++
+		case strings.Contains(pr.Message, "more BAT entries with unused bits set"):
+			summary = pr.Message
+		}
+	}
+	if named != maxPerEntry {
+		t.Errorf("%d entries named, want %d", named, maxPerEntry)
+	}
+	if want := fmt.Sprintf("%d more BAT entries with unused bits set", 255-maxPerEntry); summary != want {
+		t.Errorf("summary %q, want %q", summary, want)
 	}
 }

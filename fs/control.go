@@ -18,6 +18,7 @@ import (
 	"github.com/hanwen/go-fuse/v2/fuse"
 
 	"github.com/vhdfs/vhdfs/chain"
+	"github.com/vhdfs/vhdfs/image"
 	"github.com/vhdfs/vhdfs/internal/fileio"
 	"github.com/vhdfs/vhdfs/merge"
 	"github.com/vhdfs/vhdfs/probe"
@@ -416,8 +417,11 @@ func (c *control) startMerge(line string, opts merge.Options) (*job, syscall.Err
 		switch {
 		case errors.Is(err, context.Canceled):
 			j.message, j.errno = "aborted; the chain is as it was", syscall.ECANCELED
+		case errors.Is(err, image.ErrWriteProtected):
+			// A file it would write has no write bits: as a write to a read-only file.
+			j.message, j.errno = "merge failed: "+err.Error(), syscall.EROFS
 		case err != nil:
-			// Whatever stops a merge is EIO for the writer; the message says why.
+			// Whatever else stops a merge is EIO for the writer; the message says why.
 			j.message, j.errno = "merge failed: "+err.Error(), syscall.EIO
 		default:
 			j.message = res.Message()

@@ -340,6 +340,26 @@ func TestWriteProtected(t *testing.T) {
 		if got := mMountRead(t, c.Top()); md5Of(got) != md5Of(model) {
 			t.Errorf("after the forced write and merge: the chain does not read as the model")
 		}
+		// A writable top on a write-protected target: the mount is read-write, and a
+		// merge into the target is refused as a write to a read-only file (EROFS),
+		// with the reason in the status.
+		if err := os.Chmod(c.Top(), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		mustVhdfs(t, "mount", c.Top(), mnt)
+		writeRaw(t, filepath.Join(mnt, "disk.raw"), model, []write{{Off: 8192, Data: []byte("into the top")}})
+		target := snapshotFiles(t, c.Images[0])
+		if e := control(mnt, "merge"); e != syscall.EROFS {
+			t.Errorf("merge into a write-protected target: %v, want EROFS (%+v)", e, readMergeStatus(t, mnt).Last)
+		}
+		if last := readMergeStatus(t, mnt).Last; !strings.Contains(fmt.Sprint(last), "no write bits") {
+			t.Errorf("the status after the refused merge: %+v, want the reason", last)
+		}
+		mustVhdfs(t, "umount", mnt)
+		assertUnchanged(t, target)
+		if got := mMountRead(t, c.Top()); md5Of(got) != md5Of(model) {
+			t.Errorf("after the refused merge: the chain does not read as the model")
+		}
 	})
 }
 

@@ -20,7 +20,7 @@ func (r *Root) errno(op string, err error) syscall.Errno {
 		return 0
 	case errors.Is(err, chain.ErrNoSpace), errors.Is(err, image.ErrOutOfRange):
 		return syscall.ENOSPC
-	case errors.Is(err, chain.ErrReadOnly), errors.Is(err, image.ErrReadOnly), errors.Is(err, image.ErrWriteProtected):
+	case errors.Is(err, chain.ErrReadOnly), errors.Is(err, image.ErrReadOnly):
 		return syscall.EROFS
 	case errors.Is(err, image.ErrInvalidArg), errors.Is(err, errInvalid):
 		return syscall.EINVAL

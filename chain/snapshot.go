@@ -15,9 +15,15 @@ import (
 	"github.com/vhdfs/vhdfs/probe"
 )
 
-// snapshotSuffix ends the hidden name a snapshot makes its fresh top at, beside the
-// top: "top.vhd" has ".top.vhd.vhdfs-snapshot".
-const snapshotSuffix = ".vhdfs-snapshot"
+// The hidden names beside a top image ("top.vhd": ".top.vhd" + suffix) of the files
+// a merge from the top or a snapshot makes there: a merge's fresh top (NewTopSuffix)
+// and the old top's second name while it merges (MergingSuffix); a snapshot's fresh
+// top (snapshotSuffix).
+const (
+	NewTopSuffix   = ".vhdfs-new"
+	MergingSuffix  = ".vhdfs-merging"
+	snapshotSuffix = ".vhdfs-snapshot"
+)
 
 // Snapshot freezes the chain's current state as name and keeps the top's path as the
 // live top, as an LVM or btrfs snapshot leaves its origin in place: name becomes a
@@ -107,9 +113,9 @@ func (c *Chain) SnapshotWith(name string, hook func(point string)) (*Layer, erro
 		if img != nil {
 			img.Close()
 		}
-		durably(func() error { return unix.Unlinkat(dirFD, hidden, 0) })
+		faults.Durably(func() error { return unix.Unlinkat(dirFD, hidden, 0) })
 		if linked {
-			durably(func() error { return unix.Unlinkat(dirFD, base, 0) })
+			faults.Durably(func() error { return unix.Unlinkat(dirFD, base, 0) })
 		}
 		if jerr := RemoveJournal(real); jerr != nil {
 			err = fmt.Errorf("%w; %v", err, jerr)
@@ -163,7 +169,7 @@ func (c *Chain) SnapshotWith(name string, hook func(point string)) (*Layer, erro
 	}
 	// The frozen name: a new link, refused (EEXIST) over anything there, and made of
 	// the name the top's file has in the directory, never through a symlink.
-	err = durably(func() error { return unix.Linkat(dirFD, topBase, dirFD, base, 0) })
+	err = faults.Durably(func() error { return unix.Linkat(dirFD, topBase, dirFD, base, 0) })
 	if err == nil {
 		linked = true
 		if err = unix.Fstatat(dirFD, base, &st, unix.AT_SYMLINK_NOFOLLOW); err == nil {
@@ -180,7 +186,7 @@ func (c *Chain) SnapshotWith(name string, hook func(point string)) (*Layer, erro
 		return fail(fmt.Errorf("snapshot %s: %w", name, err))
 	}
 	hook("snapshot-linked")
-	if err := durably(func() error { return unix.Renameat(dirFD, hidden, dirFD, topBase) }); err != nil {
+	if err := faults.Durably(func() error { return unix.Renameat(dirFD, hidden, dirFD, topBase) }); err != nil {
 		ro.Close()
 		return fail(fmt.Errorf("snapshot %s: rename %s to %s: %w", name, hidden, topBase, err))
 	}
@@ -223,7 +229,7 @@ func RecoverSnapshot(j *Journal) (string, error) {
 	// Never a name of the top's file: after the rename the hidden name is gone, and
 	// before it the top is the old one.
 	if st, err := os.Lstat(j.NewTop); err == nil && !os.SameFile(st, top) {
-		if err := durably(func() error { return os.Remove(j.NewTop) }); err != nil {
+		if err := faults.Durably(func() error { return os.Remove(j.NewTop) }); err != nil {
 			return "", err
 		}
 	}
@@ -232,7 +238,7 @@ func RecoverSnapshot(j *Journal) (string, error) {
 		// Not linked, or linked and the rename not done (a second name of the top).
 		done = false
 		if err == nil {
-			if err := durably(func() error { return os.Remove(j.Snapshot) }); err != nil {
+			if err := faults.Durably(func() error { return os.Remove(j.Snapshot) }); err != nil {
 				return "", err
 			}
 		}
@@ -256,16 +262,7 @@ func reservedName(base string) bool {
 	if strings.HasSuffix(base, JournalSuffix) || strings.HasSuffix(base, JournalSuffix+".tmp") {
 		return true
 	}
-	return strings.HasPrefix(base, ".") && (strings.HasSuffix(base, ".vhdfs-merging") || strings.HasSuffix(base, ".vhdfs-new") || strings.HasSuffix(base, snapshotSuffix))
-}
-
-// durably runs a change to a folder (a link, rename or unlink) as one step that a
-// test's injected power loss can cut (package faults).
-func durably(change func() error) error {
-	if err := faults.Step(); err != nil {
-		return err
-	}
-	return change()
+	return strings.HasPrefix(base, ".") && (strings.HasSuffix(base, MergingSuffix) || strings.HasSuffix(base, NewTopSuffix) || strings.HasSuffix(base, snapshotSuffix))
 }
 
 // snapshotDir opens dir, which must be the directory that holds the top image (at

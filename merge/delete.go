@@ -12,6 +12,7 @@ import (
 
 	"github.com/vhdfs/vhdfs/chain"
 	"github.com/vhdfs/vhdfs/image"
+	"github.com/vhdfs/vhdfs/internal/faults"
 	"github.com/vhdfs/vhdfs/internal/fileio"
 	"github.com/vhdfs/vhdfs/internal/imagelock"
 	"github.com/vhdfs/vhdfs/probe"
@@ -278,7 +279,7 @@ func (d *deleter) remove(x detachedImage) string {
 	case !sameRegularFile(&st, x.file):
 		return fmt.Sprintf("kept %s: it is no longer the file the merge took out of the chain", x.path)
 	}
-	if err := durably(func() error { return unix.Unlinkat(fd, base, 0) }); err != nil && !errors.Is(err, unix.ENOENT) {
+	if err := faults.Durably(func() error { return unix.Unlinkat(fd, base, 0) }); err != nil && !errors.Is(err, unix.ENOENT) {
 		return fmt.Sprintf("kept %s: unlink: %v", x.path, err)
 	}
 	return ""

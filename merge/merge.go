@@ -265,8 +265,8 @@ func pushTop(c *chain.Chain, opts Options) (*pushed, error) {
 		return nil, err
 	}
 	dir, base := filepath.Dir(real), filepath.Base(real)
-	p := &pushed{real: real, oldTop: filepath.Join(dir, "."+base+".vhdfs-merging"), oldTopID: top.Image.ID()}
-	fresh := filepath.Join(dir, "."+base+".vhdfs-new")
+	p := &pushed{real: real, oldTop: filepath.Join(dir, "."+base+chain.MergingSuffix), oldTopID: top.Image.ID()}
+	fresh := filepath.Join(dir, "."+base+chain.NewTopSuffix)
 	for _, leftover := range []string{p.oldTop, fresh} {
 		// No journal names them (Merge checked): leftovers of a merge that died before
 		// it wrote its journal, or of nothing we know. Never the top itself.
@@ -285,8 +285,8 @@ func pushTop(c *chain.Chain, opts Options) (*pushed, error) {
 		return nil, err
 	}
 	fail := func(err error) (*pushed, error) {
-		durably(func() error { return os.Remove(fresh) })
-		durably(func() error { return os.Remove(p.oldTop) })
+		faults.Durably(func() error { return os.Remove(fresh) })
+		faults.Durably(func() error { return os.Remove(p.oldTop) })
 		if jerr := chain.RemoveJournal(real); jerr != nil {
 			err = fmt.Errorf("%w; %v", err, jerr)
 		}
@@ -334,11 +334,11 @@ func pushTop(c *chain.Chain, opts Options) (*pushed, error) {
 			return fail(err)
 		}
 	}
-	if err := durably(func() error { return os.Link(real, p.oldTop) }); err != nil {
+	if err := faults.Durably(func() error { return os.Link(real, p.oldTop) }); err != nil {
 		img.Close()
 		return fail(fmt.Errorf("link %s to %s: %w", real, p.oldTop, err))
 	}
-	if err := durably(func() error { return os.Rename(fresh, real) }); err != nil {
+	if err := faults.Durably(func() error { return os.Rename(fresh, real) }); err != nil {
 		img.Close()
 		return fail(fmt.Errorf("rename %s to %s: %w", fresh, real, err))
 	}
@@ -367,7 +367,7 @@ func (p *pushed) undo(c *chain.Chain) error {
 	if n := fresh.Image.AllocatedBytes(); n > 0 {
 		return fmt.Errorf("%d bytes were written", n)
 	}
-	if err := durably(func() error { return os.Rename(p.oldTop, p.real) }); err != nil {
+	if err := faults.Durably(func() error { return os.Rename(p.oldTop, p.real) }); err != nil {
 		return err
 	}
 	if err := chain.SyncDir(filepath.Dir(p.real)); err != nil {
@@ -701,7 +701,7 @@ func relink(c *chain.Chain, opts Options, from int, dst image.Image, p *pushed, 
 		aboveNew = &chain.Layer{Image: ro, Path: above.Path, FoundBy: above.FoundBy}
 	}
 	if p != nil {
-		if err := durably(func() error { return os.Remove(p.oldTop) }); err != nil && !errors.Is(err, os.ErrNotExist) {
+		if err := faults.Durably(func() error { return os.Remove(p.oldTop) }); err != nil && !errors.Is(err, os.ErrNotExist) {
 			opts.Logf("merge: remove %s: %v", p.oldTop, err)
 		}
 	}
@@ -731,13 +731,4 @@ func relink(c *chain.Chain, opts Options, from int, dst image.Image, p *pushed, 
 		l.Image.Close()
 	}
 	return nil
-}
-
-// durably runs a change to a folder (a link, rename or unlink) as one step that a
-// test's injected power loss can cut (package faults).
-func durably(change func() error) error {
-	if err := faults.Step(); err != nil {
-		return err
-	}
-	return change()
 }

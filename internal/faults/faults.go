@@ -44,3 +44,12 @@ func Step() error {
 	}
 	return nil
 }
+
+// Durably runs a change to a folder (a link, rename or unlink) as one step that an
+// injected power loss can cut.
+func Durably(change func() error) error {
+	if err := Step(); err != nil {
+		return err
+	}
+	return change()
+}
